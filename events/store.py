@@ -1,0 +1,446 @@
+"""The event store: one SQLite file, one writer, an append-only hash-chained log.
+
+What must always hold:
+- `events.seq` runs 1, 2, 3, ... without gaps; `(stream, version)` is unique and each
+  stream's versions run 1, 2, 3, ...; a conflicting append fails and changes nothing.
+- `hash(n) = sha256(header(n) + data(n))` where header(n) carries `prev_hash` = hash(n-1)
+  (64 zeros for seq 1) and every other envelope column, so changing, inserting or
+  deleting any stored byte is visible to `verify()`.
+- Projections are updated in the same transaction as the append that caused them; a
+  failing projection rolls the append back. Replaying the log from seq 1 into empty tables
+  yields exactly the stored projections.
+- Blobs are content-addressed (sha256 of their bytes) and written before, or in the same
+  transaction as, the event that references them.
+- Only the process holding the writer lock appends; readers never block on it (WAL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import apsw
+import msgspec
+
+from events.errors import (
+    EventStoreError,
+    ProjectionError,
+    StreamConflict,
+    UndecodableEvent,
+)
+from events.lock import WriterLock
+from events.migrations import LATEST, migrate
+from events.projection import Projection, Row
+from events.registry import Event, Registry
+
+GENESIS = "0" * 64
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def format_at(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_header_encoder = msgspec.json.Encoder()
+
+
+def chain_hash(prev_hash: str, seq: int, stream: str, version: int, type_: str,
+               schema_version: int, at: str, data: str) -> str:
+    header = _header_encoder.encode([prev_hash, seq, stream, version, type_, schema_version, at])
+    return hashlib.sha256(header + b"\n" + data.encode("utf-8")).hexdigest()
+
+
+def blob_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Recorded(msgspec.Struct, frozen=True):
+    """An event as stored: its position in the log plus the decoded event."""
+
+    seq: int
+    stream: str
+    version: int
+    type: str
+    schema_version: int
+    at: str
+    event: Event
+    hash: str
+
+
+@dataclass
+class ReplayReport:
+    events: int = 0
+    problems: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    differences: dict[str, int] = field(default_factory=dict)
+    applied: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+_EVENT_COLUMNS = "seq, stream, version, type, schema_version, at, data, prev_hash, hash"
+
+
+def _translate(e: apsw.Error, path: Path) -> EventStoreError:
+    if isinstance(e, apsw.FullError):
+        return EventStoreError(f"{path}: the disk is full; nothing was recorded for this step")
+    if isinstance(e, apsw.BusyError):
+        return EventStoreError(f"{path}: the database is busy (another process holds a write lock)")
+    if isinstance(e, (apsw.IOError, apsw.CorruptError, apsw.NotADBError)):
+        return EventStoreError(f"{path}: {e}")
+    if isinstance(e, apsw.CantOpenError):
+        return EventStoreError(f"{path}: cannot open the database file")
+    return EventStoreError(f"{path}: {e}")
+
+
+class EventStore:
+    """Open with `EventStore.open(...)`; close with `close()` or use as a context manager."""
+
+    def __init__(self, path: Path, conn: apsw.Connection, registry: Registry,
+                 projections: Sequence[Projection], clock: Clock, lock: WriterLock | None) -> None:
+        self.path = path
+        self.conn = conn
+        self.registry = registry
+        self.projections = tuple(projections)
+        self.clock = clock
+        self._lock = lock
+        self._by_tag: dict[str, list[Projection]] = {}
+        for p in self.projections:
+            for tag in p.handles:
+                self._by_tag.setdefault(tag, []).append(p)
+        self._select_sql = {p.name: p.select_sql("main") for p in self.projections}
+        self._upsert_sql = {p.name: p.upsert_sql("main") for p in self.projections}
+        self._in_tx = False
+        self._seq, self._hash = self._load_head()
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def open(cls, path: Path | str, *, registry: Registry, projections: Sequence[Projection] = (),
+             views: Sequence[str] = (), writer: bool = True, clock: Clock = utc_now,
+             synchronous: str = "FULL") -> "EventStore":
+        """Open (and for a writer, create and migrate) the log at `path`.
+
+        A writer takes the single-writer lock first, so a second writer fails with
+        `StoreLocked` before touching the file. A reader needs an existing, current log.
+        """
+        path = Path(path)
+        lock: WriterLock | None = None
+        if writer:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = WriterLock(path)
+            lock.acquire()
+        elif not path.exists():
+            raise EventStoreError(f"no event log at {path} (run `overnight scan` first, or pass --db)")
+        try:
+            conn = apsw.Connection(str(path))
+            conn.setbusytimeout(5000)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            if writer:
+                migrate(conn)
+            else:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version != LATEST:
+                    raise EventStoreError(
+                        f"{path} has schema version {version}, this program expects {LATEST}; "
+                        "open it once with a writing command (scan or run) to upgrade it"
+                    )
+            store = cls(path, conn, registry, projections, clock, lock)
+            if writer:
+                store._ensure_projections(views)
+            return store
+        except apsw.Error as e:
+            if lock:
+                lock.release()
+            raise _translate(e, path) from e
+        except BaseException:
+            if lock:
+                lock.release()
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+        if self._lock:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "EventStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_head(self) -> tuple[int, str]:
+        row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS)
+
+    def _ensure_projections(self, views: Sequence[str]) -> None:
+        stored = dict(self.conn.execute("SELECT name, version FROM projection_versions"))
+        stale = [p for p in self.projections if stored.get(p.name) != p.version]
+        if stale:
+            with self._transaction():
+                for p in stale:
+                    self.conn.execute(f"DROP TABLE IF EXISTS main.{p.name}")
+                    for statement in p.ddl("main"):
+                        self.conn.execute(statement)
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO projection_versions (name, version) VALUES (?, ?)",
+                        (p.name, p.version),
+                    )
+            if self._seq:
+                self.replay(apply=True, only=[p.name for p in stale])
+        with self._transaction():
+            for statement in views:
+                self.conn.execute(statement)
+
+    # ---------------------------------------------------------------- writing
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        if self._in_tx:
+            yield
+            return
+        if self._lock is None:
+            raise EventStoreError(f"{self.path} was opened read-only")
+        head = (self._seq, self._hash)
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except apsw.Error as e:
+            raise _translate(e, self.path) from e
+        self._in_tx = True
+        try:
+            yield
+            self.conn.execute("COMMIT")
+        except BaseException as e:
+            self._seq, self._hash = head
+            try:
+                self.conn.execute("ROLLBACK")
+            except apsw.Error:
+                pass  # SQLite already rolled back (for example after SQLITE_FULL)
+            if isinstance(e, apsw.ConstraintError) and "events.stream" in str(e):
+                raise StreamConflict(f"concurrent append to a stream: {e}") from e
+            if isinstance(e, apsw.Error):
+                raise _translate(e, self.path) from e
+            raise
+        finally:
+            self._in_tx = False
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group several appends into one transaction (one fsync): all or nothing."""
+        with self._transaction():
+            yield
+
+    def append(self, stream: str, events: Event | Iterable[Event], *,
+               expected_version: int | None = None, blobs: Iterable[bytes] = ()) -> list[Recorded]:
+        """Append events to a stream atomically, with their blobs and projection updates.
+
+        `expected_version` (the stream's current version, 0 for a new stream) makes the
+        append conditional: if another append got there first, `StreamConflict`.
+        """
+        batch = [events] if isinstance(events, Event) else list(events)
+        with self._transaction():
+            current = self.stream_version(stream)
+            if expected_version is not None and current != expected_version:
+                raise StreamConflict(
+                    f"stream {stream} is at version {current}, expected {expected_version}"
+                )
+            for data in blobs:
+                self._put_blob(data)
+            recorded = []
+            at = format_at(self.clock())
+            for offset, event in enumerate(batch, start=1):
+                recorded.append(self._insert(stream, current + offset, event, at))
+            return recorded
+
+    def _insert(self, stream: str, version: int, event: Event, at: str) -> Recorded:
+        tag = self.registry.tag(event)
+        data = self.registry.encode(event).decode("utf-8")
+        seq = self._seq + 1
+        schema_version = type(event).schema_version
+        digest = chain_hash(self._hash, seq, stream, version, tag, schema_version, at, data)
+        self.conn.execute(
+            f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, stream, version, tag, schema_version, at, data, self._hash, digest),
+        )
+        rec = Recorded(seq, stream, version, tag, schema_version, at, event, digest)
+        for p in self._by_tag.get(tag, ()):
+            key = p.key(rec)
+            if key is None:
+                continue
+            found = self.conn.execute(self._select_sql[p.name], key).fetchone()
+            row = dict(zip(p.column_names, found)) if found else None
+            new = p.fold(row, rec)
+            if new is not None:
+                self.conn.execute(self._upsert_sql[p.name], p.as_tuple(new))
+        self._seq, self._hash = seq, digest
+        return rec
+
+    def put_blob(self, data: bytes) -> str:
+        with self._transaction():
+            return self._put_blob(data)
+
+    def _put_blob(self, data: bytes) -> str:
+        digest = blob_hash(data)
+        self.conn.execute(
+            "INSERT OR IGNORE INTO blobs (hash, size, data) VALUES (?, ?, ?)", (digest, len(data), data)
+        )
+        return digest
+
+    # ---------------------------------------------------------------- reading
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def stream_version(self, stream: str) -> int:
+        row = self.conn.execute("SELECT max(version) FROM events WHERE stream = ?", (stream,)).fetchone()
+        return row[0] or 0
+
+    def get_blob(self, digest: str) -> bytes:
+        row = self.conn.execute("SELECT data FROM blobs WHERE hash = ?", (digest,)).fetchone()
+        if row is None:
+            raise EventStoreError(f"blob {digest} is not in the store")
+        data = bytes(row[0])
+        if blob_hash(data) != digest:
+            raise EventStoreError(f"blob {digest} is corrupt (its bytes no longer match its hash)")
+        return data
+
+    def has_blob(self, digest: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM blobs WHERE hash = ?", (digest,)).fetchone() is not None
+
+    def read(self, *, stream: str | None = None, stream_prefix: str | None = None,
+             after: int = 0) -> Iterator[Recorded]:
+        """Decoded events in seq order, optionally of one stream or of streams with a prefix."""
+        sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ?"
+        params: list[Any] = [after]
+        if stream is not None:
+            sql += " AND stream = ?"
+            params.append(stream)
+        if stream_prefix is not None:
+            sql += " AND stream >= ? AND stream < ?"
+            params += [stream_prefix, stream_prefix + "\U0010ffff"]
+        for seq, strm, version, tag, sv, at, data, _prev, digest in self.conn.execute(
+            sql + " ORDER BY seq", params
+        ):
+            yield Recorded(seq, strm, version, tag, sv, at, self.registry.decode(tag, sv, data), digest)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Read-only SQL over the log and its projections (for services and reports)."""
+        return list(self.conn.execute(sql, params))
+
+    # ------------------------------------------------------- verify and replay
+
+    def verify(self) -> list[str]:
+        """Every problem found in the log, its blobs and its projections; empty when healthy."""
+        report = self.replay(apply=False)
+        problems = list(report.problems)
+        for digest, size, data in self.conn.execute("SELECT hash, size, data FROM blobs"):
+            if blob_hash(bytes(data)) != digest or size != len(data):
+                problems.append(f"blob {digest}: content does not match its hash")
+        return problems
+
+    def replay(self, *, apply: bool = False, only: Sequence[str] | None = None) -> ReplayReport:
+        """Rebuild projections from the log into fresh tables and compare them with the live ones.
+
+        Checks on the way: contiguous seqs, the hash chain, decodable payloads, and every event
+        accepted by its projections (an illegal transition is reported, not applied).
+        With `apply=True` the rebuilt tables replace the live ones (the log is the truth).
+        """
+        targets = [p for p in self.projections if only is None or p.name in only]
+        by_tag: dict[str, list[Projection]] = {}
+        for p in targets:
+            for tag in p.handles:
+                by_tag.setdefault(tag, []).append(p)
+        tables: dict[str, dict[tuple, Row]] = {p.name: {} for p in targets}
+        report = ReplayReport()
+        problems = report.problems
+        registry = self.registry
+        expected_seq, last_hash = 1, GENESIS
+        for seq, stream, version, tag, sv, at, data, prev, digest in self.conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq"
+        ):
+            report.events += 1
+            gap = seq != expected_seq
+            if gap:
+                missing = f"{expected_seq}" if seq - 1 == expected_seq else f"{expected_seq}-{seq - 1}"
+                problems.append(f"seq {missing}: missing from the log (deleted events)")
+            elif prev != last_hash:
+                problems.append(f"seq {seq}: hash chain broken (prev_hash does not match seq {seq - 1})")
+            if chain_hash(prev, seq, stream, version, tag, sv, at, data) != digest:
+                problems.append(f"seq {seq}: hash mismatch (the stored event was altered)")
+            expected_seq, last_hash = seq + 1, digest
+            interested = by_tag.get(tag)
+            try:
+                event = registry.decode(tag, sv, data)
+            except UndecodableEvent as e:
+                problems.append(f"seq {seq}: undecodable payload: {e}")
+                continue
+            if not interested:
+                continue
+            rec = Recorded(seq, stream, version, tag, sv, at, event, digest)
+            for p in interested:
+                key = p.key(rec)
+                if key is None:
+                    continue
+                rows = tables[p.name]
+                try:
+                    new = p.fold(rows.get(key), rec)
+                except ProjectionError as e:
+                    problems.append(f"seq {seq} ({stream}): {e}")
+                    continue
+                if new is not None:
+                    rows[key] = new
+        self.conn.execute("ATTACH DATABASE ':memory:' AS replay")
+        try:
+            self._compare(targets, tables, report)
+            if apply:
+                self._apply_replay(targets)
+                report.applied = True
+        finally:
+            self.conn.execute("DETACH DATABASE replay")
+        return report
+
+    def _compare(self, targets: Sequence[Projection], tables: dict[str, dict[tuple, Row]],
+                 report: ReplayReport) -> None:
+        for p in targets:
+            for statement in p.ddl("replay"):
+                self.conn.execute(statement)
+            rows = tables[p.name]
+            self.conn.executemany(p.upsert_sql("replay"), (p.as_tuple(r) for r in rows.values()))
+            report.rows[p.name] = len(rows)
+            cols = ", ".join(p.column_names)
+            missing = self.conn.execute(
+                f"SELECT count(*) FROM (SELECT {cols} FROM replay.{p.name} EXCEPT SELECT {cols} FROM main.{p.name})"
+            ).fetchone()[0]
+            extra = self.conn.execute(
+                f"SELECT count(*) FROM (SELECT {cols} FROM main.{p.name} EXCEPT SELECT {cols} FROM replay.{p.name})"
+            ).fetchone()[0]
+            if missing or extra:
+                keys = ", ".join(p.column_names[: p.key_len])
+                sample = self.conn.execute(
+                    f"SELECT {keys} FROM (SELECT {cols} FROM main.{p.name} EXCEPT SELECT {cols} FROM replay.{p.name}"
+                    f" UNION SELECT {cols} FROM replay.{p.name} EXCEPT SELECT {cols} FROM main.{p.name}) LIMIT 3"
+                ).fetchall()
+                report.differences[p.name] = max(missing, extra)
+                report.problems.append(
+                    f"projection {p.name} differs from the log: {missing} row(s) missing or stale, "
+                    f"{extra} row(s) not explained by the log (e.g. {', '.join(repr(s[0] if len(s) == 1 else s) for s in sample)})"
+                )
+
+    def _apply_replay(self, targets: Sequence[Projection]) -> None:
+        with self._transaction():
+            for p in targets:
+                self.conn.execute(f"DELETE FROM main.{p.name}")
+                self.conn.execute(f"INSERT INTO main.{p.name} SELECT * FROM replay.{p.name}")

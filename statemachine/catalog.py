@@ -1,0 +1,317 @@
+"""The event catalogue: every event overnight records, as frozen msgspec Structs.
+
+Names are past tense; tags are stable forever (they are stored). Change a type by adding
+fields with defaults, or by raising its `schema_version` and registering an upcaster in
+UPCASTERS. Streams:
+- `plugin:<plugin id>`: the lifecycle of one plugin (see lifecycle.TRANSITIONS);
+- `run:<run id>`:       one batch run (configuration, pauses, limits, interruptions, end);
+- `quota:<model>`:      limits learned from 429 answers;
+- `backup`:             completed off-site backups.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from events import Event, Registry
+
+# ------------------------------------------------------------------ shared values
+
+
+class SkillFact(msgspec.Struct, frozen=True, kw_only=True):
+    """An existing skill directory of a plugin and what the reference validator says of it."""
+
+    dir: str
+    bytes: int = 0
+    valid: bool = False
+    errors: list[str] = []
+
+
+class PluginFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What analysis found in a plugin directory. Text excerpts are not stored here."""
+
+    version: str | None = None
+    description: str | None = None
+    keywords: list[str] = []
+    readme_bytes: int | None = None
+    commands: list[str] = []
+    agents: list[str] = []
+    skills: list[SkillFact] = []
+    hooks: bool = False
+    mcp: bool = False
+    scripts: int = 0
+    files: int = 0
+    bytes: int = 0
+    warnings: list[str] = []
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Token counts of one Gemini answer (usage_metadata)."""
+
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    thoughts_tokens: int = 0
+
+
+class Gap(msgspec.Struct, frozen=True, kw_only=True):
+    priority: Literal["high", "medium", "low"]
+    description: str
+
+
+class BundledFile(msgspec.Struct, frozen=True, kw_only=True):
+    path: str
+    purpose: str
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """The enhancement plan Gemini returns as structured output (phase 1)."""
+
+    gaps: list[Gap]
+    quality_before: int
+    quality_after: int
+    sections_to_add: list[str]
+    bundled_files: list[BundledFile]
+    trigger_phrases: list[str]
+    allowed_tools: list[str]
+
+
+class FileWrite(msgspec.Struct, frozen=True, kw_only=True):
+    """One file a write step puts in place: path relative to the plugin, content blob hash."""
+
+    path: str
+    sha256: str
+
+
+class Move(msgspec.Struct, frozen=True, kw_only=True):
+    """A directory rename inside the plugin (a legacy skill dir to `skills/<name>/`)."""
+
+    src: str
+    dst: str
+
+
+# ------------------------------------------------------------ plugin lifecycle
+
+
+class PluginDiscovered(Event, frozen=True, tag="PluginDiscovered"):
+    """A plugin was found (or found again after its content changed)."""
+
+    plugin_id: str
+    name: str
+    category: str
+    path: str
+    listed: bool
+    skill_name: str | None = None
+
+
+class PluginAnalyzed(Event, frozen=True, tag="PluginAnalyzed"):
+    content_hash: str
+    facts: PluginFacts
+
+
+class PluginInvalid(Event, frozen=True, tag="PluginInvalid"):
+    """The plugin cannot be processed as it is; `reason` says why in one line."""
+
+    reason: str
+    content_hash: str | None = None
+
+
+class PluginVanished(Event, frozen=True, tag="PluginVanished"):
+    reason: str
+
+
+class PluginSkipped(Event, frozen=True, tag="PluginSkipped"):
+    run_id: str
+    reason: str
+
+
+class PlanRequested(Event, frozen=True, tag="PlanRequested"):
+    """Recorded before the Gemini call is sent; the quota ledger counts it at once."""
+
+    run_id: str
+    request_id: str
+    model: str
+    attempt: int
+    est_input_tokens: int
+
+
+class PlanReceived(Event, frozen=True, tag="PlanReceived"):
+    run_id: str
+    request_id: str
+    plan: Plan
+    usage: Usage
+
+
+class SkillRequested(Event, frozen=True, tag="SkillRequested"):
+    run_id: str
+    request_id: str
+    model: str
+    attempt: int
+    est_input_tokens: int
+    feedback: list[str] = []
+
+
+class SkillReceived(Event, frozen=True, tag="SkillReceived"):
+    """The model's content fields, stored as a blob (JSON) referenced by hash."""
+
+    run_id: str
+    request_id: str
+    draft_sha256: str
+    usage: Usage
+
+
+class RequestFailed(Event, frozen=True, tag="RequestFailed"):
+    """A Gemini call ended without a usable answer and will be tried again after `not_before`.
+
+    kind: rate_limited_minute | rate_limited_day | rate_limited | server | timeout |
+          connection | blocked | truncated | empty | invalid_answer.
+    """
+
+    run_id: str
+    request_id: str
+    step: Literal["plan", "skill"]
+    kind: str
+    message: str
+    status_code: int | None = None
+    not_before: str | None = None
+    usage: Usage | None = None
+
+
+class SkillGateFailed(Event, frozen=True, tag="SkillGateFailed"):
+    """Generated content failed validation; it will be regenerated with `reasons` as feedback."""
+
+    run_id: str
+    attempt: int
+    reasons: list[str]
+
+
+class SkillRejected(Event, frozen=True, tag="SkillRejected"):
+    run_id: str
+    reasons: list[str]
+
+
+class SkillValidated(Event, frozen=True, tag="SkillValidated"):
+    run_id: str
+    skill_name: str
+    files: list[FileWrite]
+
+
+class PluginSnapshotted(Event, frozen=True, tag="PluginSnapshotted"):
+    """The plugin tree before any change, as a tree blob (see statemachine.snapshots)."""
+
+    run_id: str
+    tree_sha256: str
+
+
+class WriteIntended(Event, frozen=True, tag="WriteIntended"):
+    """Recorded before the first rename; a resume settles it by hashing the targets."""
+
+    run_id: str
+    writes: list[FileWrite]
+    moves: list[Move] = []
+
+
+class WriteCompleted(Event, frozen=True, tag="WriteCompleted"):
+    run_id: str
+    settled_by: Literal["rename", "hash-check"] = "rename"
+
+
+class PluginDone(Event, frozen=True, tag="PluginDone"):
+    """Finished; `content_hash` is the plugin tree after the write, to detect later changes."""
+
+    run_id: str
+    content_hash: str
+
+
+class PluginFailed(Event, frozen=True, tag="PluginFailed"):
+    run_id: str
+    step: str
+    reason: str
+    request_id: str | None = None
+    status_code: int | None = None
+
+
+class PluginRestored(Event, frozen=True, tag="PluginRestored"):
+    """The plugin directory was put back to a snapshot; it will be analyzed again."""
+
+    tree_sha256: str
+
+
+# ---------------------------------------------------------------- run streams
+
+
+class RunStarted(Event, frozen=True, tag="RunStarted"):
+    """The effective configuration of a run; never contains a secret."""
+
+    run_id: str
+    command: str
+    config: dict[str, Any]
+    plugins: int
+
+
+class LimitsChanged(Event, frozen=True, tag="LimitsChanged"):
+    run_id: str
+    limits: dict[str, Any]
+    reason: str
+
+
+class RunPaused(Event, frozen=True, tag="RunPaused"):
+    run_id: str
+    reason: str
+    until: str
+
+
+class RunResumed(Event, frozen=True, tag="RunResumed"):
+    run_id: str
+
+
+class RunInterrupted(Event, frozen=True, tag="RunInterrupted"):
+    run_id: str
+    signal: str
+
+
+class BudgetExhausted(Event, frozen=True, tag="BudgetExhausted"):
+    run_id: str
+    budget: str
+    limit: float
+    used: float
+
+
+class RunFinished(Event, frozen=True, tag="RunFinished"):
+    run_id: str
+    outcome: Literal["complete", "incomplete"]
+    counts: dict[str, int]
+
+
+class LimitLearned(Event, frozen=True, tag="LimitLearned"):
+    """A 429's QuotaFailure told us the real limit of one metric for one model."""
+
+    model: str
+    metric: Literal["rpm", "rpd", "tpm", "tpd"]
+    value: int
+    quota_id: str
+
+
+class BackupCompleted(Event, frozen=True, tag="BackupCompleted"):
+    target: str
+    last_seq: int
+    snapshot_id: str
+    blobs_sent: int
+    bytes_sent: int
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    PluginDiscovered, PluginAnalyzed, PluginInvalid, PluginVanished, PluginSkipped,
+    PlanRequested, PlanReceived, SkillRequested, SkillReceived, RequestFailed,
+    SkillGateFailed, SkillRejected, SkillValidated, PluginSnapshotted, WriteIntended,
+    WriteCompleted, PluginDone, PluginFailed, PluginRestored,
+    RunStarted, LimitsChanged, RunPaused, RunResumed, RunInterrupted, BudgetExhausted,
+    RunFinished, LimitLearned, BackupCompleted,
+)
+
+# (tag, stored schema version) -> function lifting the payload one version up.
+UPCASTERS: dict[tuple[str, int], Any] = {}
+
+REGISTRY = Registry(EVENT_TYPES, UPCASTERS)

@@ -1,0 +1,185 @@
+"""The plugin lifecycle: one transition table, the single source of truth.
+
+The `transitions` Machine that drives plugins, the projection that replays their state,
+`overnight status`, and the diagram in docs/architecture.md are all built from TRANSITIONS.
+Every plugin event type belongs to exactly one row, so a recorded event names its
+transition and replay can check it with a dict lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Iterable
+
+from transitions import Machine
+
+from events import Event, EventStore, ProjectionError
+from statemachine import catalog as c
+
+
+class State(StrEnum):
+    NEW = "new"
+    DISCOVERED = "discovered"
+    ANALYZED = "analyzed"
+    INVALID = "invalid"
+    GONE = "gone"
+    SKIPPED = "skipped"
+    PLANNING = "planning"
+    PLANNED = "planned"
+    GENERATING = "generating"
+    GENERATED = "generated"
+    VALIDATED = "validated"
+    REJECTED = "rejected"
+    SNAPSHOTTED = "snapshotted"
+    WRITING = "writing"
+    WRITTEN = "written"
+    DONE = "done"
+    RETRYING = "retrying"
+    FAILED = "failed"
+
+
+S = State
+ALL = frozenset(State) - {S.NEW}
+# States a run leaves a plugin in for good (until its content changes).
+FINAL = frozenset({S.INVALID, S.GONE, S.SKIPPED, S.REJECTED, S.DONE, S.FAILED})
+# States with work under way; `fail` may come from any of them.
+ACTIVE = frozenset({S.ANALYZED, S.PLANNING, S.PLANNED, S.GENERATING, S.GENERATED, S.RETRYING,
+                    S.VALIDATED, S.SNAPSHOTTED, S.WRITING, S.WRITTEN})
+
+
+@dataclass(frozen=True)
+class Transition:
+    trigger: str
+    sources: frozenset[State]
+    dest: State
+    event: type[Event]
+    doc: str
+
+    @property
+    def tag(self) -> str:
+        return self.event.__struct_config__.tag  # type: ignore[return-value]
+
+
+def _t(trigger: str, sources: Iterable[State], dest: State, event: type[Event], doc: str) -> Transition:
+    return Transition(trigger, frozenset(sources), dest, event, doc)
+
+
+TRANSITIONS: tuple[Transition, ...] = (
+    _t("discover", (ALL | {S.NEW}) - {S.WRITING}, S.DISCOVERED, c.PluginDiscovered,
+       "found by a scan, or found again because its content changed"),
+    _t("analyze", {S.DISCOVERED}, S.ANALYZED, c.PluginAnalyzed,
+       "structure facts and content hash recorded"),
+    _t("invalidate", {S.DISCOVERED}, S.INVALID, c.PluginInvalid,
+       "bad input (manifest, name, path); waits for the plugin to change"),
+    _t("vanish", ALL - {S.GONE, S.WRITING}, S.GONE, c.PluginVanished,
+       "no longer in the marketplace"),
+    _t("skip", {S.ANALYZED}, S.SKIPPED, c.PluginSkipped,
+       "already passes every gate and is unchanged since it was done"),
+    _t("request_plan", {S.ANALYZED, S.PLANNING, S.RETRYING}, S.PLANNING, c.PlanRequested,
+       "plan request recorded, then sent"),
+    _t("receive_plan", {S.PLANNING}, S.PLANNED, c.PlanReceived,
+       "structured plan decoded and recorded"),
+    _t("request_skill", {S.PLANNED, S.GENERATING, S.RETRYING}, S.GENERATING, c.SkillRequested,
+       "skill request recorded, then sent"),
+    _t("receive_skill", {S.GENERATING}, S.GENERATED, c.SkillReceived,
+       "skill content recorded"),
+    _t("defer", {S.PLANNING, S.GENERATING}, S.RETRYING, c.RequestFailed,
+       "transient failure or unusable answer; retried after not_before"),
+    _t("fail_gates", {S.GENERATED}, S.PLANNED, c.SkillGateFailed,
+       "content failed a gate; regenerate with the reasons as feedback"),
+    _t("reject", {S.GENERATED}, S.REJECTED, c.SkillRejected,
+       "content failed the gates after the allowed attempts"),
+    _t("pass_gates", {S.GENERATED}, S.VALIDATED, c.SkillValidated,
+       "SKILL.md composed and every gate passed"),
+    _t("snapshot", {S.VALIDATED}, S.SNAPSHOTTED, c.PluginSnapshotted,
+       "plugin tree stored in the blob store before any change"),
+    _t("begin_write", {S.SNAPSHOTTED}, S.WRITING, c.WriteIntended,
+       "targets and content hashes recorded before the first rename"),
+    _t("finish_write", {S.WRITING}, S.WRITTEN, c.WriteCompleted,
+       "every file renamed into place and fsynced"),
+    _t("complete", {S.WRITTEN}, S.DONE, c.PluginDone,
+       "finished; content hash after the write recorded"),
+    _t("fail", ACTIVE, S.FAILED, c.PluginFailed,
+       "permanent error for this plugin, with the reason"),
+    _t("restore", ALL - {S.WRITING}, S.DISCOVERED, c.PluginRestored,
+       "plugin put back to a snapshot; analyzed again"),
+)
+
+BY_TAG: dict[str, Transition] = {t.tag: t for t in TRANSITIONS}
+PLUGIN_EVENT_TAGS = frozenset(BY_TAG)
+STREAM_PREFIX = "plugin:"
+
+
+def plugin_stream(plugin_id: str) -> str:
+    return STREAM_PREFIX + plugin_id
+
+
+def next_state(current: str, tag: str) -> State:
+    """The state after event `tag` in state `current`; ProjectionError if the table forbids it."""
+    t = BY_TAG.get(tag)
+    if t is None:
+        raise ProjectionError(f"{tag} is not a plugin lifecycle event")
+    if current not in t.sources:
+        raise ProjectionError(f"illegal transition: {tag} ({t.trigger}) in state {current}")
+    return t.dest
+
+
+def build_machine() -> Machine:
+    """One Machine for all plugins; models are added while they are in flight."""
+    return Machine(
+        model=None,
+        states=[s.value for s in State],
+        initial=S.NEW.value,
+        transitions=[
+            {"trigger": t.trigger, "source": sorted(s.value for s in t.sources), "dest": t.dest.value}
+            for t in TRANSITIONS
+        ],
+        auto_transitions=False,
+        send_event=True,
+        before_state_change="_record",
+    )
+
+
+class PluginCursor:
+    """One plugin being driven through the lifecycle by the transitions Machine.
+
+    A trigger appends its event inside `before_state_change`, so the in-memory state moves
+    only after the event is durably in the log; a failed append leaves the state unchanged.
+    """
+
+    def __init__(self, store: EventStore, plugin_id: str, state: str, version: int) -> None:
+        self.store = store
+        self.plugin_id = plugin_id
+        self.stream = plugin_stream(plugin_id)
+        self.state = state
+        self.version = version
+
+    def _record(self, event_data) -> None:  # called by the Machine
+        event: Event = event_data.kwargs["event"]
+        blobs = event_data.kwargs.get("blobs", ())
+        self.store.append(self.stream, event, expected_version=self.version, blobs=blobs)
+        self.version += 1
+
+
+class Lifecycle:
+    """Fires recorded transitions on plugins through one shared Machine."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.machine = build_machine()
+
+    def cursor(self, plugin_id: str) -> PluginCursor:
+        row = self.store.query("SELECT state, version FROM plugins WHERE plugin_id = ?", (plugin_id,))
+        state, version = row[0] if row else (S.NEW.value, 0)
+        cursor = PluginCursor(self.store, plugin_id, state, version)
+        self.machine.add_model(cursor, initial=state)
+        return cursor
+
+    def release(self, cursor: PluginCursor) -> None:
+        self.machine.remove_model(cursor)
+
+    def record(self, cursor: PluginCursor, event: Event, blobs: Iterable[bytes] = ()) -> None:
+        """Fire the transition `event` belongs to; raises MachineError if it is illegal now."""
+        t = BY_TAG[type(event).__struct_config__.tag]  # type: ignore[index]
+        cursor.trigger(t.trigger, event=event, blobs=tuple(blobs))
