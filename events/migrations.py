@@ -27,7 +27,6 @@ def _1_core(conn: apsw.Connection) -> None:
             hash           TEXT    NOT NULL,
             UNIQUE (stream, version)
         );
-        CREATE INDEX events_type ON events (type);
         CREATE TRIGGER events_no_update BEFORE UPDATE ON events
             BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
         CREATE TRIGGER events_no_delete BEFORE DELETE ON events

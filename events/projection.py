@@ -7,12 +7,14 @@ Because both paths call the same `fold`, a difference between them can only come
 log and the stored tables disagreeing, which is exactly what `verify()` reports.
 
 `fold` must be deterministic: it may look only at the previous row, the envelope
-(`Recorded`) and the event. It raises `ProjectionError` for an event it cannot accept.
+(`Recorded`) and the event. It returns a new dict and never mutates the row it is given
+(the writer caches rows). It raises `ProjectionError` for an event it cannot accept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -33,6 +35,9 @@ class Projection:
     version:  bump when columns or fold change; a stored projection of another version is
               rebuilt from the log when the store opens for writing.
     indexes:  extra index column lists.
+    fresh:    tags whose fold starts a new row without reading the previous one (the writer
+              then skips the lookup).
+    A row is a dict holding every column.
     """
 
     name: str
@@ -43,10 +48,15 @@ class Projection:
     fold: Callable[[Row | None, "Recorded"], Row | None]
     version: int = 1
     indexes: tuple[tuple[str, ...], ...] = ()
+    fresh: frozenset[str] = frozenset()
     column_names: tuple[str, ...] = field(init=False)
+    as_tuple: Callable[[Row], tuple] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if len(self.columns) < 2:
+            raise ValueError(f"projection {self.name} needs at least two columns")
         object.__setattr__(self, "column_names", tuple(c for c, _ in self.columns))
+        object.__setattr__(self, "as_tuple", itemgetter(*self.column_names))
 
     def ddl(self, schema: str) -> list[str]:
         cols = ", ".join(f"{c} {t}" for c, t in self.columns)
@@ -65,6 +75,3 @@ class Projection:
     def upsert_sql(self, schema: str) -> str:
         marks = ", ".join("?" for _ in self.column_names)
         return f"INSERT OR REPLACE INTO {schema}.{self.name} ({', '.join(self.column_names)}) VALUES ({marks})"
-
-    def as_tuple(self, row: Row) -> tuple:
-        return tuple(row.get(c) for c in self.column_names)

@@ -47,7 +47,7 @@ class Registry:
                 raise TypeError(f"upcaster for unknown event type {tag!r}")
             if version >= self.types[tag].schema_version:
                 raise TypeError(f"upcaster {tag} v{version} is not older than the type")
-        union = Union[tuple(self.types.values())]  # type: ignore[valid-type]
+        union = Union[tuple(self.types.values())] if self.types else msgspec.Raw  # type: ignore[valid-type]
         self._decoder = msgspec.json.Decoder(union)
         self._encoder = msgspec.json.Encoder()
 

@@ -38,6 +38,8 @@ from events.projection import Projection, Row
 from events.registry import Event, Registry
 
 GENESIS = "0" * 64
+_MISSING: Any = object()
+_ROW_CACHE_SIZE = 50_000
 Clock = Callable[[], datetime]
 
 
@@ -46,7 +48,9 @@ def utc_now() -> datetime:
 
 
 def format_at(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if moment.tzinfo is not timezone.utc:
+        moment = moment.astimezone(timezone.utc)
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 _header_encoder = msgspec.json.Encoder()
@@ -103,6 +107,60 @@ def _translate(e: apsw.Error, path: Path) -> EventStoreError:
     return EventStoreError(f"{path}: {e}")
 
 
+class _Transaction:
+    """One SQLite write transaction (nested uses join the outer one).
+
+    On any failure the transaction is rolled back and the writer's cached head, stream
+    versions and rows are reset, so the next append starts from what is on disk.
+    """
+
+    __slots__ = ("store", "outer", "head")
+
+    def __init__(self, store: "EventStore") -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        store = self.store
+        self.outer = store._in_tx
+        if self.outer:
+            return
+        if store._lock is None:
+            raise EventStoreError(f"{store.path} was opened read-only")
+        self.head = (store._seq, store._hash)
+        try:
+            store._cursor.execute("BEGIN IMMEDIATE")
+        except apsw.Error as e:
+            raise _translate(e, store.path) from e
+        store._in_tx = True
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        if self.outer:
+            return
+        store = self.store
+        try:
+            if exc is None:
+                try:
+                    store._cursor.execute("COMMIT")
+                    return
+                except apsw.Error as e:
+                    exc = e
+            store._seq, store._hash = self.head
+            store._versions.clear()
+            store._rows.clear()
+            try:
+                store.conn.execute("ROLLBACK")
+            except apsw.Error:
+                pass  # SQLite already rolled back (for example after SQLITE_FULL)
+            if isinstance(exc, apsw.ConstraintError) and "events.stream" in str(exc):
+                raise StreamConflict(f"concurrent append to a stream: {exc}") from exc
+            if isinstance(exc, apsw.Error):
+                raise _translate(exc, store.path) from exc
+            if exc_type is None:
+                raise exc
+        finally:
+            store._in_tx = False
+
+
 class EventStore:
     """Open with `EventStore.open(...)`; close with `close()` or use as a context manager."""
 
@@ -121,6 +179,12 @@ class EventStore:
         self._select_sql = {p.name: p.select_sql("main") for p in self.projections}
         self._upsert_sql = {p.name: p.upsert_sql("main") for p in self.projections}
         self._in_tx = False
+        self._cursor = conn.cursor()
+        # Writer-side cache of stream versions; the writer lock makes it authoritative, and a
+        # rolled-back transaction clears it.
+        self._versions: dict[str, int] = {}
+        # Writer-side cache of projection rows, same rules; bounded by clearing it when full.
+        self._rows: dict[tuple[str, tuple], Row | None] = {}
         self._seq, self._hash = self._load_head()
 
     # ---------------------------------------------------------------- opening
@@ -206,35 +270,8 @@ class EventStore:
 
     # ---------------------------------------------------------------- writing
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        if self._in_tx:
-            yield
-            return
-        if self._lock is None:
-            raise EventStoreError(f"{self.path} was opened read-only")
-        head = (self._seq, self._hash)
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except apsw.Error as e:
-            raise _translate(e, self.path) from e
-        self._in_tx = True
-        try:
-            yield
-            self.conn.execute("COMMIT")
-        except BaseException as e:
-            self._seq, self._hash = head
-            try:
-                self.conn.execute("ROLLBACK")
-            except apsw.Error:
-                pass  # SQLite already rolled back (for example after SQLITE_FULL)
-            if isinstance(e, apsw.ConstraintError) and "events.stream" in str(e):
-                raise StreamConflict(f"concurrent append to a stream: {e}") from e
-            if isinstance(e, apsw.Error):
-                raise _translate(e, self.path) from e
-            raise
-        finally:
-            self._in_tx = False
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self)
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -251,7 +288,9 @@ class EventStore:
         """
         batch = [events] if isinstance(events, Event) else list(events)
         with self._transaction():
-            current = self.stream_version(stream)
+            current = self._versions.get(stream)
+            if current is None:
+                current = self.stream_version(stream)
             if expected_version is not None and current != expected_version:
                 raise StreamConflict(
                     f"stream {stream} is at version {current}, expected {expected_version}"
@@ -262,6 +301,7 @@ class EventStore:
             at = format_at(self.clock())
             for offset, event in enumerate(batch, start=1):
                 recorded.append(self._insert(stream, current + offset, event, at))
+            self._versions[stream] = current + len(batch)
             return recorded
 
     def _insert(self, stream: str, version: int, event: Event, at: str) -> Recorded:
@@ -270,7 +310,8 @@ class EventStore:
         seq = self._seq + 1
         schema_version = type(event).schema_version
         digest = chain_hash(self._hash, seq, stream, version, tag, schema_version, at, data)
-        self.conn.execute(
+        cur = self._cursor
+        cur.execute(
             f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (seq, stream, version, tag, schema_version, at, data, self._hash, digest),
         )
@@ -279,11 +320,17 @@ class EventStore:
             key = p.key(rec)
             if key is None:
                 continue
-            found = self.conn.execute(self._select_sql[p.name], key).fetchone()
-            row = dict(zip(p.column_names, found)) if found else None
-            new = p.fold(row, rec)
+            cache_key = (p.name, key)
+            row = None if tag in p.fresh else self._rows.get(cache_key, _MISSING)
+            if row is _MISSING:
+                found = cur.execute(self._select_sql[p.name], key).fetchone()
+                row = dict(zip(p.column_names, found)) if found else None
+            new = p.fold(row, rec)  # type: ignore[arg-type]
             if new is not None:
-                self.conn.execute(self._upsert_sql[p.name], p.as_tuple(new))
+                cur.execute(self._upsert_sql[p.name], p.as_tuple(new))
+                if len(self._rows) >= _ROW_CACHE_SIZE:
+                    self._rows.clear()
+                self._rows[cache_key] = new
         self._seq, self._hash = seq, digest
         return rec
 
@@ -293,7 +340,7 @@ class EventStore:
 
     def _put_blob(self, data: bytes) -> str:
         digest = blob_hash(data)
-        self.conn.execute(
+        self._cursor.execute(
             "INSERT OR IGNORE INTO blobs (hash, size, data) VALUES (?, ?, ?)", (digest, len(data), data)
         )
         return digest
@@ -365,6 +412,28 @@ class EventStore:
                 by_tag.setdefault(tag, []).append(p)
         tables: dict[str, dict[tuple, Row]] = {p.name: {} for p in targets}
         report = ReplayReport()
+        self.conn.execute("ATTACH DATABASE ':memory:' AS replay")
+        try:
+            # A reader takes one read transaction, so a concurrent writer cannot make the log
+            # and the live tables disagree between the two reads. A writer holds the lock.
+            snapshot = not self._in_tx and self._lock is None
+            if snapshot:
+                self.conn.execute("BEGIN")
+            try:
+                self._fold_log(by_tag, tables, report)
+                self._compare(targets, tables, report)
+            finally:
+                if snapshot:
+                    self._cursor.execute("COMMIT")
+            if apply:
+                self._apply_replay(targets)
+                report.applied = True
+        finally:
+            self.conn.execute("DETACH DATABASE replay")
+        return report
+
+    def _fold_log(self, by_tag: dict[str, list[Projection]], tables: dict[str, dict[tuple, Row]],
+                  report: ReplayReport) -> None:
         problems = report.problems
         registry = self.registry
         expected_seq, last_hash = 1, GENESIS
@@ -372,8 +441,7 @@ class EventStore:
             f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq"
         ):
             report.events += 1
-            gap = seq != expected_seq
-            if gap:
+            if seq != expected_seq:
                 missing = f"{expected_seq}" if seq - 1 == expected_seq else f"{expected_seq}-{seq - 1}"
                 problems.append(f"seq {missing}: missing from the log (deleted events)")
             elif prev != last_hash:
@@ -402,15 +470,6 @@ class EventStore:
                     continue
                 if new is not None:
                     rows[key] = new
-        self.conn.execute("ATTACH DATABASE ':memory:' AS replay")
-        try:
-            self._compare(targets, tables, report)
-            if apply:
-                self._apply_replay(targets)
-                report.applied = True
-        finally:
-            self.conn.execute("DETACH DATABASE replay")
-        return report
 
     def _compare(self, targets: Sequence[Projection], tables: dict[str, dict[tuple, Row]],
                  report: ReplayReport) -> None:
@@ -440,6 +499,7 @@ class EventStore:
                 )
 
     def _apply_replay(self, targets: Sequence[Projection]) -> None:
+        self._rows.clear()
         with self._transaction():
             for p in targets:
                 self.conn.execute(f"DELETE FROM main.{p.name}")

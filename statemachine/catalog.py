@@ -199,7 +199,7 @@ class SkillValidated(Event, frozen=True, tag="SkillValidated"):
 
 
 class PluginSnapshotted(Event, frozen=True, tag="PluginSnapshotted"):
-    """The plugin tree before any change, as a tree blob (see statemachine.snapshots)."""
+    """The plugin tree before any change, stored as a tree blob."""
 
     run_id: str
     tree_sha256: str
@@ -252,27 +252,37 @@ class RunStarted(Event, frozen=True, tag="RunStarted"):
 
 
 class LimitsChanged(Event, frozen=True, tag="LimitsChanged"):
+    """Limits or budgets changed mid-run (resume flags or config file), with why."""
+
     run_id: str
     limits: dict[str, Any]
     reason: str
 
 
 class RunPaused(Event, frozen=True, tag="RunPaused"):
+    """The run waits (for example for the daily quota reset) until `until`."""
+
     run_id: str
     reason: str
     until: str
 
 
 class RunResumed(Event, frozen=True, tag="RunResumed"):
+    """`overnight resume` continued the run with its recorded configuration."""
+
     run_id: str
 
 
 class RunInterrupted(Event, frozen=True, tag="RunInterrupted"):
+    """SIGINT or SIGTERM stopped the run cleanly."""
+
     run_id: str
     signal: str
 
 
 class BudgetExhausted(Event, frozen=True, tag="BudgetExhausted"):
+    """A request, token or cost budget was reached; the run stopped and can resume."""
+
     run_id: str
     budget: str
     limit: float
@@ -280,6 +290,8 @@ class BudgetExhausted(Event, frozen=True, tag="BudgetExhausted"):
 
 
 class RunFinished(Event, frozen=True, tag="RunFinished"):
+    """No plugin of the run has work left (complete) or some ended failed (incomplete)."""
+
     run_id: str
     outcome: Literal["complete", "incomplete"]
     counts: dict[str, int]
@@ -295,6 +307,8 @@ class LimitLearned(Event, frozen=True, tag="LimitLearned"):
 
 
 class BackupCompleted(Event, frozen=True, tag="BackupCompleted"):
+    """Log, blobs and a tree snapshot were shipped off-site; `target` has no credentials."""
+
     target: str
     last_seq: int
     snapshot_id: str

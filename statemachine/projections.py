@@ -11,7 +11,7 @@ from datetime import datetime
 
 import msgspec
 
-from events import Projection, Recorded
+from events import Projection, ProjectionError, Recorded
 from statemachine import catalog as c
 from statemachine.lifecycle import PLUGIN_EVENT_TAGS, STREAM_PREFIX, State, next_state
 
@@ -39,60 +39,110 @@ _PLUGIN_COLUMNS = (
     ("reason", "TEXT"), ("content_hash", "TEXT"), ("done_hash", "TEXT"),
     ("not_before", "TEXT"), ("plan_attempts", "INTEGER"), ("skill_attempts", "INTEGER"),
     ("gate_failures", "INTEGER"), ("run_id", "TEXT"), ("version", "INTEGER"),
-    ("updated_seq", "INTEGER"), ("updated_at", "TEXT"), ("facts", "TEXT"), ("plan", "TEXT"),
-    ("snapshot", "TEXT"),
+    ("updated_seq", "INTEGER"), ("updated_at", "TEXT"), ("snapshot", "TEXT"),
 )
+_PLUGIN_TEMPLATE = {column: None for column, _ in _PLUGIN_COLUMNS}
 
 
 def _plugin_key(rec: Recorded) -> tuple | None:
     return (rec.stream[len(STREAM_PREFIX):],) if rec.stream.startswith(STREAM_PREFIX) else None
 
 
+def _on_discovered(new: dict, ev: c.PluginDiscovered) -> None:
+    new.update(name=ev.name, skill_name=ev.skill_name, category=ev.category, path=ev.path,
+               listed=int(ev.listed), step=None, content_hash=None, plan_attempts=0,
+               skill_attempts=0, gate_failures=0, snapshot=None)
+
+
+def _on_analyzed(new: dict, ev: c.PluginAnalyzed) -> None:
+    new["content_hash"] = ev.content_hash
+
+
+def _on_invalid(new: dict, ev: c.PluginInvalid) -> None:
+    new.update(reason=ev.reason, content_hash=ev.content_hash)
+
+
+def _on_reason(new: dict, ev: c.PluginVanished | c.PluginSkipped) -> None:
+    new["reason"] = ev.reason
+
+
+def _on_plan_requested(new: dict, ev: c.PlanRequested) -> None:
+    new.update(step="plan", plan_attempts=new["plan_attempts"] + 1)
+
+
+def _on_skill_requested(new: dict, ev: c.SkillRequested) -> None:
+    new.update(step="skill", skill_attempts=new["skill_attempts"] + 1)
+
+
+def _on_request_failed(new: dict, ev: c.RequestFailed) -> None:
+    new.update(step=ev.step, reason=f"{ev.kind}: {ev.message}", not_before=ev.not_before)
+
+
+def _on_gate_failed(new: dict, ev: c.SkillGateFailed) -> None:
+    new.update(gate_failures=new["gate_failures"] + 1, reason="; ".join(ev.reasons))
+
+
+def _on_rejected(new: dict, ev: c.SkillRejected) -> None:
+    new["reason"] = "; ".join(ev.reasons)
+
+
+def _on_validated(new: dict, ev: c.SkillValidated) -> None:
+    new["skill_name"] = ev.skill_name
+
+
+def _on_snapshotted(new: dict, ev: c.PluginSnapshotted) -> None:
+    new["snapshot"] = ev.tree_sha256
+
+
+def _on_done(new: dict, ev: c.PluginDone) -> None:
+    new.update(done_hash=ev.content_hash, content_hash=ev.content_hash, step=None)
+
+
+def _on_failed(new: dict, ev: c.PluginFailed) -> None:
+    new.update(step=ev.step, reason=ev.reason)
+
+
+def _on_restored(new: dict, ev: c.PluginRestored) -> None:
+    new.update(snapshot=ev.tree_sha256, done_hash=None)
+
+
+def _nothing(new: dict, ev: object) -> None:
+    pass
+
+
+_PLUGIN_HANDLERS = {
+    _tag(c.PluginDiscovered): _on_discovered, _tag(c.PluginAnalyzed): _on_analyzed,
+    _tag(c.PluginInvalid): _on_invalid, _tag(c.PluginVanished): _on_reason,
+    _tag(c.PluginSkipped): _on_reason, _tag(c.PlanRequested): _on_plan_requested,
+    _tag(c.PlanReceived): _nothing, _tag(c.SkillRequested): _on_skill_requested,
+    _tag(c.SkillReceived): _nothing, _tag(c.RequestFailed): _on_request_failed,
+    _tag(c.SkillGateFailed): _on_gate_failed, _tag(c.SkillRejected): _on_rejected,
+    _tag(c.SkillValidated): _on_validated, _tag(c.PluginSnapshotted): _on_snapshotted,
+    _tag(c.WriteIntended): _nothing, _tag(c.WriteCompleted): _nothing,
+    _tag(c.PluginDone): _on_done, _tag(c.PluginFailed): _on_failed,
+    _tag(c.PluginRestored): _on_restored,
+}
+assert set(_PLUGIN_HANDLERS) == PLUGIN_EVENT_TAGS
+
+
 def _fold_plugin(row: dict | None, rec: Recorded) -> dict:
-    state = row["state"] if row else State.NEW.value
-    dest = next_state(state, rec.type)
+    dest = next_state(row["state"] if row else State.NEW.value, rec.type)
     ev = rec.event
-    new = dict(row) if row else {"plugin_id": rec.stream[len(STREAM_PREFIX):], "plan_attempts": 0,
-                                 "skill_attempts": 0, "gate_failures": 0}
-    new.update(state=dest.value, version=rec.version, updated_seq=rec.seq, updated_at=rec.at,
-               reason=None, not_before=None)
+    if row is None:
+        new = dict(_PLUGIN_TEMPLATE, plugin_id=rec.stream[len(STREAM_PREFIX):], plan_attempts=0,
+                   skill_attempts=0, gate_failures=0)
+    else:
+        new = row.copy()
+    new["state"] = dest.value
+    new["version"] = rec.version
+    new["updated_seq"] = rec.seq
+    new["updated_at"] = rec.at
+    new["reason"] = None
+    new["not_before"] = None
     run_id = getattr(ev, "run_id", None)
     if run_id is not None:
         new["run_id"] = run_id
-    if isinstance(ev, c.PluginDiscovered):
-        new.update(name=ev.name, skill_name=ev.skill_name, category=ev.category, path=ev.path,
-                   listed=int(ev.listed), step=None, content_hash=None, facts=None, plan=None,
-                   plan_attempts=0, skill_attempts=0, gate_failures=0, snapshot=None)
-    elif isinstance(ev, c.PluginAnalyzed):
-        new.update(content_hash=ev.content_hash, facts=_to_json(ev.facts))
-    elif isinstance(ev, (c.PluginInvalid,)):
-        new.update(reason=ev.reason, content_hash=ev.content_hash)
-    elif isinstance(ev, (c.PluginVanished, c.PluginSkipped)):
-        new["reason"] = ev.reason
-    elif isinstance(ev, c.PlanRequested):
-        new.update(step="plan", plan_attempts=new["plan_attempts"] + 1)
-    elif isinstance(ev, c.PlanReceived):
-        new.update(plan=_to_json(ev.plan))
-    elif isinstance(ev, c.SkillRequested):
-        new.update(step="skill", skill_attempts=new["skill_attempts"] + 1)
-    elif isinstance(ev, c.RequestFailed):
-        new.update(step=ev.step, reason=f"{ev.kind}: {ev.message}", not_before=ev.not_before)
-    elif isinstance(ev, c.SkillGateFailed):
-        new.update(gate_failures=new["gate_failures"] + 1, reason="; ".join(ev.reasons))
-    elif isinstance(ev, c.SkillRejected):
-        new["reason"] = "; ".join(ev.reasons)
-    elif isinstance(ev, c.SkillValidated):
-        new["skill_name"] = ev.skill_name
-    elif isinstance(ev, c.PluginSnapshotted):
-        new["snapshot"] = ev.tree_sha256
-    elif isinstance(ev, c.PluginDone):
-        new.update(done_hash=ev.content_hash, content_hash=ev.content_hash, step=None)
-    elif isinstance(ev, c.PluginFailed):
-        new.update(step=ev.step, reason=ev.reason)
-    elif isinstance(ev, c.PluginRestored):
-        new.update(snapshot=ev.tree_sha256, done_hash=None)
-    for column, _ in _PLUGIN_COLUMNS:
-        new.setdefault(column, None)
+    _PLUGIN_HANDLERS[rec.type](new, ev)
     return new
 
 
@@ -103,7 +153,31 @@ PLUGINS = Projection(
     handles=PLUGIN_EVENT_TAGS,
     key=_plugin_key,
     fold=_fold_plugin,
-    indexes=(("state",), ("name",)),
+)
+
+# ---------------------------------------------------------------- plugin details
+# The large, rarely changing parts of a plugin's record, kept apart so that the frequent
+# state changes above rewrite a small row.
+
+_DETAIL_TAGS = frozenset(_tag(t) for t in (c.PluginDiscovered, c.PluginAnalyzed, c.PlanReceived))
+
+
+def _fold_details(row: dict | None, rec: Recorded) -> dict:
+    ev = rec.event
+    if isinstance(ev, c.PluginDiscovered):
+        return {"plugin_id": ev.plugin_id, "facts": None, "plan": None}
+    if isinstance(ev, c.PluginAnalyzed):
+        return dict(row, facts=_to_json(ev.facts))
+    return dict(row, plan=_to_json(ev.plan))
+
+
+PLUGIN_DETAILS = Projection(
+    name="plugin_details",
+    columns=(("plugin_id", "TEXT"), ("facts", "TEXT"), ("plan", "TEXT")),
+    key_len=1,
+    handles=_DETAIL_TAGS,
+    key=_plugin_key,
+    fold=_fold_details,
 )
 
 # ------------------------------------------------------------------ quota ledger
@@ -123,7 +197,8 @@ def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
     if phase is not None:
         return {
             "request_id": ev.request_id, "plugin_id": rec.stream[len(STREAM_PREFIX):],
-            "run_id": ev.run_id, "model": ev.model, "phase": phase, "sent_at": epoch(rec.at),
+            "run_id": ev.run_id, "model": ev.model, "phase": phase, "attempt": ev.attempt,
+            "sent_at": epoch(rec.at),
             "est_input_tokens": ev.est_input_tokens, "input_tokens": None, "cached_tokens": None,
             "output_tokens": None, "thoughts_tokens": None, "outcome": "pending",
             "status_code": None, "settled_at": None,
@@ -149,7 +224,7 @@ QUOTA_LEDGER = Projection(
     name="quota_ledger",
     columns=(
         ("request_id", "TEXT"), ("plugin_id", "TEXT"), ("run_id", "TEXT"), ("model", "TEXT"),
-        ("phase", "TEXT"), ("sent_at", "REAL"), ("est_input_tokens", "INTEGER"),
+        ("phase", "TEXT"), ("attempt", "INTEGER"), ("sent_at", "REAL"), ("est_input_tokens", "INTEGER"),
         ("input_tokens", "INTEGER"), ("cached_tokens", "INTEGER"), ("output_tokens", "INTEGER"),
         ("thoughts_tokens", "INTEGER"), ("outcome", "TEXT"), ("status_code", "INTEGER"),
         ("settled_at", "REAL"),
@@ -158,35 +233,29 @@ QUOTA_LEDGER = Projection(
     handles=frozenset(_REQUEST_TAGS) | _SETTLE_TAGS,
     key=_ledger_key,
     fold=_fold_ledger,
-    indexes=(("model", "sent_at"),),
+    fresh=frozenset(_REQUEST_TAGS),
+    indexes=(("model", "sent_at"), ("run_id",)),
 )
 
 # -------------------------------------------------------------------------- runs
+# One row per run: what it was asked to do and where it stands. Its counters (requests,
+# tokens, plugins done...) are not folded here but read from the ledger and the plugins
+# table by the `run_summary` view, so plugin events never touch this table.
 
-_RUN_COUNTERS = ("requests", "input_tokens", "output_tokens", "rate_limited", "retries",
-                 "done", "skipped", "rejected", "failed")
 _RUN_TAGS = frozenset(_tag(t) for t in (
     c.RunStarted, c.LimitsChanged, c.RunPaused, c.RunResumed, c.RunInterrupted,
-    c.BudgetExhausted, c.RunFinished, c.PlanRequested, c.SkillRequested, c.PlanReceived,
-    c.SkillReceived, c.RequestFailed, c.PluginDone, c.PluginSkipped, c.SkillRejected,
-    c.PluginFailed,
+    c.BudgetExhausted, c.RunFinished,
 ))
-
-
-def _run_key(rec: Recorded) -> tuple | None:
-    run_id = getattr(rec.event, "run_id", None)
-    return (run_id,) if run_id else None
 
 
 def _fold_run(row: dict | None, rec: Recorded) -> dict | None:
     ev = rec.event
     if isinstance(ev, c.RunStarted):
-        new = {"run_id": ev.run_id, "command": ev.command, "started_at": rec.at, "ended_at": None,
-               "status": "running", "paused_until": None, "config": _to_json(ev.config),
-               "plugins": ev.plugins, **{k: 0 for k in _RUN_COUNTERS}}
-        return new
+        return {"run_id": ev.run_id, "command": ev.command, "started_at": rec.at, "ended_at": None,
+                "status": "running", "paused_until": None, "config": _to_json(ev.config),
+                "plugins": ev.plugins, "last_seq": rec.seq}
     if row is None:
-        return None  # plugin events of a run that recorded no RunStarted (not a run)
+        raise ProjectionError(f"{rec.type} for run {ev.run_id}, which never started")
     new = dict(row, last_seq=rec.seq)
     if isinstance(ev, c.LimitsChanged):
         new["config"] = _to_json({**msgspec.json.decode(row["config"]), "limits": ev.limits})
@@ -200,27 +269,6 @@ def _fold_run(row: dict | None, rec: Recorded) -> dict | None:
         new.update(status="budget_exhausted", ended_at=rec.at)
     elif isinstance(ev, c.RunFinished):
         new.update(status=ev.outcome, ended_at=rec.at)
-    elif isinstance(ev, (c.PlanRequested, c.SkillRequested)):
-        new["requests"] += 1
-        if ev.attempt > 1:
-            new["retries"] += 1
-    elif isinstance(ev, (c.PlanReceived, c.SkillReceived)):
-        new["input_tokens"] += ev.usage.input_tokens
-        new["output_tokens"] += ev.usage.output_tokens + ev.usage.thoughts_tokens
-    elif isinstance(ev, c.RequestFailed):
-        if ev.kind.startswith("rate_limited"):
-            new["rate_limited"] += 1
-        if ev.usage is not None:
-            new["input_tokens"] += ev.usage.input_tokens
-            new["output_tokens"] += ev.usage.output_tokens + ev.usage.thoughts_tokens
-    elif isinstance(ev, c.PluginDone):
-        new["done"] += 1
-    elif isinstance(ev, c.PluginSkipped):
-        new["skipped"] += 1
-    elif isinstance(ev, c.SkillRejected):
-        new["rejected"] += 1
-    elif isinstance(ev, c.PluginFailed):
-        new["failed"] += 1
     return new
 
 
@@ -229,11 +277,11 @@ RUNS = Projection(
     columns=(
         ("run_id", "TEXT"), ("command", "TEXT"), ("started_at", "TEXT"), ("ended_at", "TEXT"),
         ("status", "TEXT"), ("paused_until", "TEXT"), ("config", "TEXT"), ("plugins", "INTEGER"),
-        *((k, "INTEGER") for k in _RUN_COUNTERS), ("last_seq", "INTEGER"),
+        ("last_seq", "INTEGER"),
     ),
     key_len=1,
     handles=_RUN_TAGS,
-    key=_run_key,
+    key=lambda rec: (rec.event.run_id,),
     fold=_fold_run,
 )
 
@@ -256,7 +304,7 @@ QUOTA_LIMITS = Projection(
     fold=_fold_limit,
 )
 
-PROJECTIONS = (PLUGINS, QUOTA_LEDGER, RUNS, QUOTA_LIMITS)
+PROJECTIONS = (PLUGINS, PLUGIN_DETAILS, QUOTA_LEDGER, RUNS, QUOTA_LIMITS)
 
 # Views for people at the sqlite3 shell (documented in README.md).
 VIEWS = (
@@ -265,6 +313,19 @@ VIEWS = (
     "CREATE VIEW IF NOT EXISTS plugin_history AS "
     "SELECT seq, at, substr(stream, 8) AS plugin_id, type, data FROM events "
     "WHERE stream >= 'plugin:' AND stream < 'plugin;' ORDER BY seq",
+    "CREATE VIEW IF NOT EXISTS run_summary AS "
+    "SELECT r.run_id, r.command, r.status, r.started_at, r.ended_at, r.paused_until, r.plugins, "
+    "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id) AS requests, "
+    "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id AND q.attempt > 1) AS retries, "
+    "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id AND q.outcome = 'rate_limited') AS rate_limited, "
+    "(SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger q WHERE q.run_id = r.run_id) AS input_tokens, "
+    "(SELECT coalesce(sum(output_tokens + coalesce(thoughts_tokens, 0)), 0) FROM quota_ledger q "
+    "WHERE q.run_id = r.run_id) AS output_tokens, "
+    "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'done') AS done, "
+    "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'skipped') AS skipped, "
+    "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'rejected') AS rejected, "
+    "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'failed') AS failed "
+    "FROM runs r",
     "CREATE VIEW IF NOT EXISTS requests_per_minute AS "
     "SELECT model, strftime('%Y-%m-%d %H:%M', sent_at, 'unixepoch') AS minute, count(*) AS requests, "
     "sum(coalesce(input_tokens, est_input_tokens)) AS input_tokens "

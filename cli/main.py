@@ -1,0 +1,24 @@
+"""The `overnight` command: parse options, call one service function, render the result."""
+
+from __future__ import annotations
+
+import click
+
+from cli import audit, scan, status
+from cli.options import OvernightGroup, debug_option
+
+
+@click.group(cls=OvernightGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@debug_option
+@click.version_option(package_name="overnight")
+def main() -> None:
+    """Enhance a Claude Code plugin marketplace with Gemini, unattended and crash-safe.
+
+    Every step is an event in one SQLite log (default: <marketplace>/.overnight/overnight.db);
+    status, audit and metrics are read from it.
+    """
+
+
+main.add_command(scan.scan)
+main.add_command(status.status)
+main.add_command(audit.audit)

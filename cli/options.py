@@ -1,0 +1,88 @@
+"""Options shared by every command, and the one place where errors become messages."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from events import EventStoreError, StoreLocked
+from statemachine.errors import OvernightError
+
+# Exit codes (documented in README.md).
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 3
+EXIT_INTERNAL = 4
+
+_debug = False
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    global _debug
+    _debug = _debug or value
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+    help="Show the full traceback when something goes wrong.",
+)
+
+db_option = click.option(
+    "--db", "db", type=click.Path(dir_okay=False, path_type=Path), envvar="OVERNIGHT_DB",
+    default=None, show_envvar=True,
+    help="Event log file. Default: <marketplace>/.overnight/overnight.db.",
+)
+
+marketplace_argument = click.argument(
+    "path", type=click.Path(file_okay=False, path_type=Path), default=".", required=False,
+)
+
+
+def common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--db and --debug for a command that works on a marketplace's log."""
+    return debug_option(db_option(fn))
+
+
+class OvernightGroup(click.Group):
+    """A click group whose commands' domain errors become one clear line and an exit code.
+
+    Nested groups raise through the root group's `invoke`, so this is the only place where
+    errors are mapped (tests that use click's CliRunner see the same behaviour).
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        global _debug
+        _debug = False
+        return super().main(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except BrokenPipeError:
+            # The reader went away (`overnight audit log | head`): not an error of ours.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(0) from None
+        except StoreLocked as e:
+            _fail(e, EXIT_LOCKED)
+        except (OvernightError, EventStoreError) as e:
+            _fail(e, EXIT_PROBLEMS)
+        except Exception as e:  # a bug: say so, and keep the traceback one flag away
+            if _debug:
+                traceback.print_exc()
+            click.echo(f"error: internal error {type(e).__name__}: {e}"
+                       + ("" if _debug else " (rerun with --debug for the traceback)"), err=True)
+            raise click.exceptions.Exit(EXIT_INTERNAL) from e
+
+
+def _fail(e: Exception, code: int) -> None:
+    if _debug:
+        traceback.print_exc()
+    click.echo(f"error: {e}", err=True)
+    raise click.exceptions.Exit(code) from e

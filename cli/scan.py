@@ -1,0 +1,55 @@
+"""overnight scan"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from cli.options import common, marketplace_argument
+from cli.render import console, emit_json, interactive, stderr_console
+from statemachine import scan as scan_service
+from statemachine.workspace import marketplace_root, open_log
+
+
+@click.command()
+@marketplace_argument
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@common
+def scan(path: Path, db: Path | None, as_json: bool) -> None:
+    """Discover and analyze every plugin of the marketplace at PATH (default: .).
+
+    Only changes are recorded: scanning an unchanged marketplace appends nothing. Plugins
+    that cannot be processed are recorded as invalid with the reason, and the scan goes on.
+    """
+    root = marketplace_root(path)
+    with open_log(root, db) as store:
+        if interactive() and not as_json:
+            with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.description}"), console=stderr_console(),
+                          transient=True) as bar:
+                task = bar.add_task("", total=None)
+                report = scan_service.scan(
+                    store, root,
+                    progress=lambda i, n, pid: bar.update(task, completed=i, total=n, description=pid),
+                )
+        else:
+            report = scan_service.scan(store, root)
+    if as_json:
+        emit_json({
+            "plugins": report.plugins, "new": report.new, "changed": report.changed,
+            "unchanged": report.unchanged, "invalid": report.invalid, "vanished": report.vanished,
+            "events": report.events,
+            "problems": [{"plugin": p, "reason": r} for p, r in report.problems],
+            "warnings": report.warnings,
+        })
+        return
+    out = console()
+    out.print(f"{report.plugins} plugins: {report.new} new, {report.changed} changed, "
+              f"{report.unchanged} unchanged, {report.vanished} vanished; "
+              f"{report.invalid} invalid; {report.events} events recorded")
+    for plugin_id, reason in report.problems:
+        out.print(f"  invalid  {plugin_id}: {reason}", markup=False)
+    for warning in report.warnings:
+        out.print(f"  warning  {warning}", markup=False)

@@ -1,0 +1,41 @@
+"""overnight status"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.options import common, marketplace_argument
+from cli.render import console, emit_json
+from statemachine import status as status_service
+from statemachine.lifecycle import State
+from statemachine.workspace import marketplace_root, open_log
+
+
+@click.command()
+@marketplace_argument
+@click.option("--plugin", help="Only this plugin (name or id).")
+@click.option("--state", type=click.Choice([s.value for s in State]), help="Only plugins in this state.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object: {"plugins": N, "by_state": {...}, "items": [...]}.')
+@common
+def status(path: Path, db: Path | None, plugin: str | None, state: str | None, as_json: bool) -> None:
+    """Where every plugin of the marketplace at PATH stands (read from the log)."""
+    root = marketplace_root(path)
+    with open_log(root, db, writer=False) as store:
+        report = status_service.status(store, plugin=plugin, state=state)
+    if as_json:
+        emit_json(report.as_json())
+        return
+    out = console()
+    counts = ", ".join(f"{s} {n}" for s, n in sorted(report.by_state.items(), key=lambda kv: -kv[1]))
+    out.print(f"{report.plugins} plugins ({counts or 'none yet'}); {report.events} events in the log")
+    if report.last_run:
+        r = report.last_run
+        out.print(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "
+                  f"{r['rejected']} rejected, {r['failed']} failed, {r['requests']} requests", markup=False)
+    for item in report.items:
+        detail = f" [{item['step']}]" if item["step"] else ""
+        reason = f": {item['reason']}" if item["reason"] else ""
+        click.echo(f"  {item['state']:<11} {item['plugin_id']}{detail}{reason}")

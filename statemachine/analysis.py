@@ -1,0 +1,343 @@
+"""Plugin analysis: a content hash of the plugin tree and the structure facts Gemini is told.
+
+Invariants:
+- The content hash depends only on the tree's relative paths, entry kinds, sizes and bytes
+  (symlinks by their target text): it is equal on two calls over an unchanged tree and changes
+  when one byte of one file changes. Timestamps and permissions are not part of it.
+- Walks never follow symlinks and never open FIFOs or devices; files are streamed through
+  sha256 in chunks, so neither loops, special files nor huge files can hang or exhaust memory.
+- Every file read for facts resolves inside the marketplace (discovery.read_inside).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from skills_ref.errors import ParseError
+from skills_ref.parser import parse_frontmatter
+from skills_ref.validator import validate_metadata
+
+from statemachine.catalog import PluginFacts, SkillFact
+from statemachine.discovery import (
+    MAX_PLUGIN_JSON, MANIFEST, PLUGIN_JSON, SKIP_DIRS, Candidate, Unreadable, is_inside,
+    load_json, manifest_entries, one_line, read_inside, special_kind,
+)
+
+MAX_ENTRIES = 20_000
+MAX_BYTES = 200 * 1024 * 1024
+MAX_SKILL_MD = 1024 * 1024
+MAX_MARKDOWN = 8 * 1024 * 1024
+_CHUNK = 1024 * 1024
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@dataclass(frozen=True)
+class Tree:
+    content_hash: str
+    files: int
+    bytes: int
+    warnings: list[str]
+    too_large: str | None
+
+
+# ------------------------------------------------------------------ the tree
+
+
+def _walk(start: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative posix path, lstat) of every entry below `start`, directories included.
+
+    Symlinks are reported, not followed; SKIP_DIRS are left out; a directory reached twice
+    (bind mounts) is not entered again; an unreadable directory is a warning.
+    """
+    seen: set[tuple[int, int]] = set()
+    stack = [""]
+    while stack:
+        prefix = stack.pop()
+        directory = os.path.join(start, prefix) if prefix else start
+        try:
+            with os.scandir(directory) as it:
+                items = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            warnings.append(f"cannot read directory {one_line(prefix or '.')}: {e.strerror}")
+            continue
+        for entry in items:
+            if entry.name in SKIP_DIRS:
+                continue
+            rel = f"{prefix}/{entry.name}" if prefix else entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                warnings.append(f"cannot read {one_line(rel)}: {e.strerror}")
+                continue
+            yield rel, st
+            if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                stack.append(rel)
+
+
+def hash_tree(root: Path, plugin_dir: Path) -> Tree:
+    """Walk plugin_dir with os.scandir (never following symlinks, never opening FIFOs/devices),
+    stream each regular file through sha256 in chunks. Symlinks are hashed by their target
+    text, not followed. Survives loops and unreadable files (warning, hashed as 'unreadable').
+
+    Over the limits (more than MAX_ENTRIES entries or MAX_BYTES bytes) the walk stops, no file
+    is read, and `too_large` says why; the hash then covers only the listing seen so far.
+    """
+    root_real = os.path.realpath(root)
+    start = os.path.realpath(plugin_dir)
+    warnings: list[str] = []
+    if not is_inside(start, root_real) or not os.path.isdir(start):
+        return Tree(content_hash=hashlib.sha256(b"").hexdigest(), files=0, bytes=0, warnings=[],
+                    too_large="the plugin directory is not a directory inside the marketplace")
+    entries: list[tuple[str, str, int, str]] = []  # (path, kind, size, digest)
+    files = total = 0
+    too_large = None
+    for rel, st in _walk(start, warnings):
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            entries.append((rel, "dir", 0, ""))
+        elif stat.S_ISLNK(mode):
+            entries.append(_symlink_entry(root_real, start, rel, warnings))
+        elif stat.S_ISREG(mode):
+            files += 1
+            total += st.st_size
+            entries.append((rel, "file", st.st_size, ""))
+        else:
+            warnings.append(f"skipped {special_kind(mode)} {one_line(rel)}")
+            entries.append((rel, "special", 0, ""))
+        if len(entries) > MAX_ENTRIES:
+            too_large = f"the plugin has more than {MAX_ENTRIES} files and directories"
+            break
+        if total > MAX_BYTES:
+            too_large = f"the plugin holds more than {MAX_BYTES // (1024 * 1024)} MiB"
+            break
+    if too_large is None:
+        entries = [
+            (rel, kind, size, _file_digest(start, rel, warnings) if kind == "file" else digest)
+            for rel, kind, size, digest in entries
+        ]
+    digest = hashlib.sha256()
+    for rel, kind, size, entry_digest in sorted(entries):
+        digest.update(b"\0".join((os.fsencode(rel), kind.encode(), str(size).encode(),
+                                  entry_digest.encode())) + b"\0\0")
+    return Tree(content_hash=digest.hexdigest(), files=files, bytes=total,
+                warnings=warnings, too_large=too_large)
+
+
+def _symlink_entry(root_real: str, start: str, rel: str,
+                   warnings: list[str]) -> tuple[str, str, int, str]:
+    path = os.path.join(start, rel)
+    try:
+        target = os.readlink(path)
+    except OSError as e:
+        warnings.append(f"cannot read symlink {one_line(rel)}: {e.strerror}")
+        return rel, "symlink", 0, "unreadable"
+    shown = f"{one_line(rel)} -> {one_line(target)}"
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            reason = "a loop"
+        elif isinstance(e, FileNotFoundError):
+            reason = "dangling"
+        else:
+            reason = e.strerror
+        warnings.append(f"skipped symlink {shown} ({reason})")
+    else:
+        if not is_inside(os.path.realpath(path), root_real):
+            warnings.append(f"skipped symlink {shown} (outside the marketplace)")
+    encoded = os.fsencode(target)
+    return rel, "symlink", len(encoded), hashlib.sha256(encoded).hexdigest()
+
+
+def _file_digest(start: str, rel: str, warnings: list[str]) -> str:
+    try:
+        fd = os.open(os.path.join(start, rel), os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW)
+    except OSError as e:
+        warnings.append(f"cannot read {one_line(rel)}: {e.strerror}")
+        return "unreadable"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            warnings.append(f"cannot read {one_line(rel)}: it changed while being read")
+            return "unreadable"
+        sha = hashlib.sha256()
+        while chunk := os.read(fd, _CHUNK):
+            sha.update(chunk)
+        return sha.hexdigest()
+    except OSError as e:
+        warnings.append(f"cannot read {one_line(rel)}: {e.strerror}")
+        return "unreadable"
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------ facts
+
+
+def analyze(root: Path, candidate: Candidate, tree: Tree) -> PluginFacts:
+    """Structure facts of one plugin that discovery found processable.
+
+    version/description/keywords come from plugin.json, the manifest entry as fallback.
+    Markdown that is not UTF-8 (README, commands, agents) is a warning; a skill's SKILL.md
+    is checked with the reference validator's own functions on content read safely here.
+    """
+    root = Path(root)
+    root_real = os.path.realpath(root)
+    plugin = root / candidate.path
+    warnings = list(tree.warnings)
+    meta = _plugin_json(root_real, plugin)
+    entry = _manifest_entry(root, candidate.plugin_id) if candidate.listed else {}
+
+    def pick(key: str) -> Any:
+        return meta[key] if isinstance(meta.get(key), str) else (
+            entry[key] if isinstance(entry.get(key), str) else None)
+
+    keywords = next((k for k in (meta.get("keywords"), entry.get("keywords"))
+                     if isinstance(k, list)), [])
+    readme = _markdown(root_real, plugin, "README.md", warnings)
+    return PluginFacts(
+        version=pick("version"),
+        description=pick("description"),
+        keywords=[k for k in keywords if isinstance(k, str)],
+        readme_bytes=readme,
+        commands=_markdown_stems(root_real, plugin, "commands", warnings),
+        agents=_markdown_stems(root_real, plugin, "agents", warnings),
+        skills=_skills(root_real, plugin),
+        hooks=_is_dir(plugin / "hooks") or "hooks" in meta,
+        mcp=(_is_file(plugin / ".mcp.json") or _is_dir(plugin / "mcp")
+             or "mcpServers" in meta),
+        scripts=_scripts(plugin),
+        files=tree.files,
+        bytes=tree.bytes,
+        warnings=warnings,
+    )
+
+
+def _plugin_json(root_real: str, plugin: Path) -> dict[str, Any]:
+    try:
+        data = load_json(root_real, plugin / PLUGIN_JSON, MAX_PLUGIN_JSON, PLUGIN_JSON)
+    except Unreadable:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _manifest_entry(root: Path, plugin_id: str) -> dict[str, Any]:
+    try:
+        st = os.stat(root / MANIFEST)
+    except OSError:
+        return {}
+    key = (os.path.realpath(root), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    entry = _cached_entries(key).get(plugin_id)
+    return entry if isinstance(entry, dict) else {}
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_entries(key: tuple[Any, ...]) -> dict[str, dict[str, Any]]:
+    # Keyed on the manifest's identity and mtime so analysing many plugins parses it once.
+    return manifest_entries(Path(key[0]))[0]
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _markdown(root_real: str, plugin: Path, rel: str, warnings: list[str]) -> int | None:
+    """Size of a Markdown file of the plugin, or None when absent or unusable.
+
+    Symlinks that resolve badly are left to the tree's warnings; other failures and
+    non-UTF-8 content are warned here.
+    """
+    path = plugin / rel
+    try:
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return None
+    try:
+        data = read_inside(root_real, path, MAX_MARKDOWN)
+    except Unreadable as e:
+        if not is_link:
+            warnings.append(f"{one_line(rel)} {e}")
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        warnings.append(f"{one_line(rel)} is not UTF-8")
+    return len(data)
+
+
+def _markdown_stems(root_real: str, plugin: Path, sub: str, warnings: list[str]) -> list[str]:
+    if not _is_dir(plugin / sub):
+        return []
+    stems = []
+    for name in _names(plugin / sub):
+        if name.endswith(".md") and not _is_dir(plugin / sub / name):
+            if _markdown(root_real, plugin, f"{sub}/{name}", warnings) is not None:
+                stems.append(name[: -len(".md")])
+    return sorted(stems)
+
+
+def _names(directory: Path) -> list[str]:
+    try:
+        with os.scandir(directory) as it:
+            return sorted(entry.name for entry in it)
+    except OSError:
+        return []
+
+
+def _skills(root_real: str, plugin: Path) -> list[SkillFact]:
+    skills_dir = plugin / "skills"
+    if not _is_dir(skills_dir):
+        return []
+    return [_skill(root_real, skills_dir / name) for name in _names(skills_dir)
+            if _is_dir(skills_dir / name)]
+
+
+def _skill(root_real: str, skill_dir: Path) -> SkillFact:
+    """One skill directory, judged exactly as skills_ref.validator.validate would, but safely."""
+    # The reference validator accepts a lowercase skill.md when SKILL.md is absent.
+    found = next((n for n in ("SKILL.md", "skill.md") if os.path.lexists(skill_dir / n)), None)
+    if found is None:
+        return SkillFact(dir=skill_dir.name, errors=["Missing required file: SKILL.md"])
+    try:
+        data = read_inside(root_real, skill_dir / found, MAX_SKILL_MD)
+    except Unreadable as e:
+        return SkillFact(dir=skill_dir.name, errors=[f"{found} {e}"])
+    try:
+        # Text mode, as the validator's read_text does: universal newlines.
+        content = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError:
+        return SkillFact(dir=skill_dir.name, bytes=len(data), errors=[f"{found} is not UTF-8"])
+    try:
+        metadata, _ = parse_frontmatter(content)
+        errors = validate_metadata(metadata, skill_dir)
+    except ParseError as e:
+        return SkillFact(dir=skill_dir.name, bytes=len(data), errors=[" ".join(str(e).split())])
+    except Exception as e:  # noqa: BLE001 - strictyaml raises AttributeError on some control chars
+        return SkillFact(dir=skill_dir.name, bytes=len(data),
+                         errors=[f"{found} frontmatter cannot be parsed ({type(e).__name__})"])
+    return SkillFact(dir=skill_dir.name, bytes=len(data), valid=not errors, errors=errors)
+
+
+def _scripts(plugin: Path) -> int:
+    """Regular files below any directory named scripts/ in the plugin."""
+    return sum(
+        1 for rel, st in _walk(str(plugin), [])
+        if stat.S_ISREG(st.st_mode) and "scripts" in rel.split("/")[:-1]
+    )

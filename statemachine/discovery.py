@@ -1,0 +1,404 @@
+"""Marketplace discovery: which plugins a marketplace holds, and which of them can be processed.
+
+Invariants:
+- `discover` never raises for anything found in the marketplace; bad content becomes a
+  `Candidate.problem` (one line, deterministic, so an unchanged problem compares equal on the
+  next scan) or a `Discovery.warnings` line.
+- Nothing is read through a symlink that resolves outside the marketplace, directory walks never
+  follow symlinks, and no FIFO or device is ever opened (reads use O_NONBLOCK and check the
+  opened file is regular), so no content can hang or loop discovery.
+- `plugin_id` is stable across runs: the normalized posix path of the plugin directory
+  relative to the marketplace root.
+- Among candidates, skill names are unique: a later duplicate gets a problem and no skill name.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import posixpath
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from statemachine.names import InvalidName, skill_name
+
+MANIFEST = ".claude-plugin/marketplace.json"
+PLUGIN_JSON = ".claude-plugin/plugin.json"
+PLUGINS_DIR = "plugins"
+# Directories never descended into: version control, dependencies, our own workspace.
+SKIP_DIRS = frozenset({".git", "node_modules", ".overnight"})
+MAX_PLUGIN_JSON = 1024 * 1024
+MAX_MANIFEST = 16 * 1024 * 1024
+_CHUNK = 1024 * 1024
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    plugin_id: str
+    name: str | None
+    category: str
+    path: str
+    listed: bool
+    skill_name: str | None
+    problem: str | None
+
+
+@dataclass(frozen=True)
+class Discovery:
+    candidates: list[Candidate]
+    warnings: list[str]
+
+
+class Unreadable(Exception):
+    """A file that cannot be read safely; the message completes "<file> ..." in one line."""
+
+
+# ------------------------------------------------------------------ safe reading
+
+
+def is_inside(real: str, root_real: str) -> bool:
+    """True when the resolved path `real` is `root_real` or below it."""
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def read_inside(root_real: str, path: Path | str, limit: int) -> bytes:
+    """The bytes of a regular file that resolves inside the marketplace, at most `limit` bytes.
+
+    Raises Unreadable (message like "is a symlink loop") for a missing file, a dangling,
+    looping or escaping symlink, a directory, FIFO or device, a file over `limit` (which is
+    never read), or any OSError. A FIFO is never opened in blocking mode.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise Unreadable("is missing") from None
+    except OSError as e:
+        raise Unreadable(f"cannot be read: {e.strerror}") from None
+    link = None
+    if stat.S_ISLNK(st.st_mode):
+        link = _readlink(path)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise Unreadable(f"is a dangling symlink (-> {link})") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise Unreadable("is a symlink loop") from None
+            raise Unreadable(f"cannot be read: {e.strerror}") from None
+    real = _realpath(path)
+    if real is None:
+        raise Unreadable("is a symlink loop")
+    if not is_inside(real, root_real):
+        if link is not None:
+            raise Unreadable(f"is a symlink pointing outside the marketplace (-> {link})")
+        raise Unreadable("resolves outside the marketplace")
+    _require_regular(st.st_mode, st.st_size, limit)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError as e:
+        raise Unreadable(f"cannot be read: {e.strerror}") from None
+    try:
+        fst = os.fstat(fd)
+        _require_regular(fst.st_mode, fst.st_size, limit)
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise Unreadable(f"is too large (more than {limit} bytes)")
+        return b"".join(chunks)
+    except OSError as e:
+        raise Unreadable(f"cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _require_regular(mode: int, size: int, limit: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise Unreadable("is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise Unreadable(f"is not a regular file ({special_kind(mode)})")
+    if size > limit:
+        raise Unreadable(f"is too large ({size} bytes; the limit is {limit})")
+
+
+def special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _readlink(path: str) -> str:
+    try:
+        return one_line(os.readlink(path))
+    except OSError:
+        return "?"
+
+
+def _realpath(path: str) -> str | None:
+    try:
+        return os.path.realpath(path)
+    except (OSError, RuntimeError):
+        return None
+
+
+def one_line(text: str, limit: int = 120) -> str:
+    """`text` with control characters escaped, cut to `limit` characters: safe in a problem."""
+    shown = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def load_json(root_real: str, path: Path, limit: int, label: str) -> Any:
+    """Parsed JSON of a file inside the marketplace. Raises Unreadable with a full message."""
+    try:
+        data = read_inside(root_real, path, limit)
+    except Unreadable as e:
+        raise Unreadable(f"{label} {e}") from None
+    if not data.strip():
+        raise Unreadable(f"{label} is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Unreadable(f"{label} is not UTF-8 (invalid byte at offset {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Unreadable(
+            f"{label}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
+    except RecursionError:
+        raise Unreadable(f"{label}: invalid JSON: nested too deeply") from None
+
+
+# ------------------------------------------------------------------ the manifest
+
+
+def manifest_entries(root: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Entries of the marketplace manifest by plugin id, and warnings about the manifest.
+
+    A missing manifest is normal (directory discovery alone); an unusable one is a warning.
+    Entries whose source cannot be a plugin directory are keyed by their source as given.
+    """
+    root_real = os.path.realpath(root)
+    path = Path(root) / MANIFEST
+    if not os.path.lexists(path):
+        return {}, []
+    try:
+        manifest = load_json(root_real, path, MAX_MANIFEST, MANIFEST)
+    except Unreadable as e:
+        return {}, [f"{e}; plugins are discovered from directories only"]
+    fallback = "plugins are discovered from directories only"
+    if not isinstance(manifest, dict):
+        return {}, [f"{MANIFEST} is not a JSON object; {fallback}"]
+    plugins = manifest.get("plugins", [])
+    if not isinstance(plugins, list):
+        return {}, [f"{MANIFEST}: 'plugins' is not a list; {fallback}"]
+    entries: dict[str, dict[str, Any]] = {}
+    first_index: dict[str, int] = {}
+    warnings = []
+    for index, entry in enumerate(plugins):
+        if not isinstance(entry, dict):
+            warnings.append(f"{MANIFEST}: plugins[{index}] is not an object; skipped")
+            continue
+        if "source" not in entry:
+            warnings.append(f"{MANIFEST}: plugins[{index}] has no 'source'; skipped")
+            continue
+        plugin_id = _manifest_id(entry["source"])
+        if plugin_id in entries:
+            warnings.append(
+                f"{MANIFEST}: source {one_line(str(entry['source']))!r} is listed twice "
+                f"(plugins[{first_index[plugin_id]}] and plugins[{index}]); the first is used"
+            )
+            continue
+        entries[plugin_id] = entry
+        first_index[plugin_id] = index
+    return entries, warnings
+
+
+def _manifest_id(source: Any) -> str:
+    if not isinstance(source, str):
+        return json.dumps(source, sort_keys=True, ensure_ascii=False)
+    normalized = _normalize(source)
+    return normalized if normalized is not None else source
+
+
+def _normalize(source: str) -> str | None:
+    """The posix path of a relative source inside the root, or None when it cannot be one."""
+    if "\x00" in source or not source.strip():
+        return None
+    if posixpath.isabs(source):
+        return None
+    normalized = posixpath.normpath(source)
+    if normalized == ".." or normalized.startswith("../"):
+        return None
+    return normalized
+
+
+def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
+    if not isinstance(source, str):
+        kind = source.get("source") if isinstance(source, dict) else None
+        described = f"a remote {kind!s} source" if isinstance(kind, str) else "not a path"
+        return f"source is {one_line(described)}; only plugins inside the repository are processed"
+    shown = one_line(source)
+    normalized = _normalize(source)
+    if normalized is None:
+        if not source.strip():
+            return "source is empty"
+        return f"source '{shown}' points outside the repository"
+    path = root / normalized
+    if not os.path.lexists(path):
+        return f"source '{shown}' does not exist"
+    real = _realpath(str(path))
+    if real is None or not is_inside(real, root_real):
+        return f"source '{shown}' points outside the repository"
+    if not os.path.isdir(real):
+        return f"source '{shown}' is not a directory"
+    return None
+
+
+# ------------------------------------------------------------------ directories
+
+
+def plugin_dirs(root: Path) -> list[str]:
+    """Plugin ids of every directory under plugins/ holding .claude-plugin/plugin.json.
+
+    Symlinks are never followed; `.git`, `node_modules` and `.overnight` are skipped.
+    """
+    found = []
+    start = Path(root) / PLUGINS_DIR
+    try:
+        if not stat.S_ISDIR(os.lstat(start).st_mode):
+            return []
+    except OSError:
+        return []
+    stack = [PLUGINS_DIR]
+    while stack:
+        rel = stack.pop()
+        directory = Path(root) / rel
+        if os.path.lexists(directory / PLUGIN_JSON):
+            found.append(rel)
+        try:
+            with os.scandir(directory) as it:
+                for entry in it:
+                    if entry.name in SKIP_DIRS:
+                        continue
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(f"{rel}/{entry.name}")
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return found
+
+
+def _category_from_path(plugin_id: str) -> str:
+    parts = plugin_id.split("/")
+    if len(parts) >= 3 and parts[0] == PLUGINS_DIR:
+        return parts[1]
+    return "uncategorized"
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def discover(root: Path) -> Discovery:
+    """Every plugin of the marketplace at root, sorted by plugin_id. Never raises for bad content.
+
+    Candidates are the manifest's entries united with every plugin directory under plugins/;
+    the manifest wins for name and category.
+    """
+    root = Path(root)
+    root_real = os.path.realpath(root)
+    entries, warnings = manifest_entries(root)
+    ids = set(entries) | set(plugin_dirs(root))
+    candidates = [_candidate(root, root_real, plugin_id, entries.get(plugin_id))
+                  for plugin_id in sorted(ids)]
+    return Discovery(candidates=_mark_duplicates(candidates), warnings=warnings)
+
+
+def _candidate(root: Path, root_real: str, plugin_id: str,
+               entry: dict[str, Any] | None) -> Candidate:
+    listed = entry is not None
+    name: str | None = None
+    category = _category_from_path(plugin_id)
+    problem: str | None = None
+    if entry is not None:
+        if isinstance(entry.get("category"), str) and entry["category"].strip():
+            category = entry["category"]
+        if "name" in entry:
+            if isinstance(entry["name"], str):
+                name = entry["name"]
+            else:
+                problem = f"{MANIFEST}: the entry's 'name' is not a string"
+        problem = problem or _source_problem(root, root_real, entry["source"])
+    if problem is None:
+        manifest_name, problem = _read_plugin_json(root, root_real, plugin_id, name is not None)
+        name = name if name is not None else manifest_name
+    skill = None
+    if name is not None:
+        try:
+            skill = skill_name(name)
+        except InvalidName as e:
+            problem = problem or f"plugin name '{one_line(name)}' cannot become a skill name: {e}"
+    return Candidate(plugin_id=plugin_id, name=name, category=category, path=plugin_id,
+                     listed=listed, skill_name=skill, problem=problem)
+
+
+def _read_plugin_json(root: Path, root_real: str, plugin_id: str,
+                      named: bool) -> tuple[str | None, str | None]:
+    """(name from plugin.json, problem) for one plugin directory."""
+    path = root / plugin_id / PLUGIN_JSON
+    if not os.path.lexists(path):
+        message = f"missing {PLUGIN_JSON}"
+        if os.path.lexists(root / plugin_id / "plugin.json"):
+            message += (" (found plugin.json at the plugin root; Claude Code reads "
+                        f"{PLUGIN_JSON})")
+        return None, message
+    try:
+        data = load_json(root_real, path, MAX_PLUGIN_JSON, PLUGIN_JSON)
+    except Unreadable as e:
+        return None, str(e)
+    if not isinstance(data, dict):
+        return None, f"{PLUGIN_JSON} is not a JSON object"
+    name = data.get("name")
+    if name is None:
+        return None, None if named else f"{PLUGIN_JSON} has no 'name'"
+    if not isinstance(name, str):
+        return None, None if named else f"{PLUGIN_JSON}: 'name' is not a string"
+    return name, None
+
+
+def _mark_duplicates(candidates: list[Candidate]) -> list[Candidate]:
+    """The first candidate by plugin_id keeps a name; later ones get a problem and no skill name."""
+    owners: dict[str, str] = {}
+    result = []
+    for cand in candidates:
+        key = cand.skill_name or cand.name
+        if key is None:
+            result.append(cand)
+            continue
+        owner = owners.setdefault(key, cand.plugin_id)
+        if owner == cand.plugin_id:
+            result.append(cand)
+            continue
+        problem = cand.problem or (
+            f"duplicate plugin name '{one_line(cand.name or key)}' (also used by {owner})"
+        )
+        result.append(Candidate(plugin_id=cand.plugin_id, name=cand.name,
+                                category=cand.category, path=cand.path, listed=cand.listed,
+                                skill_name=None, problem=problem))
+    return result

@@ -1,0 +1,108 @@
+"""Generated parts of docs/architecture.md: the lifecycle diagram and the event catalogue.
+
+Run `uv run python -m statemachine.docs` to refresh them; tests/test_docs.py fails when the
+file is stale. Text between `<!-- BEGIN GENERATED: x -->` and `<!-- END GENERATED: x -->`
+belongs to this module; everything else in the file is written by hand.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import msgspec
+
+from statemachine import catalog
+from statemachine.lifecycle import BY_TAG, TRANSITIONS, State
+
+ARCHITECTURE = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
+# A transition from more sources than this is drawn as a note, not as one arrow per source.
+WIDE = 4
+
+
+def lifecycle_diagram() -> str:
+    lines = ["```mermaid", "stateDiagram-v2"]
+    notes = []
+    for t in TRANSITIONS:
+        if len(t.sources) > WIDE:
+            excluded = sorted(set(State) - t.sources - {State.NEW})
+            scope = "any state" + (f" except {', '.join(excluded)}" if excluded else "")
+            notes.append(f"{t.trigger} ({t.tag}): {scope} → {t.dest}")
+            continue
+        for source in sorted(t.sources):
+            start = "[*]" if source == State.NEW else source.value
+            lines.append(f"    {start} --> {t.dest.value}: {t.trigger}")
+    for state in ("skipped", "rejected", "done", "invalid", "failed", "gone"):
+        lines.append(f"    {state} --> [*]")
+    lines.append("```")
+    lines.append("")
+    lines.append("Transitions allowed from many states (not drawn):")
+    lines.append("")
+    lines += [f"- {n}" for n in notes]
+    lines.append("")
+    lines.append("| trigger | from | to | event | meaning |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for t in TRANSITIONS:
+        sources = ("any but " + ", ".join(sorted(set(State) - t.sources - {State.NEW}))
+                   if len(t.sources) > WIDE else ", ".join(sorted(t.sources)))
+        lines.append(f"| `{t.trigger}` | {sources} | {t.dest} | `{t.tag}` | {t.doc} |")
+    return "\n".join(lines)
+
+
+def _type_name(tp: object) -> str:
+    text = getattr(tp, "__name__", None) if not hasattr(tp, "__args__") else None
+    text = text or str(tp)
+    return re.sub(r"\b(typing|statemachine\.catalog)\.", "", text).replace("NoneType", "None")
+
+
+def _stream(tag: str) -> str:
+    if tag in BY_TAG:
+        return "plugin:&lt;id&gt;"
+    if tag == "LimitLearned":
+        return "quota:&lt;model&gt;"
+    if tag == "BackupCompleted":
+        return "backup"
+    return "run:&lt;id&gt;"
+
+
+def event_catalogue() -> str:
+    lines = ["| event | stream | schema | fields | meaning |", "| --- | --- | --- | --- | --- |"]
+    for cls in catalog.EVENT_TYPES:
+        tag = cls.__struct_config__.tag
+        fields = ", ".join(
+            f"{f.name}: {_type_name(f.type)}" for f in msgspec.structs.fields(cls)
+        ).replace("|", "\\|")
+        doc = (cls.__doc__ or "").strip().split("\n")[0] or (BY_TAG[tag].doc if tag in BY_TAG else "")
+        lines.append(f"| `{tag}` | {_stream(tag)} | v{cls.schema_version} | {fields} | {doc} |")
+    return "\n".join(lines)
+
+
+GENERATORS = {"lifecycle": lifecycle_diagram, "events": event_catalogue}
+
+
+def render(text: str) -> str:
+    """`text` with every generated block replaced by its current content."""
+    for name, generate in GENERATORS.items():
+        pattern = re.compile(
+            rf"(<!-- BEGIN GENERATED: {name} -->\n).*?(<!-- END GENERATED: {name} -->)", re.S
+        )
+        if not pattern.search(text):
+            raise ValueError(f"docs/architecture.md has no generated block {name!r}")
+        text = pattern.sub(lambda m: m.group(1) + generate() + "\n" + m.group(2), text)
+    return text
+
+
+def main() -> int:
+    current = ARCHITECTURE.read_text(encoding="utf-8")
+    fresh = render(current)
+    if fresh != current:
+        ARCHITECTURE.write_text(fresh, encoding="utf-8")
+        print(f"updated {ARCHITECTURE}")
+    else:
+        print(f"{ARCHITECTURE} is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

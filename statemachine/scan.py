@@ -1,0 +1,123 @@
+"""`overnight scan`: discover and analyze every plugin, recording only what changed.
+
+Invariant: scanning an unchanged marketplace appends no event. A plugin is (re)discovered
+when it is new, when its identity (name, category, path, listing, skill name) changed, when
+its content hash changed, or when it was invalid and is not any more; a plugin that left the
+marketplace vanishes. A plugin in the middle of a write is left alone (resume settles it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from events import EventStore
+from statemachine import catalog as c
+from statemachine.analysis import analyze, hash_tree
+from statemachine.discovery import Candidate, discover
+from statemachine.lifecycle import Lifecycle, State
+
+# Plugins per transaction: a scan is repeatable, so it trades per-plugin durability for speed.
+BATCH = 256
+
+
+@dataclass
+class ScanReport:
+    plugins: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    invalid: int = 0
+    vanished: int = 0
+    events: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (plugin id, reason)
+    warnings: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[int, int, str], None]
+
+
+def scan(store: EventStore, root: Path, progress: Progress | None = None) -> ScanReport:
+    report = ScanReport()
+    found = discover(root)
+    report.warnings.extend(found.warnings)
+    known = {
+        row[0]: dict(zip(("plugin_id", "name", "category", "path", "listed", "skill_name",
+                          "state", "content_hash", "reason"), row))
+        for row in store.query(
+            "SELECT plugin_id, name, category, path, listed, skill_name, state, content_hash, reason "
+            "FROM plugins"
+        )
+    }
+    lifecycle = Lifecycle(store)
+    first_seq = store.last_seq
+    candidates = found.candidates
+    report.plugins = len(candidates)
+    for start in range(0, len(candidates), BATCH):
+        with store.batch():
+            for i, candidate in enumerate(candidates[start:start + BATCH], start=start):
+                if progress:
+                    progress(i, len(candidates), candidate.plugin_id)
+                _scan_one(store, lifecycle, root, candidate, known.pop(candidate.plugin_id, None),
+                          report)
+    with store.batch():
+        for plugin_id, row in sorted(known.items()):
+            if row["state"] in (State.GONE, State.WRITING):
+                continue
+            cursor = lifecycle.cursor(plugin_id)
+            lifecycle.record(cursor, c.PluginVanished(reason="no longer found in the marketplace"))
+            lifecycle.release(cursor)
+            report.vanished += 1
+    report.events = store.last_seq - first_seq
+    return report
+
+
+def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Candidate,
+              row: dict | None, report: ScanReport) -> None:
+    discovered = c.PluginDiscovered(
+        plugin_id=candidate.plugin_id, name=candidate.name or "", category=candidate.category,
+        path=candidate.path, listed=candidate.listed, skill_name=candidate.skill_name,
+    )
+    problem = candidate.problem
+    tree = None
+    if problem is None:
+        tree = hash_tree(root, root / candidate.path)
+        problem = tree.too_large
+    if problem is not None:
+        report.invalid += 1
+        report.problems.append((candidate.plugin_id, problem))
+    if row is not None:
+        same_identity = (row["name"], row["category"], row["path"], bool(row["listed"]),
+                         row["skill_name"]) == (discovered.name, discovered.category,
+                                                discovered.path, discovered.listed,
+                                                discovered.skill_name)
+        if row["state"] == State.INVALID:
+            unchanged = same_identity and problem is not None and row["reason"] == problem
+        else:
+            unchanged = (same_identity and problem is None and row["state"] != State.GONE
+                         and row["content_hash"] == tree.content_hash)
+        if unchanged:
+            report.unchanged += 1
+            return
+        if row["state"] == State.WRITING:
+            report.warnings.append(
+                f"{candidate.plugin_id}: changed while a write was in progress; "
+                "run `overnight resume` to settle the write first"
+            )
+            return
+    if row is None:
+        report.new += 1
+    else:
+        report.changed += 1
+    cursor = lifecycle.cursor(candidate.plugin_id)
+    try:
+        lifecycle.record(cursor, discovered)
+        if problem is not None:
+            lifecycle.record(cursor, c.PluginInvalid(
+                reason=problem, content_hash=tree.content_hash if tree else None))
+        else:
+            facts = analyze(root, candidate, tree)
+            lifecycle.record(cursor, c.PluginAnalyzed(content_hash=tree.content_hash, facts=facts))
+    finally:
+        lifecycle.release(cursor)
