@@ -468,6 +468,10 @@ class EventStore:
                 except ProjectionError as e:
                     problems.append(f"seq {seq} ({stream}): {e}")
                     continue
+                except Exception as e:  # a damaged log must be reported, never crash verify
+                    problems.append(f"seq {seq} ({stream}): projection {p.name} cannot apply "
+                                    f"{tag}: {type(e).__name__}: {e}")
+                    continue
                 if new is not None:
                     rows[key] = new
 
@@ -488,14 +492,19 @@ class EventStore:
             ).fetchone()[0]
             if missing or extra:
                 keys = ", ".join(p.column_names[: p.key_len])
-                sample = self.conn.execute(
-                    f"SELECT {keys} FROM (SELECT {cols} FROM main.{p.name} EXCEPT SELECT {cols} FROM replay.{p.name}"
-                    f" UNION SELECT {cols} FROM replay.{p.name} EXCEPT SELECT {cols} FROM main.{p.name}) LIMIT 3"
-                ).fetchall()
+                sample = [
+                    r[0] if len(r) == 1 else r
+                    for a, b in (("main", "replay"), ("replay", "main"))
+                    for r in self.conn.execute(
+                        f"SELECT {keys} FROM (SELECT {cols} FROM {a}.{p.name} "
+                        f"EXCEPT SELECT {cols} FROM {b}.{p.name}) LIMIT 3"
+                    )
+                ]
                 report.differences[p.name] = max(missing, extra)
                 report.problems.append(
                     f"projection {p.name} differs from the log: {missing} row(s) missing or stale, "
-                    f"{extra} row(s) not explained by the log (e.g. {', '.join(repr(s[0] if len(s) == 1 else s) for s in sample)})"
+                    f"{extra} row(s) not explained by the log "
+                    f"(keys: {', '.join(repr(k) for k in dict.fromkeys(sample))})"
                 )
 
     def _apply_replay(self, targets: Sequence[Projection]) -> None:

@@ -166,6 +166,8 @@ def _fold_details(row: dict | None, rec: Recorded) -> dict:
     ev = rec.event
     if isinstance(ev, c.PluginDiscovered):
         return {"plugin_id": ev.plugin_id, "facts": None, "plan": None}
+    if row is None:
+        raise ProjectionError(f"{rec.type} for a plugin that was never discovered")
     if isinstance(ev, c.PluginAnalyzed):
         return dict(row, facts=_to_json(ev.facts))
     return dict(row, plan=_to_json(ev.plan))

@@ -1,0 +1,269 @@
+"""The CLI contract (scan, status, audit), through click as a user calls it, on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import apsw
+import click
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from tests.marketplace_builder import manifest, plugin, skill_md, write
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "docs" / "example-marketplace"
+
+
+def run(*args: str, env: dict | None = None) -> click.testing.Result:
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def as_json(result) -> dict:
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def market(tmp_path) -> Path:
+    root = tmp_path / "market"
+    shutil.copytree(EXAMPLE, root)
+    return root
+
+
+def db_of(root: Path) -> Path:
+    return root / ".overnight" / "overnight.db"
+
+
+def event_count(root: Path) -> int:
+    conn = apsw.Connection(str(db_of(root)))
+    try:
+        return conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_scan_records_every_plugin_and_a_second_scan_appends_nothing(market):
+    first = run("scan", market, "--json")
+    assert first.exit_code == 0, first.output
+    report = as_json(first)
+    assert (report["plugins"], report["new"], report["invalid"]) == (4, 4, 0)
+    assert report["events"] == 8 == event_count(market)
+    second = as_json(run("scan", market, "--json"))
+    assert (second["unchanged"], second["events"]) == (4, 0)
+    assert event_count(market) == 8
+
+
+def test_scan_sees_changed_vanished_and_repaired_plugins(market):
+    run("scan", market)
+    readme = market / "plugins" / "devops" / "deploy-checker" / "README.md"
+    readme.write_text(readme.read_text() + "\nOne more line.\n")
+    shutil.rmtree(market / "plugins" / "security" / "secret-scanner")
+    listing = market / ".claude-plugin" / "marketplace.json"
+    data = json.loads(listing.read_text())
+    data["plugins"] = [p for p in data["plugins"] if p["name"] != "secret-scanner"]
+    listing.write_text(json.dumps(data))
+    report = as_json(run("scan", market, "--json"))
+    assert (report["changed"], report["vanished"], report["unchanged"]) == (1, 1, 2)
+    assert report["events"] == 3  # rediscovered + analyzed, vanished
+    status = as_json(run("status", market, "--json"))
+    assert status["by_state"] == {"analyzed": 3, "gone": 1}
+
+    pj = market / "plugins" / "productivity" / "meeting-notes" / ".claude-plugin" / "plugin.json"
+    good = pj.read_text()
+    pj.write_text("{ not json")
+    report = as_json(run("scan", market, "--json"))
+    assert report["invalid"] == 1 and report["changed"] == 1
+    assert "invalid JSON" in report["problems"][0]["reason"]
+    assert as_json(run("scan", market, "--json"))["events"] == 0  # still invalid, same reason
+    pj.write_text(good)
+    report = as_json(run("scan", market, "--json"))
+    assert (report["invalid"], report["changed"]) == (0, 1)
+    assert as_json(run("status", market, "--json"))["by_state"] == {"analyzed": 3, "gone": 1}
+    assert run("audit", "verify", market).exit_code == 0
+
+
+def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
+    root = tmp_path / "m"
+    outside = tmp_path / "outside"
+    write(outside / "secret.txt", "do not read")
+    manifest(root, [
+        {"name": "good", "source": "./plugins/a/good"},
+        {"name": "escape", "source": "../outside"},
+        {"name": "missing", "source": "./plugins/a/missing"},
+    ])
+    plugin(root, "plugins/a/good", "good", files={"README.md": "# Good\n"})
+    write(root / "plugins/a/broken/.claude-plugin/plugin.json", "{")
+    write(root / "plugins/a/empty/.claude-plugin/plugin.json", "")
+    write(root / "plugins/a/latin1/.claude-plugin/plugin.json", b'{"name": "caf\xe9"}')
+    plugin(root, "plugins/b/good", "good")  # duplicate name
+    plugin(root, "plugins/b/slash", "a/../b")
+    plugin(root, "plugins/b/looped", "looped")
+    os.symlink("..", root / "plugins/b/looped/loop")
+    os.symlink(outside / "secret.txt", root / "plugins/b/looped/leak.md")
+    result = run("scan", root, "--json")
+    assert result.exit_code == 0, result.output
+    report = as_json(result)
+    reasons = {p["plugin"]: p["reason"] for p in report["problems"]}
+    assert set(reasons) == {"../outside", "plugins/a/missing", "plugins/a/broken", "plugins/a/empty",
+                            "plugins/a/latin1", "plugins/b/good", "plugins/b/slash"}
+    assert "outside the repository" in reasons["../outside"]
+    assert "does not exist" in reasons["plugins/a/missing"]
+    assert "invalid JSON" in reasons["plugins/a/broken"]
+    assert "empty" in reasons["plugins/a/empty"]
+    assert "UTF-8" in reasons["plugins/a/latin1"]
+    assert "duplicate plugin name 'good'" in reasons["plugins/b/good"]
+    assert "cannot become a skill name" in reasons["plugins/b/slash"]
+    status = as_json(run("status", root, "--json", "--state", "invalid"))
+    assert status["by_state"] == {"analyzed": 2, "invalid": 7}
+    assert {i["plugin_id"] for i in status["items"]} == set(reasons)
+    looped = as_json(run("status", root, "--json", "--plugin", "plugins/b/looped"))["items"][0]
+    assert looped["state"] == "analyzed"
+    assert "do not read" not in db_of(root).read_bytes().decode("latin-1")
+
+
+def test_status_json_contract_and_filters(market):
+    run("scan", market)
+    everything = as_json(run("status", market, "--json"))
+    assert everything["plugins"] == 4 and everything["by_state"] == {"analyzed": 4}
+    one = as_json(run("status", market, "--json", "--plugin", "deploy-checker"))
+    assert [i["plugin_id"] for i in one["items"]] == ["plugins/devops/deploy-checker"]
+    by_state = as_json(run("status", market, "--json", "--state", "analyzed"))
+    assert len(by_state["items"]) == 4
+    human = run("status", market)
+    assert human.exit_code == 0 and "4 plugins (analyzed 4)" in human.stdout
+    unknown = run("status", market, "--plugin", "nope")
+    assert unknown.exit_code == 1
+    assert unknown.stderr.strip() == "error: no plugin named or with id 'nope' in this log"
+
+
+def test_db_option_and_environment_variable_choose_the_log(market, tmp_path):
+    chosen = tmp_path / "elsewhere" / "log.db"
+    run("scan", market, "--db", chosen)
+    assert chosen.exists() and not db_of(market).exists()
+    assert as_json(run("status", market, "--json", "--db", chosen))["plugins"] == 4
+    via_env = as_json(run("status", market, "--json", env={"OVERNIGHT_DB": str(chosen)}))
+    assert via_env["plugins"] == 4
+
+
+def test_audit_verify_names_a_changed_byte_and_a_deleted_event(market):
+    run("scan", market)
+    healthy = run("audit", "verify", market, "--json")
+    assert healthy.exit_code == 0
+    assert as_json(healthy) == {"ok": True, "events": 8, "problems": []}
+
+    conn = apsw.Connection(str(db_of(market)))
+    conn.execute("DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete")
+    conn.execute("UPDATE events SET data = replace(data, 'schema-linter', 'schema-lintex') WHERE seq = 1")
+    conn.close()
+    changed = run("audit", "verify", market, "--json")
+    assert changed.exit_code == 1
+    assert "seq 1: hash mismatch (the stored event was altered)" in as_json(changed)["problems"]
+    human = run("audit", "verify", market)
+    assert human.exit_code == 1 and "problem: seq 1: hash mismatch" in human.stdout
+
+    conn = apsw.Connection(str(db_of(market)))
+    conn.execute("DELETE FROM events WHERE seq = 5")
+    conn.close()
+    deleted = as_json(run("audit", "verify", market, "--json"))
+    assert "seq 5: missing from the log (deleted events)" in deleted["problems"]
+    assert deleted["events"] == 7
+
+
+def test_audit_replay_equals_live_and_apply_repairs_an_edited_projection(market):
+    run("scan", market)
+    same = run("audit", "replay", market, "--json")
+    assert same.exit_code == 0 and as_json(same)["ok"] and as_json(same)["rows"]["plugins"] == 4
+    conn = apsw.Connection(str(db_of(market)))
+    conn.execute("UPDATE plugins SET state = 'done' WHERE name = 'meeting-notes'")
+    conn.close()
+    differs = run("audit", "replay", market, "--json")
+    assert differs.exit_code == 1 and as_json(differs)["differences"] == {"plugins": 1}
+    assert run("audit", "verify", market).exit_code == 1
+    applied = run("audit", "replay", market, "--apply")
+    assert applied.exit_code == 0 and "replaced by the replay" in applied.stdout
+    assert run("audit", "verify", market).exit_code == 0
+    assert as_json(run("status", market, "--json"))["by_state"] == {"analyzed": 4}
+
+
+def test_audit_log_prints_one_json_object_per_event(market):
+    run("scan", market)
+    lines = run("audit", "log", market, "--json").stdout.splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert [e["seq"] for e in entries] == list(range(1, 9))
+    assert set(entries[0]) == {"seq", "at", "stream", "type", "data"}
+    assert entries[0]["type"] == "PluginDiscovered" and entries[0]["data"]["type"] == "PluginDiscovered"
+    one = [json.loads(x) for x in run("audit", "log", market, "--json", "--plugin", "meeting-notes").stdout.splitlines()]
+    assert {e["stream"] for e in one} == {"plugin:plugins/productivity/meeting-notes"}
+    assert [e["type"] for e in one] == ["PluginDiscovered", "PluginAnalyzed"]
+    human = run("audit", "log", market, "--after", "7").stdout.splitlines()
+    assert len(human) == 1 and human[0].split()[0] == "8"
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        yield prefix + (name,)
+        if isinstance(command, click.Group):
+            yield from _commands(command, prefix + (name,))
+
+
+def test_every_command_has_help():
+    paths = list(_commands(main))
+    assert {("scan",), ("status",), ("audit", "verify"), ("audit", "replay"), ("audit", "log")} <= set(paths)
+    for path in paths:
+        result = run(*path, "--help")
+        assert result.exit_code == 0, path
+        assert "Usage: " in result.stdout and len(result.stdout.splitlines()) > 3, path
+
+
+def test_errors_are_one_line_with_a_nonzero_exit(tmp_path):
+    missing = run("status", tmp_path / "nope")
+    assert missing.exit_code == 1
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} is not a directory"]
+    no_log = run("audit", "verify", tmp_path)
+    assert no_log.exit_code == 1 and no_log.stderr.startswith("error: no event log at")
+    assert len(no_log.stderr.strip().splitlines()) == 1
+    usage = run("status", tmp_path, "--state", "sleeping")
+    assert usage.exit_code == 2
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    plain = run("audit", "verify", tmp_path)
+    assert "Traceback" not in plain.stderr
+    debug = run("--debug", "audit", "verify", tmp_path)
+    assert debug.exit_code == 1 and "Traceback (most recent call last)" in debug.stderr
+    late = run("audit", "verify", tmp_path, "--debug")
+    assert "Traceback (most recent call last)" in late.stderr
+
+
+def test_a_second_writer_is_refused_and_the_first_is_unharmed(market):
+    """Another process holds the log (as a running scan would); our scan must refuse cleanly."""
+    run("scan", market)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from statemachine.workspace import open_log\n"
+         "from pathlib import Path\n"
+         f"s = open_log(Path({str(market)!r}))\n"
+         "print('ready', flush=True)\n"
+         "sys.stdin.readline()\n"
+         "s.close()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        refused = subprocess.run([sys.executable, "-m", "cli", "scan", str(market)],
+                                 capture_output=True, text=True, cwd=REPO)
+        assert refused.returncode == 3
+        assert refused.stderr.strip() == (
+            f"error: {db_of(market)} is in use by another overnight process (pid {holder.pid}); "
+            "wait for it to finish or stop it first")
+        reading = run("status", market, "--json")  # readers are not blocked
+        assert as_json(reading)["plugins"] == 4
+    finally:
+        holder.communicate("done\n")
+    assert run("audit", "verify", market).exit_code == 0
