@@ -1,33 +1,31 @@
-"""Output helpers: JSON for scripts, rich tables for people."""
+"""Output helpers: JSON for scripts, rich for people (imported only when a person is served)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, ensure_ascii=False, sort_keys=False))
+    click.echo(json.dumps(value, ensure_ascii=False))
 
 
-def console() -> Console:
+def console() -> "Console":
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=True)
 
 
-def stderr_console() -> Console:
+def stderr_console() -> "Console":
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False)
-
-
-def table(*columns: str) -> Table:
-    t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for column in columns:
-        t.add_column(column)
-    return t
 
 
 def interactive() -> bool:

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from cli.options import common, marketplace_argument
 from cli.render import console, emit_json, interactive, stderr_console
-from statemachine import scan as scan_service
 from statemachine.workspace import marketplace_root, open_log
 
 
@@ -23,9 +21,13 @@ def scan(path: Path, db: Path | None, as_json: bool) -> None:
     Only changes are recorded: scanning an unchanged marketplace appends nothing. Plugins
     that cannot be processed are recorded as invalid with the reason, and the scan goes on.
     """
+    from statemachine import scan as scan_service  # analysis pulls in the YAML parser: only here
+
     root = marketplace_root(path)
     with open_log(root, db) as store:
         if interactive() and not as_json:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
             with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("{task.description}"), console=stderr_console(),
                           transient=True) as bar:

@@ -17,6 +17,8 @@ What must always hold:
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import apsw
 import msgspec
 
+from events.chain import EVENT_COLUMNS, GENESIS, ChainCheck, chain_hash, check_file
 from events.errors import (
     EventStoreError,
     ProjectionError,
@@ -37,7 +40,6 @@ from events.migrations import LATEST, migrate
 from events.projection import Projection, Row
 from events.registry import Event, Registry
 
-GENESIS = "0" * 64
 _MISSING: Any = object()
 _ROW_CACHE_SIZE = 50_000
 Clock = Callable[[], datetime]
@@ -51,15 +53,6 @@ def format_at(moment: datetime) -> str:
     if moment.tzinfo is not timezone.utc:
         moment = moment.astimezone(timezone.utc)
     return moment.isoformat(timespec="microseconds")[:-6] + "Z"
-
-
-_header_encoder = msgspec.json.Encoder()
-
-
-def chain_hash(prev_hash: str, seq: int, stream: str, version: int, type_: str,
-               schema_version: int, at: str, data: str) -> str:
-    header = _header_encoder.encode([prev_hash, seq, stream, version, type_, schema_version, at])
-    return hashlib.sha256(header + b"\n" + data.encode("utf-8")).hexdigest()
 
 
 def blob_hash(data: bytes) -> str:
@@ -92,7 +85,9 @@ class ReplayReport:
         return not self.problems
 
 
-_EVENT_COLUMNS = "seq, stream, version, type, schema_version, at, data, prev_hash, hash"
+_EVENT_COLUMNS = EVENT_COLUMNS
+# Logs larger than this verify their hash chain in a second process, in parallel with the fold.
+PARALLEL_CHAIN_CHECK = 200_000
 
 
 def _translate(e: apsw.Error, path: Path) -> EventStoreError:
@@ -398,7 +393,8 @@ class EventStore:
                 problems.append(f"blob {digest}: content does not match its hash")
         return problems
 
-    def replay(self, *, apply: bool = False, only: Sequence[str] | None = None) -> ReplayReport:
+    def replay(self, *, apply: bool = False, only: Sequence[str] | None = None,
+               parallel_threshold: int = PARALLEL_CHAIN_CHECK) -> ReplayReport:
         """Rebuild projections from the log into fresh tables and compare them with the live ones.
 
         Checks on the way: contiguous seqs, the hash chain, decodable payloads, and every event
@@ -420,7 +416,19 @@ class EventStore:
             if snapshot:
                 self.conn.execute("BEGIN")
             try:
-                self._fold_log(by_tag, tables, report)
+                last = self.query("SELECT max(seq) FROM events")[0][0] or 0
+                if last > parallel_threshold and self.path.exists():
+                    # The second core checks the chain while this process folds; the worker
+                    # stops at `last`, the end of this transaction's snapshot.
+                    context = multiprocessing.get_context("spawn")
+                    with ProcessPoolExecutor(1, mp_context=context) as pool:
+                        chain = pool.submit(check_file, str(self.path), last)
+                        self._fold_log(by_tag, tables, report, None)
+                        report.problems[:0] = chain.result()
+                else:
+                    check = ChainCheck()
+                    self._fold_log(by_tag, tables, report, check)
+                    report.problems[:0] = check.problems
                 self._compare(targets, tables, report)
             finally:
                 if snapshot:
@@ -433,28 +441,21 @@ class EventStore:
         return report
 
     def _fold_log(self, by_tag: dict[str, list[Projection]], tables: dict[str, dict[tuple, Row]],
-                  report: ReplayReport) -> None:
+                  report: ReplayReport, chain: ChainCheck | None) -> None:
         problems = report.problems
-        registry = self.registry
-        expected_seq, last_hash = 1, GENESIS
-        for seq, stream, version, tag, sv, at, data, prev, digest in self.conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq"
-        ):
+        decode = self.registry.decode
+        feed = chain.feed if chain is not None else None
+        for row in self.conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq"):
+            if feed is not None:
+                feed(*row)
+            seq, stream, version, tag, sv, at, data, _prev, digest = row
             report.events += 1
-            if seq != expected_seq:
-                missing = f"{expected_seq}" if seq - 1 == expected_seq else f"{expected_seq}-{seq - 1}"
-                problems.append(f"seq {missing}: missing from the log (deleted events)")
-            elif prev != last_hash:
-                problems.append(f"seq {seq}: hash chain broken (prev_hash does not match seq {seq - 1})")
-            if chain_hash(prev, seq, stream, version, tag, sv, at, data) != digest:
-                problems.append(f"seq {seq}: hash mismatch (the stored event was altered)")
-            expected_seq, last_hash = seq + 1, digest
-            interested = by_tag.get(tag)
             try:
-                event = registry.decode(tag, sv, data)
+                event = decode(tag, sv, data)
             except UndecodableEvent as e:
                 problems.append(f"seq {seq}: undecodable payload: {e}")
                 continue
+            interested = by_tag.get(tag)
             if not interested:
                 continue
             rec = Recorded(seq, stream, version, tag, sv, at, event, digest)

@@ -20,10 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from skills_ref.errors import ParseError
-from skills_ref.parser import parse_frontmatter
-from skills_ref.validator import validate_metadata
-
 from statemachine.catalog import PluginFacts, SkillFact
 from statemachine.discovery import (
     MAX_PLUGIN_JSON, MANIFEST, PLUGIN_JSON, SKIP_DIRS, Candidate, Unreadable, is_inside,
@@ -311,6 +307,12 @@ def _skills(root_real: str, plugin: Path) -> list[SkillFact]:
 
 def _skill(root_real: str, skill_dir: Path) -> SkillFact:
     """One skill directory, judged exactly as skills_ref.validator.validate would, but safely."""
+    # Imported here: the YAML parser behind it costs a quarter second, and a warm scan (or any
+    # command that analyzes nothing) never needs it.
+    from skills_ref.errors import ParseError
+    from skills_ref.parser import parse_frontmatter
+    from skills_ref.validator import validate_metadata
+
     # The reference validator accepts a lowercase skill.md when SKILL.md is absent.
     found = next((n for n in ("SKILL.md", "skill.md") if os.path.lexists(skill_dir / n)), None)
     if found is None:

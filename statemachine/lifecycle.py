@@ -115,14 +115,20 @@ def plugin_stream(plugin_id: str) -> str:
     return STREAM_PREFIX + plugin_id
 
 
-def next_state(current: str, tag: str) -> State:
+# tag -> (allowed source state names, destination state name): replay's hot path.
+_MOVES: dict[str, tuple[frozenset[str], str]] = {
+    t.tag: (frozenset(s.value for s in t.sources), t.dest.value) for t in TRANSITIONS
+}
+
+
+def next_state(current: str, tag: str) -> str:
     """The state after event `tag` in state `current`; ProjectionError if the table forbids it."""
-    t = BY_TAG.get(tag)
-    if t is None:
+    move = _MOVES.get(tag)
+    if move is None:
         raise ProjectionError(f"{tag} is not a plugin lifecycle event")
-    if current not in t.sources:
-        raise ProjectionError(f"illegal transition: {tag} ({t.trigger}) in state {current}")
-    return t.dest
+    if current not in move[0]:
+        raise ProjectionError(f"illegal transition: {tag} ({BY_TAG[tag].trigger}) in state {current}")
+    return move[1]
 
 
 def build_machine() -> Machine:

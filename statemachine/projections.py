@@ -42,6 +42,7 @@ _PLUGIN_COLUMNS = (
     ("updated_seq", "INTEGER"), ("updated_at", "TEXT"), ("snapshot", "TEXT"),
 )
 _PLUGIN_TEMPLATE = {column: None for column, _ in _PLUGIN_COLUMNS}
+_NEW = State.NEW.value
 
 
 def _plugin_key(rec: Recorded) -> tuple | None:
@@ -126,14 +127,14 @@ assert set(_PLUGIN_HANDLERS) == PLUGIN_EVENT_TAGS
 
 
 def _fold_plugin(row: dict | None, rec: Recorded) -> dict:
-    dest = next_state(row["state"] if row else State.NEW.value, rec.type)
+    dest = next_state(row["state"] if row else _NEW, rec.type)
     ev = rec.event
     if row is None:
         new = dict(_PLUGIN_TEMPLATE, plugin_id=rec.stream[len(STREAM_PREFIX):], plan_attempts=0,
                    skill_attempts=0, gate_failures=0)
     else:
         new = row.copy()
-    new["state"] = dest.value
+    new["state"] = dest
     new["version"] = rec.version
     new["updated_seq"] = rec.seq
     new["updated_at"] = rec.at

@@ -21,7 +21,7 @@ from events import (
     StreamConflict,
     UndecodableEvent,
 )
-from events.store import chain_hash
+from events.chain import chain_hash
 
 
 class Opened(Event, frozen=True, tag="Opened"):
@@ -329,3 +329,15 @@ def test_changed_projection_version_is_rebuilt_from_the_log_on_open(db):
         assert store.query("SELECT count(*) FROM accounts") == [(3,)]
         assert store.query("SELECT version FROM projection_versions WHERE name = 'accounts'") == [(2,)]
         assert store.verify() == []
+
+
+def test_large_logs_check_the_chain_in_a_second_process_with_the_same_findings(db):
+    _three_accounts(db)
+    _tamper(db, "UPDATE events SET data = replace(data, '11', '91') WHERE seq = 4")
+    _tamper(db, "DELETE FROM events WHERE seq = 2")
+    with open_store(db, writer=False) as store:
+        inline = store.replay(parallel_threshold=10**9).problems
+        parallel = store.replay(parallel_threshold=0).problems
+    assert parallel == inline
+    assert "seq 2: missing from the log (deleted events)" in parallel
+    assert "seq 4: hash mismatch (the stored event was altered)" in parallel
