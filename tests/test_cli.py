@@ -32,7 +32,7 @@ def as_json(result) -> dict:
 @pytest.fixture
 def market(tmp_path) -> Path:
     root = tmp_path / "market"
-    shutil.copytree(EXAMPLE, root)
+    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
     return root
 
 
