@@ -11,7 +11,7 @@ UPCASTERS. Streams:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -56,6 +56,9 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     thoughts_tokens: int = 0
 
 
+Score = Annotated[int, msgspec.Meta(ge=0, le=100)]
+
+
 class Gap(msgspec.Struct, frozen=True, kw_only=True):
     priority: Literal["high", "medium", "low"]
     description: str
@@ -70,12 +73,29 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     """The enhancement plan Gemini returns as structured output (phase 1)."""
 
     gaps: list[Gap]
-    quality_before: int
-    quality_after: int
+    quality_before: Score
+    quality_after: Score
     sections_to_add: list[str]
     bundled_files: list[BundledFile]
     trigger_phrases: list[str]
     allowed_tools: list[str]
+
+
+class DraftFile(msgspec.Struct, frozen=True, kw_only=True):
+    """A bundled file the model proposes, relative to the skill directory."""
+
+    path: str
+    content: str
+
+
+class SkillDraft(msgspec.Struct, frozen=True, kw_only=True):
+    """What Gemini returns as structured output in phase 2. The frontmatter is not in it:
+    the code composes it from validated fields (name = skill directory = normalized plugin name)."""
+
+    description: str
+    allowed_tools: list[str]
+    body: str
+    files: list[DraftFile] = []
 
 
 class FileWrite(msgspec.Struct, frozen=True, kw_only=True):
