@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli import audit, scan, status
+from cli import audit, restore_plugin, run, scan, status
 from cli.options import OvernightGroup, debug_option
 
 
@@ -22,3 +22,6 @@ def main() -> None:
 main.add_command(scan.scan)
 main.add_command(status.status)
 main.add_command(audit.audit)
+main.add_command(run.run)
+main.add_command(run.resume)
+main.add_command(restore_plugin.restore_plugin)

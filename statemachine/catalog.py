@@ -269,6 +269,7 @@ class RunStarted(Event, frozen=True, tag="RunStarted"):
     command: str
     config: dict[str, Any]
     plugins: int
+    selection: list[str] = []
 
 
 class LimitsChanged(Event, frozen=True, tag="LimitsChanged"):

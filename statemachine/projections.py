@@ -38,7 +38,7 @@ _PLUGIN_COLUMNS = (
     ("path", "TEXT"), ("listed", "INTEGER"), ("state", "TEXT"), ("step", "TEXT"),
     ("reason", "TEXT"), ("content_hash", "TEXT"), ("done_hash", "TEXT"),
     ("not_before", "TEXT"), ("plan_attempts", "INTEGER"), ("skill_attempts", "INTEGER"),
-    ("gate_failures", "INTEGER"), ("run_id", "TEXT"), ("version", "INTEGER"),
+    ("gate_failures", "INTEGER"), ("failures", "INTEGER"), ("run_id", "TEXT"), ("version", "INTEGER"),
     ("updated_seq", "INTEGER"), ("updated_at", "TEXT"), ("snapshot", "TEXT"),
 )
 _PLUGIN_TEMPLATE = {column: None for column, _ in _PLUGIN_COLUMNS}
@@ -52,7 +52,7 @@ def _plugin_key(rec: Recorded) -> tuple | None:
 def _on_discovered(new: dict, ev: c.PluginDiscovered) -> None:
     new.update(name=ev.name, skill_name=ev.skill_name, category=ev.category, path=ev.path,
                listed=int(ev.listed), step=None, content_hash=None, plan_attempts=0,
-               skill_attempts=0, gate_failures=0, snapshot=None)
+               skill_attempts=0, gate_failures=0, failures=0, snapshot=None)
 
 
 def _on_analyzed(new: dict, ev: c.PluginAnalyzed) -> None:
@@ -77,6 +77,12 @@ def _on_skill_requested(new: dict, ev: c.SkillRequested) -> None:
 
 def _on_request_failed(new: dict, ev: c.RequestFailed) -> None:
     new.update(step=ev.step, reason=f"{ev.kind}: {ev.message}", not_before=ev.not_before)
+    if not ev.kind.startswith("rate_limited"):
+        new["failures"] += 1
+
+
+def _on_received(new: dict, ev: c.PlanReceived | c.SkillReceived) -> None:
+    new["failures"] = 0
 
 
 def _on_gate_failed(new: dict, ev: c.SkillGateFailed) -> None:
@@ -115,8 +121,8 @@ _PLUGIN_HANDLERS = {
     _tag(c.PluginDiscovered): _on_discovered, _tag(c.PluginAnalyzed): _on_analyzed,
     _tag(c.PluginInvalid): _on_invalid, _tag(c.PluginVanished): _on_reason,
     _tag(c.PluginSkipped): _on_reason, _tag(c.PlanRequested): _on_plan_requested,
-    _tag(c.PlanReceived): _nothing, _tag(c.SkillRequested): _on_skill_requested,
-    _tag(c.SkillReceived): _nothing, _tag(c.RequestFailed): _on_request_failed,
+    _tag(c.PlanReceived): _on_received, _tag(c.SkillRequested): _on_skill_requested,
+    _tag(c.SkillReceived): _on_received, _tag(c.RequestFailed): _on_request_failed,
     _tag(c.SkillGateFailed): _on_gate_failed, _tag(c.SkillRejected): _on_rejected,
     _tag(c.SkillValidated): _on_validated, _tag(c.PluginSnapshotted): _on_snapshotted,
     _tag(c.WriteIntended): _nothing, _tag(c.WriteCompleted): _nothing,
@@ -131,7 +137,7 @@ def _fold_plugin(row: dict | None, rec: Recorded) -> dict:
     ev = rec.event
     if row is None:
         new = dict(_PLUGIN_TEMPLATE, plugin_id=rec.stream[len(STREAM_PREFIX):], plan_attempts=0,
-                   skill_attempts=0, gate_failures=0)
+                   skill_attempts=0, gate_failures=0, failures=0)
     else:
         new = row.copy()
     new["state"] = dest
@@ -160,23 +166,35 @@ PLUGINS = Projection(
 # The large, rarely changing parts of a plugin's record, kept apart so that the frequent
 # state changes above rewrite a small row.
 
-_DETAIL_TAGS = frozenset(_tag(t) for t in (c.PluginDiscovered, c.PluginAnalyzed, c.PlanReceived))
+_DETAIL_TAGS = frozenset(_tag(t) for t in (
+    c.PluginDiscovered, c.PluginAnalyzed, c.PlanReceived, c.SkillReceived, c.SkillGateFailed,
+    c.SkillValidated, c.WriteIntended,
+))
+_DETAIL_COLUMNS = ("plugin_id", "facts", "plan", "draft", "feedback", "validated", "intent")
 
 
 def _fold_details(row: dict | None, rec: Recorded) -> dict:
     ev = rec.event
     if isinstance(ev, c.PluginDiscovered):
-        return {"plugin_id": ev.plugin_id, "facts": None, "plan": None}
+        return dict.fromkeys(_DETAIL_COLUMNS) | {"plugin_id": ev.plugin_id}
     if row is None:
         raise ProjectionError(f"{rec.type} for a plugin that was never discovered")
     if isinstance(ev, c.PluginAnalyzed):
         return dict(row, facts=_to_json(ev.facts))
-    return dict(row, plan=_to_json(ev.plan))
+    if isinstance(ev, c.PlanReceived):
+        return dict(row, plan=_to_json(ev.plan), feedback=None)
+    if isinstance(ev, c.SkillReceived):
+        return dict(row, draft=ev.draft_sha256)
+    if isinstance(ev, c.SkillGateFailed):
+        return dict(row, feedback=_to_json(ev.reasons))
+    if isinstance(ev, c.SkillValidated):
+        return dict(row, validated=_to_json(ev.files))
+    return dict(row, intent=_to_json({"writes": ev.writes, "moves": ev.moves}))
 
 
 PLUGIN_DETAILS = Projection(
     name="plugin_details",
-    columns=(("plugin_id", "TEXT"), ("facts", "TEXT"), ("plan", "TEXT")),
+    columns=tuple((name, "TEXT") for name in _DETAIL_COLUMNS),
     key_len=1,
     handles=_DETAIL_TAGS,
     key=_plugin_key,

@@ -1,0 +1,214 @@
+"""overnight run | resume"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import click
+
+from cli.options import EXIT_PROBLEMS, common, marketplace_argument
+from cli.render import emit_json, interactive, stderr_console
+
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute (default 10)."),
+        click.option("--rpd", type=click.IntRange(min=1), help="Requests per day, Pacific day (default 20)."),
+        click.option("--tpm", type=click.IntRange(min=1), help="Input tokens per minute (default 250,000)."),
+        click.option("--concurrency", type=click.IntRange(min=1, max=64),
+                     help="Plugins in flight at once (default 2)."),
+        click.option("--no-wait", "no_wait", is_flag=True, default=None,
+                     help="When the daily quota is used up, exit 0 saying when to resume instead of sleeping."),
+        click.option("--json-log", type=click.File("a", encoding="utf-8"),
+                     help="Append one JSON line per recorded event to this file ('-' for stdout)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _limits(base, rpm, rpd, tpm, concurrency):
+    from dataclasses import replace
+
+    changes = {k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm), ("concurrency", concurrency))
+               if v is not None}
+    return replace(base, **changes)
+
+
+@click.command()
+@marketplace_argument
+@click.option("--model", default="gemini-2.5-flash", show_default=True, help="Gemini model.")
+@click.option("--base-url", envvar="GOOGLE_GEMINI_BASE_URL", show_envvar=True,
+              help="Gemini endpoint (a proxy, or the emulator: python -m tests.emulator).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds to wait for one Gemini answer.")
+@click.option("--standards", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Authoring standards text sent with every prompt (default: the shipped one).")
+@click.option("--min-bytes", type=click.IntRange(min=0), default=8000, show_default=True,
+              help="Smallest acceptable SKILL.md.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=14000, show_default=True,
+              help="Largest acceptable SKILL.md.")
+@click.option("--min-examples", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Fenced code examples a SKILL.md needs.")
+@click.option("--gate-attempts", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Generations allowed before a plugin is rejected.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Tries per step on faults (5xx, timeouts, unusable answers); 429s are paced, not counted.")
+@click.option("--plugin", "plugins", multiple=True, help="Only this plugin (name or id); repeatable.")
+@click.option("--category", help="Only plugins of this category.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many plugins.")
+@click.option("--force", is_flag=True, help="Process plugins again even if done, skipped, rejected or failed.")
+@click.option("--dry-run", is_flag=True, help="Analysis and plan only; nothing is written.")
+@limit_options
+@common
+def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: float,
+        standards: Path | None, min_bytes: int, max_bytes: int, min_examples: int, gate_attempts: int,
+        max_attempts: int, plugins: tuple[str, ...], category: str | None, limit: int | None,
+        force: bool, dry_run: bool, rpm: int | None, rpd: int | None, tpm: int | None,
+        concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool) -> None:
+    """Enhance every plugin of the marketplace at PATH with Gemini (plan, SKILL.md, gates, write).
+
+    The key comes from GOOGLE_API_KEY or GEMINI_API_KEY (or Vertex AI: GOOGLE_GENAI_USE_VERTEXAI,
+    GOOGLE_CLOUD_PROJECT, GOOGLE_CLOUD_LOCATION). Exit 0 when every selected plugin ended done,
+    skipped or rejected; 1 otherwise; 130/143 when stopped by SIGINT/SIGTERM.
+    """
+    from statemachine.gates import GateConfig
+    from statemachine.gateway import GeminiSettings
+    from statemachine.runner import RunOptions
+    from statemachine.scheduler import Limits
+
+    options = RunOptions(
+        gemini=GeminiSettings(model=model, base_url=base_url, timeout_s=timeout),
+        limits=_limits(Limits(), rpm, rpd, tpm, concurrency),
+        gates=GateConfig(min_bytes=min_bytes, max_bytes=max_bytes, min_code_blocks=min_examples),
+        gate_attempts=gate_attempts, max_attempts=max_attempts, plugins=plugins, category=category,
+        limit=limit, force=force, dry_run=dry_run, standards=standards, wait=not no_wait,
+    )
+    _execute(path, db, json_log, as_json, lambda runner: runner.start(options))
+
+
+@click.command()
+@marketplace_argument
+@limit_options
+@common
+def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: int | None,
+           concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool) -> None:
+    """Continue the last unfinished run at PATH with its recorded configuration.
+
+    Limits given here (--rpm, --rpd, --tpm, --concurrency) apply from now on and are recorded.
+    """
+    from dataclasses import replace
+
+    given = {k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm), ("concurrency", concurrency))
+             if v is not None}
+
+    def overrides(options):
+        changed = replace(options, limits=_limits(options.limits, rpm, rpd, tpm, concurrency))
+        if no_wait is not None:
+            changed = replace(changed, wait=not no_wait)
+        return changed
+
+    reason = "resume with " + ", ".join(f"--{k} {v}" for k, v in given.items()) if given else ""
+    _execute(path, db, json_log, as_json, lambda runner: runner.resume(overrides, reason))
+
+
+def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: bool, call) -> None:
+    from statemachine.gateway import backend_from_env
+    from statemachine.runner import Runner
+    from statemachine.workspace import marketplace_root, open_log
+
+    root = marketplace_root(path)
+    backend = backend_from_env()
+    display = _Display(enabled=interactive() and not as_json)
+    store = open_log(root, db)
+    runner = Runner(store, root, backend=backend, json_log=json_log, on_progress=display.update)
+    previous = {sig: signal.signal(sig, lambda s, _f: runner.interrupt(signal.Signals(s).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with display:
+            result = call(runner)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        store.close()
+    _render(result, as_json)
+    if result.outcome == "interrupted":
+        raise click.exceptions.Exit(EXIT_SIGNAL.get(runner.signal or "", 130))
+    if not result.ok:
+        raise click.exceptions.Exit(EXIT_PROBLEMS)
+
+
+def _render(result, as_json: bool) -> None:
+    if as_json:
+        emit_json({"run_id": result.run_id, "outcome": result.outcome, "selected": result.selected,
+                   "by_state": result.counts, "paused_until": result.paused_until,
+                   "message": result.message,
+                   "problems": [{"plugin": p, "state": s, "reason": r} for p, s, r in result.problems],
+                   "invalid": [{"plugin": p, "reason": r} for p, r in result.invalid]})
+        return
+    counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
+    click.echo(f"run {result.run_id}: {result.outcome}; {result.selected} plugins selected ({counts or 'none'})")
+    if result.paused_until:
+        click.echo(f"daily quota used up: resume after {result.paused_until} "
+                   f"with `overnight resume` (or run without --no-wait to sleep until then)")
+    if result.message:
+        click.echo(f"stopped: {result.message}", err=True)
+    for plugin_id, state, reason in result.problems:
+        click.echo(f"  {state:<11} {plugin_id}{': ' + reason if reason else ''}")
+    for plugin_id, reason in result.invalid:
+        click.echo(f"  {'invalid':<11} {plugin_id}: {reason} (not processed)")
+
+
+class _Display:
+    """A live progress view on a terminal; a line per newly finished plugin otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._live = None
+        self._last = -1
+
+    def __enter__(self) -> "_Display":
+        if self.enabled:
+            from rich.live import Live
+
+            self._live = Live(console=stderr_console(), refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def update(self, progress) -> None:
+        line = (f"{progress.finished}/{progress.total} plugins  {progress.requests} requests  "
+                f"{progress.input_tokens:,} in / {progress.output_tokens:,} out tokens  "
+                f"{progress.rate_limited} rate-limited")
+        if progress.eta is not None:
+            line += f"  ETA {_duration(progress.eta)}"
+        if progress.paused_until:
+            from statemachine.scheduler import iso
+
+            line += f"  paused until {iso(progress.paused_until)}"
+        if self._live is None:
+            if progress.finished != self._last:
+                self._last = progress.finished
+                print(line, file=sys.stderr, flush=True)
+            return
+        from rich.text import Text
+
+        lines = [line] + [f"  {pid}  {phase}" for pid, phase in sorted(progress.phases.items())]
+        self._live.update(Text("\n".join(lines)))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 60}m {seconds % 60}s"

@@ -1,0 +1,292 @@
+"""The Gemini gateway: the only module that imports google.genai.
+
+It turns one structured-output request into either a decoded answer with its token usage,
+or a classified `GatewayError`, so the runner can decide what happens next without knowing
+the SDK: wait and retry (rate limits, transient faults, unusable answers), fail the plugin
+(a request Gemini refuses for this plugin), or stop the run (the key or model is wrong).
+The SDK's own retries are off; the runner retries, and records every attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx2
+import msgspec
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from statemachine.catalog import Usage
+from statemachine.errors import OvernightError
+
+T = TypeVar("T")
+
+DEFAULT_MODEL = "gemini-2.5-flash"
+API_VERSION = "v1beta"
+
+
+class GatewayError(OvernightError):
+    """A Gemini call that produced no usable answer. `kind` is recorded in RequestFailed."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, status_code: int | None = None, usage: Usage | None = None,
+                 kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.usage = usage
+        if kind is not None:
+            self.kind = kind
+
+
+class RateLimited(GatewayError):
+    """HTTP 429. `scope` is minute, day, tokens or unknown (no QuotaFailure)."""
+
+    def __init__(self, message: str, *, scope: str, retry_after: float | None, quota_id: str | None,
+                 quota_value: int | None) -> None:
+        super().__init__(message, status_code=429, kind="rate_limited" if scope == "unknown" else f"rate_limited_{scope}")
+        self.scope = scope
+        self.retry_after = retry_after
+        self.quota_id = quota_id
+        self.quota_value = quota_value
+
+
+class Transient(GatewayError):
+    """A fault worth retrying after a backoff: 5xx, timeout, connection reset."""
+
+
+class Unusable(GatewayError):
+    """An answer arrived (and may have cost tokens) but cannot be used: blocked prompt,
+    truncated or filtered answer, empty text, JSON that does not fit the schema."""
+
+
+class Refused(GatewayError):
+    """Gemini refuses this request for good (400/404 for this plugin's request)."""
+
+
+class AccessDenied(GatewayError):
+    """The key, project or model is wrong: no plugin can succeed, so the run stops."""
+
+
+@dataclass(frozen=True)
+class GeminiSettings:
+    model: str = DEFAULT_MODEL
+    base_url: str | None = None
+    timeout_s: float = 120.0
+    max_output_tokens: int = 16384
+    temperature: float = 0.4
+
+    def public(self) -> dict[str, Any]:
+        """The settings as recorded in the log: no secret (credentials in a URL are removed)."""
+        return {"model": self.model, "base_url": redact_url(self.base_url), "api_version": API_VERSION,
+                "timeout_s": self.timeout_s, "max_output_tokens": self.max_output_tokens,
+                "temperature": self.temperature}
+
+
+def redact_url(url: str | None) -> str | None:
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        parts = parts._replace(netloc=host)
+    return urlunsplit(parts._replace(query="", fragment=""))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which API the key or credentials are for; `describe()` is safe to print and record."""
+
+    vertex: bool
+    api_key: str | None = None
+    project: str | None = None
+    location: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        if self.vertex:
+            return {"backend": "vertex", "project": self.project, "location": self.location}
+        return {"backend": "gemini-developer-api"}
+
+
+def backend_from_env(env: dict[str, str] | os._Environ = os.environ) -> Backend:
+    """GOOGLE_GENAI_USE_VERTEXAI selects Vertex AI; otherwise GOOGLE_API_KEY wins over GEMINI_API_KEY."""
+    if env.get("GOOGLE_GENAI_USE_VERTEXAI", "").strip().lower() in ("1", "true", "yes"):
+        project, location = env.get("GOOGLE_CLOUD_PROJECT"), env.get("GOOGLE_CLOUD_LOCATION")
+        if not project or not location:
+            raise AccessDenied("GOOGLE_GENAI_USE_VERTEXAI is set but GOOGLE_CLOUD_PROJECT and "
+                               "GOOGLE_CLOUD_LOCATION are not both set")
+        return Backend(vertex=True, project=project, location=location)
+    key = env.get("GOOGLE_API_KEY") or env.get("GEMINI_API_KEY")
+    if not key:
+        raise AccessDenied("no Gemini API key: set GOOGLE_API_KEY or GEMINI_API_KEY "
+                           "(or GOOGLE_GENAI_USE_VERTEXAI with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION)")
+    return Backend(vertex=False, api_key=key)
+
+
+@dataclass(frozen=True)
+class Answer:
+    value: Any
+    usage: Usage
+
+
+class Gateway:
+    """One google-genai client (kept alive: it closes when garbage-collected)."""
+
+    def __init__(self, settings: GeminiSettings, backend: Backend) -> None:
+        self.settings = settings
+        http = types.HttpOptions(
+            api_version=API_VERSION,
+            timeout=int(settings.timeout_s * 1000),  # milliseconds
+            retry_options=types.HttpRetryOptions(attempts=1),  # no SDK retries: ours are recorded
+            base_url=settings.base_url,
+        )
+        if backend.vertex:
+            self.client = genai.Client(vertexai=True, project=backend.project, location=backend.location,
+                                       http_options=http)
+        else:
+            self.client = genai.Client(vertexai=False, api_key=backend.api_key, http_options=http)
+
+    def check_access(self) -> None:
+        """Fail fast, before any plugin is touched, when the key or the model is wrong."""
+        try:
+            self.client.models.get(model=self.settings.model)
+        except genai_errors.APIError as e:
+            error = classify_api_error(e)
+            if isinstance(error, (AccessDenied, Refused)):
+                raise AccessDenied(f"Gemini refused the model check for {self.settings.model!r}: "
+                                   f"{error}") from None
+            raise error from None
+        except Exception as e:  # noqa: BLE001 - transport errors: translated in one place
+            raise classify_transport_error(e) from None
+
+    def generate(self, system: str, prompt: str, schema: type[T]) -> Answer:
+        """Ask for JSON fitting `schema` (a msgspec Struct) and decode it; GatewayError otherwise."""
+        config = types.GenerateContentConfig(
+            system_instruction=system,
+            response_mime_type="application/json",
+            response_json_schema=msgspec.json.schema(schema),
+            max_output_tokens=self.settings.max_output_tokens,
+            temperature=self.settings.temperature,
+        )
+        try:
+            response = self.client.models.generate_content(model=self.settings.model, contents=prompt,
+                                                           config=config)
+        except genai_errors.APIError as e:
+            raise classify_api_error(e) from None
+        except Exception as e:  # noqa: BLE001 - transport and decoding errors of the SDK
+            raise classify_transport_error(e) from None
+        return check_answer(response, schema)
+
+
+def _usage(response: Any) -> Usage:
+    meta = getattr(response, "usage_metadata", None)
+    if meta is None:
+        return Usage()
+    return Usage(input_tokens=meta.prompt_token_count or 0,
+                 cached_tokens=meta.cached_content_token_count or 0,
+                 output_tokens=meta.candidates_token_count or 0,
+                 thoughts_tokens=meta.thoughts_token_count or 0)
+
+
+def check_answer(response: Any, schema: type[T]) -> Answer:
+    """A 200 answer is not yet a usable one: blocked prompts, truncated or filtered answers,
+    empty text and JSON that does not fit the schema all raise Unusable (with the usage)."""
+    usage = _usage(response)
+    feedback = getattr(response, "prompt_feedback", None)
+    if feedback is not None and feedback.block_reason:
+        raise Unusable(f"prompt blocked by Gemini ({_name(feedback.block_reason)})", usage=usage,
+                       kind="blocked")
+    candidates = response.candidates or []
+    if not candidates:
+        raise Unusable("answer has no candidates", usage=usage, kind="empty")
+    finish = _name(candidates[0].finish_reason) if candidates[0].finish_reason else "STOP"
+    if finish == "MAX_TOKENS":
+        raise Unusable("answer truncated at the output token limit (MAX_TOKENS)", usage=usage,
+                       kind="truncated")
+    if finish in ("SAFETY", "RECITATION", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"):
+        raise Unusable(f"answer withheld by Gemini ({finish})", usage=usage, kind=finish.lower())
+    content = candidates[0].content
+    text = "".join(p.text or "" for p in (content.parts or []) if not getattr(p, "thought", False)) \
+        if content is not None else ""
+    if not text.strip():
+        raise Unusable(f"answer is empty (finish reason {finish})", usage=usage, kind="empty")
+    try:
+        value = msgspec.json.decode(text, type=schema)
+    except msgspec.ValidationError as e:
+        raise Unusable(f"answer does not fit the schema: {e}", usage=usage, kind="invalid_answer") from None
+    except msgspec.DecodeError as e:
+        raise Unusable(f"answer is not valid JSON: {e}", usage=usage, kind="invalid_answer") from None
+    return Answer(value=value, usage=usage)
+
+
+def _name(value: Any) -> str:
+    return getattr(value, "name", None) or str(value)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+_SCOPES = (("PerDay", "day"), ("PerMinute", "minute"))
+
+
+def _quota_details(details: Any) -> tuple[str | None, int | None, float | None]:
+    """(quotaId, quotaValue, retry delay in seconds) from a 429's google.rpc details."""
+    quota_id = quota_value = retry = None
+    error = details.get("error", details) if isinstance(details, dict) else {}
+    for item in error.get("details", []) if isinstance(error, dict) else []:
+        if not isinstance(item, dict):
+            continue
+        kind = str(item.get("@type", ""))
+        if kind.endswith("google.rpc.QuotaFailure"):
+            for violation in item.get("violations") or []:
+                if isinstance(violation, dict) and violation.get("quotaId"):
+                    quota_id = str(violation["quotaId"])
+                    try:
+                        quota_value = int(violation.get("quotaValue"))
+                    except (TypeError, ValueError):
+                        quota_value = None
+                    break
+        elif kind.endswith("google.rpc.RetryInfo"):
+            match = _DURATION.match(str(item.get("retryDelay", "")))
+            if match:
+                retry = float(match.group(1))
+    return quota_id, quota_value, retry
+
+
+def classify_api_error(e: genai_errors.APIError) -> GatewayError:
+    code = e.code or 0
+    status = e.status or ""
+    message = f"HTTP {code} {status}: {(e.message or '').strip()}"[:500]
+    if code == 429:
+        quota_id, quota_value, retry = _quota_details(e.details)
+        scope = "unknown"
+        if quota_id:
+            if "Token" in quota_id:
+                scope = "tokens_day" if "PerDay" in quota_id else "tokens"
+            else:
+                scope = next((s for marker, s in _SCOPES if marker in quota_id), "unknown")
+        return RateLimited(message, scope=scope, retry_after=retry, quota_id=quota_id,
+                           quota_value=quota_value)
+    if code >= 500:
+        return Transient(message, status_code=code, kind="server")
+    text = f"{e.message} {e.details}".upper()
+    if code in (401, 403) or "API_KEY_INVALID" in text or "API KEY NOT VALID" in text:
+        return AccessDenied(message, status_code=code)
+    if code == 404 and "MODEL" in text:
+        return AccessDenied(message, status_code=code)
+    return Refused(message, status_code=code, kind="refused")
+
+
+def classify_transport_error(e: Exception) -> GatewayError:
+    if isinstance(e, httpx2.TimeoutException):
+        return Transient(f"no answer within the timeout ({type(e).__name__})", kind="timeout")
+    if isinstance(e, (httpx2.TransportError, ConnectionError)):
+        return Transient(f"connection failed ({type(e).__name__}: {e})"[:300], kind="connection")
+    if isinstance(e, ValueError):  # the SDK could not parse the HTTP body
+        return Unusable(f"malformed answer ({type(e).__name__}: {e})"[:300], kind="invalid_answer")
+    return Transient(f"{type(e).__name__}: {e}"[:300], kind="connection")

@@ -1,0 +1,416 @@
+"""One plugin through the pipeline: each step is check -> run -> record.
+
+`advance` reads the plugin's state from the log and performs the one step that state calls
+for, recording its result before moving on. Because the state is the resume point, a crash
+at any instant is repaired by calling `advance` again:
+- planning / generating (request recorded, no answer): the request is sent again; a recorded
+  answer is never requested again, because its state has moved past it;
+- generated: the recorded draft (a blob) is validated again, without Gemini;
+- writing (intent recorded, no completion): the targets are hashed; if they match the intent
+  the write is settled, otherwise it is applied again (temp files are cleaned first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+
+from statemachine import catalog as c
+from statemachine import gates, skillmd, snapshots, writes
+from statemachine.analysis import hash_tree
+from statemachine.gateway import (
+    AccessDenied,
+    Gateway,
+    GatewayError,
+    RateLimited,
+    Refused,
+)
+from statemachine.journal import Journal
+from statemachine.lifecycle import FINAL, PluginCursor, State
+from statemachine.prompts import Standards, estimate_tokens, plan_prompt, plugin_data, skill_prompt, system_instruction
+from statemachine.scheduler import DailyQuotaExhausted, Scheduler
+
+LEGACY_SKILL_DIR = "skill-adapter"
+_METRICS = {"GenerateRequestsPerMinute": "rpm", "GenerateRequestsPerDay": "rpd",
+            "InputTokensPerModelPerMinute": "tpm", "InputTokensPerModelPerDay": "tpd"}
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The part of a run's configuration the steps need (recorded in RunStarted.config)."""
+
+    model: str
+    gates: gates.GateConfig
+    gate_attempts: int = 3
+    max_attempts: int = 5
+    dry_run: bool = False
+    force: bool = False
+
+
+class RunStopped(Exception):
+    """The whole run must stop (the key or model is wrong); the message says why."""
+
+
+class Paused(Exception):
+    """The daily quota is used up: the run pauses until `until` (unix time)."""
+
+    def __init__(self, until: float, reason: str) -> None:
+        super().__init__(reason)
+        self.until = until
+        self.reason = reason
+
+
+@dataclass
+class Stats:
+    """Live counters for the progress display (updated by workers, read by the display)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    rate_limited: int = 0
+    phases: dict[str, str] = field(default_factory=dict)
+
+    def add(self, usage: c.Usage | None = None, *, request: bool = False, limited: bool = False) -> None:
+        with self.lock:
+            self.requests += int(request)
+            self.rate_limited += int(limited)
+            if usage is not None:
+                self.input_tokens += usage.input_tokens
+                self.output_tokens += usage.output_tokens + usage.thoughts_tokens
+
+    def phase(self, plugin_id: str, phase: str | None) -> None:
+        with self.lock:
+            if phase is None:
+                self.phases.pop(plugin_id, None)
+            else:
+                self.phases[plugin_id] = phase
+
+
+@dataclass
+class Context:
+    run_id: str
+    root: Path
+    journal: Journal
+    gateway: Gateway
+    scheduler: Scheduler
+    settings: StepSettings
+    standards: Standards
+    clock: Callable[[], float]
+    stopping: threading.Event
+    stats: Stats
+    halt: threading.Event = field(default_factory=threading.Event)
+    secrets: tuple[str, ...] = ()
+    rng: random.Random = field(default_factory=random.Random)
+    sleep: Callable[[float], object] = field(default=lambda s: threading.Event().wait(s))
+
+    def should_stop(self) -> bool:
+        """A signal stops the run; a pause or a fatal error halts this batch."""
+        return self.stopping.is_set() or self.halt.is_set()
+
+    def scrub(self, text: str) -> str:
+        """Never let a credential reach the log, even inside an error message."""
+        for secret in self.secrets:
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+
+_ROW = ("state", "step", "name", "skill_name", "path", "category", "content_hash", "done_hash",
+        "not_before", "plan_attempts", "skill_attempts", "gate_failures", "failures")
+
+
+def _row(ctx: Context, plugin_id: str) -> dict:
+    found = ctx.journal.query(f"SELECT {', '.join(_ROW)} FROM plugins WHERE plugin_id = ?", (plugin_id,))
+    return dict(zip(_ROW, found[0]))
+
+
+def _details(ctx: Context, plugin_id: str) -> dict:
+    found = ctx.journal.query(
+        "SELECT facts, plan, draft, feedback, validated, intent FROM plugin_details WHERE plugin_id = ?",
+        (plugin_id,))
+    return dict(zip(("facts", "plan", "draft", "feedback", "validated", "intent"), found[0]))
+
+
+def advance(ctx: Context, plugin_id: str) -> float | None:
+    """Drive one plugin as far as it can go now.
+
+    Returns None when the plugin needs nothing more from this run, or the unix time before
+    which it must not continue (a retry wait). Raises Paused or RunStopped for the run.
+    """
+    cursor = ctx.journal.cursor(plugin_id)
+    try:
+        while not ctx.should_stop():
+            row = _row(ctx, plugin_id)
+            state = row["state"]
+            ctx.stats.phase(plugin_id, state)
+            if state in FINAL or (state == State.PLANNED and ctx.settings.dry_run):
+                return None
+            if state == State.RETRYING:
+                wait_until = _ts(row["not_before"])
+                if wait_until > ctx.clock():
+                    return wait_until
+            _STEPS[state](ctx, cursor, row)
+        return None
+    finally:
+        ctx.stats.phase(plugin_id, None)
+        ctx.journal.release(cursor)
+
+
+def _ts(at: str | None) -> float:
+    return datetime.fromisoformat(at).timestamp() if at else 0.0
+
+
+# ------------------------------------------------------------------------ steps
+
+
+def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    if not ctx.settings.force:
+        reason = _already_good(ctx, row)
+        if reason:
+            ctx.journal.record(cursor, c.PluginSkipped(run_id=ctx.run_id, reason=reason))
+            return
+    _request(ctx, cursor, row, "plan")
+
+
+def _already_good(ctx: Context, row: dict) -> str | None:
+    """A SKILL.md that already passes every gate is left alone (a human's or ours)."""
+    skill_dir = ctx.root / row["path"] / "skills" / row["skill_name"]
+    target = skill_dir / "SKILL.md"
+    if not target.is_file() or target.is_symlink():
+        return None
+    try:
+        text = target.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    reasons = gates.check(row["skill_name"], text, [], _existing(skill_dir), ctx.settings.gates)
+    if reasons:
+        return None
+    unchanged = row["done_hash"] is not None and row["done_hash"] == row["content_hash"]
+    return ("unchanged since it was done, and its SKILL.md passes every gate" if unchanged
+            else f"skills/{row['skill_name']}/SKILL.md already passes every gate")
+
+
+def _retry_step(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    _request(ctx, cursor, row, row["step"] or "plan")
+
+
+def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
+    """Record the request, then send it; record the answer or the classified failure."""
+    details = _details(ctx, cursor.plugin_id)
+    facts = msgspec.json.decode(details["facts"], type=c.PluginFacts)
+    data = plugin_data(ctx.root, row["path"], row["name"], row["category"], facts)
+    system = system_instruction(ctx.standards)
+    feedback: list[str] = []
+    if step == "plan":
+        prompt, schema = plan_prompt(data, row["skill_name"]), c.Plan
+    else:
+        plan = msgspec.json.decode(details["plan"], type=c.Plan)
+        feedback = msgspec.json.decode(details["feedback"]) if details["feedback"] else []
+        prompt, schema = skill_prompt(data, row["skill_name"], plan, ctx.settings.gates, feedback), c.SkillDraft
+    est = estimate_tokens(system, prompt)
+    slot = _admit(ctx, est)
+    request_id = uuid.uuid4().hex
+    attempt = (row["plan_attempts"] if step == "plan" else row["skill_attempts"]) + 1
+    if step == "plan":
+        requested: c.Event = c.PlanRequested(run_id=ctx.run_id, request_id=request_id,
+                                             model=ctx.settings.model, attempt=attempt,
+                                             est_input_tokens=est)
+    else:
+        requested = c.SkillRequested(run_id=ctx.run_id, request_id=request_id, model=ctx.settings.model,
+                                     attempt=attempt, est_input_tokens=est, feedback=feedback)
+    ctx.journal.record(cursor, requested)
+    ctx.stats.add(request=True)
+    try:
+        answer = ctx.gateway.generate(system, prompt, schema)
+    except GatewayError as e:
+        _failed(ctx, cursor, row, step, request_id, e)
+        ctx.scheduler.settle(slot, e.usage.input_tokens if e.usage else None)
+        return
+    ctx.scheduler.succeeded()
+    ctx.scheduler.settle(slot, answer.usage.input_tokens)
+    ctx.stats.add(answer.usage)
+    if step == "plan":
+        ctx.journal.record(cursor, c.PlanReceived(run_id=ctx.run_id, request_id=request_id,
+                                                  plan=answer.value, usage=answer.usage))
+    else:
+        draft = msgspec.json.encode(answer.value)
+        ctx.journal.record(cursor, c.SkillReceived(run_id=ctx.run_id, request_id=request_id,
+                                                   draft_sha256=_sha(draft), usage=answer.usage),
+                           blobs=[draft])
+
+
+def _admit(ctx: Context, est: int):
+    """Wait for the scheduler's permission (or raise Paused); returns the reserved slot."""
+    while True:
+        try:
+            wait, slot = ctx.scheduler.try_admit(est)
+        except DailyQuotaExhausted as e:
+            raise Paused(e.until, e.reason) from None
+        if slot is not None:
+            return slot
+        if ctx.should_stop():
+            raise Interrupted()
+        ctx.sleep(min(wait, 1.0))
+
+
+class Interrupted(Exception):
+    """The run is stopping while this worker waited for a slot; nothing was sent."""
+
+
+def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id: str,
+            e: GatewayError) -> None:
+    message = ctx.scrub(str(e))
+    now = ctx.clock()
+    if isinstance(e, RateLimited):
+        ctx.stats.add(e.usage, limited=True)
+        if e.quota_id and e.quota_value:
+            metric = next((m for marker, m in _METRICS.items() if marker in e.quota_id), None)
+            if metric and ctx.scheduler.learn(metric, e.quota_value):
+                ctx.journal.append(f"quota:{ctx.settings.model}", c.LimitLearned(
+                    model=ctx.settings.model, metric=metric, value=e.quota_value, quota_id=e.quota_id))
+        not_before = ctx.scheduler.rate_limited(e.scope, e.retry_after)
+        ctx.journal.record(cursor, c.RequestFailed(
+            run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind, message=message,
+            status_code=429, not_before=_iso_us(not_before), usage=e.usage))
+        return
+    ctx.stats.add(e.usage)
+    if isinstance(e, AccessDenied):
+        # Not the plugin's fault: leave it retryable and stop the run.
+        ctx.journal.record(cursor, c.RequestFailed(
+            run_id=ctx.run_id, request_id=request_id, step=step, kind="access_denied", message=message,
+            status_code=e.status_code, not_before=_iso_us(now), usage=e.usage))
+        raise RunStopped(message)
+    if isinstance(e, Refused) or row["failures"] + 1 >= ctx.settings.max_attempts:
+        reason = message if isinstance(e, Refused) else (
+            f"{step} failed {row['failures'] + 1} times; last: {e.kind}: {message}")
+        ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=reason,
+                                                  request_id=request_id, status_code=e.status_code))
+        return
+    delay = min(600.0, 2.0 * 2 ** row["failures"])
+    delay = delay / 2 + ctx.rng.uniform(0, delay / 2)
+    ctx.journal.record(cursor, c.RequestFailed(
+        run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind, message=message,
+        status_code=e.status_code, not_before=_iso_us(now + delay), usage=e.usage))
+
+
+def _iso_us(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    details = _details(ctx, cursor.plugin_id)
+    draft = msgspec.json.decode(ctx.journal.blob(details["draft"]), type=c.SkillDraft)
+    name = row["skill_name"]
+    skill_md = skillmd.compose(name, draft)
+    plugin_dir = ctx.root / row["path"]
+    legacy = _legacy_dir(plugin_dir, name)
+    existing = _existing(plugin_dir / "skills" / name) | (_existing(legacy) if legacy else set())
+    reasons = gates.check(name, skill_md, draft.files, existing, ctx.settings.gates)
+    if reasons:
+        attempt = row["gate_failures"] + 1
+        if attempt >= ctx.settings.gate_attempts:
+            ctx.journal.record(cursor, c.SkillRejected(run_id=ctx.run_id, reasons=reasons))
+        else:
+            ctx.journal.record(cursor, c.SkillGateFailed(run_id=ctx.run_id, attempt=attempt, reasons=reasons))
+        return
+    contents = {f"skills/{name}/SKILL.md": skill_md.encode("utf-8")}
+    contents.update({f"skills/{name}/{f.path}": f.content.encode("utf-8") for f in draft.files})
+    files = [c.FileWrite(path=path, sha256=_sha(data)) for path, data in contents.items()]
+    ctx.journal.record(cursor, c.SkillValidated(run_id=ctx.run_id, skill_name=name, files=files),
+                       blobs=list(contents.values()))
+
+
+def _existing(skill_dir: Path) -> set[str]:
+    """Files already in a skill directory, relative to it (never following symlinks)."""
+    found: set[str] = set()
+    if not skill_dir.is_dir() or skill_dir.is_symlink():
+        return found
+    for path in skill_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            found.add(path.relative_to(skill_dir).as_posix())
+    return found
+
+
+def _legacy_dir(plugin_dir: Path, name: str) -> Path | None:
+    """The legacy skill directory that must become skills/<name>/, if any."""
+    skills = plugin_dir / "skills"
+    if (skills / name).exists() or not skills.is_dir():
+        return None
+    legacy = skills / LEGACY_SKILL_DIR
+    if legacy.is_dir() and not legacy.is_symlink():
+        return legacy
+    return None
+
+
+def _validated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    snap = snapshots.take(ctx.root, ctx.root / row["path"])
+    ctx.journal.record(cursor, c.PluginSnapshotted(run_id=ctx.run_id, tree_sha256=snap.tree_sha256),
+                       blobs=snap.blobs)
+
+
+def _snapshotted(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    details = _details(ctx, cursor.plugin_id)
+    files = msgspec.json.decode(details["validated"], type=list[c.FileWrite])
+    plugin_dir = ctx.root / row["path"]
+    legacy = _legacy_dir(plugin_dir, row["skill_name"])
+    moves = [c.Move(src=f"skills/{legacy.name}", dst=f"skills/{row['skill_name']}")] if legacy else []
+    writes.plan_targets(plugin_dir, f"skills/{row['skill_name']}", {f.path: b"" for f in files})
+    ctx.journal.record(cursor, c.WriteIntended(run_id=ctx.run_id, writes=files, moves=moves))
+
+
+def _writing(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    details = _details(ctx, cursor.plugin_id)
+    intent = msgspec.json.decode(details["intent"])
+    files = {w["path"]: w["sha256"] for w in intent["writes"]}
+    moves = [(m["src"], m["dst"]) for m in intent["moves"]]
+    plugin_dir = ctx.root / row["path"]
+    if writes.settled(plugin_dir, files, moves):
+        ctx.journal.record(cursor, c.WriteCompleted(run_id=ctx.run_id, settled_by="hash-check"))
+        return
+    writes.cleanup_temp(plugin_dir)
+    contents = {path: ctx.journal.blob(digest) for path, digest in files.items()}
+    writes.apply(plugin_dir, contents, moves)
+    ctx.journal.record(cursor, c.WriteCompleted(run_id=ctx.run_id, settled_by="rename"))
+
+
+def _written(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    tree = hash_tree(ctx.root, ctx.root / row["path"])
+    ctx.journal.record(cursor, c.PluginDone(run_id=ctx.run_id, content_hash=tree.content_hash))
+
+
+def _planned(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    _request(ctx, cursor, row, "skill")
+
+
+def _planning(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    _request(ctx, cursor, row, "plan")
+
+
+def _generating(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    _request(ctx, cursor, row, "skill")
+
+
+def _not_ready(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    raise RunStopped(f"{cursor.plugin_id} is in state {row['state']}; run `overnight scan` first")
+
+
+_STEPS: dict[str, Callable[[Context, PluginCursor, dict], None]] = {
+    State.NEW: _not_ready, State.DISCOVERED: _not_ready,
+    State.ANALYZED: _analyzed, State.PLANNING: _planning, State.PLANNED: _planned,
+    State.GENERATING: _generating, State.GENERATED: _generated, State.RETRYING: _retry_step,
+    State.VALIDATED: _validated, State.SNAPSHOTTED: _snapshotted, State.WRITING: _writing,
+    State.WRITTEN: _written,
+}

@@ -1,0 +1,433 @@
+"""`overnight run` and `overnight resume`: a batch of plugins through the pipeline.
+
+A run records its effective configuration (never a secret) in RunStarted, with the list of
+plugins it selected, so `resume` continues exactly that batch with exactly that
+configuration. Workers (threads: the work is waiting on Gemini, and blocking code keeps each
+step a plain check -> run -> record) take plugins in order; a plugin that must wait (a retry
+after a fault or a 429) goes back in the queue with its not-before time, so the others go
+on. Every worker asks the scheduler before each request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import msgspec
+
+from events import EventStore
+from statemachine import catalog as c
+from statemachine.errors import OvernightError
+from statemachine.gates import GateConfig
+from statemachine.gateway import Backend, Gateway, GeminiSettings
+from statemachine.journal import Journal, JournalClosed
+from statemachine.lifecycle import FINAL, State
+from statemachine.pipeline import Context, Interrupted, Paused, RunStopped, Stats, StepSettings, advance
+from statemachine.prompts import Standards, load_standards
+from statemachine.scan import scan
+from statemachine.scheduler import Limits, Scheduler, day_start, iso
+
+OK_END = frozenset({State.DONE, State.SKIPPED, State.REJECTED})
+UNFINISHED = ("running", "paused", "interrupted", "budget_exhausted")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    gemini: GeminiSettings = field(default_factory=GeminiSettings)
+    limits: Limits = field(default_factory=Limits)
+    gates: GateConfig = field(default_factory=GateConfig)
+    gate_attempts: int = 3
+    max_attempts: int = 5
+    plugins: tuple[str, ...] = ()
+    category: str | None = None
+    limit: int | None = None
+    force: bool = False
+    dry_run: bool = False
+    standards: Path | None = None
+    wait: bool = True
+
+    def config(self, standards: Standards, backend: Backend) -> dict[str, Any]:
+        """The recorded configuration: everything `resume` needs, and no secret."""
+        return {
+            "gemini": self.gemini.public(), "backend": backend.describe(),
+            "limits": self.limits.as_dict(),
+            "gates": dataclasses.asdict(self.gates),
+            "gate_attempts": self.gate_attempts, "max_attempts": self.max_attempts,
+            "plugins": list(self.plugins), "category": self.category, "limit": self.limit,
+            "force": self.force, "dry_run": self.dry_run, "standards_sha256": standards.sha256,
+            "wait": self.wait,
+        }
+
+
+def options_from_config(config: dict[str, Any]) -> RunOptions:
+    g = config["gemini"]
+    gates = dict(config["gates"])
+    gates["sections"] = tuple(gates["sections"])
+    return RunOptions(
+        gemini=GeminiSettings(model=g["model"], base_url=g["base_url"], timeout_s=g["timeout_s"],
+                              max_output_tokens=g["max_output_tokens"], temperature=g["temperature"]),
+        limits=Limits(**config["limits"]), gates=GateConfig(**gates),
+        gate_attempts=config["gate_attempts"], max_attempts=config["max_attempts"],
+        plugins=tuple(config["plugins"]), category=config["category"], limit=config["limit"],
+        force=config["force"], dry_run=config["dry_run"], wait=config["wait"],
+    )
+
+
+@dataclass
+class Progress:
+    total: int
+    finished: int
+    phases: dict[str, str]
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    rate_limited: int
+    elapsed: float
+    paused_until: float | None = None
+
+    @property
+    def eta(self) -> float | None:
+        if not self.finished or self.finished >= self.total:
+            return None
+        return self.elapsed / self.finished * (self.total - self.finished)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    outcome: str  # complete | incomplete | paused | interrupted | stopped
+    counts: dict[str, int]
+    selected: int
+    invalid: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (plugin, state, reason)
+    message: str | None = None
+    paused_until: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("complete", "paused")
+
+
+class Runner:
+    """Executes one run. `clock` returns unix seconds; `sleep` waits (both injectable)."""
+
+    def __init__(self, store: EventStore, root: Path, *, backend: Backend,
+                 gateway_factory: Callable[[GeminiSettings, Backend], Gateway] = Gateway,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 json_log: IO[str] | None = None,
+                 on_progress: Callable[[Progress], None] | None = None) -> None:
+        self.store = store
+        self.root = root
+        self.backend = backend
+        self.gateway_factory = gateway_factory
+        self.clock = clock
+        self.sleep = sleep
+        self.journal = Journal(store, json_log)
+        self.on_progress = on_progress
+        self.stopping = threading.Event()
+        self.signal: str | None = None
+
+    # ------------------------------------------------------------------ entry points
+
+    def start(self, options: RunOptions) -> RunResult:
+        standards = load_standards(options.standards)
+        gateway = self.gateway_factory(options.gemini, self.backend)
+        gateway.check_access()
+        scan(self.store, self.root)
+        selection = self._select(options)
+        run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+        self.journal.append(f"run:{run_id}", c.RunStarted(
+            run_id=run_id, command="run", config=options.config(standards, self.backend),
+            plugins=len(selection), selection=selection), blobs=[standards.text.encode("utf-8")])
+        return self._execute(run_id, options, standards, gateway, selection)
+
+    def resume(self, overrides: Callable[[RunOptions], RunOptions] | None = None,
+               reason: str = "") -> RunResult:
+        found = self.store.query(
+            "SELECT run_id, config FROM runs WHERE status IN (?, ?, ?, ?) ORDER BY started_at DESC LIMIT 1",
+            UNFINISHED)
+        if not found:
+            raise OvernightError("no unfinished run to resume; start one with `overnight run`")
+        run_id, config_json = found[0]
+        config = msgspec.json.decode(config_json)
+        options = options_from_config(config)
+        blob = self._standards_blob(config["standards_sha256"])
+        standards = Standards(blob.decode("utf-8"))
+        if overrides is not None:
+            changed = overrides(options)
+            if changed.limits != options.limits:
+                self.journal.append(f"run:{run_id}", c.LimitsChanged(
+                    run_id=run_id, limits=changed.limits.as_dict(), reason=reason or "changed on resume"))
+            options = changed
+        gateway = self.gateway_factory(options.gemini, self.backend)
+        gateway.check_access()
+        started = self.store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'",
+                                   (f"run:{run_id}",))
+        selection = msgspec.json.decode(started[0][0])["selection"]
+        self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
+        scan(self.store, self.root)
+        return self._execute(run_id, options, standards, gateway, selection)
+
+    def interrupt(self, signal_name: str) -> None:
+        """Called from a signal handler: stop taking work; `_execute` records the interruption."""
+        self.signal = signal_name
+        self.stopping.set()
+
+    # -------------------------------------------------------------------- internals
+
+    def _standards_blob(self, digest: str) -> bytes:
+        return self.store.get_blob(digest)
+
+    def _select(self, options: RunOptions) -> list[str]:
+        rows = self.store.query("SELECT plugin_id, name, category, state FROM plugins ORDER BY plugin_id")
+        wanted = set(options.plugins)
+        chosen = []
+        for plugin_id, name, category, state in rows:
+            if wanted and plugin_id not in wanted and name not in wanted:
+                continue
+            if options.category and category != options.category:
+                continue
+            if state in (State.INVALID, State.GONE):
+                continue
+            if state in FINAL and not options.force:
+                continue
+            chosen.append(plugin_id)
+        if wanted:
+            known = {r[0] for r in rows} | {r[1] for r in rows}
+            unknown = sorted(wanted - known)
+            if unknown:
+                raise OvernightError(f"no plugin named or with id {', '.join(map(repr, unknown))}")
+        if options.limit is not None:
+            chosen = chosen[: options.limit]
+        if options.force:
+            self._reopen([p for p in chosen if self._state(p) in FINAL])
+        return chosen
+
+    def _state(self, plugin_id: str) -> str:
+        return self.store.query("SELECT state FROM plugins WHERE plugin_id = ?", (plugin_id,))[0][0]
+
+    def _reopen(self, plugin_ids: list[str]) -> None:
+        """--force: finished plugins are discovered and analyzed again (same facts: the scan
+        just confirmed their content), which puts them back at the start of the pipeline."""
+        for plugin_id in plugin_ids:
+            row = self.store.query(
+                "SELECT p.name, p.category, p.path, p.listed, p.skill_name, p.content_hash, d.facts "
+                "FROM plugins p JOIN plugin_details d USING (plugin_id) WHERE plugin_id = ?", (plugin_id,))[0]
+            name, category, path, listed, skill_name, content_hash, facts = row
+            cursor = self.journal.cursor(plugin_id)
+            try:
+                self.journal.record(cursor, c.PluginDiscovered(
+                    plugin_id=plugin_id, name=name, category=category, path=path, listed=bool(listed),
+                    skill_name=skill_name))
+                self.journal.record(cursor, c.PluginAnalyzed(
+                    content_hash=content_hash, facts=msgspec.json.decode(facts, type=c.PluginFacts)))
+            finally:
+                self.journal.release(cursor)
+
+    def _history(self, model: str) -> list[tuple[float, int]]:
+        since = day_start(self.clock())
+        return [(at, tokens or 0) for at, tokens in self.store.query(
+            "SELECT sent_at, coalesce(input_tokens, est_input_tokens) FROM quota_ledger "
+            "WHERE model = ? AND sent_at >= ?", (model, min(since, self.clock() - 60)))]
+
+    def _execute(self, run_id: str, options: RunOptions, standards: Standards, gateway: Gateway,
+                 selection: list[str]) -> RunResult:
+        scheduler = Scheduler(self._effective_limits(options), self.clock, self._history(options.gemini.model))
+        stats = Stats()
+        ctx = Context(
+            run_id=run_id, root=self.root, journal=self.journal, gateway=gateway, scheduler=scheduler,
+            settings=StepSettings(model=options.gemini.model, gates=options.gates,
+                                  gate_attempts=options.gate_attempts, max_attempts=options.max_attempts,
+                                  dry_run=options.dry_run, force=options.force),
+            standards=standards, clock=self.clock, stopping=self.stopping, stats=stats,
+            secrets=(self.backend.api_key or "",), sleep=self.sleep,
+        )
+        started = self.clock()
+        while True:
+            outcome = _Batch(ctx, selection, options.limits.concurrency).run(
+                lambda finished: self._report(stats, len(selection), finished, started))
+            if self.stopping.is_set() and self.signal:
+                return self._interrupted(run_id, selection)
+            if outcome.stopped is not None:
+                return self._finish(run_id, selection, options, "stopped", message=outcome.stopped)
+            if outcome.paused is None:
+                return self._finish(run_id, selection, options, None)
+            until = outcome.paused
+            self.journal.append(f"run:{run_id}", c.RunPaused(run_id=run_id, reason=outcome.pause_reason,
+                                                             until=iso(until)))
+            if not options.wait:
+                return self._finish(run_id, selection, options, "paused", paused_until=iso(until))
+            self._wait_until(until, stats, len(selection), started)
+            if self.stopping.is_set():
+                return self._interrupted(run_id, selection)
+            self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
+            scheduler = Scheduler(scheduler.limits, self.clock, self._history(options.gemini.model))
+            ctx.scheduler = scheduler
+
+    def _effective_limits(self, options: RunOptions) -> Limits:
+        limits = options.limits
+        for metric, value in self.store.query(
+                "SELECT metric, value FROM quota_limits WHERE model = ?", (options.gemini.model,)):
+            if getattr(limits, metric, None) is None or value < getattr(limits, metric):
+                limits = replace(limits, **{metric: value})
+        return limits
+
+    def _wait_until(self, until: float, stats: Stats, total: int, started: float) -> None:
+        while not self.stopping.is_set() and self.clock() < until:
+            self.sleep(min(30.0, max(0.0, until - self.clock())))
+            if self.on_progress:
+                self.on_progress(self._progress(stats, total, 0, started, paused_until=until))
+
+    def _progress(self, stats: Stats, total: int, finished: int, started: float,
+                  paused_until: float | None = None) -> Progress:
+        with stats.lock:
+            return Progress(total=total, finished=finished, phases=dict(stats.phases),
+                            requests=stats.requests, input_tokens=stats.input_tokens,
+                            output_tokens=stats.output_tokens, rate_limited=stats.rate_limited,
+                            elapsed=self.clock() - started, paused_until=paused_until)
+
+    def _report(self, stats: Stats, total: int, finished: int, started: float) -> None:
+        if self.on_progress:
+            self.on_progress(self._progress(stats, total, finished, started))
+
+    def _counts(self, selection: list[str]) -> tuple[dict[str, int], list[tuple[str, str, str]]]:
+        chosen = set(selection)
+        counts: dict[str, int] = {}
+        problems = []
+        for plugin_id, state, reason in self.journal.query("SELECT plugin_id, state, reason FROM plugins"):
+            if plugin_id not in chosen:
+                continue
+            counts[state] = counts.get(state, 0) + 1
+            if state not in OK_END:
+                problems.append((plugin_id, state, reason or ""))
+        return counts, problems
+
+    def _finish(self, run_id: str, selection: list[str], options: RunOptions, outcome: str | None,
+                message: str | None = None, paused_until: str | None = None) -> RunResult:
+        counts, problems = self._counts(selection)
+        done_states = OK_END | ({State.PLANNED} if options.dry_run else set())
+        if outcome is None:
+            outcome = "complete" if all(s in done_states for s in counts) else "incomplete"
+            self.journal.append(f"run:{run_id}", c.RunFinished(run_id=run_id, outcome=outcome, counts=counts))
+        if options.dry_run:
+            problems = [p for p in problems if p[1] != State.PLANNED]
+        invalid = [(pid, reason or "") for pid, reason in self.journal.query(
+            "SELECT plugin_id, reason FROM plugins WHERE state = 'invalid' ORDER BY plugin_id")]
+        return RunResult(run_id=run_id, outcome=outcome, counts=counts, selected=len(selection),
+                         invalid=invalid, problems=problems, message=message, paused_until=paused_until)
+
+    def _interrupted(self, run_id: str, selection: list[str]) -> RunResult:
+        """Record the interruption and close the log; workers still inside a Gemini call find
+        the journal closed and end without recording (resume re-sends their requests)."""
+        with self.journal.lock:
+            self.journal.append(f"run:{run_id}", c.RunInterrupted(run_id=run_id, signal=self.signal or "stop"))
+            counts, problems = self._counts(selection)
+            self.journal.close()
+        return RunResult(run_id=run_id, outcome="interrupted", counts=counts, selected=len(selection),
+                         problems=problems, message=f"interrupted by {self.signal}")
+
+
+@dataclass
+class _Outcome:
+    paused: float | None = None
+    pause_reason: str = ""
+    stopped: str | None = None
+
+
+class _Batch:
+    """The work queue of one execution: plugins ordered by when they may continue."""
+
+    def __init__(self, ctx: Context, selection: list[str], concurrency: int) -> None:
+        self.ctx = ctx
+        self.queue: list[tuple[float, int, str]] = [(0.0, i, pid) for i, pid in enumerate(selection)]
+        heapq.heapify(self.queue)
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.finished = 0
+        self.concurrency = max(1, concurrency)
+        self.outcome = _Outcome()
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self, report: Callable[[int], None]) -> _Outcome:
+        self.ctx.halt = self.halt
+        threads = [threading.Thread(target=self._worker, name=f"overnight-worker-{i}", daemon=True)
+                   for i in range(self.concurrency)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.25)
+                report(self.finished)
+                if self.ctx.stopping.is_set():
+                    return self.outcome  # interrupted: do not wait for calls in flight
+        report(self.finished)
+        if self.error is not None:
+            raise self.error
+        return self.outcome
+
+    def _take(self) -> tuple[str | None, float]:
+        """The next plugin that may go now, or (None, seconds to wait); (None, -1) when empty."""
+        with self.lock:
+            if not self.queue:
+                return None, (-1.0 if self.in_flight == 0 else 0.2)
+            ready, _, plugin_id = self.queue[0]
+            wait = ready - self.ctx.clock()
+            if wait > 0:
+                return None, wait
+            heapq.heappop(self.queue)
+            self.in_flight += 1
+            return plugin_id, 0.0
+
+    def _worker(self) -> None:
+        ctx = self.ctx
+        order = 0
+        while not ctx.should_stop():
+            plugin_id, wait = self._take()
+            if plugin_id is None:
+                if wait < 0:
+                    return
+                ctx.sleep(min(wait, 1.0))
+                continue
+            try:
+                again = advance(ctx, plugin_id)
+            except Paused as e:
+                self._stop(paused=e.until, reason=e.reason, plugin_id=plugin_id)
+                return
+            except RunStopped as e:
+                self._stop(stopped=str(e), plugin_id=plugin_id)
+                return
+            except (JournalClosed, Interrupted):
+                with self.lock:
+                    self.in_flight -= 1
+                return
+            except BaseException as e:  # a bug: stop the run and show it
+                self.error = e
+                self._stop(stopped=f"internal error: {type(e).__name__}: {e}", plugin_id=plugin_id)
+                return
+            with self.lock:
+                self.in_flight -= 1
+                if again is None:
+                    self.finished += 1
+                else:
+                    order += 1
+                    heapq.heappush(self.queue, (again, len(self.queue) + order, plugin_id))
+
+    def _stop(self, *, plugin_id: str, paused: float | None = None, reason: str = "",
+              stopped: str | None = None) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            heapq.heappush(self.queue, (0.0, -1, plugin_id))
+            if paused is not None and self.outcome.stopped is None:
+                self.outcome.paused = max(self.outcome.paused or 0.0, paused)
+                self.outcome.pause_reason = reason
+            if stopped is not None:
+                self.outcome.stopped = self.outcome.stopped or stopped
+        self.halt.set()

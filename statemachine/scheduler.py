@@ -1,0 +1,197 @@
+"""Quota admission: send a Gemini request only when every window allows it.
+
+Algorithm: exact sliding windows over the requests actually sent (not token buckets). The
+ledger already holds one row per request with its time and tokens, so the windows are the
+ledger itself: on start they are loaded from it (a restart in the middle of a minute keeps
+its count), and each admitted request is reserved in memory before its request event is
+appended. Sliding windows never let more than the limit through in any 60-second span,
+which is what Gemini enforces; a token bucket would allow bursts at window edges.
+
+- requests per minute: fewer than `rpm` requests in the last 60 s;
+- input tokens per minute: the estimate plus the tokens of the last 60 s within `tpm`
+  (reserved at the estimate, settled with the real count from the answer);
+- requests per day: fewer than `rpd` since the last midnight in America/Los_Angeles
+  (zoneinfo, so the daylight-saving changes are handled);
+- a 429 sets a not-before time for the model (RetryInfo, or a backoff when it has none);
+  a per-day 429 makes the run pause until the next Pacific midnight.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, replace
+from datetime import datetime, time, timedelta, timezone
+from typing import Callable
+from zoneinfo import ZoneInfo
+
+PACIFIC = ZoneInfo("America/Los_Angeles")
+MINUTE = 60.0
+Clock = Callable[[], float]
+
+
+def day_start(now: float) -> float:
+    """Unix time of the last midnight in America/Los_Angeles at or before `now`."""
+    local = datetime.fromtimestamp(now, PACIFIC)
+    return datetime.combine(local.date(), time(0), tzinfo=PACIFIC).timestamp()
+
+
+def next_day_start(now: float) -> float:
+    local = datetime.fromtimestamp(now, PACIFIC)
+    return datetime.combine(local.date() + timedelta(days=1), time(0), tzinfo=PACIFIC).timestamp()
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-model limits. Defaults are the Gemini free tier for Flash as seen in late 2025
+    (conservative on purpose: raise them to what your project really has)."""
+
+    rpm: int = 10
+    rpd: int = 20
+    tpm: int = 250_000
+    tpd: int | None = None
+    concurrency: int = 2
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {"rpm": self.rpm, "rpd": self.rpd, "tpm": self.tpm, "tpd": self.tpd,
+                "concurrency": self.concurrency}
+
+
+class DailyQuotaExhausted(Exception):
+    """No request may be sent before `until` (unix time): the run should pause."""
+
+    def __init__(self, until: float, reason: str) -> None:
+        super().__init__(reason)
+        self.until = until
+        self.reason = reason
+
+
+@dataclass
+class _Sent:
+    at: float
+    tokens: int
+
+
+class Scheduler:
+    """Thread-safe admission for one model. `clock` returns unix seconds (injectable)."""
+
+    def __init__(self, limits: Limits, clock: Clock, history: list[tuple[float, int]] = (),
+                 rng: random.Random | None = None) -> None:
+        self.limits = limits
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._minute: deque[_Sent] = deque()
+        self._today: list[float] = []
+        self._day = day_start(clock())
+        self._not_before = 0.0
+        self._backoff = 0
+        self._rng = rng or random.Random()
+        now = clock()
+        for at, tokens in sorted(history):
+            if at > now - MINUTE:
+                self._minute.append(_Sent(at, tokens))
+            if at >= self._day:
+                self._today.append(at)
+
+    # ------------------------------------------------------------------ admission
+
+    def delay(self, est_tokens: int) -> float:
+        """Seconds to wait before a request of `est_tokens` may go (0: now).
+        Raises DailyQuotaExhausted when today's requests are used up."""
+        with self._lock:
+            return self._delay(self.clock(), est_tokens)
+
+    def _delay(self, now: float, est_tokens: int) -> float:
+        self._expire(now)
+        limits = self.limits
+        if len(self._today) >= limits.rpd:
+            until = next_day_start(now)
+            raise DailyQuotaExhausted(until, f"{len(self._today)} of {limits.rpd} requests per day used")
+        waits = [self._not_before - now]
+        if len(self._minute) >= limits.rpm:
+            waits.append(self._minute[-limits.rpm].at + MINUTE - now)
+        used = sum(s.tokens for s in self._minute)
+        if self._minute and used + est_tokens > limits.tpm:
+            # Wait until enough of the window has expired to fit this request.
+            excess = used + est_tokens - limits.tpm
+            for sent in self._minute:
+                excess -= sent.tokens
+                if excess <= 0:
+                    waits.append(sent.at + MINUTE - now)
+                    break
+        return max(0.0, *waits)
+
+    def try_admit(self, est_tokens: int) -> tuple[float, _Sent | None]:
+        """Reserve a slot now if every window allows it: (0, slot); else (wait, None)."""
+        with self._lock:
+            now = self.clock()
+            wait = self._delay(now, est_tokens)
+            if wait > 0:
+                return wait, None
+            slot = _Sent(now, est_tokens)
+            self._minute.append(slot)
+            self._today.append(now)
+            return 0.0, slot
+
+    def settle(self, slot: _Sent, input_tokens: int | None) -> None:
+        """Replace the estimate with the real input token count of the answer."""
+        if input_tokens is not None:
+            with self._lock:
+                slot.tokens = input_tokens
+
+    def _expire(self, now: float) -> None:
+        while self._minute and self._minute[0].at <= now - MINUTE:
+            self._minute.popleft()
+        start = day_start(now)
+        if start != self._day:
+            self._day = start
+            self._today = [t for t in self._today if t >= start]
+
+    # -------------------------------------------------------------- learning
+
+    def rate_limited(self, scope: str, retry_after: float | None) -> float:
+        """Record a 429; returns the not-before time it implies for every request of the model.
+        With RetryInfo the wait is exactly that; without it, an exponential backoff with
+        jitter, so a storm of 429s never becomes a storm of requests."""
+        with self._lock:
+            now = self.clock()
+            if retry_after is not None:
+                wait = retry_after
+                self._backoff = 0
+            else:
+                self._backoff += 1
+                base = min(300.0, 5.0 * 2 ** (self._backoff - 1))
+                wait = base / 2 + self._rng.uniform(0, base / 2)
+            if scope in ("day", "tokens_day"):
+                wait = max(wait, next_day_start(now) - now)
+            self._not_before = max(self._not_before, now + wait)
+            return self._not_before
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._backoff = 0
+
+    def learn(self, metric: str, value: int) -> bool:
+        """Use a limit learned from a QuotaFailure (never above the configured one).
+        Returns True when the effective limit changed."""
+        with self._lock:
+            current = getattr(self.limits, metric, None)
+            if current is not None and current <= value:
+                return False
+            self.limits = replace(self.limits, **{metric: value})
+            return True
+
+    def set_limits(self, limits: Limits) -> None:
+        with self._lock:
+            self.limits = limits
+
+    def used(self) -> dict[str, int]:
+        with self._lock:
+            self._expire(self.clock())
+            return {"minute_requests": len(self._minute), "minute_tokens": sum(s.tokens for s in self._minute),
+                    "day_requests": len(self._today)}

@@ -1,0 +1,344 @@
+"""Content-addressed snapshots of a plugin directory, and restoring one exactly.
+
+What must always hold:
+- A snapshot is a canonical JSON manifest (entries sorted by path) whose sha256 names it; every
+  file's bytes are a blob named by their sha256. Equal trees give byte-equal manifests.
+- Taking a snapshot never follows a symlink, never opens a FIFO or device, never leaves the
+  marketplace root; symlinks are recorded by their link text. `.git`, `node_modules` and
+  `.overnight` are not part of a snapshot; FIFOs, sockets and devices are left out.
+- Restoring validates the whole manifest before writing anything, builds the tree in a
+  sibling temp directory, verifies every blob's sha256, and only then swaps it in: a missing
+  or corrupt blob, a bad path or an escaping symlink leaves the plugin directory untouched.
+  The swap is recoverable by `writes.cleanup_temp` after a crash at any point.
+- Restored files and directories never carry setuid/setgid bits; a restored symlink never
+  resolves outside the marketplace root. The plugin's `.git`, `node_modules` and `.overnight`
+  (never snapshotted) are carried over from the replaced tree, not deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import stat
+from pathlib import Path
+from typing import Annotated, Callable, Literal, NamedTuple
+
+import msgspec
+
+from events import EventStoreError
+from statemachine.analysis import MAX_BYTES, MAX_ENTRIES, _walk
+from statemachine.discovery import SKIP_DIRS, is_inside, one_line
+from statemachine.errors import OvernightError
+from statemachine.writes import (
+    WriteError, fsync_fd, open_dir, rel_parts, remove_tree, swap_dir, temp_name,
+)
+
+FORMAT = 1
+_STRIP = stat.S_ISUID | stat.S_ISGID
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_CHUNK = 1024 * 1024
+
+Mode = Annotated[int, msgspec.Meta(ge=0, le=0o7777)]
+Hex = Annotated[str, msgspec.Meta(pattern="^([0-9a-f]{64})?$")]
+
+
+class SnapshotError(OvernightError):
+    pass
+
+
+class Entry(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    path: str
+    kind: Literal["file", "dir", "symlink"]
+    mode: Mode
+    size: Annotated[int, msgspec.Meta(ge=0)] = 0
+    sha256: Hex = ""
+    target: str = ""
+
+
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    format: int
+    mode: Mode  # of the plugin directory itself
+    entries: list[Entry]
+
+
+class Snapshot(NamedTuple):
+    tree_sha256: str
+    manifest: bytes
+    blobs: list[bytes]  # every distinct file content, then the manifest itself
+
+
+_decoder = msgspec.json.Decoder(Manifest)
+
+
+# ------------------------------------------------------------------ taking
+
+
+def take(root: Path, plugin_dir: Path) -> Snapshot:
+    """Snapshot plugin_dir (which must resolve to a directory inside root).
+
+    Raises SnapshotError when the tree cannot be captured completely (an unreadable file or
+    directory, a name that is not UTF-8, more than analysis.MAX_ENTRIES entries or
+    MAX_BYTES bytes): a partial snapshot would delete files on restore.
+    """
+    root_real = os.path.realpath(root)
+    start = os.path.realpath(plugin_dir)
+    if not is_inside(start, root_real) or not os.path.isdir(start):
+        raise SnapshotError(f"{one_line(str(plugin_dir))} is not a directory inside the marketplace")
+    problems: list[str] = []
+    entries: list[Entry] = []
+    blobs: dict[str, bytes] = {}
+    total = 0
+    for rel, st in _walk(start, problems):
+        _require_utf8(rel, "name")
+        mode = stat.S_IMODE(st.st_mode) & ~_STRIP
+        if stat.S_ISDIR(st.st_mode):
+            entries.append(Entry(path=rel, kind="dir", mode=mode))
+        elif stat.S_ISLNK(st.st_mode):
+            target = _readlink(start, rel)
+            _require_utf8(target, f"target of symlink {one_line(rel)}")
+            entries.append(Entry(path=rel, kind="symlink", mode=mode,
+                                 size=len(os.fsencode(target)), target=target))
+        elif stat.S_ISREG(st.st_mode):
+            data = _read(start, rel)
+            total += len(data)
+            if total > MAX_BYTES:
+                raise SnapshotError(f"the plugin holds more than {MAX_BYTES // (1024 * 1024)} MiB")
+            digest = hashlib.sha256(data).hexdigest()
+            blobs.setdefault(digest, data)
+            entries.append(Entry(path=rel, kind="file", mode=mode, size=len(data), sha256=digest))
+        # FIFOs, sockets and devices carry no content a plugin can use: left out.
+        if len(entries) > MAX_ENTRIES:
+            raise SnapshotError(f"the plugin has more than {MAX_ENTRIES} files and directories")
+    if problems:
+        raise SnapshotError(f"cannot snapshot {one_line(str(plugin_dir))}: {problems[0]}")
+    entries.sort(key=lambda e: e.path.split("/"))
+    manifest = msgspec.json.encode(Manifest(
+        format=FORMAT, mode=stat.S_IMODE(os.stat(start).st_mode) & ~_STRIP, entries=entries))
+    return Snapshot(tree_sha256=hashlib.sha256(manifest).hexdigest(), manifest=manifest,
+                    blobs=[*blobs.values(), manifest])
+
+
+def _require_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SnapshotError(f"cannot snapshot {what} {one_line(text)!r}: it is not UTF-8") from e
+
+
+def _readlink(start: str, rel: str) -> str:
+    try:
+        return os.readlink(os.path.join(start, rel))
+    except OSError as e:
+        raise SnapshotError(f"cannot read symlink {one_line(rel)}: {e.strerror}") from e
+
+
+def _read(start: str, rel: str) -> bytes:
+    try:
+        fd = os.open(os.path.join(start, rel),
+                     os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError as e:
+        raise SnapshotError(f"cannot read {one_line(rel)}: {e.strerror}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotError(f"cannot read {one_line(rel)}: it changed while being read")
+        chunks = []
+        while chunk := os.read(fd, _CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise SnapshotError(f"cannot read {one_line(rel)}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------ restoring
+
+
+def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
+            tree_sha256: str) -> None:
+    """Make plugin_dir exactly the snapshot `tree_sha256` (created when missing).
+
+    Refuses, with SnapshotError and before changing anything: a missing or corrupt blob, a
+    malformed manifest, an entry path with '..', '.', an absolute path, an empty or NUL
+    segment or a backslash, a symlink resolving outside root, a plugin_dir that is the root
+    itself, not inside it, or reached through a symlink.
+    """
+    manifest = _load(get_blob, tree_sha256)
+    entries = _validated(manifest)
+    root_real = os.path.realpath(root)
+    parts = _plugin_parts(root, plugin_dir)
+    final_real = os.path.join(root_real, *parts)
+    for entry, entry_parts in entries:
+        if entry.kind == "symlink":
+            _check_link(root_real, final_real, entry, entry_parts)
+    try:
+        parent_fd = open_dir(Path(root), parts[:-1], create=True)
+    except WriteError as e:
+        raise SnapshotError(f"cannot restore {one_line(str(plugin_dir))}: {e}") from e
+    name = parts[-1]
+    try:
+        existing = _lstat(parent_fd, name)
+        if existing is not None and not stat.S_ISDIR(existing.st_mode):
+            what = "a symlink" if stat.S_ISLNK(existing.st_mode) else "not a directory"
+            raise SnapshotError(f"cannot restore {one_line(str(plugin_dir))}: it is {what}")
+        built = temp_name(name, "restore")
+        os.mkdir(built, 0o700, dir_fd=parent_fd)
+        try:
+            _build(get_blob, parent_fd, built, manifest, entries)
+            built_real = os.path.join(os.path.dirname(final_real), built)
+            for entry, entry_parts in entries:
+                if entry.kind == "symlink":
+                    _check_built_link(root_real, built_real, entry, entry_parts)
+            swap_dir(parent_fd, name, built)
+        except BaseException:
+            try:
+                remove_tree(parent_fd, built)
+            except WriteError:
+                pass  # cleanup_temp removes it later
+            raise
+    except (OSError, WriteError) as e:
+        raise SnapshotError(f"cannot restore {one_line(str(plugin_dir))}: {_reason(e)}") from e
+    finally:
+        os.close(parent_fd)
+
+
+def _reason(e: OSError | WriteError) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def _load(get_blob: Callable[[str], bytes], tree_sha256: str) -> Manifest:
+    data = _blob(get_blob, tree_sha256, "the manifest")
+    try:
+        return _decoder.decode(data)
+    except msgspec.MsgspecError as e:
+        raise SnapshotError(f"snapshot {tree_sha256} has a malformed manifest: {e}") from e
+
+
+def _blob(get_blob: Callable[[str], bytes], digest: str, what: str) -> bytes:
+    try:
+        data = get_blob(digest)
+    except EventStoreError as e:
+        raise SnapshotError(f"cannot restore {what}: {e}") from e
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise SnapshotError(f"cannot restore {what}: blob {digest} is corrupt")
+    return data
+
+
+def _validated(manifest: Manifest) -> list[tuple[Entry, list[str]]]:
+    """Entries with their path segments, parents first; SnapshotError naming a bad entry."""
+    if manifest.format != FORMAT:
+        raise SnapshotError(f"snapshot format {manifest.format} is not supported")
+    kinds: dict[tuple[str, ...], str] = {}
+    checked = []
+    for entry in manifest.entries:
+        shown = one_line(repr(entry.path))
+        try:
+            parts = rel_parts(entry.path)
+        except ValueError as e:
+            raise SnapshotError(f"snapshot entry {shown} {e}; refusing to restore") from e
+        if any(part in SKIP_DIRS for part in parts):
+            raise SnapshotError(f"snapshot entry {shown} is inside a directory never snapshotted")
+        if tuple(parts) in kinds:
+            raise SnapshotError(f"snapshot entry {shown} appears twice")
+        if entry.kind == "file" and not entry.sha256:
+            raise SnapshotError(f"snapshot entry {shown} is a file without a sha256")
+        if entry.kind == "symlink" and (not entry.target or "\x00" in entry.target):
+            raise SnapshotError(f"snapshot entry {shown} is a symlink without a valid target")
+        kinds[tuple(parts)] = entry.kind
+        checked.append((entry, parts))
+    for entry, parts in checked:
+        if len(parts) > 1 and kinds.get(tuple(parts[:-1])) != "dir":
+            raise SnapshotError(f"snapshot entry {one_line(repr(entry.path))} has no directory "
+                                f"entry for its parent")
+    checked.sort(key=lambda item: item[1])
+    return checked
+
+
+def _plugin_parts(root: Path, plugin_dir: Path) -> list[str]:
+    """plugin_dir's segments below root (compared lexically, then resolved)."""
+    for base, path in ((os.path.abspath(root), os.path.abspath(plugin_dir)),
+                       (os.path.realpath(root), os.path.realpath(plugin_dir))):
+        rel = os.path.relpath(path, base)
+        if rel == ".":
+            raise SnapshotError("cannot restore the marketplace root itself in place")
+        if rel != ".." and not rel.startswith(".." + os.sep):
+            return rel.split(os.sep)
+    raise SnapshotError(f"{one_line(str(plugin_dir))} is not inside the marketplace")
+
+
+def _check_link(root_real: str, final_real: str, entry: Entry, parts: list[str]) -> None:
+    """Lexical check before anything is written: the target, resolved from the link's final
+    location without following anything, stays inside root."""
+    here = posixpath.join(final_real, *parts[:-1])
+    resolved = posixpath.normpath(posixpath.join(here, entry.target))
+    if not is_inside(resolved, root_real):
+        raise SnapshotError(f"snapshot symlink {one_line(entry.path)} -> {one_line(entry.target)} "
+                            f"escapes the marketplace; refusing to restore")
+
+
+def _check_built_link(root_real: str, built_real: str, entry: Entry, parts: list[str]) -> None:
+    """The same check once the tree is built, through the other restored symlinks: the link's
+    resolution from the temp directory (a sibling of its final place) must stay inside root."""
+    resolved = os.path.realpath(os.path.join(built_real, *parts))
+    if not is_inside(resolved, root_real):
+        raise SnapshotError(f"snapshot symlink {one_line(entry.path)} -> {one_line(entry.target)} "
+                            f"escapes the marketplace; refusing to restore")
+
+
+def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _build(get_blob: Callable[[str], bytes], parent_fd: int, built: str, manifest: Manifest,
+           entries: list[tuple[Entry, list[str]]]) -> None:
+    """Create every entry below parent_fd/built (entries come parents first), then give the
+    directories their modes, deepest first, fsyncing each."""
+    top = open_dir(parent_fd, [built])
+    try:
+        for entry, parts in entries:
+            fd = open_dir(top, parts[:-1])
+            try:
+                if entry.kind == "dir":
+                    os.mkdir(parts[-1], 0o700, dir_fd=fd)
+                elif entry.kind == "symlink":
+                    os.symlink(entry.target, parts[-1], dir_fd=fd)
+                else:
+                    data = _blob(get_blob, entry.sha256, f"file {one_line(entry.path)}")
+                    if len(data) != entry.size:
+                        raise SnapshotError(f"cannot restore file {one_line(entry.path)}: "
+                                            f"its blob has the wrong size")
+                    _write_new(fd, parts[-1], data, entry.mode & ~_STRIP)
+            finally:
+                os.close(fd)
+        for entry, parts in reversed(entries):
+            if entry.kind == "dir":
+                fd = open_dir(top, parts)
+                try:
+                    os.fchmod(fd, entry.mode & ~_STRIP)
+                    fsync_fd(fd)
+                finally:
+                    os.close(fd)
+        os.fchmod(top, manifest.mode & ~_STRIP)
+        fsync_fd(top)
+    finally:
+        os.close(top)
+
+
+def _write_new(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600,
+                 dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:_CHUNK]):]
+        os.fchmod(fd, mode)
+        fsync_fd(fd)
+    finally:
+        os.close(fd)

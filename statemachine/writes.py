@@ -1,0 +1,555 @@
+"""Atomic, contained writes into a plugin directory, and the recovery of interrupted ones.
+
+What must always hold:
+- Nothing is written outside the plugin directory: every path is a relative posix path without
+  '..', '.', empty segments, backslashes or NUL, and every directory on the way is opened with
+  O_NOFOLLOW | O_DIRECTORY relative to its parent's descriptor, so no symlink is ever followed.
+- A target file holds either its old bytes or its complete new bytes, never a mix: data goes to
+  `.<name>.tmp-<hex>` in the same directory, is fsynced, renamed over the target, and the
+  directory is fsynced. A crash leaves at most a temp file, which `cleanup_temp` removes.
+- `apply` and `move_dir` are idempotent, so re-running them after a crash at any point finishes
+  the job; `settled` tells, by hashing, whether a recorded write intent already took effect.
+- A directory swap (`swap_dir`, used by snapshot restore) is recoverable: after a crash between
+  its two renames `cleanup_temp` puts the old tree back, after it `cleanup_temp` finishes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import stat
+from pathlib import Path
+from typing import Sequence
+
+from statemachine.discovery import SKIP_DIRS, one_line
+from statemachine.errors import OvernightError
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW | _O_CLOEXEC
+_CHUNK = 1024 * 1024
+# Leftovers of this module and of snapshot restore: `.<name>.<kind>-<16 hex>`.
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|restore|old)-[0-9a-f]{16}")
+
+
+class WriteError(OvernightError):
+    pass
+
+
+# ------------------------------------------------------------------ paths and descriptors
+
+
+def rel_parts(rel: str) -> list[str]:
+    """The segments of a safe relative posix path; ValueError saying why when it is not one."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError("is empty")
+    if "\x00" in rel:
+        raise ValueError("contains NUL")
+    if "\\" in rel:
+        raise ValueError("contains a backslash")
+    if rel.startswith("/"):
+        raise ValueError("is absolute")
+    parts = rel.split("/")
+    for part in parts:
+        if part == "":
+            raise ValueError("has an empty segment")
+        if part in (".", ".."):
+            raise ValueError(f"has a {part!r} segment")
+    return parts
+
+
+def temp_name(name: str, kind: str) -> str:
+    """`.<name>.<kind>-<16 hex>`: the only names `cleanup_temp` removes."""
+    return f".{name}.{kind}-{secrets.token_hex(8)}"
+
+
+def fsync_fd(fd: int) -> None:
+    os.fsync(fd)
+
+
+def open_dir(base: Path | int, parts: Sequence[str], *, create: bool = False) -> int:
+    """A descriptor of base/parts[0]/parts[1]/...; each step refuses a symlink or non-directory.
+
+    `base` is a path (itself opened without following a final symlink) or a descriptor (not
+    consumed). With `create`, missing directories are made (0o755) and their parents fsynced.
+    Raises WriteError naming the offending component.
+    """
+    if isinstance(base, int):
+        fd = os.dup(base)
+        shown = ""
+    else:
+        shown = str(base)
+        try:
+            fd = os.open(base, _O_DIR)
+        except OSError as e:
+            raise WriteError(_why(shown, e)) from e
+    try:
+        for part in parts:
+            shown = f"{shown}/{part}" if shown else part
+            created = False
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    created = True
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    raise WriteError(_why(shown, e)) from e
+            try:
+                child = os.open(part, _O_DIR, dir_fd=fd)
+            except OSError as e:
+                # O_NOFOLLOW | O_DIRECTORY on a symlink fails with ENOTDIR: say what it is.
+                link = e.errno == errno.ENOTDIR and _is_link(fd, part)
+                raise WriteError(f"{one_line(shown)} is a symlink; refusing to follow it" if link
+                                 else _why(shown, e)) from e
+            if created:
+                fsync_fd(fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _why(shown: str, e: OSError) -> str:
+    what = one_line(shown)
+    if e.errno in (errno.ELOOP, errno.EMLINK):
+        return f"{what} is a symlink; refusing to follow it"
+    if e.errno == errno.ENOTDIR:
+        return f"{what} is not a directory"
+    if e.errno == errno.ENOENT:
+        return f"{what} does not exist"
+    return f"{what}: {e.strerror}"
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    st = _lstat(dir_fd, name)
+    return st is not None and stat.S_ISLNK(st.st_mode)
+
+
+def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _checked(rel: str) -> list[str]:
+    try:
+        return rel_parts(rel)
+    except ValueError as e:
+        raise WriteError(f"path {one_line(repr(rel))} {e}") from e
+
+
+# ------------------------------------------------------------------ writes
+
+
+def plan_targets(plugin_dir: Path, skill_dir_rel: str, files: dict[str, bytes]) -> None:
+    """Validate every target before anything is written; raise WriteError naming a bad path.
+
+    Each key must lie strictly under `skill_dir_rel`; no existing component on the way may be a
+    symlink or a non-directory, and the target itself must not be a directory (an existing
+    symlink there is fine: it is replaced, not followed). No key may be another key's directory.
+    """
+    skill = _checked(skill_dir_rel)
+    paths = {rel: _checked(rel) for rel in files}
+    for rel, parts in paths.items():
+        if len(parts) <= len(skill) or parts[: len(skill)] != skill:
+            raise WriteError(f"{one_line(rel)} is not inside {one_line(skill_dir_rel)}")
+    dirs = {"/".join(parts[:i]) for parts in paths.values() for i in range(1, len(parts))}
+    for rel in paths:
+        if rel in dirs:
+            raise WriteError(f"{one_line(rel)} is both a file and a directory of another file")
+    try:
+        base = open_dir(plugin_dir, [])
+    except WriteError as e:
+        raise WriteError(f"plugin directory {e}") from e
+    try:
+        for rel, parts in sorted(paths.items()):
+            _check_existing(base, rel, parts)
+    finally:
+        os.close(base)
+
+
+def _check_existing(base: int, rel: str, parts: list[str]) -> None:
+    fd = os.dup(base)
+    try:
+        for i, part in enumerate(parts):
+            st = _lstat(fd, part)
+            if st is None:
+                return
+            last = i == len(parts) - 1
+            if last:
+                if stat.S_ISDIR(st.st_mode):
+                    raise WriteError(f"{one_line(rel)} is an existing directory")
+                return
+            shown = one_line("/".join(parts[: i + 1]))
+            if stat.S_ISLNK(st.st_mode):
+                raise WriteError(f"{one_line(rel)}: {shown} is a symlink; refusing to follow it")
+            if not stat.S_ISDIR(st.st_mode):
+                raise WriteError(f"{one_line(rel)}: {shown} is not a directory")
+            child = os.open(part, _O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def write_atomic(plugin_dir: Path, rel: str, data: bytes) -> None:
+    """Write `data` to plugin_dir/rel (mode 0o644) so a crash leaves the old or the new bytes.
+
+    Parents are created as needed; a symlink anywhere on the way is refused, a symlink at the
+    target is replaced by the file (its own target is never touched).
+    """
+    parts = _checked(rel)
+    fd = open_dir(plugin_dir, parts[:-1], create=True)
+    name = parts[-1]
+    try:
+        st = _lstat(fd, name)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise WriteError(f"{one_line(rel)} is an existing directory")
+        tmp = temp_name(name, "tmp")
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
+                      0o644, dir_fd=fd)
+        try:
+            try:
+                os.fchmod(out, 0o644)  # the umask may have narrowed it
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view[:_CHUNK]):]
+                fsync_fd(out)
+            finally:
+                os.close(out)
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=fd)
+            except OSError:
+                pass
+            raise
+        fsync_fd(fd)
+    except OSError as e:
+        raise WriteError(f"cannot write {one_line(rel)}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+def move_dir(plugin_dir: Path, src_rel: str, dst_rel: str) -> None:
+    """Rename directory src_rel to dst_rel inside plugin_dir (parents of dst are created).
+
+    src must be a real directory and dst must not exist. Idempotent: when src is gone and dst
+    is a directory the move already happened, and nothing is done.
+    """
+    src, dst = _checked(src_rel), _checked(dst_rel)
+    if dst[: len(src)] == src or src[: len(dst)] == dst:
+        raise WriteError(f"cannot move {one_line(src_rel)} to {one_line(dst_rel)}: one contains the other")
+    src_fd = dst_fd = -1
+    try:
+        src_fd = _open_parent(plugin_dir, src)
+        src_st = _lstat(src_fd, src[-1]) if src_fd >= 0 else None
+        if src_st is None:
+            dst_fd = _open_parent(plugin_dir, dst)
+            dst_st = _lstat(dst_fd, dst[-1]) if dst_fd >= 0 else None
+            if dst_st is not None and stat.S_ISDIR(dst_st.st_mode):
+                return
+            raise WriteError(f"cannot move {one_line(src_rel)}: it does not exist")
+        if stat.S_ISLNK(src_st.st_mode):
+            raise WriteError(f"cannot move {one_line(src_rel)}: it is a symlink")
+        if not stat.S_ISDIR(src_st.st_mode):
+            raise WriteError(f"cannot move {one_line(src_rel)}: it is not a directory")
+        dst_fd = open_dir(plugin_dir, dst[:-1], create=True)
+        if _lstat(dst_fd, dst[-1]) is not None:
+            raise WriteError(f"cannot move {one_line(src_rel)}: {one_line(dst_rel)} already exists")
+        os.rename(src[-1], dst[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        fsync_fd(dst_fd)
+        if src[:-1] != dst[:-1]:
+            fsync_fd(src_fd)
+    except OSError as e:
+        raise WriteError(f"cannot move {one_line(src_rel)} to {one_line(dst_rel)}: {e.strerror}") from e
+    finally:
+        for fd in (src_fd, dst_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _open_parent(plugin_dir: Path, parts: list[str]) -> int:
+    """The parent directory's descriptor, or -1 when some directory on the way is missing."""
+    try:
+        return open_dir(plugin_dir, parts[:-1])
+    except WriteError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return -1
+        raise
+
+
+def apply(plugin_dir: Path, files: dict[str, bytes], moves: list[tuple[str, str]]) -> None:
+    """Moves first, then every file through write_atomic; re-running after a crash finishes it."""
+    for src, dst in moves:
+        move_dir(plugin_dir, src, dst)
+    for rel in sorted(files):
+        write_atomic(plugin_dir, rel, files[rel])
+
+
+def settled(plugin_dir: Path, files: dict[str, str], moves: list[tuple[str, str]]) -> bool:
+    """True when every move is done (src absent, dst a directory) and every file's sha256 is
+    the expected hex; a symlink or a non-file at a target is not settled."""
+    for src_rel, dst_rel in moves:
+        src, dst = _checked(src_rel), _checked(dst_rel)
+        if _kind(plugin_dir, src) is not None or _kind(plugin_dir, dst) != stat.S_IFDIR:
+            return False
+    for rel, expected in files.items():
+        if _sha256(plugin_dir, _checked(rel)) != expected:
+            return False
+    return True
+
+
+def _kind(plugin_dir: Path, parts: list[str]) -> int | None:
+    try:
+        fd = _open_parent(plugin_dir, parts)
+    except WriteError:
+        return None
+    if fd < 0:
+        return None
+    try:
+        st = _lstat(fd, parts[-1])
+        return None if st is None else stat.S_IFMT(st.st_mode)
+    finally:
+        os.close(fd)
+
+
+def _sha256(plugin_dir: Path, parts: list[str]) -> str | None:
+    try:
+        fd = _open_parent(plugin_dir, parts)
+    except WriteError:
+        return None
+    if fd < 0:
+        return None
+    try:
+        f = os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        if not stat.S_ISREG(os.fstat(f).st_mode):
+            return None
+        sha = hashlib.sha256()
+        while chunk := os.read(f, _CHUNK):
+            sha.update(chunk)
+        return sha.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(f)
+
+
+# ------------------------------------------------------------------ directory swap and recovery
+
+
+def swap_dir(parent_fd: int, name: str, built: str) -> None:
+    """Replace directory `name` by the complete directory `built`, both in parent_fd.
+
+    `name` is renamed to `.<name>.old-<hex>`, `built` to `name`, the parent fsynced; then the
+    SKIP_DIRS entries of the old tree (.git, node_modules, .overnight: never part of a
+    snapshot) are moved into the new one and the old tree is removed. When `name` does not
+    exist, `built` is simply renamed to it.
+    """
+    st = _lstat(parent_fd, name)
+    if st is None:
+        os.rename(built, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        fsync_fd(parent_fd)
+        return
+    old = temp_name(name, "old")
+    os.rename(name, old, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    try:
+        os.rename(built, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    except OSError:
+        os.rename(old, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        raise
+    fsync_fd(parent_fd)
+    _retire(parent_fd, old, name)
+
+
+def _retire(parent_fd: int, old: str, name: str) -> None:
+    """Finish a swap: carry the old tree's skipped directories over, then remove the old tree."""
+    old_fd = os.open(old, _O_DIR, dir_fd=parent_fd)
+    try:
+        new_fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+    except OSError:
+        new_fd = -1
+    try:
+        if new_fd >= 0:
+            _carry_skipped(old_fd, new_fd)
+    finally:
+        os.close(old_fd)
+        if new_fd >= 0:
+            os.close(new_fd)
+    remove_tree(parent_fd, old)
+    fsync_fd(parent_fd)
+
+
+def _carry_skipped(old_fd: int, new_fd: int) -> None:
+    """Move every SKIP_DIRS entry of the old tree to the same place in the new tree, when that
+    place's parent is a real directory there and the name is free."""
+    stack: list[tuple[str, ...]] = [()]
+    while stack:
+        parts = stack.pop()
+        try:
+            src = open_dir(old_fd, parts)
+        except WriteError:
+            continue
+        try:
+            try:
+                dst = open_dir(new_fd, parts)
+            except WriteError:
+                continue
+            try:
+                moved = False
+                with os.scandir(src) as it:
+                    entries = list(it)
+                for entry in entries:
+                    if entry.name in SKIP_DIRS:
+                        if _lstat(dst, entry.name) is None:
+                            _rename_into(src, entry.name, dst)
+                            moved = True
+                    elif entry.is_dir(follow_symlinks=False):
+                        stack.append((*parts, entry.name))
+                if moved:
+                    fsync_fd(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+
+def _rename_into(src: int, name: str, dst: int) -> None:
+    """Rename src/name to dst/name, even when the restored dst is read-only for its owner."""
+    try:
+        os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
+    except PermissionError:
+        mode = stat.S_IMODE(os.fstat(dst).st_mode)
+        os.fchmod(dst, mode | 0o700)
+        try:
+            os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
+        finally:
+            os.fchmod(dst, mode)
+
+
+def remove_tree(parent_fd: int, name: str) -> None:
+    """Remove parent_fd/name and everything below it without following symlinks, first making
+    its directories writable by their owner (a restored read-only directory must still go)."""
+    try:
+        st = _lstat(parent_fd, name)
+        if st is None:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=parent_fd)
+            return
+        _grant_owner(parent_fd, name, st)
+        # One descriptor at a time: a tree of many directories must not exhaust them.
+        stack: list[tuple[str, ...]] = [(name,)]
+        while stack:
+            parts = stack.pop()
+            fd = open_dir(parent_fd, parts)
+            try:
+                with os.scandir(fd) as it:
+                    subdirs = [(e.name, e.stat(follow_symlinks=False)) for e in it
+                               if e.is_dir(follow_symlinks=False)]
+                for sub, sub_st in subdirs:
+                    _grant_owner(fd, sub, sub_st)
+                    stack.append((*parts, sub))
+            finally:
+                os.close(fd)
+        shutil.rmtree(name, dir_fd=parent_fd)
+    except OSError as e:
+        raise WriteError(f"cannot remove {one_line(name)}: {e.strerror}") from e
+
+
+def _grant_owner(parent_fd: int, name: str, st: os.stat_result) -> None:
+    """Give the owner rwx on directory parent_fd/name (st: its lstat) so it can be emptied."""
+    if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+        # chmod cannot refuse a symlink on Linux; st, taken without following, is a directory.
+        os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=parent_fd)
+
+
+def cleanup_temp(plugin_dir: Path) -> int:
+    """Remove crash leftovers of this module and of snapshot restore; return how many.
+
+    In plugin_dir's parent only `.<plugin name>.…` leftovers are considered; below plugin_dir
+    every one is (SKIP_DIRS are not entered). An interrupted swap is recovered first: when
+    `<name>` is missing, its newest `.<name>.old-*` tree is renamed back (the restore can then
+    simply run again); otherwise old trees are finished (skipped directories carried over,
+    then removed). `.restore-*` trees and `.tmp-*` files are removed. Symlinks are never followed.
+    """
+    plugin_dir = Path(plugin_dir)
+    count = 0
+    try:
+        parent_fd = os.open(plugin_dir.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        count += _clean_dir(parent_fd, only=plugin_dir.name)
+        stack: list[tuple[str, ...]] = [(plugin_dir.name,)]
+        while stack:
+            parts = stack.pop()
+            try:
+                fd = open_dir(parent_fd, parts)
+            except WriteError:
+                continue
+            try:
+                count += _clean_dir(fd, only=None)
+                with os.scandir(fd) as it:
+                    stack.extend((*parts, e.name) for e in it
+                                 if e.name not in SKIP_DIRS and e.is_dir(follow_symlinks=False))
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise WriteError(f"cannot clean up {one_line(str(plugin_dir))}: {e.strerror}") from e
+    finally:
+        os.close(parent_fd)
+    return count
+
+
+def _clean_dir(fd: int, only: str | None) -> int:
+    """Recover and remove the leftovers directly in directory fd (those of `only` if given)."""
+    olds: dict[str, list[tuple[float, str]]] = {}
+    doomed: list[str] = []
+    with os.scandir(fd) as it:
+        entries = list(it)
+    for entry in entries:
+        match = _LEFTOVER.fullmatch(entry.name)
+        if match is None or (only is not None and match["name"] != only):
+            continue
+        is_dir = entry.is_dir(follow_symlinks=False)
+        if match["kind"] == "tmp":
+            if not is_dir:
+                doomed.append(entry.name)
+        elif not is_dir:
+            continue
+        elif match["kind"] == "restore":
+            doomed.append(entry.name)
+        else:
+            olds.setdefault(match["name"], []).append(
+                (entry.stat(follow_symlinks=False).st_ctime, entry.name))
+    count = 0
+    for name, trees in olds.items():
+        trees.sort()
+        if _lstat(fd, name) is None:
+            _, newest = trees.pop()
+            os.rename(newest, name, src_dir_fd=fd, dst_dir_fd=fd)
+            fsync_fd(fd)
+            count += 1
+        for _, old in trees:
+            _retire(fd, old, name)
+            count += 1
+    for name in doomed:
+        remove_tree(fd, name)
+        count += 1
+    if doomed:
+        fsync_fd(fd)
+    return count
