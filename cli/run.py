@@ -59,6 +59,8 @@ def _limits(base, rpm, rpd, tpm, concurrency):
               help="Generations allowed before a plugin is rejected.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
               help="Tries per step on faults (5xx, timeouts, unusable answers); 429s are paced, not counted.")
+@click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="First wait in seconds after a fault; doubles per failure (with jitter).")
 @click.option("--plugin", "plugins", multiple=True, help="Only this plugin (name or id); repeatable.")
 @click.option("--category", help="Only plugins of this category.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many plugins.")
@@ -68,7 +70,7 @@ def _limits(base, rpm, rpd, tpm, concurrency):
 @common
 def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: float,
         standards: Path | None, min_bytes: int, max_bytes: int, min_examples: int, gate_attempts: int,
-        max_attempts: int, plugins: tuple[str, ...], category: str | None, limit: int | None,
+        max_attempts: int, backoff: float, plugins: tuple[str, ...], category: str | None, limit: int | None,
         force: bool, dry_run: bool, rpm: int | None, rpd: int | None, tpm: int | None,
         concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool) -> None:
     """Enhance every plugin of the marketplace at PATH with Gemini (plan, SKILL.md, gates, write).
@@ -86,7 +88,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         gemini=GeminiSettings(model=model, base_url=base_url, timeout_s=timeout),
         limits=_limits(Limits(), rpm, rpd, tpm, concurrency),
         gates=GateConfig(min_bytes=min_bytes, max_bytes=max_bytes, min_code_blocks=min_examples),
-        gate_attempts=gate_attempts, max_attempts=max_attempts, plugins=plugins, category=category,
+        gate_attempts=gate_attempts, max_attempts=max_attempts, backoff_s=backoff, plugins=plugins, category=category,
         limit=limit, force=force, dry_run=dry_run, standards=standards, wait=not no_wait,
     )
     _execute(path, db, json_log, as_json, lambda runner: runner.start(options))

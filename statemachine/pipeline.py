@@ -51,6 +51,7 @@ class StepSettings:
     gates: gates.GateConfig
     gate_attempts: int = 3
     max_attempts: int = 5
+    backoff_s: float = 2.0
     dry_run: bool = False
     force: bool = False
 
@@ -182,7 +183,13 @@ def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
 
 
 def _already_good(ctx: Context, row: dict) -> str | None:
-    """A SKILL.md that already passes every gate is left alone (a human's or ours)."""
+    """The reason to skip a plugin whose SKILL.md already passes every gate, or None.
+
+    Skipped: unchanged since overnight last finished it, or never processed by overnight (a
+    maintainer's own skill that meets the bar is left alone). A plugin that changed since it
+    was done is processed again."""
+    if row["done_hash"] is not None and row["done_hash"] != row["content_hash"]:
+        return None
     skill_dir = ctx.root / row["path"] / "skills" / row["skill_name"]
     target = skill_dir / "SKILL.md"
     if not target.is_file() or target.is_symlink():
@@ -194,9 +201,9 @@ def _already_good(ctx: Context, row: dict) -> str | None:
     reasons = gates.check(row["skill_name"], text, [], _existing(skill_dir), ctx.settings.gates)
     if reasons:
         return None
-    unchanged = row["done_hash"] is not None and row["done_hash"] == row["content_hash"]
-    return ("unchanged since it was done, and its SKILL.md passes every gate" if unchanged
-            else f"skills/{row['skill_name']}/SKILL.md already passes every gate")
+    if row["done_hash"] is not None:
+        return "unchanged since it was done, and its SKILL.md passes every gate"
+    return f"skills/{row['skill_name']}/SKILL.md already passes every gate"
 
 
 def _retry_step(ctx: Context, cursor: PluginCursor, row: dict) -> None:
@@ -281,6 +288,8 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
         ctx.journal.record(cursor, c.RequestFailed(
             run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind, message=message,
             status_code=429, not_before=_iso_us(not_before), usage=e.usage))
+        if e.scope in ("day", "tokens_day"):
+            raise Paused(not_before, f"daily quota exhausted ({e.quota_id or 'HTTP 429'})")
         return
     ctx.stats.add(e.usage)
     if isinstance(e, AccessDenied):
@@ -295,7 +304,7 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
         ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=reason,
                                                   request_id=request_id, status_code=e.status_code))
         return
-    delay = min(600.0, 2.0 * 2 ** row["failures"])
+    delay = min(600.0, ctx.settings.backoff_s * 2 ** row["failures"])
     delay = delay / 2 + ctx.rng.uniform(0, delay / 2)
     ctx.journal.record(cursor, c.RequestFailed(
         run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind, message=message,

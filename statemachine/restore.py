@@ -9,7 +9,7 @@ import msgspec
 
 from events import EventStore
 from statemachine import catalog as c
-from statemachine import snapshots
+from statemachine import snapshots, writes
 from statemachine.audit import resolve_plugin
 from statemachine.errors import OvernightError
 from statemachine.lifecycle import Lifecycle, State, plugin_stream
@@ -58,6 +58,7 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     state = store.query("SELECT state, path FROM plugins WHERE plugin_id = ?", (plugin_id,))[0]
     if state[0] == State.WRITING:
         raise OvernightError(f"{plugin_id} is in the middle of a write; run `overnight resume` first")
+    writes.cleanup_temp(root / state[1])  # a restore or write cut short earlier is finished first
     snapshots.restore(store.get_blob, root, root / state[1], chosen.id)
     lifecycle = Lifecycle(store)
     cursor = lifecycle.cursor(plugin_id)

@@ -45,6 +45,7 @@ class RunOptions:
     gates: GateConfig = field(default_factory=GateConfig)
     gate_attempts: int = 3
     max_attempts: int = 5
+    backoff_s: float = 2.0
     plugins: tuple[str, ...] = ()
     category: str | None = None
     limit: int | None = None
@@ -60,7 +61,7 @@ class RunOptions:
             "limits": self.limits.as_dict(),
             "gates": dataclasses.asdict(self.gates),
             "gate_attempts": self.gate_attempts, "max_attempts": self.max_attempts,
-            "plugins": list(self.plugins), "category": self.category, "limit": self.limit,
+            "backoff_s": self.backoff_s, "plugins": list(self.plugins), "category": self.category, "limit": self.limit,
             "force": self.force, "dry_run": self.dry_run, "standards_sha256": standards.sha256,
             "wait": self.wait,
         }
@@ -75,7 +76,7 @@ def options_from_config(config: dict[str, Any]) -> RunOptions:
                               max_output_tokens=g["max_output_tokens"], temperature=g["temperature"]),
         limits=Limits(**config["limits"]), gates=GateConfig(**gates),
         gate_attempts=config["gate_attempts"], max_attempts=config["max_attempts"],
-        plugins=tuple(config["plugins"]), category=config["category"], limit=config["limit"],
+        backoff_s=config["backoff_s"], plugins=tuple(config["plugins"]), category=config["category"], limit=config["limit"],
         force=config["force"], dry_run=config["dry_run"], wait=config["wait"],
     )
 
@@ -245,7 +246,7 @@ class Runner:
             run_id=run_id, root=self.root, journal=self.journal, gateway=gateway, scheduler=scheduler,
             settings=StepSettings(model=options.gemini.model, gates=options.gates,
                                   gate_attempts=options.gate_attempts, max_attempts=options.max_attempts,
-                                  dry_run=options.dry_run, force=options.force),
+                                  backoff_s=options.backoff_s, dry_run=options.dry_run, force=options.force),
             standards=standards, clock=self.clock, stopping=self.stopping, stats=stats,
             secrets=(self.backend.api_key or "",), sleep=self.sleep,
         )
@@ -305,7 +306,7 @@ class Runner:
             if plugin_id not in chosen:
                 continue
             counts[state] = counts.get(state, 0) + 1
-            if state not in OK_END:
+            if state not in (State.DONE, State.SKIPPED):  # rejected ones are listed with their reasons
                 problems.append((plugin_id, state, reason or ""))
         return counts, problems
 

@@ -31,7 +31,7 @@ from statemachine.analysis import MAX_BYTES, MAX_ENTRIES, _walk
 from statemachine.discovery import SKIP_DIRS, is_inside, one_line
 from statemachine.errors import OvernightError
 from statemachine.writes import (
-    WriteError, fsync_fd, open_dir, rel_parts, remove_tree, swap_dir, temp_name,
+    WriteError, open_dir, rel_parts, remove_tree, swap_dir, temp_name,
 )
 
 FORMAT = 1
@@ -322,11 +322,11 @@ def _build(get_blob: Callable[[str], bytes], parent_fd: int, built: str, manifes
                 fd = open_dir(top, parts)
                 try:
                     os.fchmod(fd, entry.mode & ~_STRIP)
-                    fsync_fd(fd)
+                    os.fsync(fd)
                 finally:
                     os.close(fd)
         os.fchmod(top, manifest.mode & ~_STRIP)
-        fsync_fd(top)
+        os.fsync(top)
     finally:
         os.close(top)
 
@@ -339,6 +339,6 @@ def _write_new(dir_fd: int, name: str, data: bytes, mode: int) -> None:
         while view:
             view = view[os.write(fd, view[:_CHUNK]):]
         os.fchmod(fd, mode)
-        fsync_fd(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)

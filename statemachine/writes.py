@@ -67,10 +67,6 @@ def temp_name(name: str, kind: str) -> str:
     return f".{name}.{kind}-{secrets.token_hex(8)}"
 
 
-def fsync_fd(fd: int) -> None:
-    os.fsync(fd)
-
-
 def open_dir(base: Path | int, parts: Sequence[str], *, create: bool = False) -> int:
     """A descriptor of base/parts[0]/parts[1]/...; each step refuses a symlink or non-directory.
 
@@ -107,7 +103,7 @@ def open_dir(base: Path | int, parts: Sequence[str], *, create: bool = False) ->
                 raise WriteError(f"{one_line(shown)} is a symlink; refusing to follow it" if link
                                  else _why(shown, e)) from e
             if created:
-                fsync_fd(fd)
+                os.fsync(fd)
             os.close(fd)
             fd = child
     except BaseException:
@@ -222,7 +218,7 @@ def write_atomic(plugin_dir: Path, rel: str, data: bytes) -> None:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(out, view[:_CHUNK]):]
-                fsync_fd(out)
+                os.fsync(out)
             finally:
                 os.close(out)
             os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
@@ -232,7 +228,7 @@ def write_atomic(plugin_dir: Path, rel: str, data: bytes) -> None:
             except OSError:
                 pass
             raise
-        fsync_fd(fd)
+        os.fsync(fd)
     except OSError as e:
         raise WriteError(f"cannot write {one_line(rel)}: {e.strerror}") from e
     finally:
@@ -266,9 +262,9 @@ def move_dir(plugin_dir: Path, src_rel: str, dst_rel: str) -> None:
         if _lstat(dst_fd, dst[-1]) is not None:
             raise WriteError(f"cannot move {one_line(src_rel)}: {one_line(dst_rel)} already exists")
         os.rename(src[-1], dst[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-        fsync_fd(dst_fd)
+        os.fsync(dst_fd)
         if src[:-1] != dst[:-1]:
-            fsync_fd(src_fd)
+            os.fsync(src_fd)
     except OSError as e:
         raise WriteError(f"cannot move {one_line(src_rel)} to {one_line(dst_rel)}: {e.strerror}") from e
     finally:
@@ -362,7 +358,7 @@ def swap_dir(parent_fd: int, name: str, built: str) -> None:
     st = _lstat(parent_fd, name)
     if st is None:
         os.rename(built, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-        fsync_fd(parent_fd)
+        os.fsync(parent_fd)
         return
     old = temp_name(name, "old")
     os.rename(name, old, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
@@ -371,7 +367,7 @@ def swap_dir(parent_fd: int, name: str, built: str) -> None:
     except OSError:
         os.rename(old, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         raise
-    fsync_fd(parent_fd)
+    os.fsync(parent_fd)
     _retire(parent_fd, old, name)
 
 
@@ -390,7 +386,7 @@ def _retire(parent_fd: int, old: str, name: str) -> None:
         if new_fd >= 0:
             os.close(new_fd)
     remove_tree(parent_fd, old)
-    fsync_fd(parent_fd)
+    os.fsync(parent_fd)
 
 
 def _carry_skipped(old_fd: int, new_fd: int) -> None:
@@ -420,7 +416,7 @@ def _carry_skipped(old_fd: int, new_fd: int) -> None:
                     elif entry.is_dir(follow_symlinks=False):
                         stack.append((*parts, entry.name))
                 if moved:
-                    fsync_fd(dst)
+                    os.fsync(dst)
             finally:
                 os.close(dst)
         finally:
@@ -542,7 +538,7 @@ def _clean_dir(fd: int, only: str | None) -> int:
         if _lstat(fd, name) is None:
             _, newest = trees.pop()
             os.rename(newest, name, src_dir_fd=fd, dst_dir_fd=fd)
-            fsync_fd(fd)
+            os.fsync(fd)
             count += 1
         for _, old in trees:
             _retire(fd, old, name)
@@ -551,5 +547,5 @@ def _clean_dir(fd: int, only: str | None) -> int:
         remove_tree(fd, name)
         count += 1
     if doomed:
-        fsync_fd(fd)
+        os.fsync(fd)
     return count

@@ -244,10 +244,13 @@ def _tokens(text: str) -> int:
     return (len(text) + 3) // 4
 
 
-_HINT_PATTERNS = (
-    re.compile(r"^\s*(?:plugin(?:[ _]name)?|skill(?:[ _]name)?|name)\s*[:=]\s*[\"'`]?([A-Za-z0-9][\w.-]{0,63})", re.I | re.M),
-    re.compile(r"\"name\"\s*:\s*\"([A-Za-z0-9][\w.-]{0,63})\""),
-    re.compile(r"plugin\s+[\"'`]([A-Za-z0-9][\w.-]{0,63})[\"'`]", re.I),
+_NAME = r"([A-Za-z0-9][\w.-]{0,63})"
+_HINT_PATTERNS = (   # most specific first: the skill prompt names the skill in quotes
+    re.compile(r"Agent Skill [\"'`]" + _NAME + r"[\"'`]", re.I),
+    re.compile(r"^\s*plugin[ _]name\s*[:=]\s*[\"'`]?" + _NAME, re.I | re.M),
+    re.compile(r"^\s*(?:plugin|skill[ _]name)\s*[:=]\s*[\"'`]?" + _NAME, re.I | re.M),
+    re.compile(r"\"name\"\s*:\s*\"" + _NAME + r"\""),
+    re.compile(r"plugin\s+[\"'`]" + _NAME + r"[\"'`]", re.I),
 )
 
 

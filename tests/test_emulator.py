@@ -23,7 +23,7 @@ from google.genai import errors, types
 
 from statemachine.catalog import Plan, SkillDraft
 from tests import skill_content as sc
-from tests.emulator import FAULTS, PACIFIC, Emulator, conform, phase_of
+from tests.emulator import FAULTS, PACIFIC, Emulator, conform, name_hint, phase_of
 
 PLAN_SCHEMA = msgspec.json.schema(Plan)
 SKILL_SCHEMA = msgspec.json.schema(SkillDraft)
@@ -249,6 +249,15 @@ def test_server_errors_are_not_retried_by_sdk(emu, client, kind, code, status):
         plan_call(client)
     assert (info.value.code, info.value.status) == (code, status)
     assert len(emu.requests) == 1          # the SDK's own retry is off by default
+
+
+def test_retry_options_with_one_attempt_send_one_request(emu):
+    c = genai.Client(api_key="test-key", vertexai=False, http_options=types.HttpOptions(
+        base_url=emu.url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1)))
+    emu.script("unavailable", times=2)
+    with pytest.raises(errors.ServerError):
+        plan_call(c)
+    assert len(emu.requests) == 1 and emu.pending() == [("unavailable", 1, None)]
 
 
 def test_timeout(emu):
@@ -595,3 +604,15 @@ def test_good_skill_meets_constraints(hint):
 @pytest.mark.parametrize("gate", sc.GATES)
 def test_bad_skill_fails_only_its_gate(gate):
     assert sc.check(sc.bad_skill(gate, "some-plugin")) == [gate]
+
+
+@pytest.mark.parametrize("text,hint", [
+    ("name: my-skill\nWrite the Agent Skill 'web-scraper' for this plugin.\nplugin name: other",
+     "web-scraper"),
+    ("Standards: name: example-skill\n<<<PLUGIN_DATA\nplugin name: db-helper\n", "db-helper"),
+    ("Plugin: demo-tool\nPlan it.", "demo-tool"),
+    ('{"name": "json-named", "version": "1.0"}', "json-named"),
+    ("nothing to go on", "the plugin"),
+])
+def test_name_hint(text, hint):
+    assert name_hint(text) == hint

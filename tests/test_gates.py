@@ -27,11 +27,13 @@ FILLER = (
 )
 
 
-def good_body(*, instructions: str = "", examples: int = 3, padding: int = 38, extra: str = "") -> str:
+def good_body(
+    *, instructions: str = "", examples: int = 3, padding: int = 38, extra: str = ""
+) -> str:
     """A body that passes every gate: seven sections, `examples` code blocks, ~10 KB."""
     blocks = [
         "```bash\npython scripts/check.py --manifest .claude-plugin/plugin.json\n```",
-        '```json\n{"plugin": "demo", "errors": [], "warnings": ["command without description"]}\n```',
+        '```json\n{"plugin": "demo", "errors": [], "warnings": ["no description"]}\n```',
         "```text\ncommands/deploy.md: missing 'description' in frontmatter\n```",
     ]
     code = blocks[:examples] + ["Run the checker again after each fix."] * (3 - examples)
@@ -388,8 +390,8 @@ def test_reference_definitions_are_checked():
 @pytest.mark.parametrize(
     "text",
     [
-        "Logs go to /var/log/plugin.log.",
-        "```bash\ncat /etc/passwd\n```",
+        "Logs go to /tmp/plugin/run.log.",
+        "```bash\ncat /home/jeremy/notes.txt\n```",
         "Copy it into /Users/jeremy/projects.",
         "Edit /home/dev/.bashrc first.",
         "The cache lives in ~/.cache/overnight.",
@@ -409,7 +411,7 @@ def test_absolute_paths_gate(text: str):
     "text",
     [
         "See https://example.com/docs/page and http://localhost:8080/api/v1.",
-        "Run `${CLAUDE_PLUGIN_ROOT}/scripts/run.sh` or $(pwd)/scripts/run.sh or <skill-dir>/scripts/x.",
+        "Run `${CLAUDE_PLUGIN_ROOT}/scripts/a.sh`, $(pwd)/scripts/a.sh or <skill-dir>/scripts/x.",
         "Use scripts/run.sh and ./scripts/run.sh; read/write and/or TCP/IP and 2024/01/02.",
         "Use /tmp alone, a regex like s/foo/bar/ and 1/2/3.",
     ],
@@ -463,7 +465,7 @@ def test_containment_of_link_targets(link: str):
 
 
 def test_reasons_come_in_gate_order():
-    body = good_body(padding=2, examples=0, instructions="You and you and you. See /etc/hosts/x.")
+    body = good_body(padding=2, examples=0, instructions="You and you and you. See /home/dev/x.")
     body = body.replace("## Output", "## Outcome") + "\n[x](references/none.md)\n```\nopen"
     reasons = run(body, name="wrong-dir", files=[GUIDE, DraftFile(path="../x", content="")])
     assert gates(reasons) == [
@@ -486,6 +488,8 @@ def test_hostile_input_never_raises():
         "---\nname: [a, b]\n---\n",
         "---\nname: &a x\nb: *a\n---\n",
         "---\n" + "a: " * 10_000 + "\n---\n",
+        "---\n" + "- x\n" * 4000 + "---\n",
+        "---\n" + "- " * 5000 + "x\n---\n",
         "x" * 1_000_000,
         "`" * 100_000 + "x" + "``" * 100_000,
         "](" * 300_000,
@@ -498,10 +502,22 @@ def test_hostile_input_never_raises():
         "\ud800 lone surrogate \udfff",
         "".join(chr(rng.randint(0, 0x10FFFF)) for _ in range(200_000)),
     ]
-    hostile_files = [DraftFile(path="\x00/..\\\ud800", content="\x00"), DraftFile(path="a" * 5000, content="")]
+    hostile_files = [
+        DraftFile(path="\x00/..\\\ud800", content="\x00"),
+        DraftFile(path="a" * 5000, content=""),
+    ]
     for text in samples:
         start = time.perf_counter()
         for candidate in (text, compose(NAME, draft(text, description=text[:2000]))):
             reasons = check(NAME, candidate, hostile_files, {"\x00", ""})
             assert reasons and all(isinstance(r, str) and "\n" not in r for r in reasons)
         assert time.perf_counter() - start < 5, text[:20]
+
+
+@pytest.mark.parametrize("text", [
+    "Edit /etc/nginx/nginx.conf and reload.",
+    "```bash\nls /usr/local/bin\n```",
+    "Call GET /api/v1/users to list users.",
+])
+def test_system_paths_and_web_routes_are_not_machine_paths(text: str):
+    assert not any(r.startswith("absolute paths") for r in run(good_body(instructions=text)))

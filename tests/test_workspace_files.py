@@ -15,7 +15,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from events import EventStoreError
 from statemachine.snapshots import Entry, Manifest, SnapshotError, restore, take
 from statemachine.workspace import open_log
 from statemachine.writes import (
@@ -333,79 +332,88 @@ def test_cleanup_temp_recovers_an_interrupted_swap(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ crashes
 
+# The child does the job with slow fsyncs (so timed kills land mid-job), and can also kill
+# itself right after its n-th rename: the exact moments a crash is most likely to hurt.
 CHILD = """
-import json, os, sys, time
+import json, os, signal, sys, time
 from pathlib import Path
-real_fsync = os.fsync
+from statemachine.snapshots import restore
+from statemachine.writes import apply
+job = json.loads(Path(sys.argv[1]).read_text())
+real_fsync, real_rename, renames = os.fsync, os.rename, [0]
 def slow_fsync(fd):
     time.sleep(0.002)
     real_fsync(fd)
-os.fsync = slow_fsync
-job = json.loads(Path(sys.argv[1]).read_text())
+def rename(*args, **kwargs):
+    real_rename(*args, **kwargs)
+    renames[0] += 1
+    if renames[0] == job.get("crash_after_rename"):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.fsync, os.rename = slow_fsync, rename
 print("go", flush=True)
 if job["kind"] == "apply":
-    from statemachine.writes import apply
     apply(Path(job["plugin"]), {k: v.encode() for k, v in job["files"].items()},
           [tuple(m) for m in job["moves"]])
 else:
-    from statemachine.snapshots import restore
     blobs = Path(job["blobs"])
     restore(lambda h: (blobs / h).read_bytes(), Path(job["root"]), Path(job["plugin"]), job["tree"])
 """
 
 
-def run_child(job: Path, kill_after: float | None) -> float:
-    """Run CHILD on `job`; SIGKILL it `kill_after` seconds after it starts working."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(job)], cwd=PROJECT,
+def run_child(job: dict, point: tuple[str, float]) -> float:
+    """Run CHILD on `job`, crashing at `point`: ("after", seconds of work), ("rename", n),
+    or ("never", 0). Returns how long the child worked."""
+    how, at = point
+    path = Path(job["plugin"]).parent / "job.json"
+    path.write_text(json.dumps({**job, "crash_after_rename": at if how == "rename" else None}))
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], cwd=PROJECT,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline() == "go\n"
     started = time.monotonic()
-    if kill_after is not None:
-        time.sleep(kill_after)
+    if how == "after":
+        time.sleep(at)
         proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=20)
-    if kill_after is None:
+    if how == "never":
         assert proc.returncode == 0
+    path.unlink()
     return time.monotonic() - started
 
 
-def crash_points(job: Path, reset, count: int = 5) -> list[float]:
-    """Kill delays spread over one full uninterrupted run of the job."""
+def crash_points(job: dict, reset, renames: list[int], timed: int = 4) -> list[tuple[str, float]]:
+    """Kills spread over one full uninterrupted run of the job, then after chosen renames."""
     reset()
-    duration = run_child(job, None)
-    return [duration * i / count for i in range(count)]
+    duration = run_child(job, ("never", 0))
+    return [("after", duration * i / timed) for i in range(timed)] + [("rename", n) for n in renames]
 
 
 def test_apply_killed_at_any_point_then_rerun_gives_exact_tree(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # only the killed child needs durability
-    plugin = tmp_path / "p"
+    plugin = tmp_path / "work" / "p"
     old = {"skills/skill-adapter/SKILL.md": "old skill", "README.md": "readme"}
     files = {f"skills/new/references/r{i:02}.md": f"reference {i}\n" * (200 * i + 1) for i in range(12)}
     files["skills/new/SKILL.md"] = "new skill\n" * 500
-    moves = [["skills/skill-adapter", "skills/new"]]
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"kind": "apply", "plugin": str(plugin), "files": files, "moves": moves}))
+    moves = [("skills/skill-adapter", "skills/new")]
+    moved_old = {"skills/new/SKILL.md": "old skill"}
+    job = {"kind": "apply", "plugin": str(plugin), "files": files, "moves": moves}
 
     def reset() -> None:
-        if plugin.exists():
-            subprocess.run(["rm", "-rf", str(plugin)], check=True)
+        subprocess.run(["rm", "-rf", str(plugin)], check=True)
         for rel, text in old.items():
             write(plugin / rel, text)
 
-    expected = None
-    for delay in crash_points(job, reset):
-        if expected is None:
-            expected = listing(plugin)
+    points = crash_points(job, reset, renames=[1, 2, 8])
+    expected = listing(plugin)
+    for point in points:
         reset()
-        run_child(job, delay)
-        for rel, text in files.items():  # each target holds nothing or all of its bytes
+        run_child(job, point)
+        for rel, text in files.items():  # each target holds its old bytes or all the new ones
             path = plugin / rel
-            assert not path.exists() or path.read_text() == text
+            assert not path.exists() or path.read_text() in (text, moved_old.get(rel)), point
         cleanup_temp(plugin)
-        apply(plugin, {k: v.encode() for k, v in files.items()}, [tuple(m) for m in moves])
-        assert listing(plugin) == expected
-        assert settled(plugin, {k: sha(v.encode()) for k, v in files.items()},
-                       [tuple(m) for m in moves])
+        apply(plugin, {k: v.encode() for k, v in files.items()}, moves)
+        assert listing(plugin) == expected, point
+        assert settled(plugin, {k: sha(v.encode()) for k, v in files.items()}, moves)
 
 
 def test_restore_killed_at_any_point_leaves_old_or_new_tree(market: Path, tmp_path: Path,
@@ -419,32 +427,32 @@ def test_restore_killed_at_any_point_leaves_old_or_new_tree(market: Path, tmp_pa
     blobs.mkdir()
     for blob in snap.blobs:
         (blobs / sha(blob)).write_bytes(blob)
-    new = listing(plugin)
+    snapshotted = listing(plugin)
     template = tmp_path / "edited"
-
     (plugin / "README.md").write_text("edited")
     for i in range(3):
         (plugin / "docs" / f"d{i}.md").unlink()
     write(plugin / ".git" / "HEAD", "git")
     subprocess.run(["cp", "-a", str(plugin), str(template)], check=True)
     old = listing(plugin)
+    new = {**snapshotted, ".git": old[".git"], ".git/HEAD": old[".git/HEAD"]}
 
     def reset() -> None:
         subprocess.run(["rm", "-rf", str(plugin)], check=True)
         subprocess.run(["cp", "-a", str(template), str(plugin)], check=True)
 
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"kind": "restore", "root": str(market), "plugin": str(plugin),
-                               "blobs": str(blobs), "tree": snap.tree_sha256}))
-    seen = set()
-    for delay in crash_points(job, reset):
+    job = {"kind": "restore", "root": str(market), "plugin": str(plugin), "blobs": str(blobs),
+           "tree": snap.tree_sha256}
+    outcomes = []
+    # Renames: plugin -> old tree, built tree -> plugin, .git carried over from the old tree.
+    for point in crash_points(job, reset, renames=[1, 2, 3]):
         reset()
-        run_child(job, delay)
+        run_child(job, point)
         cleanup_temp(plugin)
         now = listing(plugin)
-        assert now in (old, {**new, ".git": old[".git"], ".git/HEAD": old[".git/HEAD"]})
-        seen.add(now == old)
+        assert now in (old, new), point
+        outcomes.append(now == new)
         restore(lambda h: (blobs / h).read_bytes(), market, plugin, snap.tree_sha256)
-        assert listing(plugin) == {**new, ".git": old[".git"], ".git/HEAD": old[".git/HEAD"]}
+        assert listing(plugin) == new, point
         assert leftovers(market) == []
-    assert True in seen
+    assert outcomes[-3:] == [False, True, True]
