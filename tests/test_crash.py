@@ -1,0 +1,137 @@
+"""Crash and signal safety of `overnight run` / `resume`, with real processes killed for real."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+from tests.emulator import Emulator
+from tests.marketplace_builder import manifest, plugin
+
+KEY = "fake-key-CRASH-5d1e"
+REPO = Path(__file__).resolve().parent.parent
+ARGS = ["--rpm", "100000", "--rpd", "1000000", "--backoff", "0.05", "--concurrency", "2"]
+
+
+def build_marketplace(root: Path, count: int) -> None:
+    entries = []
+    for i in range(count):
+        name = f"tool-{i:02d}"
+        entries.append({"name": name, "source": f"./plugins/cat{i % 3}/{name}", "category": f"cat{i % 3}"})
+        plugin(root, f"plugins/cat{i % 3}/{name}", name, description=f"Tool number {i}.",
+               files={"README.md": f"# {name}\n\nDoes task {i} well.\n",
+                      "commands/go.md": f"# /go\n\nRun task {i}.\n"})
+    manifest(root, entries)
+
+
+def spawn(command: str, root: Path, url: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    env["GOOGLE_API_KEY"] = KEY
+    return subprocess.Popen([sys.executable, "-m", "cli", command, str(root), "--base-url", url, *ARGS]
+                            if command == "run" else
+                            [sys.executable, "-m", "cli", command, str(root)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def query(root: Path, sql: str) -> list[tuple]:
+    conn = apsw.Connection(str(root / ".overnight" / "overnight.db"))
+    try:
+        return list(conn.execute(sql))
+    finally:
+        conn.close()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file() and ".overnight" not in p.parts}
+
+
+def migrated(root: Path) -> bool:
+    db = root / ".overnight" / "overnight.db"
+    return db.exists() and query(root, "PRAGMA user_version")[0][0] > 0
+
+
+def has_run(root: Path) -> bool:
+    return migrated(root) and bool(query(root, "SELECT 1 FROM runs LIMIT 1"))
+
+
+def test_sigkill_at_random_instants_then_resume_loses_and_repeats_nothing(tmp_path):
+    root = tmp_path / "market"
+    build_marketplace(root, 24)
+    original = tree_hashes(root)
+    rng = random.Random(20261122)
+    kills = 0
+    with Emulator(api_key=KEY, latency=(0.02, 0.12), seed=3) as emu:
+        while kills < 20:
+            proc = spawn("resume" if has_run(root) else "run", root, emu.url)
+            try:
+                proc.wait(timeout=rng.uniform(0.4, 1.6))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+            else:
+                if proc.returncode == 0 and query(root, "SELECT status FROM runs")[0][0] == "complete":
+                    break  # finished before the next kill
+            if not migrated(root):
+                continue  # killed before the log existed
+            assert cli("audit", "verify", str(root)).returncode == 0
+            recorded = {digest for (digest,) in query(root, "SELECT hash FROM blobs")}
+            for rel, digest in tree_hashes(root).items():
+                if ".tmp-" in rel:
+                    continue  # an unfinished temp file: never a target, removed on resume
+                assert digest in recorded or original.get(rel) == digest, f"partial or unknown file {rel}"
+        final = spawn("resume" if has_run(root) else "run", root, emu.url)
+        assert final.wait(timeout=120) == 0, final.stderr.read().decode()
+        sent = [r for r in emu.requests if r.method == "POST"]
+
+    assert kills >= 10, "the batch finished too early to test crashes"
+    assert query(root, "SELECT state, count(*) FROM plugins GROUP BY state") == [("done", 24)]
+    retries = query(root, "SELECT count(*) FROM events WHERE type IN ('RequestFailed', 'SkillGateFailed')")[0][0]
+    assert len(sent) <= 2 * 24 + kills * 2 + retries
+    # a recorded answer is never requested again: one plan and one skill answer per plugin
+    per_plugin = query(root, "SELECT stream, sum(type = 'PlanReceived'), sum(type = 'SkillReceived') "
+                             "FROM events WHERE stream LIKE 'plugin:%' GROUP BY stream")
+    assert {(p, s) for _, p, s in per_plugin} == {(1, 1)}
+    assert query(root, "SELECT count(*) FROM quota_ledger")[0][0] == len(sent)
+    assert not [p for p in root.rglob("*") if ".tmp-" in p.name]
+    assert cli("audit", "verify", str(root)).returncode == 0
+    assert cli("audit", "replay", str(root)).returncode == 0
+    for skill in root.glob("plugins/*/*/skills/*/SKILL.md"):
+        assert cli("status", str(root)).returncode == 0
+        from skills_ref.validator import validate
+        assert validate(skill.parent) == []
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_cleanly_records_the_interruption_and_resume_finishes(tmp_path, sig, code):
+    root = tmp_path / "market"
+    build_marketplace(root, 6)
+    with Emulator(api_key=KEY, latency=(0.3, 0.4), seed=5) as emu:
+        proc = spawn("run", root, emu.url)
+        deadline = time.monotonic() + 30
+        while not [r for r in emu.requests if r.method == "POST"]:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=10) == code
+        assert query(root, "SELECT json_extract(data, '$.signal') FROM events WHERE type = 'RunInterrupted'") == [
+            (signal.Signals(sig).name,)]
+        assert query(root, "SELECT status FROM runs") == [("interrupted",)]
+        assert cli("audit", "verify", str(root)).returncode == 0
+        assert spawn("resume", root, emu.url).wait(timeout=60) == 0
+    assert query(root, "SELECT state, count(*) FROM plugins GROUP BY state") == [("done", 6)]
+    assert query(root, "SELECT status FROM runs") == [("complete",)]
