@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli import audit, restore_plugin, run, scan, status
+from cli import audit, metrics, restore_plugin, run, scan, status
 from cli.options import OvernightGroup, debug_option
 
 
@@ -25,3 +25,5 @@ main.add_command(audit.audit)
 main.add_command(run.run)
 main.add_command(run.resume)
 main.add_command(restore_plugin.restore_plugin)
+main.add_command(metrics.metrics)
+main.add_command(metrics.estimate)

@@ -27,6 +27,9 @@ def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--json-log", type=click.File("a", encoding="utf-8"),
                      help="Append one JSON line per recorded event to this file ('-' for stdout)."),
         click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."),
+        click.option("--max-requests", type=click.IntRange(min=0), help="Stop the run after this many requests."),
+        click.option("--max-tokens", type=click.IntRange(min=0), help="Stop the run after this many tokens."),
+        click.option("--max-cost", type=click.FloatRange(min=0), help="Stop the run after this many US dollars."),
     ]):
         fn = option(fn)
     return fn
@@ -37,6 +40,14 @@ def _limits(base, rpm, rpd, tpm, concurrency):
 
     changes = {k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm), ("concurrency", concurrency))
                if v is not None}
+    return replace(base, **changes)
+
+
+def _budgets(base, max_requests, max_tokens, max_cost):
+    from dataclasses import replace
+
+    changes = {k: v for k, v in (("max_requests", max_requests), ("max_tokens", max_tokens),
+                                 ("max_cost", max_cost)) if v is not None}
     return replace(base, **changes)
 
 
@@ -72,13 +83,15 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         standards: Path | None, min_bytes: int, max_bytes: int, min_examples: int, gate_attempts: int,
         max_attempts: int, backoff: float, plugins: tuple[str, ...], category: str | None, limit: int | None,
         force: bool, dry_run: bool, rpm: int | None, rpd: int | None, tpm: int | None,
-        concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool) -> None:
+        concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
+        max_requests: int | None, max_tokens: int | None, max_cost: float | None) -> None:
     """Enhance every plugin of the marketplace at PATH with Gemini (plan, SKILL.md, gates, write).
 
     The key comes from GOOGLE_API_KEY or GEMINI_API_KEY (or Vertex AI: GOOGLE_GENAI_USE_VERTEXAI,
     GOOGLE_CLOUD_PROJECT, GOOGLE_CLOUD_LOCATION). Exit 0 when every selected plugin ended done,
     skipped or rejected; 1 otherwise; 130/143 when stopped by SIGINT/SIGTERM.
     """
+    from statemachine.budget import Budgets
     from statemachine.gates import GateConfig
     from statemachine.gateway import GeminiSettings
     from statemachine.runner import RunOptions
@@ -90,6 +103,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         gates=GateConfig(min_bytes=min_bytes, max_bytes=max_bytes, min_code_blocks=min_examples),
         gate_attempts=gate_attempts, max_attempts=max_attempts, backoff_s=backoff, plugins=plugins, category=category,
         limit=limit, force=force, dry_run=dry_run, standards=standards, wait=not no_wait,
+        budgets=_budgets(Budgets(), max_requests, max_tokens, max_cost),
     )
     _execute(path, db, json_log, as_json, lambda runner: runner.start(options))
 
@@ -99,18 +113,22 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
 @limit_options
 @common
 def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: int | None,
-           concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool) -> None:
+           concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
+           max_requests: int | None, max_tokens: int | None, max_cost: float | None) -> None:
     """Continue the last unfinished run at PATH with its recorded configuration.
 
-    Limits given here (--rpm, --rpd, --tpm, --concurrency) apply from now on and are recorded.
+    Limits and budgets given here (--rpm, --rpd, --tpm, --concurrency, --max-requests,
+    --max-tokens, --max-cost) apply from now on, and the change is recorded in the log.
     """
     from dataclasses import replace
 
-    given = {k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm), ("concurrency", concurrency))
-             if v is not None}
+    given = {k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm), ("concurrency", concurrency),
+                               ("max-requests", max_requests), ("max-tokens", max_tokens),
+                               ("max-cost", max_cost)) if v is not None}
 
     def overrides(options):
-        changed = replace(options, limits=_limits(options.limits, rpm, rpd, tpm, concurrency))
+        changed = replace(options, limits=_limits(options.limits, rpm, rpd, tpm, concurrency),
+                          budgets=_budgets(options.budgets, max_requests, max_tokens, max_cost))
         if no_wait is not None:
             changed = replace(changed, wait=not no_wait)
         return changed
@@ -155,10 +173,12 @@ def _render(result, as_json: bool) -> None:
         return
     counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
     click.echo(f"run {result.run_id}: {result.outcome}; {result.selected} plugins selected ({counts or 'none'})")
+    if result.outcome == "budget_exhausted":
+        click.echo(f"budget reached: {result.message}")
     if result.paused_until:
         click.echo(f"daily quota used up: resume after {result.paused_until} "
                    f"with `overnight resume` (or run without --no-wait to sleep until then)")
-    if result.message:
+    if result.message and result.outcome != "budget_exhausted":
         click.echo(f"stopped: {result.message}", err=True)
     for plugin_id, state, reason in result.problems:
         click.echo(f"  {state:<11} {plugin_id}{': ' + reason if reason else ''}")

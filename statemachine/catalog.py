@@ -278,6 +278,7 @@ class LimitsChanged(Event, frozen=True, tag="LimitsChanged"):
     run_id: str
     limits: dict[str, Any]
     reason: str
+    budgets: dict[str, Any] = {}
 
 
 class RunPaused(Event, frozen=True, tag="RunPaused"):

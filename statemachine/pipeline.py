@@ -26,6 +26,7 @@ import msgspec
 from statemachine import catalog as c
 from statemachine import gates, skillmd, snapshots, writes
 from statemachine.analysis import hash_tree
+from statemachine.budget import Spending
 from statemachine.gateway import (
     AccessDenied,
     Gateway,
@@ -109,6 +110,7 @@ class Context:
     stopping: threading.Event
     stats: Stats
     halt: threading.Event = field(default_factory=threading.Event)
+    spending: Spending | None = None
     secrets: tuple[str, ...] = ()
     rng: random.Random = field(default_factory=random.Random)
     sleep: Callable[[float], object] = field(default=lambda s: threading.Event().wait(s))
@@ -224,6 +226,8 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         feedback = msgspec.json.decode(details["feedback"]) if details["feedback"] else []
         prompt, schema = skill_prompt(data, row["skill_name"], plan, ctx.settings.gates, feedback), c.SkillDraft
     est = estimate_tokens(system, prompt)
+    if ctx.spending is not None:
+        ctx.spending.before_request()
     slot = _admit(ctx, est)
     request_id = uuid.uuid4().hex
     attempt = (row["plan_attempts"] if step == "plan" else row["skill_attempts"]) + 1
@@ -239,10 +243,14 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
     try:
         answer = ctx.gateway.generate(system, prompt, schema)
     except GatewayError as e:
+        if ctx.spending is not None:
+            ctx.spending.add(e.usage)
         _failed(ctx, cursor, row, step, request_id, e)
         ctx.scheduler.settle(slot, e.usage.input_tokens if e.usage else None)
         return
     ctx.scheduler.succeeded()
+    if ctx.spending is not None:
+        ctx.spending.add(answer.usage)
     ctx.scheduler.settle(slot, answer.usage.input_tokens)
     ctx.stats.add(answer.usage)
     if step == "plan":

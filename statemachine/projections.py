@@ -279,7 +279,11 @@ def _fold_run(row: dict | None, rec: Recorded) -> dict | None:
         raise ProjectionError(f"{rec.type} for run {ev.run_id}, which never started")
     new = dict(row, last_seq=rec.seq)
     if isinstance(ev, c.LimitsChanged):
-        new["config"] = _to_json({**msgspec.json.decode(row["config"]), "limits": ev.limits})
+        config = msgspec.json.decode(row["config"])
+        config["limits"] = ev.limits
+        if ev.budgets:
+            config["budgets"] = ev.budgets
+        new["config"] = _to_json(config)
     elif isinstance(ev, c.RunPaused):
         new.update(status="paused", paused_until=ev.until)
     elif isinstance(ev, c.RunResumed):
@@ -295,6 +299,7 @@ def _fold_run(row: dict | None, rec: Recorded) -> dict | None:
 
 RUNS = Projection(
     name="runs",
+    version=2,
     columns=(
         ("run_id", "TEXT"), ("command", "TEXT"), ("started_at", "TEXT"), ("ended_at", "TEXT"),
         ("status", "TEXT"), ("paused_until", "TEXT"), ("config", "TEXT"), ("plugins", "INTEGER"),

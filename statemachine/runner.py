@@ -24,7 +24,9 @@ import msgspec
 
 from events import EventStore
 from statemachine import catalog as c
+from statemachine.budget import BudgetReached, Budgets, Spending
 from statemachine.errors import OvernightError
+from statemachine.metrics import Prices, estimate
 from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
@@ -53,6 +55,8 @@ class RunOptions:
     dry_run: bool = False
     standards: Path | None = None
     wait: bool = True
+    budgets: Budgets = field(default_factory=Budgets)
+    prices: Prices = field(default_factory=Prices)
 
     def config(self, standards: Standards, backend: Backend) -> dict[str, Any]:
         """The recorded configuration: everything `resume` needs, and no secret."""
@@ -63,7 +67,8 @@ class RunOptions:
             "gate_attempts": self.gate_attempts, "max_attempts": self.max_attempts,
             "backoff_s": self.backoff_s, "plugins": list(self.plugins), "category": self.category, "limit": self.limit,
             "force": self.force, "dry_run": self.dry_run, "standards_sha256": standards.sha256,
-            "wait": self.wait,
+            "wait": self.wait, "budgets": self.budgets.as_dict(),
+            "prices": dataclasses.asdict(self.prices),
         }
 
 
@@ -78,7 +83,31 @@ def options_from_config(config: dict[str, Any]) -> RunOptions:
         gate_attempts=config["gate_attempts"], max_attempts=config["max_attempts"],
         backoff_s=config["backoff_s"], plugins=tuple(config["plugins"]), category=config["category"], limit=config["limit"],
         force=config["force"], dry_run=config["dry_run"], wait=config["wait"],
+        budgets=Budgets(**config["budgets"]), prices=Prices(**config["prices"]),
     )
+
+
+def select(store: EventStore, options: RunOptions) -> list[str]:
+    """The plugins a run with these options processes, in order (a pure read of the log)."""
+    rows = store.query("SELECT plugin_id, name, category, state FROM plugins ORDER BY plugin_id")
+    wanted = set(options.plugins)
+    if wanted:
+        known = {r[0] for r in rows} | {r[1] for r in rows}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise OvernightError(f"no plugin named or with id {', '.join(map(repr, unknown))}")
+    chosen = []
+    for plugin_id, name, category, state in rows:
+        if wanted and plugin_id not in wanted and name not in wanted:
+            continue
+        if options.category and category != options.category:
+            continue
+        if state in (State.INVALID, State.GONE):
+            continue
+        if state in FINAL and not options.force:
+            continue
+        chosen.append(plugin_id)
+    return chosen[: options.limit] if options.limit is not None else chosen
 
 
 @dataclass
@@ -113,7 +142,8 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("complete", "paused")
+        """Finished, or stopped on purpose (daily quota with --no-wait, a budget): exit 0."""
+        return self.outcome in ("complete", "paused", "budget_exhausted")
 
 
 class Runner:
@@ -144,34 +174,46 @@ class Runner:
         scan(self.store, self.root)
         selection = self._select(options)
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+        config = options.config(standards, self.backend)
+        config["estimate"] = estimate(self.store, self.root, selection, options.limits, options.gates,
+                                      options.prices, options.standards).as_json()
         self.journal.append(f"run:{run_id}", c.RunStarted(
-            run_id=run_id, command="run", config=options.config(standards, self.backend),
+            run_id=run_id, command="run", config=config,
             plugins=len(selection), selection=selection), blobs=[standards.text.encode("utf-8")])
         return self._execute(run_id, options, standards, gateway, selection)
 
     def resume(self, overrides: Callable[[RunOptions], RunOptions] | None = None,
                reason: str = "") -> RunResult:
         found = self.store.query(
-            "SELECT run_id, config FROM runs WHERE status IN (?, ?, ?, ?) ORDER BY started_at DESC LIMIT 1",
-            UNFINISHED)
+            "SELECT run_id, config, status, paused_until FROM runs WHERE status IN (?, ?, ?, ?) "
+            "ORDER BY started_at DESC LIMIT 1", UNFINISHED)
         if not found:
             raise OvernightError("no unfinished run to resume; start one with `overnight run`")
-        run_id, config_json = found[0]
+        run_id, config_json, status, paused_until = found[0]
         config = msgspec.json.decode(config_json)
         options = options_from_config(config)
         blob = self._standards_blob(config["standards_sha256"])
         standards = Standards(blob.decode("utf-8"))
         if overrides is not None:
             changed = overrides(options)
-            if changed.limits != options.limits:
+            if (changed.limits, changed.budgets) != (options.limits, options.budgets):
                 self.journal.append(f"run:{run_id}", c.LimitsChanged(
-                    run_id=run_id, limits=changed.limits.as_dict(), reason=reason or "changed on resume"))
+                    run_id=run_id, limits=changed.limits.as_dict(), budgets=changed.budgets.as_dict(),
+                    reason=reason or "changed on resume"))
             options = changed
         gateway = self.gateway_factory(options.gemini, self.backend)
         gateway.check_access()
         started = self.store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'",
                                    (f"run:{run_id}",))
         selection = msgspec.json.decode(started[0][0])["selection"]
+        until = datetime.fromisoformat(paused_until).timestamp() if status == "paused" and paused_until else 0.0
+        if until > self.clock():
+            # The recorded pause (the daily quota) still holds: honour it.
+            if not options.wait:
+                return self._finish(run_id, selection, options, "paused", paused_until=paused_until)
+            self._wait_until(until, Stats(), len(selection), self.clock())
+            if self.stopping.is_set():
+                return self._interrupted(run_id, selection)
         self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
         scan(self.store, self.root)
         return self._execute(run_id, options, standards, gateway, selection)
@@ -187,26 +229,7 @@ class Runner:
         return self.store.get_blob(digest)
 
     def _select(self, options: RunOptions) -> list[str]:
-        rows = self.store.query("SELECT plugin_id, name, category, state FROM plugins ORDER BY plugin_id")
-        wanted = set(options.plugins)
-        chosen = []
-        for plugin_id, name, category, state in rows:
-            if wanted and plugin_id not in wanted and name not in wanted:
-                continue
-            if options.category and category != options.category:
-                continue
-            if state in (State.INVALID, State.GONE):
-                continue
-            if state in FINAL and not options.force:
-                continue
-            chosen.append(plugin_id)
-        if wanted:
-            known = {r[0] for r in rows} | {r[1] for r in rows}
-            unknown = sorted(wanted - known)
-            if unknown:
-                raise OvernightError(f"no plugin named or with id {', '.join(map(repr, unknown))}")
-        if options.limit is not None:
-            chosen = chosen[: options.limit]
+        chosen = select(self.store, options)
         if options.force:
             self._reopen([p for p in chosen if self._state(p) in FINAL])
         return chosen
@@ -249,6 +272,7 @@ class Runner:
                                   backoff_s=options.backoff_s, dry_run=options.dry_run, force=options.force),
             standards=standards, clock=self.clock, stopping=self.stopping, stats=stats,
             secrets=(self.backend.api_key or "",), sleep=self.sleep,
+            spending=Spending(self.store, run_id, options.budgets, options.prices),
         )
         started = self.clock()
         while True:
@@ -258,6 +282,12 @@ class Runner:
                 return self._interrupted(run_id, selection)
             if outcome.stopped is not None:
                 return self._finish(run_id, selection, options, "stopped", message=outcome.stopped)
+            if outcome.budget is not None:
+                b = outcome.budget
+                self.journal.append(f"run:{run_id}", c.BudgetExhausted(
+                    run_id=run_id, budget=b.budget, limit=float(b.limit), used=float(b.used)))
+                return self._finish(run_id, selection, options, "budget_exhausted",
+                                    message=f"{b}; resume with a larger budget (overnight resume --max-{b.budget} N)")
             if outcome.paused is None:
                 return self._finish(run_id, selection, options, None)
             until = outcome.paused
@@ -340,6 +370,7 @@ class _Outcome:
     paused: float | None = None
     pause_reason: str = ""
     stopped: str | None = None
+    budget: BudgetReached | None = None
 
 
 class _Batch:
@@ -405,6 +436,9 @@ class _Batch:
             except RunStopped as e:
                 self._stop(stopped=str(e), plugin_id=plugin_id)
                 return
+            except BudgetReached as e:
+                self._stop(budget=e, plugin_id=plugin_id)
+                return
             except (JournalClosed, Interrupted):
                 with self.lock:
                     self.in_flight -= 1
@@ -422,7 +456,7 @@ class _Batch:
                     heapq.heappush(self.queue, (again, len(self.queue) + order, plugin_id))
 
     def _stop(self, *, plugin_id: str, paused: float | None = None, reason: str = "",
-              stopped: str | None = None) -> None:
+              stopped: str | None = None, budget: BudgetReached | None = None) -> None:
         with self.lock:
             self.in_flight -= 1
             heapq.heappush(self.queue, (0.0, -1, plugin_id))
@@ -431,4 +465,6 @@ class _Batch:
                 self.outcome.pause_reason = reason
             if stopped is not None:
                 self.outcome.stopped = self.outcome.stopped or stopped
+            if budget is not None:
+                self.outcome.budget = self.outcome.budget or budget
         self.halt.set()

@@ -124,6 +124,8 @@ class Scheduler:
                 if excess <= 0:
                     waits.append(sent.at + MINUTE - now)
                     break
+            else:  # larger than tpm by itself: it may only go alone, once the window is empty
+                waits.append(self._minute[-1].at + MINUTE - now)
         return max(0.0, *waits)
 
     def try_admit(self, est_tokens: int) -> tuple[float, _Sent | None]:
@@ -165,7 +167,7 @@ class Scheduler:
                 self._backoff = 0
             else:
                 self._backoff += 1
-                base = min(300.0, 5.0 * 2 ** (self._backoff - 1))
+                base = min(300.0, 5.0 * 2 ** min(self._backoff - 1, 16))  # 2**1024 overflows a float
                 wait = base / 2 + self._rng.uniform(0, base / 2)
             if scope in ("day", "tokens_day"):
                 wait = max(wait, next_day_start(now) - now)

@@ -1,0 +1,123 @@
+"""overnight metrics | estimate"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.options import common, marketplace_argument
+from cli.render import emit_json
+
+price_options = [
+    click.option("--price-input", type=click.FloatRange(min=0), default=0.30, show_default=True,
+                 help="US dollars per million input tokens."),
+    click.option("--price-output", type=click.FloatRange(min=0), default=2.50, show_default=True,
+                 help="US dollars per million output (and thinking) tokens."),
+]
+
+
+def prices(fn):
+    for option in reversed(price_options):
+        fn = option(fn)
+    return fn
+
+
+@click.command()
+@marketplace_argument
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@prices
+@common
+def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, price_output: float) -> None:
+    """Requests, tokens, 429s, retries, quota use, durations and cost, read from the log."""
+    from statemachine.metrics import Prices, metrics as compute
+    from statemachine.workspace import marketplace_root, open_log
+
+    with open_log(marketplace_root(path), db, writer=False) as store:
+        m = compute(store, prices=Prices(price_input, price_output))
+    if as_json:
+        emit_json(m)
+        return
+    click.echo(f"requests {m['requests']} ({m['rate_limited']} rate-limited, success rate "
+               f"{_pct(m['success_rate'])}); tokens {m['input_tokens']:,} in / {m['output_tokens']:,} out; "
+               f"cost ${m['cost_usd']:.4f}")
+    click.echo(f"plugins {m['plugins']}: " + ", ".join(f"{s} {n}" for s, n in sorted(m["by_state"].items())))
+    if m["retries"]:
+        click.echo("retries by kind: " + ", ".join(f"{k} {n}" for k, n in m["retries"].items())
+                   + f"; gate failures {m['gate_failures']}")
+    for phase, d in m["phases"].items():
+        if d["answers"]:
+            click.echo(f"{phase}: {d['answers']} answers, median {d['median_s']} s, p95 {d['p95_s']} s")
+    for model, w in m["quota_windows"].items():
+        click.echo(f"{model}: {w['last_minute_requests']} requests in the last minute, "
+                   f"{w.get('today_requests', 0)} today (Pacific day)")
+    for limit in m["learned_limits"]:
+        click.echo(f"learned limit: {limit['model']} {limit['metric']} = {limit['value']}")
+    run = m["run"]
+    if run:
+        line = (f"last run {run['run_id']}: {run['status']}, {run['finished']}/{run['selected']} finished, "
+                f"{run['requests']} requests")
+        if run["eta_s"] is not None:
+            line += f", ETA {run['eta_s']} s"
+        if run["estimate"]:
+            line += f" (estimated {run['estimate']['requests']} requests)"
+        click.echo(line)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+@click.command()
+@marketplace_argument
+@click.option("--plugin", "plugins", multiple=True, help="Only this plugin (name or id); repeatable.")
+@click.option("--category", help="Only plugins of this category.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many plugins.")
+@click.option("--force", is_flag=True, help="Count finished plugins too.")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute (default 10).")
+@click.option("--rpd", type=click.IntRange(min=1), help="Requests per day (default 20).")
+@click.option("--tpm", type=click.IntRange(min=1), help="Input tokens per minute (default 250,000).")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Plugins in flight (default 2).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@prices
+@common
+def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: str | None, limit: int | None,
+             force: bool, rpm: int | None, rpd: int | None, tpm: int | None, concurrency: int | None,
+             as_json: bool, price_input: float, price_output: float) -> None:
+    """What a run would cost: plugins, requests, tokens, time (days when needed) and dollars.
+
+    Scans first (recording only changes), then builds each plugin's real prompts.
+    """
+    from dataclasses import replace
+
+    from statemachine.metrics import Prices, estimate as compute
+    from statemachine.runner import RunOptions, select
+    from statemachine.scan import scan
+    from statemachine.scheduler import Limits
+    from statemachine.workspace import marketplace_root, open_log
+
+    root = marketplace_root(path)
+    limits = replace(Limits(), **{k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm),
+                                                     ("concurrency", concurrency)) if v is not None})
+    with open_log(root, db) as store:
+        scan(store, root)
+        chosen = select(store, RunOptions(plugins=plugins, category=category, limit=limit, force=force))
+        result = compute(store, root, chosen, limits, prices=Prices(price_input, price_output))
+    if as_json:
+        emit_json(result.as_json() | {"limits": limits.as_dict()})
+        return
+    click.echo(f"{result.plugins} plugins to process: {result.requests} requests, "
+               f"{result.input_tokens:,} input and {result.output_tokens:,} output tokens, "
+               f"about ${result.cost_usd:.2f}")
+    click.echo(f"time at {limits.rpm} requests/min, {limits.rpd}/day, concurrency {limits.concurrency}: "
+               f"{_duration(result.seconds)}" + (f" ({result.days} daily resets)" if result.days else ""))
+    click.echo(f"basis: {result.basis}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours or days) + [f"{minutes}m"]
+    return " ".join(parts) if seconds >= 60 else f"{seconds}s"

@@ -1,0 +1,66 @@
+"""Run budgets: stop cleanly once a run has spent what it was allowed (retries count too).
+
+Spending is counted from the quota ledger of the run (so a resumed run remembers it) plus
+what this process adds; the check happens before a request is recorded, so a run never
+sends the request that would go over a request budget.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from events import EventStore
+from statemachine.catalog import Usage
+from statemachine.metrics import Prices
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_requests: int | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"max_requests": self.max_requests, "max_tokens": self.max_tokens, "max_cost": self.max_cost}
+
+
+class BudgetReached(Exception):
+    def __init__(self, budget: str, limit: float, used: float) -> None:
+        super().__init__(f"{budget} budget reached: {used:g} of {limit:g}")
+        self.budget = budget
+        self.limit = limit
+        self.used = used
+
+
+class Spending:
+    """Thread-safe running totals of one run, checked against its budgets."""
+
+    def __init__(self, store: EventStore, run_id: str, budgets: Budgets, prices: Prices) -> None:
+        self.budgets = budgets
+        self.prices = prices
+        self._lock = threading.Lock()
+        self.requests, self.input_tokens, self.output_tokens = store.query(
+            "SELECT count(*), coalesce(sum(input_tokens), 0), "
+            "coalesce(sum(coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)), 0) "
+            "FROM quota_ledger WHERE run_id = ?", (run_id,))[0]
+
+    def before_request(self) -> None:
+        """Raise BudgetReached if one more request would go over a budget; else count it."""
+        with self._lock:
+            b = self.budgets
+            if b.max_requests is not None and self.requests + 1 > b.max_requests:
+                raise BudgetReached("requests", b.max_requests, self.requests)
+            tokens = self.input_tokens + self.output_tokens
+            if b.max_tokens is not None and tokens >= b.max_tokens:
+                raise BudgetReached("tokens", b.max_tokens, tokens)
+            cost = self.prices.cost(self.input_tokens, self.output_tokens)
+            if b.max_cost is not None and cost >= b.max_cost:
+                raise BudgetReached("cost", b.max_cost, round(cost, 4))
+            self.requests += 1
+
+    def add(self, usage: Usage | None) -> None:
+        if usage is not None:
+            with self._lock:
+                self.input_tokens += usage.input_tokens
+                self.output_tokens += usage.output_tokens + usage.thoughts_tokens

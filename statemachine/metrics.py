@@ -1,0 +1,179 @@
+"""`overnight metrics` and `overnight estimate`: queries over the projections, nothing else.
+
+Metrics read the quota ledger (one row per request, with times, tokens and outcome), the
+plugins table and the runs table. The estimate builds the real prompts of the plugins a run
+would process and prices them under the configured limits; once runs have happened, their
+measured averages (output tokens, retries) replace the defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from events import EventStore
+from statemachine import catalog as c
+from statemachine.gates import GateConfig
+from statemachine.lifecycle import FINAL
+from statemachine.prompts import estimate_tokens, load_standards, plan_prompt, plugin_data, skill_prompt, system_instruction
+from statemachine.scheduler import Limits, day_start
+
+# Before any run has measured them: typical answer sizes in tokens (a plan; a 10 KB skill).
+DEFAULT_PLAN_OUTPUT = 900
+DEFAULT_SKILL_OUTPUT = 3600
+PLAN_JSON_CHARS = 1500
+
+
+@dataclass(frozen=True)
+class Prices:
+    """US dollars per million tokens (Gemini 2.5 Flash paid tier, late 2025; thinking tokens
+    are billed as output)."""
+
+    input_per_million: float = 0.30
+    output_per_million: float = 2.50
+
+    def cost(self, input_tokens: float, output_tokens: float) -> float:
+        return input_tokens / 1e6 * self.input_per_million + output_tokens / 1e6 * self.output_per_million
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def metrics(store: EventStore, *, now: float | None = None, prices: Prices = Prices()) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    q = store.query
+    requests, input_tokens, output_tokens, rate_limited, ok = q(
+        "SELECT count(*), coalesce(sum(input_tokens), 0), "
+        "coalesce(sum(coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)), 0), "
+        "coalesce(sum(outcome = 'rate_limited'), 0), coalesce(sum(outcome = 'ok'), 0) FROM quota_ledger")[0]
+    retries = dict(q("SELECT json_extract(data, '$.kind'), count(*) FROM events WHERE type = 'RequestFailed' "
+                     "GROUP BY 1 ORDER BY 2 DESC"))
+    gate_failures = q("SELECT count(*) FROM events WHERE type = 'SkillGateFailed'")[0][0]
+    by_state = dict(q("SELECT state, count(*) FROM plugins GROUP BY state"))
+    phases = {}
+    for phase in ("plan", "skill"):
+        durations = [d for (d,) in q("SELECT settled_at - sent_at FROM quota_ledger WHERE phase = ? "
+                                     "AND outcome = 'ok' AND settled_at IS NOT NULL", (phase,))]
+        phases[phase] = {"answers": len(durations),
+                         "median_s": round(statistics.median(durations), 3) if durations else None,
+                         "p95_s": round(_percentile(durations, 0.95), 3) if durations else None}
+    windows = {}
+    for model, minute, minute_tokens in q(
+            "SELECT model, count(*), coalesce(sum(coalesce(input_tokens, est_input_tokens)), 0) "
+            "FROM quota_ledger WHERE sent_at > ? GROUP BY model", (now - 60,)):
+        windows[model] = {"last_minute_requests": minute, "last_minute_input_tokens": minute_tokens}
+    for model, today in q("SELECT model, count(*) FROM quota_ledger WHERE sent_at >= ? GROUP BY model",
+                          (day_start(now),)):
+        windows.setdefault(model, {"last_minute_requests": 0, "last_minute_input_tokens": 0})
+        windows[model]["today_requests"] = today
+    learned = [{"model": m, "metric": k, "value": v} for m, k, v in
+               q("SELECT model, metric, value FROM quota_limits ORDER BY model, metric")]
+    result: dict[str, Any] = {
+        "requests": requests, "input_tokens": input_tokens, "output_tokens": output_tokens,
+        "rate_limited": rate_limited, "retries": retries, "gate_failures": gate_failures,
+        "success_rate": round(ok / requests, 4) if requests else None,
+        "cost_usd": round(prices.cost(input_tokens, output_tokens), 4),
+        "plugins": sum(by_state.values()), "plugins_done": by_state.get("done", 0), "by_state": by_state,
+        "phases": phases, "quota_windows": windows, "learned_limits": learned, "run": _last_run(store, now),
+    }
+    return result
+
+
+def _last_run(store: EventStore, now: float) -> dict[str, Any] | None:
+    found = store.query("SELECT run_id, status, started_at, config FROM runs ORDER BY started_at DESC LIMIT 1")
+    if not found:
+        return None
+    run_id, status, started_at, config = found[0]
+    started = store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'", (f"run:{run_id}",))
+    event = msgspec.json.decode(started[0][0])
+    selection = event.get("selection", [])
+    ended = dict(store.query(
+        "SELECT state, count(*) FROM plugins WHERE run_id = ? GROUP BY state", (run_id,)))
+    finished = sum(n for s, n in ended.items() if s in FINAL)
+    requests = store.query("SELECT count(*), min(sent_at), max(sent_at) FROM quota_ledger WHERE run_id = ?",
+                           (run_id,))[0]
+    elapsed = (requests[2] - requests[1]) if requests[0] > 1 else None
+    eta = None
+    if status == "running" and finished and elapsed and len(selection) > finished:
+        eta = round(elapsed / finished * (len(selection) - finished))
+    estimate = msgspec.json.decode(config).get("estimate")
+    return {"run_id": run_id, "status": status, "started_at": started_at, "selected": len(selection),
+            "finished": finished, "requests": requests[0], "eta_s": eta, "estimate": estimate,
+            "actual": {"requests": requests[0], "elapsed_s": round(elapsed) if elapsed else None}}
+
+
+@dataclass
+class Estimate:
+    plugins: int
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    days: int
+    seconds: float
+    cost_usd: float
+    basis: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"plugins": self.plugins, "requests": self.requests, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens, "seconds": round(self.seconds), "days": self.days,
+                "cost_usd": round(self.cost_usd, 4), "basis": self.basis}
+
+
+def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limits,
+             gates: GateConfig = GateConfig(), prices: Prices = Prices(), standards_path: Path | None = None,
+             mean_latency_s: float = 10.0) -> Estimate:
+    """Requests, tokens, time and cost to process `plugin_ids` from where each one stands."""
+    standards = load_standards(standards_path)
+    system = system_instruction(standards)
+    history = store.query(
+        "SELECT phase, avg(output_tokens + coalesce(thoughts_tokens, 0)), count(*) FROM quota_ledger "
+        "WHERE outcome = 'ok' GROUP BY phase")
+    measured = {phase: avg for phase, avg, n in history if n}
+    plan_out = int(measured.get("plan") or DEFAULT_PLAN_OUTPUT)
+    skill_out = int(measured.get("skill") or DEFAULT_SKILL_OUTPUT)
+    total, answers = store.query("SELECT count(*), coalesce(sum(outcome = 'ok'), 0) FROM quota_ledger")[0]
+    overhead = total / answers if answers else 1.0  # requests per useful answer, retries included
+    requests = input_tokens = output_tokens = 0.0
+    empty_plan = c.Plan(gaps=[], quality_before=0, quality_after=0, sections_to_add=[], bundled_files=[],
+                        trigger_phrases=[], allowed_tools=[])
+    for plugin_id in plugin_ids:
+        row = store.query(
+            "SELECT p.state, p.path, p.name, p.category, p.skill_name, d.facts FROM plugins p "
+            "JOIN plugin_details d USING (plugin_id) WHERE plugin_id = ?", (plugin_id,))
+        if not row or row[0][5] is None:
+            continue
+        state, path, name, category, skill_name, facts = row[0]
+        data = plugin_data(root, path, name, category, msgspec.json.decode(facts, type=c.PluginFacts))
+        needs_plan = state in ("analyzed", "planning", "new", "discovered") or state in FINAL
+        if needs_plan:
+            requests += overhead
+            input_tokens += overhead * estimate_tokens(system, plan_prompt(data, skill_name))
+            output_tokens += plan_out
+        skill_in = estimate_tokens(system, skill_prompt(data, skill_name, empty_plan, gates, [])) + PLAN_JSON_CHARS // 4
+        requests += overhead
+        input_tokens += overhead * skill_in
+        output_tokens += skill_out
+    n = math.ceil(requests)
+    # Sustainable requests per minute: the quota, the concurrency at the typical latency,
+    # and the token window, whichever is lowest.
+    rate = min(limits.rpm, limits.concurrency * 60 / mean_latency_s)
+    if input_tokens and limits.tpm:
+        rate = min(rate, limits.tpm / (input_tokens / max(1, n)))
+    resets = (n - 1) // limits.rpd if n and limits.rpd else 0  # each needs a Pacific midnight
+    last_day = n - resets * limits.rpd if limits.rpd else n
+    seconds = resets * 86400 + (last_day / rate * 60 if rate else 0.0)
+    basis = (f"measured averages from {answers} answers" if answers
+             else "defaults (no run measured yet)")
+    return Estimate(plugins=len(plugin_ids), requests=n, input_tokens=int(input_tokens),
+                    output_tokens=int(output_tokens), days=resets,
+                    seconds=seconds, cost_usd=prices.cost(input_tokens, output_tokens), basis=basis)
