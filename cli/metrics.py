@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cli.config import config_option
 from cli.options import common, marketplace_argument
 from cli.render import emit_json
 
@@ -27,6 +28,7 @@ def prices(fn):
 @marketplace_argument
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @prices
+@config_option
 @common
 def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, price_output: float) -> None:
     """Requests, tokens, 429s, retries, quota use, durations and cost, read from the log."""
@@ -80,6 +82,7 @@ def _pct(value: float | None) -> str:
 @click.option("--concurrency", type=click.IntRange(min=1), help="Plugins in flight (default 2).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @prices
+@config_option
 @common
 def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: str | None, limit: int | None,
              force: bool, rpm: int | None, rpd: int | None, tpm: int | None, concurrency: int | None,

@@ -9,6 +9,7 @@ from typing import IO, Any, Callable
 
 import click
 
+from cli.config import config_option, source
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument
 from cli.render import emit_json, interactive, stderr_console
 
@@ -78,6 +79,7 @@ def _budgets(base, max_requests, max_tokens, max_cost):
 @click.option("--force", is_flag=True, help="Process plugins again even if done, skipped, rejected or failed.")
 @click.option("--dry-run", is_flag=True, help="Analysis and plan only; nothing is written.")
 @limit_options
+@config_option
 @common
 def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: float,
         standards: Path | None, min_bytes: int, max_bytes: int, min_examples: int, gate_attempts: int,
@@ -111,6 +113,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
 @click.command()
 @marketplace_argument
 @limit_options
+@config_option
 @common
 def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: int | None,
            concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
@@ -133,7 +136,9 @@ def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: i
             changed = replace(changed, wait=not no_wait)
         return changed
 
-    reason = "resume with " + ", ".join(f"--{k} {v}" for k, v in given.items()) if given else ""
+    reason = "resume with " + ", ".join(
+        f"--{k} {v}" + (" (from the config file)" if source(k.replace("-", "_")) == "config file" else "")
+        for k, v in given.items()) if given else ""
     _execute(path, db, json_log, as_json, lambda runner: runner.resume(overrides, reason))
 
 

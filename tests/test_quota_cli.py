@@ -71,3 +71,22 @@ def test_estimate_counts_plugins_requests_tokens_days_and_cost(market, emu):
     assert after["basis"].startswith("measured averages from 2 answers")
     human = overnight("estimate", market, "--rpd", "3")
     assert human.exit_code == 0 and "daily resets" in human.stdout
+
+
+def test_a_config_file_sets_defaults_flags_win_and_a_changed_file_is_recorded_on_resume(market, emu, tmp_path):
+    config = tmp_path / "overnight.toml"
+    config.write_text('max-requests = 2\nconcurrency = 1\nrpm = 500\n')
+    first = run(market, emu, "--config", config, "--json")
+    assert json.loads(first.stdout)["outcome"] == "budget_exhausted"
+    recorded = json.loads(query(market, "SELECT config FROM runs")[0][0])
+    assert recorded["budgets"]["max_requests"] == 2 and recorded["limits"]["concurrency"] == 1
+    assert recorded["limits"]["rpm"] == 1000  # the flag (FAST) won over the file
+    config.write_text('max_requests = 50\n')
+    resumed = overnight("resume", market, "--config", config, "--json")
+    assert json.loads(resumed.stdout)["outcome"] == "complete"
+    reason = query(market, "SELECT json_extract(data, '$.reason') FROM events WHERE type = 'LimitsChanged'")
+    assert reason == [("resume with --max-requests 50 (from the config file)",)]
+    typo = tmp_path / "typo.toml"
+    typo.write_text("rmp = 3\n")
+    bad = overnight("estimate", market, "--config", typo)
+    assert bad.exit_code == 1 and "unknown setting(s) rmp" in bad.stderr

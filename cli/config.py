@@ -1,0 +1,71 @@
+"""`--config FILE`: settings from a TOML file, as defaults for the command's own options.
+
+The file is one flat table whose keys are option names (with `_` or `-`), for example
+
+    model = "gemini-2.5-flash"
+    rpm = 15
+    rpd = 1000
+    concurrency = 4
+    max_cost = 5.0
+
+Command-line flags win over the file; the file wins over the built-in defaults. A key that
+no command knows is an error naming it, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from statemachine.errors import OvernightError
+
+# Keys a config file may set: the union of run's, resume's, estimate's and metrics' options.
+KNOWN = {
+    "model", "base_url", "timeout", "standards", "min_bytes", "max_bytes", "min_examples",
+    "gate_attempts", "max_attempts", "backoff", "category", "limit", "rpm", "rpd", "tpm",
+    "concurrency", "no_wait", "max_requests", "max_tokens", "max_cost", "price_input", "price_output",
+}
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise OvernightError(f"cannot read config file {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise OvernightError(f"config file {path} is not valid TOML: {e}") from None
+    settings = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(settings) - KNOWN)
+    if unknown:
+        raise OvernightError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(KNOWN))}")
+    return settings
+
+
+def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        settings = load(value)
+        names = {p.name for p in ctx.command.params}
+        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in settings.items() if k in names}}
+    return value
+
+
+def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="OVERNIGHT_CONFIG",
+        show_envvar=True, is_eager=True, expose_value=False, callback=_apply,
+        help="TOML file of settings (option names as keys); flags win over it.",
+    )(fn)
+
+
+def source(name: str) -> str:
+    """Where an option's value came from, for the log: 'flag', 'config file' or 'default'."""
+    found = click.get_current_context().get_parameter_source(name)
+    if found is click.core.ParameterSource.COMMANDLINE:
+        return "flag"
+    if found is click.core.ParameterSource.DEFAULT_MAP:
+        return "config file"
+    return "default"
