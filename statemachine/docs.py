@@ -89,7 +89,8 @@ def render(text: str) -> str:
         )
         if not pattern.search(text):
             raise ValueError(f"docs/architecture.md has no generated block {name!r}")
-        text = pattern.sub(lambda m: m.group(1) + generate() + "\n" + m.group(2), text)
+        content = generate()
+        text = pattern.sub(lambda m, content=content: m.group(1) + content + "\n" + m.group(2), text)
     return text
 
 

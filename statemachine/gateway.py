@@ -49,7 +49,8 @@ class RateLimited(GatewayError):
 
     def __init__(self, message: str, *, scope: str, retry_after: float | None, quota_id: str | None,
                  quota_value: int | None) -> None:
-        super().__init__(message, status_code=429, kind="rate_limited" if scope == "unknown" else f"rate_limited_{scope}")
+        kind = "rate_limited" if scope == "unknown" else f"rate_limited_{scope}"
+        super().__init__(message, status_code=429, kind=kind)
         self.scope = scope
         self.retry_after = retry_after
         self.quota_id = quota_id

@@ -21,7 +21,14 @@ from events import EventStore
 from statemachine import catalog as c
 from statemachine.gates import GateConfig
 from statemachine.lifecycle import FINAL
-from statemachine.prompts import estimate_tokens, load_standards, plan_prompt, plugin_data, skill_prompt, system_instruction
+from statemachine.prompts import (
+    estimate_tokens,
+    load_standards,
+    plan_prompt,
+    plugin_data,
+    skill_prompt,
+    system_instruction,
+)
 from statemachine.scheduler import Limits, day_start
 
 # Before any run has measured them: typical answer sizes in tokens (a plan; a 10 KB skill).
@@ -130,9 +137,11 @@ class Estimate:
 
 
 def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limits,
-             gates: GateConfig = GateConfig(), prices: Prices = Prices(), standards_path: Path | None = None,
+             gates: GateConfig | None = None, prices: Prices | None = None, standards_path: Path | None = None,
              mean_latency_s: float = 10.0) -> Estimate:
     """Requests, tokens, time and cost to process `plugin_ids` from where each one stands."""
+    gates = gates or GateConfig()
+    prices = prices or Prices()
     standards = load_standards(standards_path)
     system = system_instruction(standards)
     history = store.query(

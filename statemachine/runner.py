@@ -65,8 +65,8 @@ class RunOptions:
             "limits": self.limits.as_dict(),
             "gates": dataclasses.asdict(self.gates),
             "gate_attempts": self.gate_attempts, "max_attempts": self.max_attempts,
-            "backoff_s": self.backoff_s, "plugins": list(self.plugins), "category": self.category, "limit": self.limit,
-            "force": self.force, "dry_run": self.dry_run, "standards_sha256": standards.sha256,
+            "backoff_s": self.backoff_s, "plugins": list(self.plugins), "category": self.category,
+            "limit": self.limit, "force": self.force, "dry_run": self.dry_run, "standards_sha256": standards.sha256,
             "wait": self.wait, "budgets": self.budgets.as_dict(),
             "prices": dataclasses.asdict(self.prices),
         }
@@ -81,8 +81,8 @@ def options_from_config(config: dict[str, Any]) -> RunOptions:
                               max_output_tokens=g["max_output_tokens"], temperature=g["temperature"]),
         limits=Limits(**config["limits"]), gates=GateConfig(**gates),
         gate_attempts=config["gate_attempts"], max_attempts=config["max_attempts"],
-        backoff_s=config["backoff_s"], plugins=tuple(config["plugins"]), category=config["category"], limit=config["limit"],
-        force=config["force"], dry_run=config["dry_run"], wait=config["wait"],
+        backoff_s=config["backoff_s"], plugins=tuple(config["plugins"]), category=config["category"],
+        limit=config["limit"], force=config["force"], dry_run=config["dry_run"], wait=config["wait"],
         budgets=Budgets(**config["budgets"]), prices=Prices(**config["prices"]),
     )
 
