@@ -52,7 +52,7 @@ METRIC_REQUESTS = "generativelanguage.googleapis.com/generate_content_free_tier_
 METRIC_TOKENS = "generativelanguage.googleapis.com/generate_content_free_tier_input_token_count"
 
 FAULTS = ("rate_limit_minute", "rate_limit_day", "rate_limit_tokens", "rate_limit_bare",
-          "server_error", "unavailable", "timeout", "reset", "malformed_body", "invalid_json",
+          "server_error", "unavailable", "bad_request", "timeout", "reset", "malformed_body", "invalid_json",
           "schema_mismatch", "blocked", "max_tokens", "safety", "recitation", "empty",
           *(f"gate_{g}" for g in GATES))
 
@@ -519,6 +519,9 @@ class Emulator:
         if kind == "unavailable":
             return 503, _error(503, "UNAVAILABLE", p.get(
                 "message", "The model is overloaded. Please try again later."))
+        if kind == "bad_request":
+            return 400, _error(400, "INVALID_ARGUMENT", p.get(
+                "message", "Request contains an invalid argument."))
         if kind == "malformed_body":
             return 200, p.get("text", "<html><body>502 Bad Gateway</body></html>").encode()
 

@@ -251,6 +251,13 @@ def test_server_errors_are_not_retried_by_sdk(emu, client, kind, code, status):
     assert len(emu.requests) == 1          # the SDK's own retry is off by default
 
 
+def test_bad_request_is_a_client_error(emu, client):
+    emu.script("bad_request", message="Request payload size exceeds the limit: 20971520 bytes.")
+    with pytest.raises(errors.ClientError) as info:
+        plan_call(client)
+    assert (info.value.code, info.value.status) == (400, "INVALID_ARGUMENT")
+
+
 def test_retry_options_with_one_attempt_send_one_request(emu):
     c = genai.Client(api_key="test-key", vertexai=False, http_options=types.HttpOptions(
         base_url=emu.url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1)))

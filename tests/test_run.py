@@ -212,6 +212,36 @@ def test_repeated_faults_fail_the_plugin_after_the_allowed_attempts(one, emu):
     assert len(generate_requests(emu)) == 3
 
 
+def test_a_request_gemini_refuses_fails_that_plugin_at_once_and_the_batch_goes_on(market, emu):
+    emu.script("bad_request", phase="plan", message="Request payload size exceeds the limit: 20971520 bytes.")
+    result = run(market, emu, "--concurrency", "1")
+    assert result.exit_code == 1
+    assert sorted(states(market).values()) == ["done", "done", "done", "failed"]
+    assert "HTTP 400 INVALID_ARGUMENT: Request payload size exceeds the limit" in result.stdout
+    assert len(generate_requests(emu)) == 7
+
+
+def test_base_url_and_standards_reach_the_client(one, emu, tmp_path):
+    standards = tmp_path / "house-rules.md"
+    standards.write_text("# House rules\n\nAlways mention the WIDGET-7 checklist.\n")
+    env_run = CliRunner().invoke(main, ["run", str(one), *FAST, "--standards", str(standards)], env={
+        "GOOGLE_API_KEY": KEY, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None,
+        "GOOGLE_GEMINI_BASE_URL": emu.url}, catch_exceptions=False)
+    assert env_run.exit_code == 0, env_run.output
+    assert all("WIDGET-7 checklist" in r.text for r in generate_requests(emu))
+    config = json.loads(query(one, "SELECT config FROM runs")[0][0])
+    assert config["gemini"]["base_url"] == emu.url
+    assert config["standards_sha256"] == hashlib.sha256(standards.read_bytes()).hexdigest()
+
+
+def test_vertex_needs_a_project_and_a_location(one, emu):
+    result = CliRunner().invoke(main, ["run", str(one), "--base-url", emu.url], env={
+        "GOOGLE_GENAI_USE_VERTEXAI": "true", "GOOGLE_CLOUD_PROJECT": None, "GOOGLE_API_KEY": None},
+        catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION" in result.stderr
+
+
 @pytest.mark.parametrize("gate", ["gate_size_small", "gate_size_large", "gate_sections", "gate_voice",
                                   "gate_fences", "gate_examples", "gate_links", "gate_absolute", "gate_escape"])
 def test_content_failing_a_gate_is_regenerated_with_the_reasons(one, emu, gate):
