@@ -181,6 +181,8 @@ class Scheduler:
     def learn(self, metric: str, value: int) -> bool:
         """Use a limit learned from a QuotaFailure (never above the configured one).
         Returns True when the effective limit changed."""
+        if value < 1:
+            return False  # a limit of zero would stop everything: trust the configuration
         with self._lock:
             current = getattr(self.limits, metric, None)
             if current is not None and current <= value:

@@ -462,7 +462,7 @@ def four(tmp_path) -> Path:
 
 
 def run_simulated(root: Path, clock: FakeClock, emu, *, wait: bool = True, resume: bool = False,
-                  **limits: int):
+                  limit: int | None = None, **limits: int):
     """One in-process `overnight run` (or `resume` of the last run, waiting this time) whose
     every clock (runner, log, emulator) is `clock`."""
     from statemachine.gateway import Backend, GeminiSettings
@@ -471,7 +471,7 @@ def run_simulated(root: Path, clock: FakeClock, emu, *, wait: bool = True, resum
 
     options = RunOptions(gemini=GeminiSettings(base_url=emu.url, timeout_s=10),
                          limits=Limits(**{"tpm": 10**9, "concurrency": 1, **limits}),
-                         backoff_s=0.01, wait=wait)
+                         backoff_s=0.01, wait=wait, limit=limit)
     with open_log(root, clock=clock.utc) as store:
         runner = Runner(store, root, backend=Backend(vertex=False, api_key=KEY),
                         clock=clock.time, sleep=clock.sleep)
@@ -548,18 +548,33 @@ def test_without_wait_a_run_at_the_daily_limit_returns_paused_and_resume_keeps_t
         assert clock.time() < ts(2026, 11, 2, 8, 0)    # it did not wait
         assert list(states.values()).count("done") < 4
 
-        # resumed an hour later, before midnight: the new scheduler loads today's 3 requests
-        # from the ledger, pauses again at once without sending, then waits (this resume may)
+        # resumed an hour later, before midnight: the recorded pause holds, so the resume
+        # waits (this time it may) and sends nothing before Pacific midnight
         clock.advance(3600)
-        resumed = clock.utc()
         result, events, ledger, states = run_simulated(four, clock, emu, resume=True)
         later = generate_calls(emu)[len(first):]
     assert result.outcome == "complete", result
     kinds = [t for t, _, _ in events]
-    assert kinds[:5] == ["RunStarted", "RunPaused", "RunResumed", "RunPaused", "RunResumed"]
-    assert datetime.fromisoformat(events[2][1]) == resumed   # the resume, about 22:00 PST
-    assert msgspec.json.decode(events[3][2])["until"] == "2026-11-02T08:00:00Z"
-    assert events[3][1] == events[2][1]                     # paused again at once
-    assert events[4][1] == "2026-11-02T08:00:00.000000Z"
+    assert kinds[:3] == ["RunStarted", "RunPaused", "RunResumed"] and kinds[-1] == "RunFinished"
+    assert events[2][1] == "2026-11-02T08:00:00.000000Z"
     assert min(r.time for r in later) == ts(2026, 11, 2, 8, 0)
     assert [r.fault for r in later if r.fault] == [] and set(states.values()) == {"done"}
+
+
+def test_a_new_run_in_the_middle_of_a_minute_counts_the_requests_in_the_ledger(four):
+    """The runner builds its scheduler from the ledger: a second run 30 s after one that
+    sent 2 requests (rpm 2, rpd 3) waits out the minute, sends 1, and pauses for the day."""
+    from tests.emulator import Emulator
+
+    t0 = pacific(2026, 6, 15, 10, 0)
+    clock = FakeClock(t0)
+    with Emulator(api_key=KEY, seed=7, clock=clock.time, rpm=2, rpd=3) as emu:
+        result, _, ledger, _ = run_simulated(four, clock, emu, limit=1, rpm=2, rpd=3)
+        assert result.outcome == "complete" and [at for at, _ in ledger] == [t0, t0]
+        clock.set(t0 + 30)
+        result, events, ledger, states = run_simulated(four, clock, emu, wait=False, rpm=2, rpd=3)
+        calls = generate_calls(emu)
+    assert result.outcome == "paused" and result.paused_until == "2026-06-16T07:00:00Z"
+    assert [at for at, _ in ledger] == [t0, t0, t0 + 60]
+    assert [r.time for r in calls] == [t0, t0, t0 + 60]
+    assert [r.fault for r in calls if r.fault] == []
