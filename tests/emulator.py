@@ -700,8 +700,6 @@ def _make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                                    api_key_present=bool(key), prompt_tokens=_tokens(text),
                                    text=text)
             emu._log(record)
-            if emu._stopping.wait(emu._latency()):
-                return self._reset(record)
             if not self._check(record, key, version, model, method):
                 return
             if body is None:
@@ -714,10 +712,13 @@ def _make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             if not body.get("contents"):
                 return self._send(record, 400, _error(
                     400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified"))
+            # Quota is counted on arrival, as Gemini does; the latency is the model's work.
             refused = emu._admit(model, record.prompt_tokens)
             if refused is not None:
                 record.fault = refused.pop("_kind")
                 return self._send(record, 429, refused)
+            if emu._stopping.wait(emu._latency()):
+                return self._reset(record)
             fault = emu._take_fault(record.phase)
             if fault is not None:
                 record.fault = fault.kind

@@ -13,15 +13,16 @@ the corpus replicated `--copies` times (each copy listed under new names in mark
 
 1. overnight pacing: the whole (replicated) corpus through `Runner` with `--concurrency`
    workers. From the emulator's request log: the sustained rate over the middle of the run
-   (60-second windows between the 10% and 90% points of the requests, by send time) as a
-   fraction of rpm (goal >= 0.95), the most requests in any 60 s, and the 429s of the
-   emulator's quotas (those are caused by our own pacing).
+   (60 s windows between the 10% and 90% points of the requests, by arrival at the emulator)
+   as a fraction of rpm (goal >= 0.95), the most requests in any 60 s (by admission and by
+   arrival), the lag from admission to the wire, and the 429s of the emulator's quotas (those
+   are caused by our own pacing).
 2. old pacing: one plugin at a time, the scaled fixed delay + jitter before each plugin and
    the scaled rest every 10 plugins, for `--old-budget` seconds; its rate and the projected
    time for the same marketplace.
-3. daily exhaustion: a simulated clock shared by the runner, its log and the emulator;
-   `--rpd` for this part is half the requests of `--daily-plugins` plugins. The run must
-   pause at the daily quota until the next Pacific midnight, continue, and finish.
+3. daily exhaustion: a simulated clock shared by the runner, its log and the emulator; the
+   daily quota here is `--daily-plugins` requests, half of what those plugins need. The run
+   must pause until the next Pacific midnight, continue, and finish.
 
     uv run python -m tests.bench.quota [--corpus ../shared/corpus] [--copies 4] [--rpm 600]
         [--rpd 6000] [--latency 0.1,2.0] [--concurrency 24] [--plugins N] [--old-budget 75]
@@ -44,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import statemachine.runner as runner_module
-from statemachine.gateway import Backend, GeminiSettings
+from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.pipeline import Interrupted
 from statemachine.runner import RunOptions, RunResult, Runner
 from statemachine.scheduler import PACIFIC, Limits, Scheduler
@@ -57,6 +58,7 @@ REAL_RPM = 15                      # the quota the old pacing was tuned against
 OLD_DELAY = (45.0, 60.0)           # seconds between plugins, real scale
 OLD_REST = 300.0                   # seconds of rest every OLD_REST_EVERY plugins, real scale
 OLD_REST_EVERY = 10
+CORPUS_PLUGINS = 272               # valid plugins in ../shared/corpus
 OUR_QUOTA = ("quota_minute", "quota_day", "quota_tokens")
 BIG_TPM = 10**9
 
@@ -142,6 +144,7 @@ class Row:
     rate: float              # requests per minute over the measured span
     own_429: int
     projected_s: float       # for the overnight run's marketplace
+    real_corpus_s: float     # one corpus (272 plugins) at the real 15/min, unscaled
     note: str = ""
 
 
@@ -156,16 +159,48 @@ def fmt_s(seconds: float) -> str:
 # ---------------------------------------------------------------------------- 1. overnight
 
 
+def lags(records: list[RequestRecord], calls: dict[str, list[tuple[float, float]]]
+         ) -> tuple[list[float], list[float]]:
+    """Per request: seconds from the scheduler's admission to the gateway call, and to the
+    request's arrival at the emulator (paired by request text, in order for repeats)."""
+    to_call, to_arrival = [], []
+    seen: dict[str, int] = {}
+    for r in records:
+        pairs = calls.get(r.text)
+        i = seen.get(r.text, 0)
+        if not pairs or i >= len(pairs):
+            continue
+        seen[r.text] = i + 1
+        admitted, entered = pairs[i]
+        to_call.append(entered - admitted)
+        to_arrival.append(r.time - admitted)
+    return to_call, to_arrival
+
+
+def quantiles(values: list[float]) -> str:
+    v = sorted(values)
+    return (f"median {statistics.median(v) * 1000:.0f} ms, p95 {v[int(len(v) * 0.95) - 1] * 1000:.0f} ms, "
+            f"max {v[-1] * 1000:.0f} ms")
+
+
 def run_overnight(args: argparse.Namespace, tmp: Path) -> tuple[Row, int]:
     root = prepare(args.corpus, tmp / "overnight", args.copies)
     admitted: list[float] = []     # scheduler clock at each admission (the slot's time)
+    local = threading.local()
+    calls: dict[str, list[tuple[float, float]]] = {}   # request text -> (admitted, gateway entered)
 
     class RecordingScheduler(Scheduler):
         def try_admit(self, est_tokens):
             wait, slot = super().try_admit(est_tokens)
             if slot is not None:
                 admitted.append(slot.at)
+                local.admitted = slot.at
             return wait, slot
+
+    class LagGateway(Gateway):
+        def generate(self, system, prompt, schema):
+            calls.setdefault(f"{system}\n{prompt}", []).append((local.admitted, time.time()))
+            return super().generate(system, prompt, schema)
 
     runner_module.Scheduler = RecordingScheduler
     with Emulator(api_key=KEY, latency=args.latency, rpm=args.rpm, rpd=args.rpd, seed=1) as emu:
@@ -175,7 +210,8 @@ def run_overnight(args: argparse.Namespace, tmp: Path) -> tuple[Row, int]:
                              backoff_s=0.2, limit=args.plugins)
         try:
             with open_log(root) as store:
-                runner = Runner(store, root, backend=Backend(vertex=False, api_key=KEY))
+                runner = Runner(store, root, backend=Backend(vertex=False, api_key=KEY),
+                                gateway_factory=LagGateway)
                 start = time.perf_counter()
                 result = runner.start(options)
                 wall = time.perf_counter() - start
@@ -203,20 +239,27 @@ def run_overnight(args: argparse.Namespace, tmp: Path) -> tuple[Row, int]:
               f"(plain requests/span {s.simple:.1f}/min = {s.simple / args.rpm:.3f} x rpm)")
         print(f"most requests in any 60 s: {peak(sorted(admitted))} by the scheduler's admission time, "
               f"{s.peak} by arrival at the emulator (limit {args.rpm})")
+    to_call, to_arrival = lags(records, calls)
+    if to_arrival:
+        print(f"from admission to the gateway call (log append): {quantiles(to_call)}; "
+              f"from admission to arrival at the emulator: {quantiles(to_arrival)}")
     if len(times) > args.rpm:
         print(f"first minute: request {args.rpm} sent {times[args.rpm - 1] - times[0]:.1f} s after the first "
               f"(the burst is bounded by concurrency; the sliding window then repeats its shape)")
     print(f"429s from the emulator's quotas (caused by our pacing): {len(own)} {kinds}; "
           f"other non-200 answers: {len(other)}")
     if own:
-        # The emulator counts a request after its latency (0.1-2 s), we count it when we send
-        # it: at the exact limit, a fast request sent as a slow one leaves our window can
-        # arrive before that slow one leaves the emulator's.
-        print("  (the emulator applies its latency before it counts a request against the quota; "
-              "the scheduler counts at send time with no margin for that delay)")
+        # The emulator counts a request after its latency, we count it at admission: at the
+        # exact limit, a fast request admitted as a slow one leaves our window can be counted
+        # before that slow one leaves the emulator's.
+        print(f"  (the scheduler admits up to exactly {args.rpm} per 60 s and counts at admission; the emulator "
+              f"counts after its {args.latency[0]}-{args.latency[1]} s latency, so latency variance, not "
+              f"the lag above, pushes its window over the limit)")
     n_plugins = result.selected
     rate = s.per_minute if s is not None else (len(records) / span * 60 if span else 0.0)
-    row = Row("overnight scheduler", n_plugins, len(records), wall, rate, len(own), wall,
+    scale = args.rpm / REAL_RPM
+    real_corpus = len(records) / max(n_plugins, 1) * CORPUS_PLUGINS / (rate / scale) * 60 if rate else 0.0
+    row = Row("overnight scheduler", n_plugins, len(records), wall, rate, len(own), wall, real_corpus,
               note=f"concurrency {args.concurrency}")
     return row, n_plugins
 
@@ -275,14 +318,15 @@ def run_old(args: argparse.Namespace, tmp: Path, target_plugins: int) -> Row:
     # Projection: the measured work per plugin plus the pacing's expected sleeps.
     work = (wall - sum(paced)) / done
     per_plugin = work + sum(delay) / 2 + rest / OLD_REST_EVERY
-    print(f"run: {result.outcome}; {len(started)} plugins started, requests {len(records)} in {wall:.1f} s "
+    outcome = "stopped at the budget" if result.outcome == "interrupted" else result.outcome
+    print(f"run: {outcome}; {len(started)} plugins started, requests {len(records)} in {wall:.1f} s "
           f"of wall time; {rate:.1f} requests/min = {rate / args.rpm:.3f} x rpm")
     print(f"per plugin: {work:.2f} s of work (2 requests + overhead) + {sum(delay) / 2:.2f} s mean delay "
           f"+ {rest / OLD_REST_EVERY:.2f} s rest share = {per_plugin:.2f} s; at real scale "
           f"{per_plugin * scale:.0f} s/plugin, {2 / (per_plugin * scale) * 60:.2f} requests/min "
           f"against {REAL_RPM}/min (the audit: 180 s, ~0.7/min)")
     return Row("old fixed delay", len(started), len(records), wall, rate, len(ours(records)),
-               per_plugin * target_plugins, note=f"budget {args.old_budget:.0f} s")
+               per_plugin * target_plugins, per_plugin * scale * CORPUS_PLUGINS, note=f"budget {args.old_budget:.0f} s")
 
 
 # ---------------------------------------------------------------------------- 3. daily
@@ -359,7 +403,7 @@ def run_daily(args: argparse.Namespace, tmp: Path) -> Row:
         ok = sum(1 for r in recs if r.status == 200)
         print(f"  Pacific day {day}: {len(recs)} requests ({ok} answered, {len(ours(recs))} quota 429s) "
               f"from {pacific(recs[0].time)[11:19]} to {pacific(recs[-1].time)[11:19]}")
-    return Row("daily exhaustion (sim)", result.selected, len(records), real, 0.0, len(ours(records)), 0.0,
+    return Row("daily exhaustion (sim)", result.selected, len(records), real, 0.0, len(ours(records)), 0.0, 0.0,
                note=f"{len(days)} Pacific days, outcome {result.outcome}")
 
 
@@ -399,12 +443,13 @@ def main() -> None:
             print("\n-- daily exhaustion (simulated clock)", flush=True)
             rows.append(run_daily(args, tmp))
     print(f"\n{'pacing':<24} {'plugins':>7} {'requests':>8} {'wall':>8} {'req/min':>8} {'x rpm':>6} "
-          f"{'own 429':>7} {'projected ' + str(target) + ' plugins':>22}  note")
+          f"{'own 429':>7} {'projected ' + str(target) + ' plugins':>22} {'272 at real 15/min':>18}  note")
     for r in rows:
         rate = f"{r.rate:8.1f} {r.rate / args.rpm:6.3f}" if r.rate else f"{'-':>8} {'-':>6}"
         projected = fmt_s(r.projected_s) if r.projected_s else "-"
+        real = fmt_s(r.real_corpus_s) if r.real_corpus_s else "-"
         print(f"{r.pacing:<24} {r.plugins:>7} {r.requests:>8} {fmt_s(r.wall_s):>8} {rate} {r.own_429:>7} "
-              f"{projected:>22}  {r.note}")
+              f"{projected:>22} {real:>18}  {r.note}")
 
 
 if __name__ == "__main__":
