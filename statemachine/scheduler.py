@@ -81,9 +81,13 @@ class Scheduler:
     """Thread-safe admission for one model. `clock` returns unix seconds (injectable)."""
 
     def __init__(self, limits: Limits, clock: Clock, history: list[tuple[float, int]] = (),
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, margin: float = 0.0) -> None:
         self.limits = limits
         self.clock = clock
+        # Seconds a request stays in the minute window beyond 60: Gemini counts a request when
+        # it arrives and we when we admit it, so without a margin a request admitted at the
+        # very edge of the window can arrive while an earlier one still counts there.
+        self.window = MINUTE + margin
         self._lock = threading.Lock()
         self._minute: deque[_Sent] = deque()
         self._today: list[float] = []
@@ -93,7 +97,7 @@ class Scheduler:
         self._rng = rng or random.Random()
         now = clock()
         for at, tokens in sorted(history):
-            if at > now - MINUTE:
+            if at > now - self.window:
                 self._minute.append(_Sent(at, tokens))
             if at >= self._day:
                 self._today.append(at)
@@ -114,7 +118,7 @@ class Scheduler:
             raise DailyQuotaExhausted(until, f"{len(self._today)} of {limits.rpd} requests per day used")
         waits = [self._not_before - now]
         if len(self._minute) >= limits.rpm:
-            waits.append(self._minute[-limits.rpm].at + MINUTE - now)
+            waits.append(self._minute[-limits.rpm].at + self.window - now)
         used = sum(s.tokens for s in self._minute)
         if self._minute and used + est_tokens > limits.tpm:
             # Wait until enough of the window has expired to fit this request.
@@ -122,10 +126,10 @@ class Scheduler:
             for sent in self._minute:
                 excess -= sent.tokens
                 if excess <= 0:
-                    waits.append(sent.at + MINUTE - now)
+                    waits.append(sent.at + self.window - now)
                     break
             else:  # larger than tpm by itself: it may only go alone, once the window is empty
-                waits.append(self._minute[-1].at + MINUTE - now)
+                waits.append(self._minute[-1].at + self.window - now)
         return max(0.0, *waits)
 
     def try_admit(self, est_tokens: int) -> tuple[float, _Sent | None]:
@@ -147,7 +151,7 @@ class Scheduler:
                 slot.tokens = input_tokens
 
     def _expire(self, now: float) -> None:
-        while self._minute and self._minute[0].at <= now - MINUTE:
+        while self._minute and self._minute[0].at <= now - self.window:
             self._minute.popleft()
         start = day_start(now)
         if start != self._day:

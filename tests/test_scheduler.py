@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from statemachine.runner import WINDOW_MARGIN
 from statemachine.scheduler import (
     PACIFIC, DailyQuotaExhausted, Limits, Scheduler, day_start, iso, next_day_start,
 )
@@ -575,6 +576,17 @@ def test_a_new_run_in_the_middle_of_a_minute_counts_the_requests_in_the_ledger(f
         result, events, ledger, states = run_simulated(four, clock, emu, wait=False, rpm=2, rpd=3)
         calls = generate_calls(emu)
     assert result.outcome == "paused" and result.paused_until == "2026-06-16T07:00:00Z"
-    assert [at for at, _ in ledger] == [t0, t0, t0 + 60]
-    assert [r.time for r in calls] == [t0, t0, t0 + 60]
+    # the run keeps a request in the window WINDOW_MARGIN beyond 60 s (network jitter)
+    assert [at for at, _ in ledger] == [t0, t0, t0 + 60 + WINDOW_MARGIN]
+    assert [r.time for r in calls] == [t0, t0, t0 + 60 + WINDOW_MARGIN]
     assert [r.fault for r in calls if r.fault] == []
+
+
+def test_a_margin_keeps_each_request_in_the_minute_window_that_much_longer():
+    clock = FakeClock(T0)
+    s = Scheduler(Limits(rpm=1, rpd=100, tpm=10**9), clock.time, margin=0.5)
+    admit(s)
+    clock.set(T0 + 60)
+    assert refused(s) == 0.5
+    clock.set(T0 + 60.5)
+    admit(s)
