@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli import audit, metrics, restore_plugin, run, scan, status
+from cli import audit, backup, metrics, restore_plugin, run, scan, status
 from cli.options import OvernightGroup, debug_option
 
 
@@ -27,3 +27,5 @@ main.add_command(run.resume)
 main.add_command(restore_plugin.restore_plugin)
 main.add_command(metrics.metrics)
 main.add_command(metrics.estimate)
+main.add_command(backup.backup)
+main.add_command(backup.restore)

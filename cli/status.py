@@ -34,7 +34,8 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
     if report.last_run:
         r = report.last_run
         out.print(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "
-                  f"{r['rejected']} rejected, {r['failed']} failed, {r['requests']} requests", markup=False)
+                  f"{r['rejected']} rejected, {r['failed']} failed, {r['requests']} requests"
+                  + (f"; paused until {r['paused_until']}" if r["paused_until"] else ""), markup=False)
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""
         reason = f": {item['reason']}" if item["reason"] else ""
