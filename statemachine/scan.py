@@ -3,7 +3,8 @@
 Invariant: scanning an unchanged marketplace appends no event. A plugin is (re)discovered
 when it is new, when its identity (name, category, path, listing, skill name) changed, when
 its content hash changed, or when it was invalid and is not any more; a plugin that left the
-marketplace vanishes. A plugin in the middle of a write is left alone (resume settles it).
+marketplace vanishes. A plugin in the middle of a write (writing, or written and not yet
+done) is left alone: resume settles it and records its new content hash.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from statemachine.analysis import analyze, hash_tree
 from statemachine.discovery import Candidate, discover
 from statemachine.lifecycle import Lifecycle, State
 
+# States in which the plugin's files are being changed by overnight itself.
+_MID_WRITE = frozenset({State.WRITING, State.WRITTEN})
 # Plugins per transaction: a scan is repeatable, so it trades per-plugin durability for speed.
 BATCH = 256
 
@@ -63,7 +66,7 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None) -> Sca
                           report)
     with store.batch():
         for plugin_id, row in sorted(known.items()):
-            if row["state"] in (State.GONE, State.WRITING):
+            if row["state"] == State.GONE or row["state"] in _MID_WRITE:
                 continue
             cursor = lifecycle.cursor(plugin_id)
             lifecycle.record(cursor, c.PluginVanished(reason="no longer found in the marketplace"))
@@ -100,10 +103,12 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
         if unchanged:
             report.unchanged += 1
             return
-        if row["state"] == State.WRITING:
+        if row["state"] in _MID_WRITE:
+            # overnight's own write changed it: `resume` settles the write and records the
+            # new content hash as done; rediscovering it here would lose that.
             report.warnings.append(
-                f"{candidate.plugin_id}: changed while a write was in progress; "
-                "run `overnight resume` to settle the write first"
+                f"{candidate.plugin_id}: changed during a write by overnight; "
+                "run `overnight resume` to finish it first"
             )
             return
     if row is None:

@@ -365,3 +365,23 @@ def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
     assert_healthy(market)
     unknown = overnight("restore-plugin", "meeting-notes", market)
     assert unknown.exit_code == 1 and "has no snapshot" in unknown.stderr
+
+
+def test_a_crash_between_the_write_and_done_is_finished_by_resume_not_rediscovered(one, emu, monkeypatch):
+    """Found by the torture kill loop: the scan on resume saw overnight's own write as a change."""
+    from statemachine import pipeline
+    from statemachine.lifecycle import State
+
+    def crash(ctx, cursor, row):
+        raise RuntimeError("simulated crash right after WriteCompleted")
+    monkeypatch.setitem(pipeline._STEPS, State.WRITTEN, crash)
+    crashed = run(one, emu)
+    assert crashed.exit_code == 4 and "simulated crash" in crashed.stderr
+    assert states(one) == {"plugins/tools/widget": "written"}
+    monkeypatch.undo()
+    resumed = overnight("resume", one)
+    assert resumed.exit_code == 0, resumed.output
+    assert states(one) == {"plugins/tools/widget": "done"}
+    assert types(one)[-2:] == ["WriteCompleted", "PluginDone"]
+    assert len(generate_requests(emu)) == 2
+    assert overnight("scan", one, "--json").stdout.count('"events": 0') == 1
