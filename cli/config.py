@@ -26,7 +26,7 @@ from statemachine.errors import OvernightError
 KNOWN = {
     "model", "base_url", "timeout", "standards", "min_bytes", "max_bytes", "min_examples",
     "gate_attempts", "max_attempts", "backoff", "category", "limit", "rpm", "rpd", "tpm",
-    "concurrency", "no_wait", "max_requests", "max_tokens", "max_cost", "price_input", "price_output",
+    "concurrency", "no_wait", "backup_to", "max_requests", "max_tokens", "max_cost", "price_input", "price_output",
 }
 
 

@@ -78,13 +78,15 @@ def _budgets(base, max_requests, max_tokens, max_cost):
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many plugins.")
 @click.option("--force", is_flag=True, help="Process plugins again even if done, skipped, rejected or failed.")
 @click.option("--dry-run", is_flag=True, help="Analysis and plan only; nothing is written.")
+@click.option("--backup-to", help="libSQL/Turso URL to back up to when the run finishes or pauses "
+                                  "(token from TURSO_AUTH_TOKEN).")
 @limit_options
 @config_option
 @common
 def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: float,
         standards: Path | None, min_bytes: int, max_bytes: int, min_examples: int, gate_attempts: int,
         max_attempts: int, backoff: float, plugins: tuple[str, ...], category: str | None, limit: int | None,
-        force: bool, dry_run: bool, rpm: int | None, rpd: int | None, tpm: int | None,
+        force: bool, dry_run: bool, backup_to: str | None, rpm: int | None, rpd: int | None, tpm: int | None,
         concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
         max_requests: int | None, max_tokens: int | None, max_cost: float | None) -> None:
     """Enhance every plugin of the marketplace at PATH with Gemini (plan, SKILL.md, gates, write).
@@ -105,7 +107,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         gates=GateConfig(min_bytes=min_bytes, max_bytes=max_bytes, min_code_blocks=min_examples),
         gate_attempts=gate_attempts, max_attempts=max_attempts, backoff_s=backoff, plugins=plugins, category=category,
         limit=limit, force=force, dry_run=dry_run, standards=standards, wait=not no_wait,
-        budgets=_budgets(Budgets(), max_requests, max_tokens, max_cost),
+        budgets=_budgets(Budgets(), max_requests, max_tokens, max_cost), backup_to=backup_to,
     )
     _execute(path, db, json_log, as_json, lambda runner: runner.start(options))
 
@@ -164,7 +166,7 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
     _render(result, as_json)
     if result.outcome == "interrupted":
         raise click.exceptions.Exit(EXIT_SIGNAL.get(runner.signal or "", 130))
-    if not result.ok:
+    if not result.ok or result.backup_failed:
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 
 
@@ -174,7 +176,8 @@ def _render(result, as_json: bool) -> None:
                    "by_state": result.counts, "paused_until": result.paused_until,
                    "message": result.message,
                    "problems": [{"plugin": p, "state": s, "reason": r} for p, s, r in result.problems],
-                   "invalid": [{"plugin": p, "reason": r} for p, r in result.invalid]})
+                   "invalid": [{"plugin": p, "reason": r} for p, r in result.invalid],
+                   "backups": result.backups, "backup_failed": result.backup_failed})
         return
     counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
     click.echo(f"run {result.run_id}: {result.outcome}; {result.selected} plugins selected ({counts or 'none'})")
@@ -189,6 +192,8 @@ def _render(result, as_json: bool) -> None:
         click.echo(f"  {state:<11} {plugin_id}{': ' + reason if reason else ''}")
     for plugin_id, reason in result.invalid:
         click.echo(f"  {'invalid':<11} {plugin_id}: {reason} (not processed)")
+    for line in result.backups:
+        click.echo(line, err=result.backup_failed)
 
 
 class _Display:

@@ -218,6 +218,8 @@ class EventStore:
             store = cls(path, conn, registry, projections, clock, lock)
             if writer:
                 store._ensure_projections(views)
+            else:
+                store._check_projections()
             return store
         except apsw.Error as e:
             if lock:
@@ -243,6 +245,16 @@ class EventStore:
     def _load_head(self) -> tuple[int, str]:
         row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         return (row[0], row[1]) if row else (0, GENESIS)
+
+    def _check_projections(self) -> None:
+        """A reader cannot rebuild projections; it refuses ones built by another version."""
+        stored = dict(self.conn.execute("SELECT name, version FROM projection_versions"))
+        stale = sorted(p.name for p in self.projections if stored.get(p.name) != p.version)
+        if stale:
+            raise EventStoreError(
+                f"{self.path}: the tables {', '.join(stale)} were built by another version of overnight; "
+                "rebuild them from the log with `overnight audit replay --apply` (or any writing command)"
+            )
 
     def _ensure_projections(self, views: Sequence[str]) -> None:
         stored = dict(self.conn.execute("SELECT name, version FROM projection_versions"))

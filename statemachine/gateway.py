@@ -13,7 +13,6 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 import msgspec
@@ -21,6 +20,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from events.remote import display_url
 from statemachine.catalog import Usage
 from statemachine.errors import OvernightError
 
@@ -84,21 +84,10 @@ class GeminiSettings:
 
     def public(self) -> dict[str, Any]:
         """The settings as recorded in the log: no secret (credentials in a URL are removed)."""
-        return {"model": self.model, "base_url": redact_url(self.base_url), "api_version": API_VERSION,
+        base_url = display_url(self.base_url) if self.base_url else None
+        return {"model": self.model, "base_url": base_url, "api_version": API_VERSION,
                 "timeout_s": self.timeout_s, "max_output_tokens": self.max_output_tokens,
                 "temperature": self.temperature}
-
-
-def redact_url(url: str | None) -> str | None:
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        parts = parts._replace(netloc=host)
-    return urlunsplit(parts._replace(query="", fragment=""))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import os
 import threading
 import time
 import uuid
@@ -22,8 +23,9 @@ from typing import IO, Any, Callable
 
 import msgspec
 
-from events import EventStore
+from events import EventStore, EventStoreError
 from statemachine import catalog as c
+from events.remote import display_url
 from statemachine.budget import BudgetReached, Budgets, Spending
 from statemachine.errors import OvernightError
 from statemachine.metrics import Prices, estimate
@@ -60,6 +62,7 @@ class RunOptions:
     wait: bool = True
     budgets: Budgets = field(default_factory=Budgets)
     prices: Prices = field(default_factory=Prices)
+    backup_to: str | None = None  # libSQL URL; the token comes from TURSO_AUTH_TOKEN only
 
     def config(self, standards: Standards, backend: Backend) -> dict[str, Any]:
         """The recorded configuration: everything `resume` needs, and no secret."""
@@ -72,6 +75,7 @@ class RunOptions:
             "limit": self.limit, "force": self.force, "dry_run": self.dry_run, "standards_sha256": standards.sha256,
             "wait": self.wait, "budgets": self.budgets.as_dict(),
             "prices": dataclasses.asdict(self.prices),
+            "backup_to": display_url(self.backup_to) if self.backup_to else None,
         }
 
 
@@ -142,6 +146,8 @@ class RunResult:
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (plugin, state, reason)
     message: str | None = None
     paused_until: str | None = None
+    backups: list[str] = field(default_factory=list)  # one line per backup made or failed
+    backup_failed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -167,6 +173,8 @@ class Runner:
         self.on_progress = on_progress
         self.stopping = threading.Event()
         self.signal: str | None = None
+        self._backups: list[str] = []
+        self._backup_failed = False
 
     # ------------------------------------------------------------------ entry points
 
@@ -297,6 +305,7 @@ class Runner:
             until = outcome.paused
             self.journal.append(f"run:{run_id}", c.RunPaused(run_id=run_id, reason=outcome.pause_reason,
                                                              until=iso(until)))
+            self._backup(options, "paused for quota")
             if not options.wait:
                 return self._finish(run_id, selection, options, "paused", paused_until=iso(until))
             self._wait_until(until, stats, len(selection), started)
@@ -356,8 +365,29 @@ class Runner:
             problems = [p for p in problems if p[1] != State.PLANNED]
         invalid = [(pid, reason or "") for pid, reason in self.journal.query(
             "SELECT plugin_id, reason FROM plugins WHERE state = 'invalid' ORDER BY plugin_id")]
+        if outcome != "paused":  # a pause was backed up when it began
+            self._backup(options, f"run {outcome}")
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, selected=len(selection),
-                         invalid=invalid, problems=problems, message=message, paused_until=paused_until)
+                         invalid=invalid, problems=problems, message=message, paused_until=paused_until,
+                         backups=list(self._backups), backup_failed=self._backup_failed)
+
+    def _backup(self, options: RunOptions, why: str) -> None:
+        """Off-site copy at the end of a run and when it pauses: an unattended night ends with one.
+        A failed backup does not undo the run; it is reported (and makes the exit status 1)."""
+        if not options.backup_to:
+            return
+        from statemachine.backup import backup
+
+        try:
+            with self.journal.lock:
+                report = backup(self.store, self.root, options.backup_to, os.environ.get("TURSO_AUTH_TOKEN"))
+        except (OvernightError, EventStoreError) as e:
+            self._backup_failed = True
+            self._backups.append(f"backup to {display_url(options.backup_to)} ({why}) failed: {e}")
+            return
+        self._backups.append(f"backup to {report.target} ({why}): snapshot {report.snapshot.id[:12]}, "
+                             f"{report.events_sent} events, {report.blobs_sent} blobs, "
+                             f"{report.bytes_sent:,} bytes sent")
 
     def _interrupted(self, run_id: str, selection: list[str]) -> RunResult:
         """Record the interruption and close the log; workers still inside a Gemini call find

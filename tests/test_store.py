@@ -341,3 +341,17 @@ def test_large_logs_check_the_chain_in_a_second_process_with_the_same_findings(d
     assert parallel == inline
     assert "seq 2: missing from the log (deleted events)" in parallel
     assert "seq 4: hash mismatch (the stored event was altered)" in parallel
+
+
+def test_a_reader_refuses_projections_built_by_another_version_and_a_writer_rebuilds_them(db):
+    from events import EventStoreError
+    _three_accounts(db)
+    v2 = Projection(**{**{f: getattr(ACCOUNTS, f) for f in
+                          ("name", "columns", "key_len", "handles", "key", "fold", "indexes")},
+                       "version": 2})
+    with pytest.raises(EventStoreError, match="built by another version of overnight"):
+        EventStore.open(db, registry=REGISTRY, projections=[v2], writer=False)
+    with EventStore.open(db, registry=REGISTRY, projections=[v2]):
+        pass
+    with EventStore.open(db, registry=REGISTRY, projections=[v2], writer=False) as store:
+        assert store.verify() == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -9,6 +10,7 @@ from typing import Iterator
 from events import Event
 from statemachine import catalog as c
 from statemachine.lifecycle import plugin_stream
+from statemachine.projections import PROJECTIONS
 from statemachine.workspace import open_log
 
 USAGE = c.Usage(input_tokens=4200, cached_tokens=0, output_tokens=2100, thoughts_tokens=300)
@@ -83,7 +85,10 @@ def build_log(path: Path, plugins: int, events: int, batch: int = 20000) -> None
 
 def cached_log(plugins: int, events: int) -> Path:
     """The synthetic log, built once and kept under tests/bench/.cache/."""
-    path = Path(__file__).resolve().parent / ".cache" / f"log-{plugins}p-{events}e.db"
+    # The projections' definitions are part of the name: a log cached by an older version
+    # of the code is rebuilt rather than read with stale tables.
+    shape = hashlib.sha256(repr([(p.name, p.version, p.columns) for p in PROJECTIONS]).encode()).hexdigest()[:8]
+    path = Path(__file__).resolve().parent / ".cache" / f"log-{plugins}p-{events}e-{shape}.db"
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(".building")

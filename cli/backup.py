@@ -1,0 +1,153 @@
+"""overnight backup [PATH] | backup verify | backup list, and overnight restore
+
+The URL comes from --to/--from, OVERNIGHT_BACKUP_URL or TURSO_DATABASE_URL; the token only
+from TURSO_AUTH_TOKEN, so it is never on a command line, in a log, an event or the backup.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.options import (
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    common,
+    debug_option,
+    marketplace_argument,
+)
+from cli.render import console, emit_json
+from events.remote import display_url
+from statemachine import backup as backup_service
+from statemachine.workspace import marketplace_root, open_log
+
+URL_ENV = ["OVERNIGHT_BACKUP_URL", "TURSO_DATABASE_URL"]
+TOKEN_ENV = "TURSO_AUTH_TOKEN"
+NOW = "now"
+
+
+def _token() -> str | None:
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _url(url: str | None) -> str:
+    if not url:
+        click.echo(f"error: no backup URL: pass one, or set {' or '.join(URL_ENV)}", err=True)
+        raise click.exceptions.Exit(EXIT_USAGE)
+    return url
+
+
+def url_option(name: str, help: str) -> Any:
+    return click.option(name, "url", envvar=URL_ENV, show_envvar=True, metavar="URL", help=help)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+class _BackupGroup(click.Group):
+    """`overnight backup [PATH]` backs up; `overnight backup verify|list` are subcommands."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not (args and (args[0] in self.commands or args[0] in ctx.help_option_names)):
+            args = [NOW, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_BackupGroup)
+def backup() -> None:
+    """Back up the log and the marketplace to libSQL (Turso): `overnight backup [PATH] [--to URL]`.
+
+    Incremental and idempotent: only new events, blobs and changed directories are sent, and
+    an interrupted backup continues where it stopped. The token is read from TURSO_AUTH_TOKEN.
+    """
+
+
+@backup.command(NOW, hidden=True)
+@marketplace_argument
+@url_option("--to", "libSQL URL: file:, http(s)://, ws(s)://, libsql://.")
+@json_option
+@common
+def backup_now(path: Path, db: Path | None, url: str | None, as_json: bool) -> None:
+    """Back up the marketplace at PATH and its log."""
+    url = _url(url)
+    root = marketplace_root(path)
+    with open_log(root, db) as store:
+        report = backup_service.backup(store, root, url, _token())
+    if as_json:
+        emit_json(report.as_json())
+        return
+    s = report.snapshot
+    console().print(
+        f"snapshot {s.id} at {report.target}: {s.files:,} files, {s.bytes:,} bytes, {s.plugins} plugins, "
+        f"log up to seq {s.last_seq}\nsent {report.events_sent:,} events, {report.blobs_sent:,} blobs, "
+        f"{report.bytes_sent:,} bytes in {report.rows_written:,} rows ({report.batches} batches) "
+        f"in {report.seconds:.2f} s", markup=False)
+
+
+@backup.command()
+@url_option("--from", "The backup's libSQL URL.")
+@click.option("--read-data", "read_data", type=click.FloatRange(0, 100), default=0.0, metavar="PERCENT",
+              help="Also read and re-hash this percentage of the stored blobs (default 0).")
+@json_option
+@debug_option
+def verify(url: str | None, read_data: float, as_json: bool) -> None:
+    """Check the backup: every referenced tree and blob is there, the shipped hash chain holds,
+    and (with --read-data) a share of the blobs still matches its hash. Exit 1 on any problem."""
+    report = backup_service.verify(_url(url), _token(), read_data / 100)
+    if as_json:
+        emit_json(report.as_json())
+    else:
+        out = console()
+        if report.ok:
+            out.print(f"ok: {report.snapshots} snapshots, {report.trees:,} trees, {report.events:,} events "
+                      f"with an intact hash chain, {report.blobs_read:,} blobs re-hashed", markup=False)
+        for problem in report.problems:
+            out.print(f"problem: {problem}", markup=False)
+    if not report.ok:
+        raise click.exceptions.Exit(EXIT_PROBLEMS)
+
+
+@backup.command("list")
+@url_option("--from", "The backup's libSQL URL.")
+@json_option
+@debug_option
+def list_(url: str | None, as_json: bool) -> None:
+    """Snapshots, oldest first: time, plugins, files, sizes."""
+    snapshots = backup_service.list_snapshots(_url(url), _token())
+    if as_json:
+        emit_json({"target": display_url(url or ""), "snapshots": [s.as_json() for s in snapshots]})
+        return
+    for s in snapshots:
+        click.echo(f"{s.id}  {s.created_at}  {s.plugins:>4} plugins  {s.files:>6} files  "
+                   f"{s.bytes:>12,} bytes  sent {s.bytes_sent:>12,}  seq {s.last_seq}")
+
+
+@click.command()
+@url_option("--from", "The backup's libSQL URL.")
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="An empty (or new) directory to rebuild the marketplace and its log in.")
+@click.option("--snapshot", "snapshot_id", help="Snapshot id (or unique prefix). Default: the latest.")
+@json_option
+@debug_option
+def restore(url: str | None, dest: Path, snapshot_id: str | None, as_json: bool) -> None:
+    """Rebuild a marketplace and its event log from a backup into an empty directory.
+
+    Every file's sha256 is checked before it is moved into place; unsafe names and escaping
+    symlinks are refused. Exit 1 on any mismatch. Reports the time taken (the recovery time).
+    """
+    report = backup_service.restore(_url(url), _token(), dest, snapshot_id)
+    if as_json:
+        emit_json(report.as_json())
+    else:
+        out = console()
+        out.print(f"restored snapshot {report.snapshot} into {dest}: {report.files:,} files "
+                  f"({report.bytes:,} bytes), {report.dirs:,} directories, {report.symlinks} symlinks, "
+                  f"{report.events:,} events, {report.blobs:,} log blobs in {report.seconds:.2f} s",
+                  markup=False)
+        for problem in report.problems:
+            out.print(f"problem: {problem}", markup=False)
+    if not report.ok:
+        raise click.exceptions.Exit(EXIT_PROBLEMS)

@@ -1,0 +1,162 @@
+"""The narrow transport to a libSQL database: execute, atomic batch, close.
+
+What must always hold:
+- Every error that leaves this module is a `RemoteError` (an `EventStoreError`), and no
+  message, repr or chained cause of it contains the auth token.
+- Transient failures (a dropped connection, HTTP 5xx, a busy database) are retried a few
+  times with exponential backoff. Callers make every statement idempotent (`INSERT OR
+  IGNORE`, reads), so retrying a batch the server may already have committed is safe.
+- A batch is atomic, except that a batch the server refuses as too large (HTTP 413) is split
+  in two and the halves are sent in order; callers order their statements so that every
+  prefix of a batch is itself consistent (chunks before the index row that names them).
+
+libsql-client is the only client today (its repository is archived); a second client can be
+added behind `Remote` without touching replication or backup code.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.parse
+from typing import Any, Protocol, Sequence
+
+from events.errors import EventStoreError
+
+Params = Sequence[Any]
+Statement = tuple[str, Params]
+SCHEMES = ("file", "http", "https", "ws", "wss", "libsql")
+
+
+class RemoteError(EventStoreError):
+    """The remote database refused a request or could not be reached."""
+
+
+class RemoteTooLarge(RemoteError):
+    """The server refused a request body as too large (HTTP 413) even for one statement."""
+
+
+class Remote(Protocol):
+    def execute(self, sql: str, params: Params = ()) -> list[tuple]: ...
+
+    def batch(self, statements: Sequence[Statement]) -> list[list[tuple]]: ...
+
+    def close(self) -> None: ...
+
+
+def display_url(url: str) -> str:
+    """`url` without credentials (user info and query), for logs, events and messages."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+_STATUS = re.compile(r"HTTP status (\d{3})")
+
+
+class _Failure(Exception):
+    """A scrubbed failure with its classification; never leaves this module."""
+
+    def __init__(self, message: str, transient: bool, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.too_large = too_large
+
+
+class LibsqlRemote:
+    """`Remote` over libsql-client's sync client (its own event-loop thread)."""
+
+    def __init__(self, url: str, token: str | None, *, retries: int = 4, backoff: float = 0.25) -> None:
+        self.url = display_url(url)
+        self._secrets = [s for s in (token, _query_token(url)) if s]
+        self.retries = retries
+        self.backoff = backoff
+        self.statements_sent = 0
+        import libsql_client
+
+        try:
+            self._client = libsql_client.create_client_sync(url, auth_token=token)
+        except Exception as e:
+            raise RemoteError(f"{self.url}: cannot open: {self._scrub(str(e))}") from None
+
+    def execute(self, sql: str, params: Params = ()) -> list[tuple]:
+        result = self._retrying(lambda: self._client.execute(sql, list(params)))
+        self.statements_sent += 1
+        return [tuple(row[:]) for row in result]
+
+    def batch(self, statements: Sequence[Statement]) -> list[list[tuple]]:
+        """Run `statements` in one transaction; the rows of each, in order."""
+        if not statements:
+            return []
+        import libsql_client
+
+        stmts = [libsql_client.Statement(sql, list(params)) for sql, params in statements]
+        try:
+            results = self._retrying(lambda: self._client.batch(stmts))
+        except RemoteTooLarge:
+            if len(statements) == 1:
+                raise
+            half = len(statements) // 2
+            return self.batch(statements[:half]) + self.batch(statements[half:])
+        self.statements_sent += len(statements)
+        return [[tuple(row[:]) for row in result] for result in results]
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:
+            pass  # closing a client whose connection already failed: nothing left to release
+
+    def _retrying(self, call: Any) -> Any:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except Exception as e:  # classified below; anything unknown is not retried
+                failure = self._classify(e)
+            if failure.too_large:
+                raise RemoteTooLarge(f"{self.url}: {failure}") from None
+            if not failure.transient or attempt == self.retries:
+                suffix = f" (after {attempt + 1} attempts)" if attempt else ""
+                raise RemoteError(f"{self.url}: {failure}{suffix}") from None
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _classify(self, e: Exception) -> _Failure:
+        import aiohttp
+        import libsql_client
+
+        message = self._scrub(f"{type(e).__name__}: {e}")
+        if isinstance(e, libsql_client.LibsqlError):
+            message = self._scrub(str(e))
+            status = _STATUS.search(str(e))
+            if status:
+                code = int(status.group(1))
+                return _Failure(message, transient=code >= 500 or code == 429, too_large=code == 413)
+            return _Failure(message, transient=e.code in ("SQLITE_BUSY", "SQLITE_LOCKED"),
+                            too_large="too large" in message.lower())
+        if isinstance(e, (aiohttp.ClientError, TimeoutError, ConnectionError)):
+            return _Failure(message, transient=True)
+        return _Failure(message, transient=False)
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _query_token(url: str) -> str | None:
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    return (query.get("authToken") or [None])[0]
+
+
+def open_remote(url: str, token: str | None = None, **options: Any) -> Remote:
+    """A `Remote` for `url` (file:, http(s)://, ws(s)://, libsql://); `token` is never stored."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        raise RemoteError(f"{display_url(url) or 'the backup URL'}: unsupported scheme "
+                          f"{scheme!r} (use one of {', '.join(SCHEMES)})")
+    return LibsqlRemote(url, token, **options)

@@ -1,0 +1,253 @@
+"""Shipping the log to a remote libSQL database, reading it back, and checking what is there.
+
+Remote tables (created if missing):
+- `events`: the local rows as they are (same columns, seq the primary key);
+- `blob_chunks(hash, idx, data)`: content-addressed bytes in chunks of at most `CHUNK`;
+- `blobs(hash, size, chunks)`: the index row of a blob, written after all its chunks;
+- `log_blobs(hash)`: which blobs belong to the log (others are, for example, tree files),
+  written after the blob's index row.
+
+What must always hold on the remote, even after a crash at any instant:
+- a `blobs` row implies all its chunks are present; a `log_blobs` row implies its `blobs` row;
+- remote events are a prefix of the local log (seq 1..M, same hashes); shipping refuses a
+  remote whose head is not in the local log (another log, or a diverged one);
+- every write is `INSERT OR IGNORE` of content-addressed or seq-keyed rows, so a retried or
+  repeated shipment changes nothing, and an interrupted one continues where it stopped.
+
+This module knows nothing of plugins; snapshots of trees are the layer above's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+from events.chain import EVENT_COLUMNS, ChainCheck
+from events.remote import Remote, RemoteError, Statement
+from events.store import EventStore
+
+CHUNK = 512 * 1024
+# A write batch carries at most this many raw bytes (base64 in JSON makes it ~4/3 larger) and
+# at most BATCH_STATEMENTS statements, so each request stays under about 4 MB.
+BATCH_BYTES = 2_500_000
+BATCH_STATEMENTS = 500
+# Reads: rows per page and raw bytes per read batch (sqld caps a response at 10 MB).
+PAGE = 1000
+READ_BYTES = 4_000_000
+IN_LIST = 200
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, stream TEXT NOT NULL, "
+    "version INTEGER NOT NULL, type TEXT NOT NULL, schema_version INTEGER NOT NULL, "
+    "at TEXT NOT NULL, data TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS blob_chunks (hash TEXT NOT NULL, idx INTEGER NOT NULL, "
+    "data BLOB NOT NULL, PRIMARY KEY (hash, idx)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS blobs (hash TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+    "chunks INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS log_blobs (hash TEXT PRIMARY KEY) WITHOUT ROWID",
+)
+
+
+def ensure_schema(remote: Remote, extra: Sequence[str] = ()) -> None:
+    remote.batch([(sql, ()) for sql in (*SCHEMA, *extra)])
+
+
+@dataclass
+class Shipment:
+    """Counters of one shipment: what was written and how much."""
+
+    events: int = 0
+    blobs: int = 0
+    bytes: int = 0
+    rows: int = 0
+    batches: int = 0
+
+
+class Writer:
+    """Groups write statements into batches under the size limits, in the order given.
+
+    Order is kept across batches, so a statement added after another is committed no earlier
+    than it: that is how chunks precede their index row and a snapshot comes last.
+    """
+
+    def __init__(self, remote: Remote, shipment: Shipment | None = None) -> None:
+        self.remote = remote
+        self.shipment = shipment or Shipment()
+        self._pending: list[Statement] = []
+        self._size = 0
+
+    def add(self, sql: str, params: Sequence[Any]) -> None:
+        size = len(sql) + sum(len(p) if isinstance(p, (bytes, str)) else 8 for p in params)
+        if self._pending and (self._size + size > BATCH_BYTES or len(self._pending) >= BATCH_STATEMENTS):
+            self.flush()
+        self._pending.append((sql, tuple(params)))
+        self._size += size
+        self.shipment.bytes += size
+        self.shipment.rows += 1
+
+    def flush(self) -> None:
+        if self._pending:
+            self.remote.batch(self._pending)
+            self.shipment.batches += 1
+            self._pending, self._size = [], 0
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        """Chunks first, then the index row."""
+        count = max(1, -(-len(data) // CHUNK))
+        for idx in range(count):
+            self.add("INSERT OR IGNORE INTO blob_chunks (hash, idx, data) VALUES (?, ?, ?)",
+                     (digest, idx, data[idx * CHUNK:(idx + 1) * CHUNK]))
+        self.add("INSERT OR IGNORE INTO blobs (hash, size, chunks) VALUES (?, ?, ?)",
+                 (digest, len(data), count))
+        self.shipment.blobs += 1
+
+
+def _in_lists(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), IN_LIST):
+        yield items[start:start + IN_LIST]
+
+
+def present(remote: Remote, table: str, hashes: Iterable[str]) -> set[str]:
+    """The subset of `hashes` that has a row in `table` (`blobs` or `log_blobs`)."""
+    wanted = sorted(set(hashes))
+    statements = [(f"SELECT hash FROM {table} WHERE hash IN ({', '.join('?' * len(part))})", part)
+                  for part in _in_lists(wanted)]
+    found: set[str] = set()
+    for start in range(0, len(statements), 50):
+        for rows in remote.batch(statements[start:start + 50]):
+            found.update(r[0] for r in rows)
+    return found
+
+
+def remote_head(remote: Remote) -> tuple[int, str | None]:
+    rows = remote.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+    return (rows[0][0], rows[0][1]) if rows else (0, None)
+
+
+def ship_blobs(store: EventStore, writer: Writer) -> None:
+    """Every local blob the remote log does not have yet (content shared with trees is reused)."""
+    local = [r[0] for r in store.query("SELECT hash FROM blobs ORDER BY hash")]
+    shipped = present(writer.remote, "log_blobs", local)
+    todo = [h for h in local if h not in shipped]
+    stored = present(writer.remote, "blobs", todo)
+    for digest in todo:
+        if digest not in stored:
+            writer.put_blob(digest, store.get_blob(digest))
+        writer.add("INSERT OR IGNORE INTO log_blobs (hash) VALUES (?)", (digest,))
+    writer.flush()
+
+
+def ship_events(store: EventStore, writer: Writer, upto: int | None = None) -> int:
+    """Events after the remote head up to `upto` (default: all); the new remote head seq."""
+    upto = store.last_seq if upto is None else upto
+    seq, digest = remote_head(writer.remote)
+    if seq > upto:
+        raise RemoteError(f"{getattr(writer.remote, 'url', 'the remote')} holds {seq} events, "
+                          f"more than this log's {upto}: it is the backup of another or a newer log")
+    if seq:
+        local = store.query("SELECT hash FROM events WHERE seq = ?", (seq,))
+        if not local or local[0][0] != digest:
+            raise RemoteError(f"{getattr(writer.remote, 'url', 'the remote')}: its event {seq} differs "
+                              "from this log's: it is the backup of another log")
+    for row in store.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? "
+                                  "ORDER BY seq", (seq, upto)):
+        writer.add(f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        writer.shipment.events += 1
+    writer.flush()
+    return upto
+
+
+def read_events(remote: Remote, upto: int | None = None) -> Iterator[tuple]:
+    """Remote event rows in seq order (pages of `PAGE`), up to seq `upto` if given."""
+    after = 0
+    limit = upto if upto is not None else 2**62
+    while True:
+        rows = remote.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? "
+                              f"ORDER BY seq LIMIT {PAGE}", (after, limit))
+        yield from rows
+        if len(rows) < PAGE:
+            return
+        after = rows[-1][0]
+
+
+def verify_chain(remote: Remote, upto: int | None = None) -> tuple[int, list[str]]:
+    """(events read, problems of the shipped hash chain: gaps, broken links, altered rows)."""
+    check = ChainCheck()
+    count = 0
+    for row in read_events(remote, upto):
+        check.feed(*row)
+        count += 1
+    return count, [f"remote {p}" for p in check.problems]
+
+
+def fetch_blobs(remote: Remote, hashes: Iterable[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(hash, bytes, problem) for each hash: bytes None with a problem when missing or corrupt.
+
+    One chunk per statement, read in batches of at most `READ_BYTES`; every blob is re-hashed.
+    """
+    wanted = sorted(set(hashes))
+    index: dict[str, tuple[int, int]] = {}
+    for part in _in_lists(wanted):
+        for digest, size, chunks in remote.execute(
+                f"SELECT hash, size, chunks FROM blobs WHERE hash IN ({', '.join('?' * len(part))})", part):
+            index[digest] = (size, chunks)
+    for digest in wanted:
+        if digest not in index:
+            yield digest, None, f"blob {digest} is missing from the remote"
+    keys = [(d, i) for d in wanted if d in index for i in range(index[d][1])]
+    parts: dict[str, list[bytes | None]] = {}
+    start = 0
+    while start < len(keys):
+        end, budget = start, 0
+        while end < len(keys) and end - start < BATCH_STATEMENTS:
+            digest, idx = keys[end]
+            size = min(CHUNK, index[digest][0] - idx * CHUNK)
+            if end > start and budget + size > READ_BYTES:
+                break
+            budget += size
+            end += 1
+        batch = keys[start:end]
+        results = remote.batch([("SELECT data FROM blob_chunks WHERE hash = ? AND idx = ?", key)
+                                for key in batch])
+        for (digest, idx), rows in zip(batch, results):
+            chunks = parts.setdefault(digest, [])
+            chunks.append(bytes(rows[0][0]) if rows else None)
+            if len(chunks) == index[digest][1]:
+                yield _assemble(digest, index[digest][0], parts.pop(digest))
+        start = end
+
+
+def _assemble(digest: str, size: int, chunks: list[bytes | None]) -> tuple[str, bytes | None, str | None]:
+    if any(c is None for c in chunks):
+        return digest, None, f"blob {digest} is missing chunks on the remote"
+    data = b"".join(chunks)  # type: ignore[arg-type]
+    if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+        return digest, None, f"blob {digest} is corrupt on the remote (its bytes do not match its hash)"
+    return digest, data, None
+
+
+def verify_blobs(remote: Remote, read_share: float, rng: random.Random | None = None) -> tuple[int, list[str]]:
+    """(blobs re-hashed, problems): structure of every blob, then the data of a share of them.
+
+    Structure: every index row has all its chunks with the right total size, and every
+    `log_blobs` row has its blob. Data: `read_share` (0..1) of the blobs, read and re-hashed.
+    """
+    problems = [f"blob {h} is incomplete on the remote ({n} of {c} chunks, {s} bytes of {size})"
+                for h, size, c, n, s in remote.execute(
+                    "SELECT b.hash, b.size, b.chunks, count(c.idx), coalesce(sum(length(c.data)), 0) "
+                    "FROM blobs b LEFT JOIN blob_chunks c ON c.hash = b.hash GROUP BY b.hash "
+                    "HAVING count(c.idx) != b.chunks OR coalesce(sum(length(c.data)), 0) != b.size")]
+    problems += [f"log blob {h} is missing from the remote" for (h,) in remote.execute(
+        "SELECT l.hash FROM log_blobs l LEFT JOIN blobs b ON b.hash = l.hash WHERE b.hash IS NULL")]
+    if read_share <= 0:
+        return 0, problems
+    hashes = [r[0] for r in remote.execute("SELECT hash FROM blobs")]
+    rng = rng or random.Random()
+    sample = hashes if read_share >= 1 else rng.sample(hashes, max(1, round(len(hashes) * read_share))
+                                                       if hashes else 0)
+    for _digest, _data, problem in fetch_blobs(remote, sample):
+        if problem:
+            problems.append(problem)
+    return len(sample), problems

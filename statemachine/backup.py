@@ -1,0 +1,509 @@
+"""Off-site backup of a marketplace and its log to libSQL: snapshot, verify, list, restore.
+
+A snapshot is a Merkle tree of the marketplace: a directory node is the canonical JSON of its
+entries sorted by name (name, kind file/dir/symlink, mode without setuid/setgid/sticky, size,
+hash of the file's blob or of the subtree's node, symlink target), stored content-addressed
+in the remote blob table like any blob. `.overnight/` and `.git/` are never part of it.
+
+What must always hold:
+- On the remote, a tree node is stored only after everything it references, and the
+  snapshot row only after its tree, its log blobs and its events up to `last_seq`; so a
+  snapshot row proves a complete backup and an interrupted backup leaves nothing dangling.
+  A stored node proves its whole subtree is stored: an unchanged directory costs one lookup
+  of its parent, no writes.
+- The auth token is passed to the transport only; it is in no event, row or message.
+- Restore writes only inside an empty destination: every name is one path component
+  (no `..`, `.`, separators or NUL), no symlink is created before every file and directory
+  is in place (so nothing is ever written through one), a symlink resolving outside the
+  destination is removed, setuid/setgid bits are never restored, and each file's sha256 is
+  checked on disk before it is renamed into place. Any mismatch is a problem: the caller
+  exits non-zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import secrets
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from events import EventStore, replication
+from events.chain import EVENT_COLUMNS, ChainCheck
+from events.remote import Remote, display_url, open_remote
+from events.store import format_at
+from statemachine.catalog import BackupCompleted
+from statemachine.errors import OvernightError
+from statemachine.workspace import STATE_DIR, open_log
+
+EXCLUDED = frozenset({STATE_DIR, ".git"})
+KINDS = ("file", "dir", "symlink")
+NODE_VERSION = 1
+SNAPSHOT_COLUMNS = "id, created_at, root, last_seq, last_hash, files, bytes, plugins, bytes_sent"
+SNAPSHOT_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, created_at TEXT NOT NULL, "
+    "root TEXT NOT NULL, last_seq INTEGER NOT NULL, last_hash TEXT NOT NULL, files INTEGER NOT NULL, "
+    "bytes INTEGER NOT NULL, plugins INTEGER NOT NULL, bytes_sent INTEGER NOT NULL)"
+)
+
+
+class BackupError(OvernightError):
+    pass
+
+
+@dataclass
+class Snapshot:
+    id: str
+    created_at: str
+    root: str
+    last_seq: int
+    last_hash: str
+    files: int
+    bytes: int
+    plugins: int
+    bytes_sent: int
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BackupReport:
+    target: str
+    snapshot: Snapshot
+    events_sent: int
+    blobs_sent: int
+    bytes_sent: int
+    rows_written: int
+    batches: int
+    seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "snapshot": self.snapshot.as_json()}
+
+
+@dataclass
+class VerifyReport:
+    target: str
+    snapshots: int = 0
+    events: int = 0
+    trees: int = 0
+    blobs_read: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class RestoreReport:
+    snapshot: str
+    files: int = 0
+    bytes: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    events: int = 0
+    blobs: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+# ------------------------------------------------------------------ tree snapshot
+
+
+@dataclass
+class Tree:
+    """A marketplace's snapshot before shipping: nodes by hash, and where file bytes are."""
+
+    root: str = ""
+    nodes: dict[str, bytes] = field(default_factory=dict)
+    children: dict[str, list[str]] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    file_count: int = 0
+    byte_count: int = 0
+    plugins: int = 0
+
+
+def encode_node(entries: list[dict[str, Any]]) -> bytes:
+    """Canonical JSON of a directory's entries (sorted by name, sorted keys, ASCII)."""
+    entries = sorted(entries, key=lambda e: e["name"])
+    return json.dumps({"v": NODE_VERSION, "entries": entries}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def snapshot_tree(root: Path) -> Tree:
+    """Hash the marketplace at `root` into a Merkle tree, never following a symlink."""
+    tree = Tree()
+    tree.root, _ = _walk_dir(tree, Path(root))
+    return tree
+
+
+def _walk_dir(tree: Tree, path: Path) -> tuple[str, int]:
+    entries = []
+    total = 0
+    with os.scandir(path) as it:
+        items = sorted(it, key=lambda e: e.name)
+    for item in items:
+        if item.name in EXCLUDED:
+            continue
+        st = item.stat(follow_symlinks=False)
+        mode = stat.S_IMODE(st.st_mode) & 0o777
+        entry = {"name": item.name, "mode": mode, "size": 0, "hash": "", "target": ""}
+        if stat.S_ISLNK(st.st_mode):
+            entry.update(kind="symlink", mode=0, target=os.readlink(item.path))
+        elif stat.S_ISDIR(st.st_mode):
+            digest, size = _walk_dir(tree, Path(item.path))
+            entry.update(kind="dir", size=size, hash=digest)
+        elif stat.S_ISREG(st.st_mode):
+            with open(item.path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            entry.update(kind="file", size=st.st_size, hash=digest)
+            tree.files.setdefault(digest, Path(item.path))
+            tree.file_count += 1
+            tree.byte_count += st.st_size
+        else:
+            continue  # sockets, fifos and devices are not marketplace content
+        total += entry["size"]
+        entries.append(entry)
+    if os.path.isfile(path / ".claude-plugin" / "plugin.json"):
+        tree.plugins += 1
+    node = encode_node(entries)
+    digest = hashlib.sha256(node).hexdigest()
+    tree.nodes[digest] = node
+    tree.children[digest] = [e["hash"] for e in entries if e["kind"] in ("file", "dir")]
+    return digest, total
+
+
+# ------------------------------------------------------------------ backup
+
+
+def backup(store: EventStore, root: Path, url: str, token: str | None) -> BackupReport:
+    """Ship the log, its blobs and a snapshot of `root` to `url`; record `BackupCompleted`.
+
+    Incremental and idempotent: only events after the remote head, blobs and tree nodes the
+    remote lacks are sent. Safe to call again after a crash or an error at any point.
+    """
+    started = time.perf_counter()
+    target = display_url(url)
+    remote = open_remote(url, token)
+    try:
+        replication.ensure_schema(remote, (SNAPSHOT_SCHEMA,))
+        writer = replication.Writer(remote)
+        last_seq = store.last_seq
+        last_hash = store.query("SELECT hash FROM events WHERE seq = ?", (last_seq,))
+        replication.ship_blobs(store, writer)
+        replication.ship_events(store, writer, upto=last_seq)
+        tree = snapshot_tree(root)
+        _ship_tree(tree, writer)
+        created_at = format_at(store.clock())
+        snapshot_id = hashlib.sha256(f"{tree.root} {last_seq} {created_at}".encode()).hexdigest()[:12]
+        snapshot = Snapshot(snapshot_id, created_at, tree.root, last_seq,
+                            last_hash[0][0] if last_hash else "", tree.file_count, tree.byte_count,
+                            tree.plugins, 0)
+        shipment = writer.shipment
+        snapshot.bytes_sent = shipment.bytes
+        writer.add(f"INSERT OR IGNORE INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   tuple(asdict(snapshot).values()))
+        writer.flush()
+    finally:
+        remote.close()
+    store.append("backup", BackupCompleted(target=target, last_seq=last_seq, snapshot_id=snapshot_id,
+                                           blobs_sent=shipment.blobs, bytes_sent=shipment.bytes))
+    return BackupReport(target, snapshot, shipment.events, shipment.blobs, shipment.bytes,
+                        shipment.rows, shipment.batches, time.perf_counter() - started)
+
+
+def _ship_tree(tree: Tree, writer: replication.Writer) -> None:
+    """Send what the remote lacks: look up level by level from the root, descending only into
+    missing nodes; then files, then missing nodes children-first."""
+    missing: set[str] = set()
+    frontier = [tree.root]
+    while frontier:
+        have = replication.present(writer.remote, "blobs", frontier)
+        new = [h for h in frontier if h not in have and h not in missing]
+        missing.update(new)
+        frontier = sorted({c for h in new for c in tree.children.get(h, ())} - missing)
+    for digest in sorted(missing - tree.nodes.keys()):
+        data = tree.files[digest].read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BackupError(f"{tree.files[digest]} changed during the backup; run it again")
+        writer.put_blob(digest, data)
+    done: set[str] = set()
+
+    def post_order(digest: str) -> None:
+        for child in tree.children[digest]:
+            if child in tree.nodes and child in missing and child not in done:
+                post_order(child)
+        done.add(digest)
+        writer.put_blob(digest, tree.nodes[digest])
+
+    if tree.root in missing:
+        post_order(tree.root)
+    writer.flush()
+
+
+# ------------------------------------------------------------------ reading snapshots
+
+
+def _has_backup(remote: Remote) -> bool:
+    return bool(remote.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'snapshots'"))
+
+
+def _snapshots(remote: Remote) -> list[Snapshot]:
+    if not _has_backup(remote):
+        return []
+    rows = remote.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots ORDER BY created_at, id")
+    return [Snapshot(*row) for row in rows]
+
+
+def list_snapshots(url: str, token: str | None) -> list[Snapshot]:
+    """Every snapshot at `url`, oldest first."""
+    remote = open_remote(url, token)
+    try:
+        return _snapshots(remote)
+    finally:
+        remote.close()
+
+
+def _find_snapshot(remote: Remote, wanted: str | None) -> Snapshot:
+    snapshots = _snapshots(remote)
+    if not snapshots:
+        raise BackupError("no snapshot at this URL (run `overnight backup` first)")
+    if wanted is None:
+        return snapshots[-1]
+    found = [s for s in snapshots if s.id.startswith(wanted)]
+    if len(found) != 1:
+        raise BackupError(f"snapshot {wanted!r} " + ("is ambiguous" if found else "not found"))
+    return found[0]
+
+
+def _check_entry(entry: Any, seen: set[str]) -> str | None:
+    """Why `entry` of a tree node cannot be restored, or None."""
+    if not isinstance(entry, dict):
+        return "an entry is not an object"
+    name = entry.get("name")
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        return f"entry name {name!r} is not a single path component"
+    if name in seen:
+        return f"entry name {name!r} appears twice"
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        return f"{name!r}: unknown kind {kind!r}"
+    if not isinstance(entry.get("mode"), int) or not isinstance(entry.get("size"), int):
+        return f"{name!r}: mode and size must be integers"
+    digest = entry.get("hash")
+    if kind != "symlink" and not (isinstance(digest, str) and len(digest) == 64
+                                  and all(c in "0123456789abcdef" for c in digest)):
+        return f"{name!r}: bad hash {digest!r}"
+    target = entry.get("target")
+    if kind == "symlink" and (not isinstance(target, str) or not target or "\0" in target
+                              or os.path.isabs(target)):
+        return f"{name!r}: symlink target {target!r} is empty or absolute"
+    return None
+
+
+def _read_trees(remote: Remote, root: str) -> tuple[dict[str, list[dict]], list[str]]:
+    """Every node under `root` (re-hashed as read), with the entries that are safe to restore."""
+    nodes: dict[str, list[dict]] = {}
+    problems: list[str] = []
+    frontier = [root]
+    while frontier:
+        following: set[str] = set()
+        for digest, data, problem in replication.fetch_blobs(remote, frontier):
+            if problem:
+                problems.append(problem.replace("blob", "tree", 1))
+                continue
+            try:
+                raw = json.loads(data)  # type: ignore[arg-type]
+                entries = raw["entries"] if isinstance(raw, dict) and raw.get("v") == NODE_VERSION else None
+            except ValueError:
+                entries = None
+            if not isinstance(entries, list):
+                problems.append(f"tree {digest} is not a tree node")
+                continue
+            good, seen = [], set()
+            for entry in entries:
+                why = _check_entry(entry, seen)
+                if why:
+                    problems.append(f"tree {digest}: {why}; refused")
+                    continue
+                seen.add(entry["name"])
+                good.append(entry)
+            nodes[digest] = good
+            following.update(e["hash"] for e in good if e["kind"] == "dir")
+        frontier = sorted(following - nodes.keys())
+    return nodes, problems
+
+
+# ------------------------------------------------------------------ verify
+
+
+def verify(url: str, token: str | None, read_share: float = 0.0,
+           rng: random.Random | None = None) -> VerifyReport:
+    """Structure (snapshots, trees, blobs, the shipped chain) and the data of a share of blobs."""
+    report = VerifyReport(display_url(url))
+    remote = open_remote(url, token)
+    try:
+        snapshots = _snapshots(remote)
+        report.snapshots = len(snapshots)
+        if not snapshots:
+            report.problems.append("no snapshot at this URL")
+            return report
+        report.events, chain = replication.verify_chain(remote)
+        report.problems += chain
+        report.blobs_read, blobs = replication.verify_blobs(remote, read_share, rng)
+        report.problems += blobs
+        files: set[str] = set()
+        for snapshot in snapshots:
+            row = remote.execute("SELECT hash FROM events WHERE seq = ?", (snapshot.last_seq,))
+            if snapshot.last_seq and (not row or row[0][0] != snapshot.last_hash):
+                report.problems.append(f"snapshot {snapshot.id}: event {snapshot.last_seq} is missing "
+                                       "or differs from the one it was taken at")
+            nodes, problems = _read_trees(remote, snapshot.root)
+            report.trees += len(nodes)
+            report.problems += [f"snapshot {snapshot.id}: {p}" for p in problems]
+            files.update(e["hash"] for entries in nodes.values() for e in entries if e["kind"] == "file")
+        stored = replication.present(remote, "blobs", files)
+        report.problems += [f"file blob {h} is missing from the remote" for h in sorted(files - stored)]
+    finally:
+        remote.close()
+    return report
+
+
+# ------------------------------------------------------------------ restore
+
+
+def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = None) -> RestoreReport:
+    """Rebuild the marketplace tree and its event log from a snapshot into the empty `dest`."""
+    started = time.perf_counter()
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or dest.is_symlink() or any(dest.iterdir())):
+        raise BackupError(f"{dest} is not an empty directory; restore only into an empty one")
+    remote = open_remote(url, token)
+    try:
+        snapshot = _find_snapshot(remote, snapshot_id)
+        dest.mkdir(parents=True, exist_ok=True)
+        report = RestoreReport(snapshot.id)
+        _restore_tree(remote, snapshot, dest, report)
+        _restore_log(remote, snapshot, dest, report)
+    finally:
+        remote.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _restore_tree(remote: Remote, snapshot: Snapshot, dest: Path, report: RestoreReport) -> None:
+    nodes, problems = _read_trees(remote, snapshot.root)
+    report.problems += problems
+    dirs: list[tuple[Path, int]] = []
+    files: dict[str, list[tuple[Path, int]]] = {}
+    links: list[tuple[Path, str]] = []
+    stack = [(snapshot.root, dest)]
+    while stack:
+        digest, here = stack.pop()
+        for entry in nodes.get(digest, ()):
+            path = here / entry["name"]
+            if here == dest and entry["name"] == STATE_DIR:
+                report.problems.append(f"{STATE_DIR}/ in a snapshot is refused (the log is restored apart)")
+            elif entry["kind"] == "dir":
+                os.mkdir(path, 0o700)
+                dirs.append((path, entry["mode"]))
+                stack.append((entry["hash"], path))
+            elif entry["kind"] == "file":
+                files.setdefault(entry["hash"], []).append((path, entry["mode"]))
+            else:
+                links.append((path, entry["target"]))
+    for digest, data, problem in replication.fetch_blobs(remote, files):
+        if problem:
+            report.problems.append(f"{problem}; not restored: "
+                                   + ", ".join(str(p.relative_to(dest)) for p, _ in files[digest]))
+            continue
+        for path, mode in files[digest]:
+            if _place_file(path, data, digest, mode):  # type: ignore[arg-type]
+                report.files += 1
+                report.bytes += len(data)  # type: ignore[arg-type]
+            else:
+                report.problems.append(f"{path.relative_to(dest)}: sha256 on disk does not match; not restored")
+    for path, mode in reversed(dirs):
+        os.chmod(path, mode & 0o777)
+    report.dirs = len(dirs)
+    _restore_links(dest, links, report)
+
+
+def _place_file(path: Path, data: bytes, digest: str, mode: int) -> bool:
+    """Write beside `path`, check the sha256 of what is on disk, then rename into place."""
+    temp = path.parent / f".restore-{secrets.token_hex(8)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    with open(temp, "rb") as f:
+        ok = hashlib.file_digest(f, "sha256").hexdigest() == digest
+    if not ok:
+        os.unlink(temp)
+        return False
+    os.chmod(temp, mode & 0o777)
+    os.rename(temp, path)
+    return True
+
+
+def _restore_links(dest: Path, links: list[tuple[Path, str]], report: RestoreReport) -> None:
+    """Symlinks last, so nothing is written through one; any resolving outside `dest` is removed."""
+    created = []
+    for path, target in links:
+        relative = os.path.normpath(os.path.join(os.path.relpath(path.parent, dest), target))
+        if relative == ".." or relative.startswith("../"):
+            report.problems.append(f"{path.relative_to(dest)}: symlink to {target!r} escapes the "
+                                   "destination; refused")
+            continue
+        os.symlink(target, path)
+        created.append((path, target))
+    root = os.path.realpath(dest)
+    for path, target in created:
+        resolved = os.path.realpath(path)
+        if resolved != root and not resolved.startswith(root + os.sep):
+            os.unlink(path)
+            report.problems.append(f"{path.relative_to(dest)}: symlink to {target!r} resolves outside "
+                                   "the destination; removed")
+        else:
+            report.symlinks += 1
+
+
+def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: RestoreReport) -> None:
+    """Insert the shipped rows as they are, then rebuild the projections and verify the log."""
+    check = ChainCheck()
+    log_blobs = [r[0] for r in remote.execute("SELECT hash FROM log_blobs")]
+    with open_log(dest) as store:
+        with store.batch():
+            for row in replication.read_events(remote, snapshot.last_seq):
+                check.feed(*row)
+                store.conn.execute(f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                report.events += 1
+            for digest, data, problem in replication.fetch_blobs(remote, log_blobs):
+                if problem:
+                    report.problems.append(f"log {problem}")
+                else:
+                    store.put_blob(data)  # type: ignore[arg-type]
+                    report.blobs += 1
+    report.problems += [f"restored log: {p}" for p in check.problems]
+    if report.events != snapshot.last_seq or (snapshot.last_seq and check.last_hash != snapshot.last_hash):
+        report.problems.append(f"restored log ends at seq {report.events}, not at the snapshot's "
+                               f"{snapshot.last_seq} with its hash")
+    with open_log(dest) as store:
+        store.replay(apply=True)  # its report compares with the empty tables; verify() is the check
+        report.problems += [f"restored log: {p}" for p in store.verify()]

@@ -1,0 +1,307 @@
+"""Off-site backup and restore, through the CLI, against file: URLs and a libSQL HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from events import replication
+from events.remote import RemoteError, open_remote
+from statemachine import backup as backup_service
+from statemachine.workspace import open_log
+from tests.libsql_server import LibsqlServer
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "docs" / "example-marketplace"
+TOKEN = "tok-Secret-4f9a1c"
+ENV = {"TURSO_AUTH_TOKEN": TOKEN, "OVERNIGHT_BACKUP_URL": None, "TURSO_DATABASE_URL": None}
+
+
+def run(*args: object, env: dict | None = None):
+    return CliRunner().invoke(main, [str(a) for a in args], env={**ENV, **(env or {})},
+                              catch_exceptions=False)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """relative path -> sha256 (files) or 'link:<target>' (symlinks), without .overnight/."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel.split("/")[0] == ".overnight":
+            continue
+        if path.is_symlink():
+            found[rel] = "link:" + os.readlink(path)
+        elif path.is_file():
+            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def market(tmp_path) -> Path:
+    root = tmp_path / "market"
+    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
+    big = root / "plugins" / "devops" / "deploy-checker" / "assets.bin"
+    big.write_bytes(random.Random(1).randbytes(1_300_000))  # three chunks
+    tool = root / "plugins" / "devops" / "deploy-checker" / "run.sh"
+    tool.write_text("#!/bin/sh\necho hi\n")
+    os.chmod(tool, 0o4755)
+    os.symlink("../deploy-checker/run.sh", root / "plugins" / "devops" / "run-link")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert run("scan", root).exit_code == 0
+    with open_log(root) as store:
+        store.put_blob(b"a log blob " * 100_000)  # a log blob larger than one chunk
+    return root
+
+
+@pytest.fixture
+def server(tmp_path):
+    with LibsqlServer(tmp_path / "remote.db", token=TOKEN) as srv:
+        yield srv
+
+
+def backup_json(root: Path, url: str, **env) -> dict:
+    result = run("backup", root, "--to", url, "--json", env=env)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_round_trip_over_http_restores_every_byte_and_a_log_that_verifies(market, server, tmp_path):
+    before = tree_hashes(market)
+    report = backup_json(market, server.url)
+    assert report["snapshot"]["plugins"] == 4 and report["snapshot"]["files"] == len(before) - 2  # not .git/HEAD nor the symlink
+    listing = json.loads(run("backup", "list", "--from", server.url, "--json").stdout)
+    assert [s["id"] for s in listing["snapshots"]] == [report["snapshot"]["id"]]
+    shutil.rmtree(market)
+
+    dest = tmp_path / "restored"
+    result = run("restore", "--from", server.url, "--to", dest, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["seconds"] > 0
+    assert tree_hashes(dest) == {k: v for k, v in before.items() if not k.startswith(".git/")}
+    assert not (dest / ".git").exists()
+    mode = os.stat(dest / "plugins" / "devops" / "deploy-checker" / "run.sh").st_mode
+    assert stat.S_IMODE(mode) == 0o755  # setuid stripped, the rest kept
+    verified = run("audit", "verify", dest, "--json")
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["ok"], verified.output
+    with open_log(dest, writer=False) as store:
+        assert store.has_blob(hashlib.sha256(b"a log blob " * 100_000).hexdigest())
+        assert [r.event.snapshot_id for r in store.read(stream="backup")] == []  # taken before its event
+
+    assert server.headers_seen and set(server.headers_seen) == {f"Bearer {TOKEN}"}
+    for path in (server.db_path, dest / ".overnight" / "overnight.db"):
+        assert TOKEN.encode() not in path.read_bytes()
+
+
+def test_second_backup_sends_only_what_changed_and_is_an_event(market, server):
+    first = backup_json(market, server.url)
+    readme = market / "plugins" / "devops" / "deploy-checker" / "README.md"
+    readme.write_text(readme.read_text() + "\nchanged\n")
+    rows_before = server.rows_written
+    second = backup_json(market, server.url)
+    # the file, and the directory nodes on its path: README's dir, devops, plugins, root
+    assert second["blobs_sent"] == 5
+    assert second["events_sent"] == 1  # the first backup's BackupCompleted
+    assert second["bytes_sent"] < first["bytes_sent"] / 50
+    assert server.rows_written - rows_before == second["rows_written"]
+    with open_log(market, writer=False) as store:
+        done = [r.event for r in store.read(stream="backup")]
+    assert [e.snapshot_id for e in done] == [first["snapshot"]["id"], second["snapshot"]["id"]]
+    assert all(TOKEN not in e.target and e.target.startswith("http://127.0.0.1") for e in done)
+    result = run("backup", "verify", "--from", server.url, "--read-data", "100")
+    assert result.exit_code == 0, result.output
+
+
+def test_round_trip_through_a_file_url(market, tmp_path):
+    url = f"file:{tmp_path / 'offsite.db'}"
+    backup_json(market, url)
+    before = tree_hashes(market)
+    dest = tmp_path / "again"
+    assert run("restore", "--from", url, "--to", dest).exit_code == 0
+    assert tree_hashes(dest) == {k: v for k, v in before.items() if not k.startswith(".git/")}
+    assert run("audit", "verify", dest).exit_code == 0
+
+
+def test_backup_survives_drops_500s_413s_and_latency(market, server):
+    server.fail_500 = 2
+    server.drop_mid_batch = 1
+    server.drop_after_commit = 1
+    server.max_body = 1_000_000  # a batch of several chunks must be split
+    server.latency = 0.01
+    backup_json(market, server.url)
+    assert {r.status for r in server.requests} >= {0, 413, 500, 200}
+    server.max_body = None
+    result = run("backup", "verify", "--from", server.url, "--read-data", "100", "--json")
+    assert result.exit_code == 0, result.output
+
+
+def test_transport_errors_never_show_the_token(market, server, tmp_path):
+    server.max_body = 10_000  # even one chunk is refused
+    result = run("backup", market, "--to", server.url)
+    assert result.exit_code == 1 and "413" in result.output and TOKEN not in result.output
+    server.max_body = None
+    result = run("backup", market, "--to", server.url, env={"TURSO_AUTH_TOKEN": "wrong-" + TOKEN})
+    assert result.exit_code == 1 and "Unauthorized" in result.output and TOKEN not in result.output
+    with pytest.raises(RemoteError) as caught:
+        open_remote(f"http://127.0.0.1:9/?authToken={TOKEN}", TOKEN, retries=1, backoff=0.01).execute("SELECT 1")
+    assert TOKEN not in str(caught.value) and "127.0.0.1:9" in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+    with open_log(market, writer=False) as store:
+        assert TOKEN not in json.dumps(store.query("SELECT data FROM events"))
+
+
+def test_backup_killed_at_ten_random_instants_then_completes_and_verifies(market, server):
+    for i in range(40):
+        (market / "plugins" / "productivity" / f"note-{i}.md").write_text(f"note {i}\n" * 200)
+    (market / "plugins" / "big.bin").write_bytes(random.Random(2).randbytes(2_500_000))
+    server.latency = 0.03
+    rng = random.Random(7)
+    env = {**os.environ, "TURSO_AUTH_TOKEN": TOKEN}
+    command = [sys.executable, "-m", "cli", "backup", str(market), "--to", server.url]
+    remote = open_remote(server.url, TOKEN)
+    try:
+        for attempt in range(10):
+            # new content each time, so every run has work to be interrupted in
+            (market / "plugins" / f"new-{attempt}.bin").write_bytes(rng.randbytes(700_000))
+            proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.3, 2.0))
+            proc.kill()
+            proc.wait()
+            # what is on the remote is consistent at every instant: no index row without chunks
+            if remote.execute("SELECT 1 FROM sqlite_master WHERE name = 'blobs'"):
+                assert replication.verify_blobs(remote, 1.0)[1] == []
+    finally:
+        remote.close()
+    server.latency = 0
+    final = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    result = run("backup", "verify", "--from", server.url, "--read-data", "100")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_tampered_remote_blob_is_reported_and_refused(market, server, tmp_path):
+    backup_json(market, server.url)
+    path = next(p for p in sorted(market.rglob("*.md")) if ".overnight" not in p.parts)
+    target = hashlib.sha256(path.read_bytes()).hexdigest()
+    (data,) = server.sql("SELECT data FROM blob_chunks WHERE hash = ?", (target,))[0]
+    tampered = bytes([data[0] ^ 1]) + data[1:]
+    server.sql("UPDATE blob_chunks SET data = ? WHERE hash = ?", (tampered, target))
+
+    assert run("backup", "verify", "--from", server.url).exit_code == 0  # same size: structure holds
+    result = run("backup", "verify", "--from", server.url, "--read-data", "100")
+    assert result.exit_code == 1 and target in result.output
+
+    dest = tmp_path / "restored"
+    result = run("restore", "--from", server.url, "--to", dest)
+    assert result.exit_code == 1 and target in result.output
+    rel = path.relative_to(market)
+    assert not (dest / rel).exists()
+    assert not list(dest.rglob(".restore-*"))
+
+
+def crafted_remote(url: str, root_entries: list[dict], extra: dict[str, list[dict]]) -> None:
+    """A remote whose only snapshot has the given root entries (and subtrees by fake name)."""
+    remote = open_remote(url)
+    try:
+        replication.ensure_schema(remote, (backup_service.SNAPSHOT_SCHEMA,))
+        writer = replication.Writer(remote)
+        content = b"payload\n"
+        file_hash = hashlib.sha256(content).hexdigest()
+        writer.put_blob(file_hash, content)
+        names: dict[str, str] = {}
+        for name, entries in extra.items():
+            node = backup_service.encode_node([{**e, "hash": e.get("hash") or file_hash} for e in entries])
+            names[name] = hashlib.sha256(node).hexdigest()
+            writer.put_blob(names[name], node)
+        resolved = [{"mode": 0o644, "size": 8, "target": "", **e,
+                     "hash": names.get(e.get("hash", ""), file_hash) if e["kind"] != "symlink" else ""}
+                    for e in root_entries]
+        node = backup_service.encode_node(resolved)
+        root = hashlib.sha256(node).hexdigest()
+        writer.put_blob(root, node)
+        writer.add(f"INSERT INTO snapshots ({backup_service.SNAPSHOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   ("crafted", "2024-01-01T00:00:00Z", root, 0, "", 1, 8, 0, 0))
+        writer.flush()
+    finally:
+        remote.close()
+
+
+def test_crafted_snapshots_cannot_write_outside_the_destination(tmp_path):
+    url = f"file:{tmp_path / 'evil.db'}"
+    entry = {"mode": 0o644, "size": 8, "target": ""}
+    crafted_remote(url, [
+        {**entry, "name": "ok.txt", "kind": "file"},
+        {**entry, "name": "..", "kind": "dir", "hash": "sub"},
+        {**entry, "name": "../escape.txt", "kind": "file"},
+        {**entry, "name": "/tmp/abs.txt", "kind": "file"},
+        {**entry, "name": "sub", "kind": "dir", "hash": "sub"},
+        {**entry, "name": "up", "kind": "symlink", "target": "../../outside"},
+        {**entry, "name": "abs", "kind": "symlink", "target": "/etc"},
+        {**entry, "name": "here", "kind": "symlink", "target": "."},
+        {**entry, "name": "sneaky", "kind": "symlink", "target": "here/.."},
+        {**entry, "name": "inside", "kind": "symlink", "target": "sub/x.txt"},
+        {**entry, "name": ".overnight", "kind": "dir", "hash": "sub"},
+    ], {"sub": [{**entry, "name": "x.txt", "kind": "file"},
+                {**entry, "name": "x.txt", "kind": "file", "mode": 0o6755}]})
+    before = sorted(p for p in tmp_path.rglob("*"))
+    dest = tmp_path / "box" / "dest"
+    result = run("restore", "--from", url, "--to", dest)
+    assert result.exit_code == 1
+    for refused in ("'..'", "'../escape.txt'", "'/tmp/abs.txt'", "'../../outside'", "'/etc'",
+                    "'here/..'", "appears twice", ".overnight/"):
+        assert refused in result.output, refused
+    outside = sorted(p for p in tmp_path.rglob("*") if dest not in p.parents and p != dest.parent and p != dest)
+    assert outside == before
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.iterdir() if p.name != ".overnight") == \
+        ["here", "inside", "ok.txt", "sub"]
+    assert (dest / "inside").read_bytes() == b"payload\n"
+    assert stat.S_IMODE(os.stat(dest / "sub" / "x.txt").st_mode) == 0o644
+
+
+def test_restore_refuses_a_non_empty_directory_and_a_missing_url(market, tmp_path):
+    url = f"file:{tmp_path / 'offsite.db'}"
+    backup_json(market, url)
+    result = run("restore", "--from", url, "--to", market)
+    assert result.exit_code == 1 and "not an empty directory" in result.output
+    assert run("backup", market).exit_code == 2
+    assert run("backup", market, env={"OVERNIGHT_BACKUP_URL": url}).exit_code == 0
+
+
+def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(tmp_path, server):
+    from tests.emulator import Emulator
+
+    root = tmp_path / "night"
+    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
+    key = "fake-key-NIGHT-1b2c"
+    env = {"GOOGLE_API_KEY": key, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None}
+    with Emulator(api_key=key) as emu:
+        emu.script("rate_limit_day", retry_delay=None, phase="skill")
+        paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", "--no-wait",
+                     "--backup-to", server.url, "--json", env=env)
+        assert paused.exit_code == 0, paused.output
+        summary = json.loads(paused.stdout)
+        assert summary["outcome"] == "paused" and summary["backup_failed"] is False
+        assert "(paused for quota)" in summary["backups"][0]
+        unreachable = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000",
+                          "--force", "--plugin", "meeting-notes", "--backup-to", "http://127.0.0.1:9/x",
+                          "--json", env=env)
+    assert unreachable.exit_code == 1  # the run itself completed; the off-site copy did not happen
+    after = json.loads(unreachable.stdout)
+    assert after["outcome"] == "complete" and after["backup_failed"] is True
+    assert "failed" in after["backups"][0] and TOKEN not in unreachable.output
+    snapshots = run("backup", "list", "--from", server.url, "--json")
+    assert snapshots.exit_code == 0 and len(json.loads(snapshots.stdout)["snapshots"]) == 1
+    assert TOKEN not in (root / ".overnight" / "overnight.db").read_bytes().decode("latin-1")
