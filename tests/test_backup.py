@@ -154,8 +154,12 @@ def test_transport_errors_never_show_the_token(market, server, tmp_path):
     server.max_body = None
     result = run("backup", market, "--to", server.url, env={"TURSO_AUTH_TOKEN": "wrong-" + TOKEN})
     assert result.exit_code == 1 and "Unauthorized" in result.output and TOKEN not in result.output
-    with pytest.raises(RemoteError) as caught:
-        open_remote(f"http://127.0.0.1:9/?authToken={TOKEN}", TOKEN, retries=1, backoff=0.01).execute("SELECT 1")
+    unreachable = open_remote(f"http://127.0.0.1:9/?authToken={TOKEN}", TOKEN, retries=1, backoff=0.01)
+    try:
+        with pytest.raises(RemoteError) as caught:
+            unreachable.execute("SELECT 1")
+    finally:
+        unreachable.close()  # the client's event-loop thread is not a daemon: an open one blocks exit
     assert TOKEN not in str(caught.value) and "127.0.0.1:9" in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.__context__ is None
     with open_log(market, writer=False) as store:
