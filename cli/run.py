@@ -36,20 +36,11 @@ def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _limits(base, rpm, rpd, tpm, concurrency):
+def _override(base, **values):
+    """`base` (a frozen dataclass of limits or budgets) with the options that were given."""
     from dataclasses import replace
 
-    changes = {k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm), ("concurrency", concurrency))
-               if v is not None}
-    return replace(base, **changes)
-
-
-def _budgets(base, max_requests, max_tokens, max_cost):
-    from dataclasses import replace
-
-    changes = {k: v for k, v in (("max_requests", max_requests), ("max_tokens", max_tokens),
-                                 ("max_cost", max_cost)) if v is not None}
-    return replace(base, **changes)
+    return replace(base, **{k: v for k, v in values.items() if v is not None})
 
 
 @click.command()
@@ -103,11 +94,12 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
 
     options = RunOptions(
         gemini=GeminiSettings(model=model, base_url=base_url, timeout_s=timeout),
-        limits=_limits(Limits(), rpm, rpd, tpm, concurrency),
+        limits=_override(Limits(), rpm=rpm, rpd=rpd, tpm=tpm, concurrency=concurrency),
         gates=GateConfig(min_bytes=min_bytes, max_bytes=max_bytes, min_code_blocks=min_examples),
         gate_attempts=gate_attempts, max_attempts=max_attempts, backoff_s=backoff, plugins=plugins, category=category,
         limit=limit, force=force, dry_run=dry_run, standards=standards, wait=not no_wait,
-        budgets=_budgets(Budgets(), max_requests, max_tokens, max_cost), backup_to=backup_to,
+        budgets=_override(Budgets(), max_requests=max_requests, max_tokens=max_tokens,
+                          max_cost=max_cost), backup_to=backup_to,
     )
     _execute(path, db, json_log, as_json, lambda runner: runner.start(options))
 
@@ -132,8 +124,10 @@ def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: i
                                ("max-cost", max_cost)) if v is not None}
 
     def overrides(options):
-        changed = replace(options, limits=_limits(options.limits, rpm, rpd, tpm, concurrency),
-                          budgets=_budgets(options.budgets, max_requests, max_tokens, max_cost))
+        changed = replace(options,
+                          limits=_override(options.limits, rpm=rpm, rpd=rpd, tpm=tpm, concurrency=concurrency),
+                          budgets=_override(options.budgets, max_requests=max_requests, max_tokens=max_tokens,
+                                            max_cost=max_cost))
         if no_wait is not None:
             changed = replace(changed, wait=not no_wait)
         return changed

@@ -87,14 +87,10 @@ class BackupReport:
         return {**asdict(self), "snapshot": self.snapshot.as_json()}
 
 
-@dataclass
-class VerifyReport:
-    target: str
-    snapshots: int = 0
-    events: int = 0
-    trees: int = 0
-    blobs_read: int = 0
-    problems: list[str] = field(default_factory=list)
+class _Checked:
+    """A report whose `problems` decide `ok` (empty: healthy)."""
+
+    problems: list[str]
 
     @property
     def ok(self) -> bool:
@@ -105,7 +101,17 @@ class VerifyReport:
 
 
 @dataclass
-class RestoreReport:
+class VerifyReport(_Checked):
+    target: str
+    snapshots: int = 0
+    events: int = 0
+    trees: int = 0
+    blobs_read: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RestoreReport(_Checked):
     snapshot: str
     files: int = 0
     bytes: int = 0
@@ -115,13 +121,6 @@ class RestoreReport:
     blobs: int = 0
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
 
 
 # ------------------------------------------------------------------ tree snapshot

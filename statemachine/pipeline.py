@@ -23,6 +23,8 @@ from typing import Callable
 
 import msgspec
 
+from events.store import format_at
+
 from statemachine import catalog as c
 from statemachine import gates, skillmd, snapshots, writes
 from statemachine.analysis import hash_tree
@@ -320,7 +322,7 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
 
 
 def _iso_us(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return format_at(datetime.fromtimestamp(ts, timezone.utc))
 
 
 def _sha(data: bytes) -> str:
