@@ -32,9 +32,8 @@ class Projection:
     handles:  event tags this projection reacts to; others never reach `fold`.
     key:      maps an envelope to the row key (a tuple), or None to ignore the event.
     fold:     (previous row or None, envelope) -> new row, or None to leave the row as it is.
-    version:  bump when columns or fold change; a stored projection of another version is
-              rebuilt from the log when the store opens for writing.
-    indexes:  extra index column lists.
+    version:  bump when the fold changes. A stored table of another version, or with other
+              columns, is rebuilt from the log when the store opens for writing.
     fresh:    tags whose fold starts a new row without reading the previous one (the writer
               then skips the lookup).
     A row is a dict holding every column.
@@ -47,7 +46,6 @@ class Projection:
     key: Callable[["Recorded"], tuple | None]
     fold: Callable[[Row | None, "Recorded"], Row | None]
     version: int = 1
-    indexes: tuple[tuple[str, ...], ...] = ()
     fresh: frozenset[str] = frozenset()
     column_names: tuple[str, ...] = field(init=False)
     as_tuple: Callable[[Row], tuple] = field(init=False, repr=False, compare=False)
@@ -58,15 +56,12 @@ class Projection:
         object.__setattr__(self, "column_names", tuple(c for c, _ in self.columns))
         object.__setattr__(self, "as_tuple", itemgetter(*self.column_names))
 
-    def ddl(self, schema: str) -> list[str]:
+    def create_sql(self, schema: str | None = None) -> str:
+        """The CREATE TABLE statement (without a schema: exactly what sqlite_schema stores)."""
         cols = ", ".join(f"{c} {t}" for c, t in self.columns)
         pk = ", ".join(self.column_names[: self.key_len])
-        statements = [f"CREATE TABLE {schema}.{self.name} ({cols}, PRIMARY KEY ({pk})) WITHOUT ROWID"]
-        for i, index_cols in enumerate(self.indexes):
-            statements.append(
-                f"CREATE INDEX {schema}.{self.name}_ix{i} ON {self.name} ({', '.join(index_cols)})"
-            )
-        return statements
+        table = f"{schema}.{self.name}" if schema else self.name
+        return f"CREATE TABLE {table} ({cols}, PRIMARY KEY ({pk})) WITHOUT ROWID"
 
     def select_sql(self, schema: str) -> str:
         where = " AND ".join(f"{c} = ?" for c in self.column_names[: self.key_len])

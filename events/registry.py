@@ -55,7 +55,7 @@ class Registry:
         return type(event).__struct_config__.tag  # type: ignore[return-value]
 
     def encode(self, event: Event) -> bytes:
-        if self.types.get(self.tag(event)) is not type(event):
+        if self.types.get(type(event).__struct_config__.tag) is not type(event):
             raise TypeError(f"{type(event).__name__} is not a registered event type")
         return self._encoder.encode(event)
 

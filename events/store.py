@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import apsw
 import msgspec
@@ -50,9 +50,11 @@ def utc_now() -> datetime:
 
 
 def format_at(moment: datetime) -> str:
+    """ISO 8601 in UTC with microseconds and a 'Z' (what `isoformat` gives, but faster)."""
     if moment.tzinfo is not timezone.utc:
         moment = moment.astimezone(timezone.utc)
-    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
+        moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second, moment.microsecond)
 
 
 def blob_hash(data: bytes) -> str:
@@ -186,7 +188,7 @@ class EventStore:
 
     @classmethod
     def open(cls, path: Path | str, *, registry: Registry, projections: Sequence[Projection] = (),
-             views: Sequence[str] = (), writer: bool = True, clock: Clock = utc_now,
+             views: Mapping[str, str] | None = None, writer: bool = True, clock: Clock = utc_now,
              synchronous: str = "FULL") -> "EventStore":
         """Open (and for a writer, create and migrate) the log at `path`.
 
@@ -217,7 +219,7 @@ class EventStore:
                     )
             store = cls(path, conn, registry, projections, clock, lock)
             if writer:
-                store._ensure_projections(views)
+                store._ensure_projections(views or {})
             else:
                 store._check_projections()
             return store
@@ -246,34 +248,53 @@ class EventStore:
         row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         return (row[0], row[1]) if row else (0, GENESIS)
 
+    def _stale_projections(self) -> list[Projection]:
+        """Projections whose stored table was built from another definition (another
+        `version`, or other columns) or is missing."""
+        versions = dict(self.conn.execute("SELECT name, version FROM projection_versions"))
+        tables = dict(self.conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'table'"))
+        return [p for p in self.projections
+                if versions.get(p.name) != p.version or tables.get(p.name) != p.create_sql()]
+
     def _check_projections(self) -> None:
         """A reader cannot rebuild projections; it refuses ones built by another version."""
-        stored = dict(self.conn.execute("SELECT name, version FROM projection_versions"))
-        stale = sorted(p.name for p in self.projections if stored.get(p.name) != p.version)
+        stale = sorted(p.name for p in self._stale_projections())
         if stale:
             raise EventStoreError(
                 f"{self.path}: the tables {', '.join(stale)} were built by another version of overnight; "
                 "rebuild them from the log with `overnight audit replay --apply` (or any writing command)"
             )
 
-    def _ensure_projections(self, views: Sequence[str]) -> None:
-        stored = dict(self.conn.execute("SELECT name, version FROM projection_versions"))
-        stale = [p for p in self.projections if stored.get(p.name) != p.version]
-        if stale:
+    def _ensure_projections(self, views: Mapping[str, str]) -> None:
+        """Bring the derived schema up to date: drop projections no longer defined, rebuild
+        those whose definition changed, and recreate the views (`views`: name -> SELECT) whose
+        definition changed. Other views are left alone (a person may have made them)."""
+        defined = {p.name for p in self.projections}
+        retired = [name for (name,) in self.conn.execute("SELECT name FROM projection_versions")
+                   if name not in defined]
+        stale = self._stale_projections()
+        if stale or retired:
             with self._transaction():
+                for name in retired:
+                    self.conn.execute(f"DROP TABLE IF EXISTS main.{name}")
+                    self.conn.execute("DELETE FROM projection_versions WHERE name = ?", (name,))
                 for p in stale:
                     self.conn.execute(f"DROP TABLE IF EXISTS main.{p.name}")
-                    for statement in p.ddl("main"):
-                        self.conn.execute(statement)
+                    self.conn.execute(p.create_sql())
                     self.conn.execute(
                         "INSERT OR REPLACE INTO projection_versions (name, version) VALUES (?, ?)",
                         (p.name, p.version),
                     )
-            if self._seq:
+            if stale and self._seq:
                 self.replay(apply=True, only=[p.name for p in stale])
-        with self._transaction():
-            for statement in views:
-                self.conn.execute(statement)
+        existing = dict(self.conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'view'"))
+        changed = {name: f"CREATE VIEW {name} AS {select}" for name, select in views.items()
+                   if existing.get(name) != f"CREATE VIEW {name} AS {select}"}
+        if changed:
+            with self._transaction():
+                for name, statement in changed.items():
+                    self.conn.execute(f"DROP VIEW IF EXISTS main.{name}")
+                    self.conn.execute(statement)
 
     # ---------------------------------------------------------------- writing
 
@@ -312,7 +333,7 @@ class EventStore:
             return recorded
 
     def _insert(self, stream: str, version: int, event: Event, at: str) -> Recorded:
-        tag = self.registry.tag(event)
+        tag = type(event).__struct_config__.tag
         data = self.registry.encode(event).decode("utf-8")
         seq = self._seq + 1
         schema_version = type(event).schema_version
@@ -491,8 +512,7 @@ class EventStore:
     def _compare(self, targets: Sequence[Projection], tables: dict[str, dict[tuple, Row]],
                  report: ReplayReport) -> None:
         for p in targets:
-            for statement in p.ddl("replay"):
-                self.conn.execute(statement)
+            self.conn.execute(p.create_sql("replay"))
             rows = tables[p.name]
             self.conn.executemany(p.upsert_sql("replay"), (p.as_tuple(r) for r in rows.values()))
             report.rows[p.name] = len(rows)

@@ -162,45 +162,6 @@ PLUGINS = Projection(
     fold=_fold_plugin,
 )
 
-# ---------------------------------------------------------------- plugin details
-# The large, rarely changing parts of a plugin's record, kept apart so that the frequent
-# state changes above rewrite a small row.
-
-_DETAIL_TAGS = frozenset(_tag(t) for t in (
-    c.PluginDiscovered, c.PluginAnalyzed, c.PlanReceived, c.SkillReceived, c.SkillGateFailed,
-    c.SkillValidated, c.WriteIntended,
-))
-_DETAIL_COLUMNS = ("plugin_id", "facts", "plan", "draft", "feedback", "validated", "intent")
-
-
-def _fold_details(row: dict | None, rec: Recorded) -> dict:
-    ev = rec.event
-    if isinstance(ev, c.PluginDiscovered):
-        return dict.fromkeys(_DETAIL_COLUMNS) | {"plugin_id": ev.plugin_id}
-    if row is None:
-        raise ProjectionError(f"{rec.type} for a plugin that was never discovered")
-    if isinstance(ev, c.PluginAnalyzed):
-        return dict(row, facts=_to_json(ev.facts))
-    if isinstance(ev, c.PlanReceived):
-        return dict(row, plan=_to_json(ev.plan), feedback=None)
-    if isinstance(ev, c.SkillReceived):
-        return dict(row, draft=ev.draft_sha256)
-    if isinstance(ev, c.SkillGateFailed):
-        return dict(row, feedback=_to_json(ev.reasons))
-    if isinstance(ev, c.SkillValidated):
-        return dict(row, validated=_to_json(ev.files))
-    return dict(row, intent=_to_json({"writes": ev.writes, "moves": ev.moves}))
-
-
-PLUGIN_DETAILS = Projection(
-    name="plugin_details",
-    columns=tuple((name, "TEXT") for name in _DETAIL_COLUMNS),
-    key_len=1,
-    handles=_DETAIL_TAGS,
-    key=_plugin_key,
-    fold=_fold_details,
-)
-
 # ------------------------------------------------------------------ quota ledger
 
 _REQUEST_TAGS = {_tag(c.PlanRequested): "plan", _tag(c.SkillRequested): "skill"}
@@ -209,7 +170,7 @@ _SETTLE_TAGS = {_tag(t) for t in (c.PlanReceived, c.SkillReceived, c.RequestFail
 
 def _ledger_key(rec: Recorded) -> tuple | None:
     request_id = getattr(rec.event, "request_id", None)
-    return (request_id,) if request_id else None
+    return (rec.event.run_id, request_id) if request_id else None
 
 
 def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
@@ -217,8 +178,8 @@ def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
     phase = _REQUEST_TAGS.get(rec.type)
     if phase is not None:
         return {
-            "request_id": ev.request_id, "plugin_id": rec.stream[len(STREAM_PREFIX):],
-            "run_id": ev.run_id, "model": ev.model, "phase": phase, "attempt": ev.attempt,
+            "run_id": ev.run_id, "request_id": ev.request_id, "plugin_id": rec.stream[len(STREAM_PREFIX):],
+            "model": ev.model, "phase": phase, "attempt": ev.attempt,
             "sent_at": epoch(rec.at),
             "est_input_tokens": ev.est_input_tokens, "input_tokens": None, "cached_tokens": None,
             "output_tokens": None, "thoughts_tokens": None, "outcome": "pending",
@@ -243,19 +204,19 @@ def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
 
 QUOTA_LEDGER = Projection(
     name="quota_ledger",
+    version=2,
     columns=(
-        ("request_id", "TEXT"), ("plugin_id", "TEXT"), ("run_id", "TEXT"), ("model", "TEXT"),
+        ("run_id", "TEXT"), ("request_id", "TEXT"), ("plugin_id", "TEXT"), ("model", "TEXT"),
         ("phase", "TEXT"), ("attempt", "INTEGER"), ("sent_at", "REAL"), ("est_input_tokens", "INTEGER"),
         ("input_tokens", "INTEGER"), ("cached_tokens", "INTEGER"), ("output_tokens", "INTEGER"),
         ("thoughts_tokens", "INTEGER"), ("outcome", "TEXT"), ("status_code", "INTEGER"),
         ("settled_at", "REAL"),
     ),
-    key_len=1,
+    key_len=2,
     handles=frozenset(_REQUEST_TAGS) | _SETTLE_TAGS,
     key=_ledger_key,
     fold=_fold_ledger,
     fresh=frozenset(_REQUEST_TAGS),
-    indexes=(("model", "sent_at"), ("run_id",)),
 )
 
 # -------------------------------------------------------------------------- runs
@@ -330,34 +291,67 @@ QUOTA_LIMITS = Projection(
     fold=_fold_limit,
 )
 
-PROJECTIONS = (PLUGINS, PLUGIN_DETAILS, QUOTA_LEDGER, RUNS, QUOTA_LIMITS)
+PROJECTIONS = (PLUGINS, QUOTA_LEDGER, RUNS, QUOTA_LIMITS)
 
-# Views for people at the sqlite3 shell (documented in README.md).
-VIEWS = (
-    "CREATE VIEW IF NOT EXISTS state_counts AS "
-    "SELECT state, count(*) AS plugins FROM plugins GROUP BY state ORDER BY plugins DESC",
-    "CREATE VIEW IF NOT EXISTS plugin_history AS "
-    "SELECT seq, at, substr(stream, 8) AS plugin_id, type, data FROM events "
-    "WHERE stream >= 'plugin:' AND stream < 'plugin;' ORDER BY seq",
-    "CREATE VIEW IF NOT EXISTS run_summary AS "
-    "SELECT r.run_id, r.command, r.status, r.started_at, r.ended_at, r.paused_until, r.plugins, "
-    "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id) AS requests, "
-    "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id AND q.attempt > 1) AS retries, "
-    "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id AND q.outcome = 'rate_limited') AS rate_limited, "
-    "(SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger q WHERE q.run_id = r.run_id) AS input_tokens, "
-    "(SELECT coalesce(sum(output_tokens + coalesce(thoughts_tokens, 0)), 0) FROM quota_ledger q "
-    "WHERE q.run_id = r.run_id) AS output_tokens, "
-    "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'done') AS done, "
-    "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'skipped') AS skipped, "
-    "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'rejected') AS rejected, "
-    "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'failed') AS failed "
-    "FROM runs r",
-    "CREATE VIEW IF NOT EXISTS requests_per_minute AS "
-    "SELECT model, strftime('%Y-%m-%d %H:%M', sent_at, 'unixepoch') AS minute, count(*) AS requests, "
-    "sum(coalesce(input_tokens, est_input_tokens)) AS input_tokens "
-    "FROM quota_ledger GROUP BY model, minute ORDER BY minute",
-    "CREATE VIEW IF NOT EXISTS requests_per_day AS "
-    "SELECT model, date(sent_at, 'unixepoch') AS day_utc, count(*) AS requests, "
-    "sum(coalesce(input_tokens, 0)) AS input_tokens, sum(coalesce(output_tokens, 0)) AS output_tokens "
-    "FROM quota_ledger GROUP BY model, day_utc ORDER BY day_utc",
-)
+# ---------------------------------------------------------------- plugin details
+# What the pipeline reads back from earlier steps (facts, plan, draft, gate feedback, the
+# validated files, the write intent) is not copied into a table: each is the payload of the
+# latest event of its type in the plugin's stream since the plugin was (re)discovered, read
+# through the (stream, version) index. Keeping it out of the append path saves a table
+# write on half of all plugin events. The view reads stored payloads: an event type listed
+# here that gets a new schema version must keep these fields or this view must follow.
+
+
+def _since(tags: tuple[type, ...]) -> str:
+    names = ", ".join(f"'{_tag(t)}'" for t in tags)
+    return (f"coalesce((SELECT max(s.version) FROM events s WHERE s.stream = '{STREAM_PREFIX}' || p.plugin_id "
+            f"AND s.type IN ({names})), 0)")
+
+
+def _latest(expr: str, tag: type, after: tuple[type, ...] = (c.PluginDiscovered,)) -> str:
+    return (f"(SELECT {expr} FROM events e WHERE e.stream = '{STREAM_PREFIX}' || p.plugin_id "
+            f"AND e.type = '{_tag(tag)}' AND e.version > {_since(after)} ORDER BY e.version DESC LIMIT 1)")
+
+
+_PLUGIN_DETAILS = ", ".join((
+    "SELECT p.plugin_id",
+    _latest("json_extract(e.data, '$.facts')", c.PluginAnalyzed) + " AS facts",
+    _latest("json_extract(e.data, '$.plan')", c.PlanReceived) + " AS plan",
+    _latest("json_extract(e.data, '$.draft_sha256')", c.SkillReceived) + " AS draft",
+    _latest("json_extract(e.data, '$.reasons')", c.SkillGateFailed, after=(c.PluginDiscovered, c.PlanReceived))
+    + " AS feedback",
+    _latest("json_extract(e.data, '$.files')", c.SkillValidated) + " AS validated",
+    _latest("json_object('writes', json_extract(e.data, '$.writes'), 'moves', json_extract(e.data, '$.moves'))",
+            c.WriteIntended) + " AS intent",
+)) + " FROM plugins p"
+
+# Views for people at the sqlite3 shell and for the services (documented in README.md).
+# Recreated whenever their definition changes.
+VIEWS = {
+    "plugin_details": _PLUGIN_DETAILS,
+    "state_counts": "SELECT state, count(*) AS plugins FROM plugins GROUP BY state ORDER BY plugins DESC",
+    "plugin_history":
+        "SELECT seq, at, substr(stream, 8) AS plugin_id, type, data FROM events "
+        "WHERE stream >= 'plugin:' AND stream < 'plugin;' ORDER BY seq",
+    "run_summary":
+        "SELECT r.run_id, r.command, r.status, r.started_at, r.ended_at, r.paused_until, r.plugins, "
+        "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id) AS requests, "
+        "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id AND q.attempt > 1) AS retries, "
+        "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id AND q.outcome = 'rate_limited') AS rate_limited, "
+        "(SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger q WHERE q.run_id = r.run_id) AS input_tokens, "
+        "(SELECT coalesce(sum(output_tokens + coalesce(thoughts_tokens, 0)), 0) FROM quota_ledger q "
+        "WHERE q.run_id = r.run_id) AS output_tokens, "
+        "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'done') AS done, "
+        "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'skipped') AS skipped, "
+        "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'rejected') AS rejected, "
+        "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'failed') AS failed "
+        "FROM runs r",
+    "requests_per_minute":
+        "SELECT model, strftime('%Y-%m-%d %H:%M', sent_at, 'unixepoch') AS minute, count(*) AS requests, "
+        "sum(coalesce(input_tokens, est_input_tokens)) AS input_tokens "
+        "FROM quota_ledger GROUP BY model, minute ORDER BY minute",
+    "requests_per_day":
+        "SELECT model, date(sent_at, 'unixepoch') AS day_utc, count(*) AS requests, "
+        "sum(coalesce(input_tokens, 0)) AS input_tokens, sum(coalesce(output_tokens, 0)) AS output_tokens "
+        "FROM quota_ledger GROUP BY model, day_utc ORDER BY day_utc",
+}

@@ -75,3 +75,55 @@ def test_a_failed_append_leaves_the_machine_state_unchanged(tmp_path):
             lifecycle.record(stale, c.PluginAnalyzed(content_hash="h", facts=c.PluginFacts()))
         assert stale.state == "discovered"
         assert store.query("SELECT state FROM plugins") == [("invalid",)]
+
+
+def test_plugin_details_show_the_latest_of_each_step_since_the_plugin_was_discovered(tmp_path):
+    import msgspec
+    from statemachine.lifecycle import plugin_stream
+    from tests.bench.synthetic import plugin_pass
+
+    pid = "plugins/tools/p"
+    trip = plugin_pass(pid, "run-1", 1)
+    columns = ("facts", "plan", "draft", "feedback", "validated", "intent")
+
+    def details(store):
+        found = store.query(f"SELECT {', '.join(columns)} FROM plugin_details WHERE plugin_id = ?", (pid,))
+        return {k: v if v is None or k == "draft" else msgspec.json.decode(v) for k, v in zip(columns, found[0])}
+
+    def as_json(value):
+        return msgspec.json.decode(msgspec.json.encode(value))
+
+    with open_log(tmp_path, tmp_path / "log.db") as store:
+        stream = plugin_stream(pid)
+        store.append(stream, trip[:9])  # ... SkillReceived, SkillGateFailed
+        seen = details(store)
+        assert seen["facts"] == as_json(trip[1].facts)
+        assert seen["plan"] == as_json(trip[5].plan)
+        assert seen["draft"] == trip[7].draft_sha256
+        assert seen["feedback"] == trip[8].reasons
+        assert seen["validated"] is None and seen["intent"] is None
+
+        store.append(stream, trip[9:])  # ... through PluginDone
+        seen = details(store)
+        assert seen["draft"] == trip[10].draft_sha256
+        assert seen["validated"] == as_json(trip[11].files)
+        assert seen["intent"] == {"writes": as_json(trip[13].writes), "moves": []}
+
+        # Discovered again (the plugin changed): nothing from the earlier cycle shows.
+        again = plugin_pass(pid, "run-2", 2)
+        store.append(stream, again[:2])
+        seen = details(store)
+        assert seen["facts"] == as_json(again[1].facts)
+        assert [seen[k] for k in columns[1:]] == [None] * 5
+
+        # Gate feedback belongs to the plan it was given under: a new plan clears it.
+        store.append(stream, again[2:9])
+        assert details(store)["feedback"] == again[8].reasons
+        store.append(stream, [
+            c.SkillRequested(run_id="run-2", request_id="s", model="m", attempt=1, est_input_tokens=1),
+            c.RequestFailed(run_id="run-2", request_id="s", step="plan", kind="server", message="500"),
+            c.PlanRequested(run_id="run-2", request_id="r", model="m", attempt=3, est_input_tokens=1),
+            c.PlanReceived(run_id="run-2", request_id="r", plan=again[5].plan, usage=again[5].usage),
+        ])
+        assert details(store)["feedback"] is None
+        assert store.verify() == []

@@ -323,7 +323,7 @@ def test_reader_needs_an_existing_log(tmp_path):
 def test_changed_projection_version_is_rebuilt_from_the_log_on_open(db):
     _three_accounts(db)
     v2 = Projection(**{**{f: getattr(ACCOUNTS, f) for f in
-                          ("name", "columns", "key_len", "handles", "key", "fold", "indexes")},
+                          ("name", "columns", "key_len", "handles", "key", "fold")},
                        "version": 2})
     with EventStore.open(db, registry=REGISTRY, projections=[v2]) as store:
         assert store.query("SELECT count(*) FROM accounts") == [(3,)]
@@ -347,11 +347,53 @@ def test_a_reader_refuses_projections_built_by_another_version_and_a_writer_rebu
     from events import EventStoreError
     _three_accounts(db)
     v2 = Projection(**{**{f: getattr(ACCOUNTS, f) for f in
-                          ("name", "columns", "key_len", "handles", "key", "fold", "indexes")},
+                          ("name", "columns", "key_len", "handles", "key", "fold")},
                        "version": 2})
     with pytest.raises(EventStoreError, match="built by another version of overnight"):
         EventStore.open(db, registry=REGISTRY, projections=[v2], writer=False)
     with EventStore.open(db, registry=REGISTRY, projections=[v2]):
         pass
     with EventStore.open(db, registry=REGISTRY, projections=[v2], writer=False) as store:
+        assert store.verify() == []
+
+
+def test_a_projection_no_longer_defined_is_dropped_and_views_follow_their_definition(db):
+    _three_accounts(db)
+    summary = {"balances": "SELECT account, balance FROM accounts"}
+    with EventStore.open(db, registry=REGISTRY, projections=[ACCOUNTS], views=summary) as store:
+        assert store.query("SELECT count(*) FROM balances") == [(3,)]
+    richer = {"balances": "SELECT account, balance, owner FROM accounts"}
+    with EventStore.open(db, registry=REGISTRY, projections=[ACCOUNTS], views=richer) as store:
+        assert store.query("SELECT owner FROM balances ORDER BY account") == [("o0",), ("o1",), ("o2",)]
+    # A later version of the program no longer defines `accounts`: its table goes away.
+    with EventStore.open(db, registry=REGISTRY, projections=[]) as store:
+        assert store.query("SELECT name FROM sqlite_schema WHERE name = 'accounts'") == []
+        assert store.query("SELECT name FROM projection_versions") == []
+        assert store.verify() == []
+
+
+def test_timestamps_are_iso_8601_utc_with_microseconds():
+    from datetime import datetime, timedelta, timezone
+    import random
+    from events.store import format_at
+    rng = random.Random(7)
+    for _ in range(2000):
+        moment = datetime(1, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=rng.randrange(315_537_897_599_999_999))
+        local = moment.astimezone(timezone(timedelta(minutes=rng.randrange(-720, 720))))
+        expected = moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        assert format_at(moment) == expected
+        if moment.year > 1 and moment.year < 9999:
+            assert format_at(local) == expected
+
+
+def test_a_projection_whose_columns_changed_is_rebuilt_even_at_the_same_version(db):
+    from events import EventStoreError
+    _three_accounts(db)
+    wider = Projection(**{**{f: getattr(ACCOUNTS, f) for f in ("name", "key_len", "handles", "key", "version")},
+                          "columns": ACCOUNTS.columns + (("note", "TEXT"),),
+                          "fold": lambda row, rec: dict(_fold_account(row, rec), note=rec.type)})
+    with pytest.raises(EventStoreError, match="built by another version of overnight"):
+        EventStore.open(db, registry=REGISTRY, projections=[wider], writer=False)
+    with EventStore.open(db, registry=REGISTRY, projections=[wider]) as store:
+        assert store.query("SELECT note FROM accounts WHERE account = 'acct-0'") == [("Deposited",)]
         assert store.verify() == []
