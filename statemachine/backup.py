@@ -439,18 +439,32 @@ def _restore_tree(remote: Remote, snapshot: Snapshot, dest: Path, report: Restor
                 report.bytes += len(data)  # type: ignore[arg-type]
             else:
                 report.problems.append(f"{path.relative_to(dest)}: sha256 on disk does not match; not restored")
+    _restore_links(dest, links, report)
+    # Each file was fsynced before its rename; the directories hold the names. Modes last,
+    # so a read-only directory still takes its entries.
+    for path in [p for p, _ in reversed(dirs)] + [dest, dest.parent]:
+        _fsync_dir(path)
     for path, mode in reversed(dirs):
         os.chmod(path, mode & 0o777)
     report.dirs = len(dirs)
-    _restore_links(dest, links, report)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _place_file(path: Path, data: bytes, digest: str, mode: int) -> bool:
-    """Write beside `path`, check the sha256 of what is on disk, then rename into place."""
+    """Write beside `path` and fsync, check the sha256 of what is on disk, then rename into place."""
     temp = path.parent / f".restore-{secrets.token_hex(8)}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     with open(temp, "rb") as f:
         ok = hashlib.file_digest(f, "sha256").hexdigest() == digest
     if not ok:

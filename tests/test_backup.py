@@ -309,3 +309,33 @@ def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(tmp_path, se
     snapshots = run("backup", "list", "--from", server.url, "--json")
     assert snapshots.exit_code == 0 and len(json.loads(snapshots.stdout)["snapshots"]) == 1
     assert TOKEN not in (root / ".overnight" / "overnight.db").read_bytes().decode("latin-1")
+
+
+def test_restore_fsyncs_every_file_and_directory_it_creates(market, tmp_path, monkeypatch):
+    frozen = market / "plugins" / "devops" / "frozen"
+    frozen.mkdir()
+    (frozen / "notes.md").write_text("read-only directory\n")
+    os.symlink("notes.md", frozen / "latest.md")
+    os.chmod(frozen, 0o555)
+    url = f"file:{tmp_path / 'offsite.db'}"
+    backup_json(market, url)
+    synced: set[tuple[int, int]] = set()
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    dest = tmp_path / "again"
+    assert run("restore", "--from", url, "--to", dest).exit_code == 0
+    monkeypatch.undo()
+    restored = [p for p in dest.rglob("*") if ".overnight" not in p.relative_to(dest).parts
+                and not p.is_symlink()]
+    assert len(restored) > 20
+    for path in restored + [dest, dest.parent]:
+        st = os.stat(path)
+        assert (st.st_dev, st.st_ino) in synced, path
+    assert stat.S_IMODE(os.stat(dest / "plugins" / "devops" / "frozen").st_mode) == 0o555
+    assert os.readlink(dest / "plugins" / "devops" / "frozen" / "latest.md") == "notes.md"
