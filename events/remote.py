@@ -3,7 +3,7 @@
 What must always hold:
 - Every error that leaves this module is a `RemoteError` (an `EventStoreError`), and no
   message, repr or chained cause of it contains the auth token.
-- Transient failures (a dropped connection, HTTP 5xx, a busy database) are retried a few
+- Transient failures (a dropped connection or WebSocket, HTTP 5xx, a busy database) are retried a few
   times with exponential backoff. Callers make every statement idempotent (`INSERT OR
   IGNORE`, reads), so retrying a batch the server may already have committed is safe.
 - A batch is atomic, except that a batch the server refuses as too large (HTTP 413) is split
@@ -136,7 +136,8 @@ class LibsqlRemote:
             if status:
                 code = int(status.group(1))
                 return _Failure(message, transient=code >= 500 or code == 429, too_large=code == 413)
-            return _Failure(message, transient=e.code in ("SQLITE_BUSY", "SQLITE_LOCKED"),
+            # HRANA_WEBSOCKET_ERROR: the WebSocket closed or broke; the client reconnects.
+            return _Failure(message, transient=e.code in ("SQLITE_BUSY", "SQLITE_LOCKED", "HRANA_WEBSOCKET_ERROR"),
                             too_large="too large" in message.lower())
         if isinstance(e, (aiohttp.ClientError, TimeoutError, ConnectionError)):
             return _Failure(message, transient=True)

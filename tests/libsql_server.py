@@ -1,19 +1,29 @@
-"""A small libSQL-protocol HTTP server for tests: the v1 endpoints libsql-client 0.3.1 uses.
+"""A small libSQL-protocol server for tests: what libsql-client 0.3.1 uses, over HTTP and
+over WebSocket.
 
-`POST /v1/execute` ({"stmt"} -> {"result"}) and `POST /v1/batch` ({"batch": {"steps"}} ->
-{"result": {"step_results", "step_errors"}}, with step conditions ok/error/not/and/or),
-executed against a real SQLite file with the stdlib's sqlite3, one request at a time.
+HTTP (`url`): `POST /v1/execute` ({"stmt"} -> {"result"}) and `POST /v1/batch` ({"batch":
+{"steps"}} -> {"result": {"step_results", "step_errors"}}, with step conditions
+ok/error/not/and/or).
+WebSocket (`ws_url`, subprotocol hrana2, served by aiohttp): hello (the token is the `jwt`),
+then requests open_stream, close_stream, execute and batch with the same statement and
+batch semantics.
+Both run against a real SQLite file with the stdlib's sqlite3, one request at a time, and
+both bind 127.0.0.1 only.
 
 Fault switches (set the attributes while it runs): `fail_500` (answer the next N requests
 with 500), `drop_mid_batch` (the next N batches run half their steps, roll back, and the
 connection is closed without an answer), `drop_after_commit` (the next N batches commit and
 then the connection is closed: the client cannot know it succeeded), `max_body` (413 for
 larger bodies), `latency` (seconds before each answer), `token` (require `Authorization:
-Bearer <token>`). `requests` logs (path, bytes received, rows written, status, bytes answered).
+Bearer <token>`, or the hello's jwt). `requests` logs (path, bytes received, rows written,
+status, bytes answered); WebSocket requests are logged as `ws:<type>`. Over WebSocket a
+"dropped connection" closes the socket without an answer, and `fail_500`/`max_body` do not
+apply.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -58,16 +68,23 @@ class LibsqlServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._ws = _WebSocketSide(self)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self._ws.port}"
+
     def start(self) -> "LibsqlServer":
         self._thread.start()
+        self._ws.start()
         return self
 
     def stop(self) -> None:
+        self._ws.stop()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._conn.close()
@@ -109,7 +126,7 @@ class LibsqlServer:
                     answer, status = {"message": str(e), "code": _code(e)}, 400
                 drop = False
             elif path == "/v1/batch":
-                answer, drop = self._batch(body["batch"]["steps"]), False
+                answer, drop = {"result": self._batch(body["batch"]["steps"])}, False
                 status = 200
                 if self.drop_mid_batch:
                     self.drop_mid_batch -= 1
@@ -140,7 +157,7 @@ class LibsqlServer:
             except sqlite3.Error as e:
                 results.append(None)
                 errors.append({"message": str(e), "code": _code(e)})
-        return {"result": {"step_results": results, "step_errors": errors}}
+        return {"step_results": results, "step_errors": errors}
 
     def _run(self, stmt: dict) -> dict:
         args = [_from_proto(v) for v in stmt.get("args") or []]
@@ -151,6 +168,84 @@ class LibsqlServer:
         return {"cols": cols, "rows": [[_to_proto(v) for v in row] for row in rows],
                 "affected_row_count": max(cursor.rowcount, 0),
                 "last_insert_rowid": str(cursor.lastrowid) if cursor.lastrowid else None}
+
+
+class _WebSocketSide:
+    """The hrana2 WebSocket endpoint of a LibsqlServer, on its own event-loop thread."""
+
+    def __init__(self, owner: LibsqlServer) -> None:
+        self.owner = owner
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def _serve(self) -> None:
+        from aiohttp import web
+
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_get("/", self._session)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _session(self, request: Any) -> Any:
+        from aiohttp import WSMsgType, web
+
+        owner = self.owner
+        ws = web.WebSocketResponse(protocols=("hrana2",))
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                break
+            message = json.loads(msg.data)
+            if message["type"] == "hello":
+                owner.headers_seen.append(message.get("jwt") or "")
+                if owner.token is not None and message.get("jwt") != owner.token:
+                    await ws.send_json({"type": "hello_error",
+                                        "error": {"message": "Unauthorized: bad or missing token"}})
+                    break
+                await ws.send_json({"type": "hello_ok"})
+                continue
+            if owner.latency:
+                await asyncio.sleep(owner.latency)
+            req = message["request"]
+            answer, drop = self._answer(req, len(msg.data))
+            if drop:
+                break  # closing the socket without an answer
+            await ws.send_json({"request_id": message["request_id"], **answer})
+        await ws.close()
+        return ws
+
+    def _answer(self, req: dict, received: int) -> tuple[dict, bool]:
+        """(the message to send, drop the connection instead)."""
+        owner = self.owner
+        kind = req["type"]
+        if kind in ("open_stream", "close_stream"):
+            return {"type": "response_ok", "response": {"type": kind}}, False
+        if kind not in ("execute", "batch"):
+            return {"type": "response_error", "error": {"message": f"{kind} is not supported here"}}, False
+        body = {"stmt": req["stmt"]} if kind == "execute" else {"batch": req["batch"]}
+        status, answer, drop, written = owner.handle(f"/v1/{kind}", body)
+        owner.requests.append(Request(f"ws:{kind}", received, written, 0 if drop else 200))
+        if status != 200:
+            return {"type": "response_error", "error": answer}, False
+        return {"type": "response_ok", "response": {"type": kind, "result": answer["result"]}}, drop
 
 
 class _Handler(BaseHTTPRequestHandler):

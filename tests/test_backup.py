@@ -147,6 +147,27 @@ def test_backup_survives_drops_500s_413s_and_latency(market, server):
     assert result.exit_code == 0, result.output
 
 
+def test_round_trip_over_websocket_survives_dropped_sockets(market, server, tmp_path):
+    before = tree_hashes(market)
+    server.drop_mid_batch = 1
+    server.drop_after_commit = 1
+    report = backup_json(market, server.ws_url)
+    assert report["snapshot"]["plugins"] == 4
+    kinds = {(r.path, r.status) for r in server.requests}
+    assert ("ws:batch", 0) in kinds and ("ws:batch", 200) in kinds
+    assert not [r for r in server.requests if not r.path.startswith("ws:")]  # nothing over HTTP
+    result = run("backup", "verify", "--from", server.ws_url, "--read-data", "100", "--json")
+    assert result.exit_code == 0, result.output
+    dest = tmp_path / "restored"
+    assert run("restore", "--from", server.ws_url, "--to", dest).exit_code == 0
+    assert tree_hashes(dest) == {k: v for k, v in before.items() if not k.startswith(".git/")}
+    assert run("audit", "verify", dest).exit_code == 0
+    assert set(server.headers_seen) == {TOKEN}  # the hello's jwt
+
+    denied = run("backup", market, "--to", server.ws_url, env={"TURSO_AUTH_TOKEN": "wrong-" + TOKEN})
+    assert denied.exit_code == 1 and "Unauthorized" in denied.output and TOKEN not in denied.output
+
+
 def test_transport_errors_never_show_the_token(market, server, tmp_path):
     server.max_body = 10_000  # even one chunk is refused
     result = run("backup", market, "--to", server.url)
