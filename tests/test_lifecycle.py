@@ -127,3 +127,36 @@ def test_plugin_details_show_the_latest_of_each_step_since_the_plugin_was_discov
         ])
         assert details(store)["feedback"] is None
         assert store.verify() == []
+
+
+def test_a_log_from_before_the_plugin_details_view_opens_and_verifies(tmp_path):
+    """Earlier versions kept plugin_details as a projection table; opening such a log for
+    writing drops the table, makes the view, and the log still verifies."""
+    from events import EventStore, Projection
+    from statemachine.lifecycle import plugin_stream
+    from statemachine.projections import PROJECTIONS
+    from statemachine.workspace import REGISTRY
+    from tests.bench.synthetic import plugin_pass
+
+    old_details = Projection(name="plugin_details", columns=(("plugin_id", "TEXT"), ("facts", "TEXT")),
+                             key_len=1, handles=frozenset({"PluginDiscovered"}),
+                             key=lambda rec: (rec.event.plugin_id,),
+                             fold=lambda row, rec: {"plugin_id": rec.event.plugin_id, "facts": None})
+    db = tmp_path / "log.db"
+    with EventStore.open(db, registry=REGISTRY, projections=PROJECTIONS + (old_details,)) as store:
+        store.append(plugin_stream("plugins/a/p"), plugin_pass("plugins/a/p", "run-1", 1))
+        assert store.query("SELECT type FROM sqlite_schema WHERE name = 'plugin_details'") == [("table",)]
+    with open_log(tmp_path, db) as store:
+        assert store.query("SELECT type FROM sqlite_schema WHERE name = 'plugin_details'") == [("view",)]
+        assert store.query("SELECT count(*) FROM plugin_details WHERE plan IS NOT NULL") == [(1,)]
+        assert store.verify() == []
+
+
+def test_the_event_types_the_plugin_details_view_reads_have_no_older_schema():
+    """The view reads stored payloads with json_extract, not through the upcasters: a new
+    schema version of one of these types must come with a change to the view."""
+    read_by_view = (c.PluginDiscovered, c.PluginAnalyzed, c.PlanReceived, c.SkillReceived,
+                    c.SkillGateFailed, c.SkillValidated, c.WriteIntended)
+    for cls in read_by_view:
+        assert cls.schema_version == 1, f"{cls.__name__} changed: update the plugin_details view"
+        assert not [k for k in c.UPCASTERS if k[0] == cls.__struct_config__.tag]
