@@ -63,15 +63,6 @@ class RunStopped(Exception):
     """The whole run must stop (the key or model is wrong); the message says why."""
 
 
-class Paused(Exception):
-    """The daily quota is used up: the run pauses until `until` (unix time)."""
-
-    def __init__(self, until: float, reason: str) -> None:
-        super().__init__(reason)
-        self.until = until
-        self.reason = reason
-
-
 @dataclass
 class Stats:
     """Live counters for the progress display (updated by workers, read by the display)."""
@@ -138,18 +129,18 @@ def _row(ctx: Context, plugin_id: str) -> dict:
     return dict(zip(_ROW, found[0]))
 
 
-def _details(ctx: Context, plugin_id: str) -> dict:
-    found = ctx.journal.query(
-        "SELECT facts, plan, draft, feedback, validated, intent FROM plugin_details WHERE plugin_id = ?",
-        (plugin_id,))
-    return dict(zip(("facts", "plan", "draft", "feedback", "validated", "intent"), found[0]))
+def _details(ctx: Context, plugin_id: str, *columns: str) -> dict:
+    """Those columns of the plugin's `plugin_details` (each one is read from its events)."""
+    found = ctx.journal.query(f"SELECT {', '.join(columns)} FROM plugin_details WHERE plugin_id = ?",
+                              (plugin_id,))
+    return dict(zip(columns, found[0]))
 
 
 def advance(ctx: Context, plugin_id: str) -> float | None:
     """Drive one plugin as far as it can go now.
 
     Returns None when the plugin needs nothing more from this run, or the unix time before
-    which it must not continue (a retry wait). Raises Paused or RunStopped for the run.
+    which it must not continue (a retry wait). Raises DailyQuotaExhausted (the run pauses) or RunStopped.
     """
     cursor = ctx.journal.cursor(plugin_id)
     try:
@@ -216,7 +207,7 @@ def _retry_step(ctx: Context, cursor: PluginCursor, row: dict) -> None:
 
 def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
     """Record the request, then send it; record the answer or the classified failure."""
-    details = _details(ctx, cursor.plugin_id)
+    details = _details(ctx, cursor.plugin_id, "facts", "plan", "feedback")
     facts = msgspec.json.decode(details["facts"], type=c.PluginFacts)
     data = plugin_data(ctx.root, row["path"], row["name"], row["category"], facts)
     system = system_instruction(ctx.standards)
@@ -266,12 +257,9 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
 
 
 def _admit(ctx: Context, est: int):
-    """Wait for the scheduler's permission (or raise Paused); returns the reserved slot."""
+    """Wait for the scheduler's permission (or raise DailyQuotaExhausted); returns the reserved slot."""
     while True:
-        try:
-            wait, slot = ctx.scheduler.try_admit(est)
-        except DailyQuotaExhausted as e:
-            raise Paused(e.until, e.reason) from None
+        wait, slot = ctx.scheduler.try_admit(est)
         if slot is not None:
             return slot
         if ctx.should_stop():
@@ -299,7 +287,7 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
             run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind, message=message,
             status_code=429, not_before=_iso_us(not_before), usage=e.usage))
         if e.scope in ("day", "tokens_day"):
-            raise Paused(not_before, f"daily quota exhausted ({e.quota_id or 'HTTP 429'})")
+            raise DailyQuotaExhausted(not_before, f"daily quota exhausted ({e.quota_id or 'HTTP 429'})")
         return
     ctx.stats.add(e.usage)
     if isinstance(e, AccessDenied):
@@ -330,7 +318,7 @@ def _sha(data: bytes) -> str:
 
 
 def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
-    details = _details(ctx, cursor.plugin_id)
+    details = _details(ctx, cursor.plugin_id, "draft")
     draft = msgspec.json.decode(ctx.journal.blob(details["draft"]), type=c.SkillDraft)
     name = row["skill_name"]
     skill_md = skillmd.compose(name, draft)
@@ -381,7 +369,7 @@ def _validated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
 
 
 def _snapshotted(ctx: Context, cursor: PluginCursor, row: dict) -> None:
-    details = _details(ctx, cursor.plugin_id)
+    details = _details(ctx, cursor.plugin_id, "validated")
     files = msgspec.json.decode(details["validated"], type=list[c.FileWrite])
     plugin_dir = ctx.root / row["path"]
     legacy = _legacy_dir(plugin_dir, row["skill_name"])
@@ -391,7 +379,7 @@ def _snapshotted(ctx: Context, cursor: PluginCursor, row: dict) -> None:
 
 
 def _writing(ctx: Context, cursor: PluginCursor, row: dict) -> None:
-    details = _details(ctx, cursor.plugin_id)
+    details = _details(ctx, cursor.plugin_id, "intent")
     intent = msgspec.json.decode(details["intent"])
     files = {w["path"]: w["sha256"] for w in intent["writes"]}
     moves = [(m["src"], m["dst"]) for m in intent["moves"]]

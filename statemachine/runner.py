@@ -33,10 +33,10 @@ from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
 from statemachine.lifecycle import FINAL, State
-from statemachine.pipeline import Context, Interrupted, Paused, RunStopped, Stats, StepSettings, advance
+from statemachine.pipeline import Context, Interrupted, RunStopped, Stats, StepSettings, advance
 from statemachine.prompts import Standards, load_standards
 from statemachine.scan import scan
-from statemachine.scheduler import Limits, Scheduler, day_start, iso
+from statemachine.scheduler import DailyQuotaExhausted, Limits, Scheduler, day_start, iso
 
 OK_END = frozenset({State.DONE, State.SKIPPED, State.REJECTED})
 # Network jitter between our admission and Gemini's count (measured up to ~0.15 s on a busy
@@ -465,7 +465,7 @@ class _Batch:
                 continue
             try:
                 again = advance(ctx, plugin_id)
-            except Paused as e:
+            except DailyQuotaExhausted as e:
                 self._stop(paused=e.until, reason=e.reason, plugin_id=plugin_id)
                 return
             except RunStopped as e:

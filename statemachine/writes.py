@@ -304,12 +304,18 @@ def settled(plugin_dir: Path, files: dict[str, str], moves: list[tuple[str, str]
     return True
 
 
-def _kind(plugin_dir: Path, parts: list[str]) -> int | None:
+def _parent_or_none(plugin_dir: Path, parts: list[str]) -> int | None:
+    """The parent directory's descriptor, or None when it is missing or refused (for checks)."""
     try:
         fd = _open_parent(plugin_dir, parts)
     except WriteError:
         return None
-    if fd < 0:
+    return fd if fd >= 0 else None
+
+
+def _kind(plugin_dir: Path, parts: list[str]) -> int | None:
+    fd = _parent_or_none(plugin_dir, parts)
+    if fd is None:
         return None
     try:
         st = _lstat(fd, parts[-1])
@@ -319,11 +325,8 @@ def _kind(plugin_dir: Path, parts: list[str]) -> int | None:
 
 
 def _sha256(plugin_dir: Path, parts: list[str]) -> str | None:
-    try:
-        fd = _open_parent(plugin_dir, parts)
-    except WriteError:
-        return None
-    if fd < 0:
+    fd = _parent_or_none(plugin_dir, parts)
+    if fd is None:
         return None
     try:
         f = os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=fd)
