@@ -4,7 +4,7 @@ What must always hold:
 - Every error that leaves this module is a `RemoteError` (an `EventStoreError`), and no
   message, repr or chained cause of it contains the auth token.
 - Transient failures (a dropped connection or WebSocket, HTTP 5xx, a busy database) are retried a few
-  times with exponential backoff. Callers make every statement idempotent (`INSERT OR
+  times with exponential backoff; a TLS failure (an untrusted certificate) is not. Callers make every statement idempotent (`INSERT OR
   IGNORE`, reads), so retrying a batch the server may already have committed is safe.
 - A batch is atomic, except that a batch the server refuses as too large (HTTP 413) is split
   in two and the halves are sent in order; callers order their statements so that every
@@ -139,6 +139,9 @@ class LibsqlRemote:
             # HRANA_WEBSOCKET_ERROR: the WebSocket closed or broke; the client reconnects.
             return _Failure(message, transient=e.code in ("SQLITE_BUSY", "SQLITE_LOCKED", "HRANA_WEBSOCKET_ERROR"),
                             too_large="too large" in message.lower())
+        if isinstance(e, aiohttp.ClientSSLError):  # an untrusted certificate does not heal by retrying
+            return _Failure(f"{message} (a server whose certificate comes from a private CA needs "
+                            "SSL_CERT_FILE set to that CA's PEM file)", transient=False)
         if isinstance(e, (aiohttp.ClientError, TimeoutError, ConnectionError)):
             return _Failure(message, transient=True)
         return _Failure(message, transient=False)

@@ -8,7 +8,8 @@ WebSocket (`ws_url`, subprotocol hrana2, served by aiohttp): hello (the token is
 then requests open_stream, close_stream, execute and batch with the same statement and
 batch semantics.
 Both run against a real SQLite file with the stdlib's sqlite3, one request at a time, and
-both bind 127.0.0.1 only.
+both bind 127.0.0.1 only. With `tls` (a server-side `ssl.SSLContext`) both speak TLS, and the
+URLs are https://, wss:// and `libsql_url` (libsql://, which libsql-client maps to wss://).
 
 Fault switches (set the attributes while it runs): `fail_500` (answer the next N requests
 with 500), `drop_mid_batch` (the next N batches run half their steps, roll back, and the
@@ -28,6 +29,7 @@ import base64
 import json
 import socket
 import sqlite3
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ class LibsqlServer:
     drop_after_commit: int = 0
     max_body: int | None = None
     latency: float = 0.0
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
     requests: list[Request] = field(default_factory=list)
     headers_seen: list[str] = field(default_factory=list, repr=False)
 
@@ -67,16 +70,23 @@ class LibsqlServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
+        if self.tls is not None:
+            self._httpd.socket = self.tls.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._ws = _WebSocketSide(self)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._httpd.server_address[1]}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self._ws.port}"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self._ws.port}"
+
+    @property
+    def libsql_url(self) -> str:
+        assert self.tls is not None, "libsql:// means TLS (ws:// is the same without it)"
+        return f"libsql://127.0.0.1:{self._ws.port}"
 
     def start(self) -> "LibsqlServer":
         self._thread.start()
@@ -198,7 +208,7 @@ class _WebSocketSide:
         app.router.add_get("/", self._session)
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.owner.tls)
         self._loop.run_until_complete(site.start())
         self.port = self._runner.addresses[0][1]
         self._ready.set()

@@ -1,4 +1,5 @@
-"""Off-site backup and restore, through the CLI, against file: URLs and a libSQL HTTP server."""
+"""Off-site backup and restore, through the CLI, against file: URLs and a libSQL server over HTTP,
+WebSocket and TLS (https://, wss://, libsql://)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 from click.testing import CliRunner
 
 from cli.main import main
@@ -166,6 +169,62 @@ def test_round_trip_over_websocket_survives_dropped_sockets(market, server, tmp_
 
     denied = run("backup", market, "--to", server.ws_url, env={"TURSO_AUTH_TOKEN": "wrong-" + TOKEN})
     assert denied.exit_code == 1 and "Unauthorized" in denied.output and TOKEN not in denied.output
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """The test server over TLS, its certificate from a throwaway CA; yields (server, CA file)."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca_file = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    with LibsqlServer(tmp_path / "remote-tls.db", token=TOKEN, tls=context) as srv:
+        yield srv, ca_file
+
+
+def test_round_trip_over_https_wss_and_libsql_urls_with_a_private_ca(market, tls_server, tmp_path):
+    """As a user reaches Turso: a `libsql://` URL (wss:// underneath) and https://, the private
+    CA named by SSL_CERT_FILE, in a fresh process (the client reads it when it starts)."""
+    server, ca_file = tls_server
+    assert server.libsql_url.startswith("libsql://") and server.url.startswith("https://")
+    env = {**os.environ, "TURSO_AUTH_TOKEN": TOKEN, "SSL_CERT_FILE": str(ca_file)}
+    env.pop("OVERNIGHT_BACKUP_URL", None)
+    env.pop("TURSO_DATABASE_URL", None)
+
+    def overnight(*args: object) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert TOKEN not in done.stdout + done.stderr
+        return done
+
+    before = tree_hashes(market)
+    first = json.loads(overnight("backup", market, "--to", server.libsql_url, "--json").stdout)
+    assert first["snapshot"]["plugins"] == 4
+    assert {r.path for r in server.requests} <= {"ws:execute", "ws:batch"}  # libsql:// went over wss
+    (market / "plugins" / "productivity" / "late-note.md").write_text("written after the first backup\n")
+    http_requests = len(server.requests)
+    overnight("backup", market, "--to", server.url)
+    assert {r.path for r in server.requests[http_requests:]} <= {"/v1/execute", "/v1/batch"}
+    overnight("backup", "verify", "--from", server.libsql_url, "--read-data", "100")
+    dest = tmp_path / "restored"
+    overnight("restore", "--from", server.ws_url, "--to", dest)
+    assert tree_hashes(dest) == {k: v for k, v in tree_hashes(market).items() if not k.startswith(".git/")}
+    assert "plugins/productivity/late-note.md" in tree_hashes(dest) and tree_hashes(dest) != before
+    assert run("audit", "verify", dest).exit_code == 0
+    assert set(server.headers_seen) == {TOKEN, f"Bearer {TOKEN}"}  # the hello's jwt, the HTTP header
+
+
+def test_an_untrusted_certificate_fails_at_once_with_a_clear_error(market, tls_server):
+    server, _ca_file = tls_server
+    for url in (server.libsql_url, server.url):
+        result = run("backup", market, "--to", url, env={"SSL_CERT_FILE": None, "SSL_CERT_DIR": None})
+        assert result.exit_code == 1
+        assert "certificate verify failed" in result.output and "SSL_CERT_FILE" in result.output
+        assert "attempts" not in result.output  # one attempt: a retried failure says "(after N attempts)"
+        assert TOKEN not in result.output
+    assert server.requests == []  # the handshake failed before any request was sent
 
 
 def test_transport_errors_never_show_the_token(market, server, tmp_path):
