@@ -97,7 +97,10 @@ def _translate(e: apsw.Error, path: Path) -> EventStoreError:
         return EventStoreError(f"{path}: the disk is full; nothing was recorded for this step")
     if isinstance(e, apsw.BusyError):
         return EventStoreError(f"{path}: the database is busy (another process holds a write lock)")
-    if isinstance(e, (apsw.IOError, apsw.CorruptError, apsw.NotADBError)):
+    if isinstance(e, apsw.IOError):
+        return EventStoreError(f"{path}: {e or 'disk I/O error'} (the disk failed; check it, then run the "
+                               "command again: `overnight resume` continues a run)")
+    if isinstance(e, (apsw.CorruptError, apsw.NotADBError)):
         return EventStoreError(f"{path}: {e}")
     if isinstance(e, apsw.CantOpenError):
         return EventStoreError(f"{path}: cannot open the database file")
@@ -233,10 +236,16 @@ class EventStore:
             raise
 
     def close(self) -> None:
-        self.conn.close()
-        if self._lock:
-            self._lock.release()
-            self._lock = None
+        """Close the connection (SQLite checkpoints the WAL), then release the writer lock
+        even if closing failed."""
+        try:
+            self.conn.close()
+        except apsw.Error as e:
+            raise _translate(e, self.path) from e
+        finally:
+            if self._lock:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> "EventStore":
         return self

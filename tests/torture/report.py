@@ -23,9 +23,11 @@ PARTS = [
     ("disk_faults", "3. Disk faults",
      "ENOSPC from a small tmpfs (`mount -t tmpfs -o size=8m`, filled up to a few KiB) holding either the log "
      "(`--db`) or the marketplace; EFBIG from `RLIMIT_FSIZE` set in the child (SIGXFSZ ignored) while "
-     "appending events. Real EIO was not injected: device-mapper (`dm-error`) is not available here "
-     "(/dev/mapper absent). Expected: exit 1 with one `error:` line naming the cause, no traceback, "
-     "`audit verify`/`replay` pass, no unrecorded file, and resume finishes once space returns."),
+     "appending events; EIO from fsync of the log, injected by an apsw VFS below SQLite "
+     "(`tests/torture/failing_disk.py`: after N good syncs, every sync fails, or only the next one), since "
+     "device-mapper (`dm-error`) is not available here (/dev/mapper absent). Expected: exit 1 with one "
+     "`error:` line naming the cause, no traceback, `audit verify`/`replay` pass, no unrecorded file, no "
+     "recorded answer asked for again, and resume finishes once the disk works."),
     ("hostile", "4. Hostile input",
      "One scan + run over generated hostile plugins: malformed, empty, huge (sparse 3 GiB and real 2 MB), "
      "non-UTF-8, UTF-16, too deeply nested and wrong-typed manifests; names with `..`, NUL, 200 characters, "

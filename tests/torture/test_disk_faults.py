@@ -1,6 +1,6 @@
-"""Part 3: no space left (a small tmpfs) and write errors (RLIMIT_FSIZE -> EFBIG) while
-appending events and while writing files: a clean stop naming the cause, nothing corrupted,
-resume works once space returns."""
+"""Part 3: no space left (a small tmpfs), write errors (RLIMIT_FSIZE -> EFBIG) and fsync
+failing with EIO (a VFS below SQLite) while appending events and while writing files: a clean
+stop naming the cause, nothing corrupted, resume works once the disk does."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.torture import (FULL, KEY, FaultyEmulator, build_corpus, cli, has_run, query, record, spawn,
-                           tree_hashes)
+from tests.torture import (FULL, KEY, REPO, FaultyEmulator, build_corpus, child_env, cli, has_run, query, record,
+                           repeated_answers, spawn, tree_hashes)
 
 PLUGINS = 12 if FULL else 4
 ARGS = ["--rpm", "1000", "--rpd", "100000", "--backoff", "0.05", "--concurrency", "2"]
@@ -155,3 +156,41 @@ def test_write_errors(tmp_path, where):
     assert set(done(root, db)) <= {"done", "skipped"}, done(root, db)
     record("disk_faults", **{f"EFBIG (RLIMIT_FSIZE {limit} bytes) while {'appending events' if where == 'events' else 'writing files'}":
                              f"clean stop: `{line[:160]}`; verify ok; resume finished"})
+
+
+# (syncs let through, mode): early in the run, later in it, and one failure on a disk that recovers
+EIO_POINTS = [(4, "persistent"), (12, "once"), (30, "persistent")] + (
+    [(1, "once"), (20, "persistent"), (45, "once")] if FULL else [])
+
+
+@pytest.mark.parametrize("syncs,mode", EIO_POINTS)
+def test_fsync_fails_with_eio(tmp_path, syncs, mode):
+    """fsync of the log fails with EIO (tests/torture/failing_disk.py): a clean stop naming the
+    disk error, a log that verifies on a working disk, and a resume that finishes without
+    asking Gemini again for any answer it recorded."""
+    root, db = tmp_path / "market", tmp_path / "log" / "overnight.db"
+    build_corpus(root, PLUGINS, seed=9)
+    with FaultyEmulator(api_key=KEY, seed=2, rate=0) as emu:
+        db.parent.mkdir(parents=True)
+        assert cli("scan", root, "--db", db).returncode == 0
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.torture.failing_disk", str(syncs), mode, "--",
+             "run", str(root), "--db", str(db), "--base-url", emu.url, *ARGS],
+            cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        code, out, err = finish(proc)
+        assert "failing disk: 0 sync(s) failed" not in err, "the fault never fired: move the point earlier"
+        line = check_stop(code, out, err, ("disk i/o error",))
+        assert "overnight resume" in line
+        healthy(root, db)  # the disk works again
+        answered = {kind: n for kind, n in query(db, "SELECT type, count(*) FROM events WHERE type IN "
+                                                    "('PlanReceived', 'SkillReceived') GROUP BY type")}
+        again = spawn("resume", root, "--db", db) if has_run(db) else spawn(
+            "run", root, "--db", db, "--base-url", emu.url, *ARGS)
+        code2, _, err2 = finish(again)
+        assert code2 == 0, err2[-3000:]
+    healthy(root, db)
+    assert set(done(root, db)) <= {"done", "skipped"}, done(root, db)
+    assert repeated_answers(db) == []
+    record("disk_faults", **{f"EIO from fsync after {syncs} syncs ({mode})":
+                             f"clean stop: `{line[:120]}`; verify ok; {sum(answered.values())} answers "
+                             "recorded before it, none asked again; resume finished"})
