@@ -90,6 +90,17 @@ def done(root: Path, db: Path) -> dict:
     return dict(query(db, "SELECT state, count(*) FROM plugins GROUP BY state"))
 
 
+def resume_to_the_end(root: Path, db: Path, emu: FaultyEmulator) -> None:
+    """With the disk working again, `resume` (or `run`, if the fault struck before the run was
+    recorded) finishes every plugin and leaves a healthy log."""
+    again = spawn("resume", root, "--db", db) if has_run(db) else spawn(
+        "run", root, "--db", db, "--base-url", emu.url, *ARGS)
+    code, _, err = finish(again)
+    assert code == 0, err[-3000:]
+    healthy(root, db)
+    assert set(done(root, db)) <= {"done", "skipped"}, done(root, db)
+
+
 @pytest.mark.parametrize("where", ["events", "files"])
 def test_no_space_left(tmp_path, tmpfs, where):
     if where == "events":  # the log on the full tmpfs, the marketplace on the ordinary disk
@@ -113,15 +124,10 @@ def test_no_space_left(tmp_path, tmpfs, where):
         for rel, digest in tree_hashes(root).items():
             assert rel.endswith("/") or ".tmp-" in rel or original.get(rel) == digest or digest in recorded, rel
         filler.unlink()  # space returns
-        again = spawn("resume", root, "--db", db) if has_run(db) else spawn(
-            "run", root, "--db", db, "--base-url", emu.url, *ARGS)
-        code2, out2, err2 = finish(again)
-        assert code2 == 0, err2[-3000:]
-    healthy(root, db)
-    assert set(done(root, db)) <= {"done", "skipped"}, done(root, db)
+        resume_to_the_end(root, db, emu)
     assert not [p for p in root.rglob("*") if ".tmp-" in p.name]
     record("disk_faults", **{f"ENOSPC while {'appending events' if where == 'events' else 'writing files'}":
-                             f"clean stop: `{line[:160]}`; verify ok; resume finished {PLUGINS} plugins"})
+                             f"clean stop: `` {line.replace(str(db), '<log>')[:160]} ``; verify ok; resume finished {PLUGINS} plugins"})
 
 
 def _limit(size: int):
@@ -148,14 +154,9 @@ def test_write_errors(tmp_path, where):
                                       preexec_fn=_limit(limit)))
         line = check_stop(code, out, err, ("too large", "file size", "efbig", "i/o", "disk"))
         healthy(root, db)
-        again = spawn("resume", root, "--db", db) if has_run(db) else spawn(
-            "run", root, "--db", db, "--base-url", emu.url, *ARGS)
-        code2, _, err2 = finish(again)
-        assert code2 == 0, err2[-3000:]
-    healthy(root, db)
-    assert set(done(root, db)) <= {"done", "skipped"}, done(root, db)
+        resume_to_the_end(root, db, emu)
     record("disk_faults", **{f"EFBIG (RLIMIT_FSIZE {limit} bytes) while {'appending events' if where == 'events' else 'writing files'}":
-                             f"clean stop: `{line[:160]}`; verify ok; resume finished"})
+                             f"clean stop: `` {line.replace(str(db), '<log>')[:160]} ``; verify ok; resume finished"})
 
 
 # (syncs let through, mode): early in the run, later in it, and one failure on a disk that recovers
@@ -184,13 +185,8 @@ def test_fsync_fails_with_eio(tmp_path, syncs, mode):
         healthy(root, db)  # the disk works again
         answered = {kind: n for kind, n in query(db, "SELECT type, count(*) FROM events WHERE type IN "
                                                     "('PlanReceived', 'SkillReceived') GROUP BY type")}
-        again = spawn("resume", root, "--db", db) if has_run(db) else spawn(
-            "run", root, "--db", db, "--base-url", emu.url, *ARGS)
-        code2, _, err2 = finish(again)
-        assert code2 == 0, err2[-3000:]
-    healthy(root, db)
-    assert set(done(root, db)) <= {"done", "skipped"}, done(root, db)
+        resume_to_the_end(root, db, emu)
     assert repeated_answers(db) == []
     record("disk_faults", **{f"EIO from fsync after {syncs} syncs ({mode})":
-                             f"clean stop: `{line[:120]}`; verify ok; {sum(answered.values())} answers "
-                             "recorded before it, none asked again; resume finished"})
+                             f"clean stop: `` {line.replace(str(db), '<log>')[:200]} ``; verify ok; Gemini answers "
+                             f"recorded before it: {sum(answered.values())}, none asked for again; resume finished"})
