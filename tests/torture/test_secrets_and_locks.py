@@ -96,15 +96,23 @@ def test_secrets_never_leave_the_environment(tmp_path):
     record("secrets", files_scanned=files, outputs_scanned=len(outputs), leaks=0, backups=backup_note)
 
 
+def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+
+
 def test_a_second_run_refuses_and_the_first_is_unharmed(tmp_path):
     root = tmp_path / "market"
     build_corpus(root, 4, seed=6)
-    with FaultyEmulator(api_key=KEY, seed=4, rate=0, latency=(1.0, 1.2)) as emu:
+    # 8 requests of 1.5 s, two at a time: the first run lasts about 6 s, and the other two
+    # commands start together (each takes a Python start-up) while it is in its first request
+    with FaultyEmulator(api_key=KEY, seed=4, rate=0, latency=(1.5, 1.7)) as emu:
         first = spawn("run", root, "--base-url", emu.url, *ARGS)
         wait_for_requests(emu, first, 1)
         seen = len(posts(emu))
-        second = cli("run", root, "--base-url", emu.url, *ARGS)
-        third = cli("resume", root)
+        second_proc = spawn("run", root, "--base-url", emu.url, *ARGS)
+        third_proc = spawn("resume", root)
+        second, third = finished(second_proc), finished(third_proc)
         assert first.poll() is None, "the first run ended before the second started: the test proved nothing"
         assert first.wait(timeout=120) == 0, first.stderr.read().decode()
         first.stderr.close()
