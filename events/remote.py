@@ -3,9 +3,10 @@
 What must always hold:
 - Every error that leaves this module is a `RemoteError` (an `EventStoreError`), and no
   message, repr or chained cause of it contains the auth token.
-- Transient failures (a dropped connection or WebSocket, HTTP 5xx, a busy database) are retried a few
-  times with exponential backoff; a TLS failure (an untrusted certificate) is not. Callers make every statement idempotent (`INSERT OR
-  IGNORE`, reads), so retrying a batch the server may already have committed is safe.
+- Transient failures (a dropped connection or WebSocket, HTTP 5xx, a busy database) are
+  retried a few times with exponential backoff; a TLS failure (an untrusted certificate) is
+  not. Callers make every statement idempotent (`INSERT OR IGNORE`, reads), so retrying a
+  batch the server may already have committed is safe.
 - A batch is atomic, except that a batch the server refuses as too large (HTTP 413) is split
   in two and the halves are sent in order; callers order their statements so that every
   prefix of a batch is itself consistent (chunks before the index row that names them).

@@ -5,8 +5,8 @@
 Every SQLite file of the process goes through an apsw VFS that inherits the operating system's
 and lets the first SYNCS syncs through; after that `persistent` fails every sync with EIO
 (SQLITE_IOERR_FSYNC) and `once` fails only the next one. This is where SQLite's own test
-suite injects I/O errors: below SQLite, above the kernel. Files overnight writes itself
-(SKILL.md, snapshots) use the OS directly and are not affected.
+suite injects I/O errors: below SQLite, above the kernel. The marketplace files overnight
+writes (SKILL.md) use the OS directly and are not affected.
 """
 
 from __future__ import annotations
