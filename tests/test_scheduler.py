@@ -259,40 +259,30 @@ def test_the_day_of_a_dst_change_is_23_or_25_hours_long():
         assert next_day_start(ordinary) - day_start(ordinary) == 24 * 3600
 
 
-def test_the_daily_count_resets_exactly_at_midnight_on_the_spring_change():
-    clock = FakeClock(ts(2026, 3, 8, 8, 30))   # 00:30 PST on the 23-hour day
+@pytest.mark.parametrize("first,same_day,midnight,next_midnight", [
+    # spring: 00:30 PST on the 23-hour day; 23:30 PDT, same local day, only 22 h later
+    (ts(2026, 3, 8, 8, 30), ts(2026, 3, 9, 6, 30), ts(2026, 3, 9, 7, 0), ts(2026, 3, 10, 7, 0)),
+    # fall: 00:30 PDT on the 25-hour day; 23:30 PST, 24 h later and still the same local day
+    (ts(2026, 11, 1, 7, 30), ts(2026, 11, 2, 7, 30), ts(2026, 11, 2, 8, 0), ts(2026, 11, 3, 8, 0)),
+], ids=["spring", "fall"])
+def test_the_daily_count_resets_exactly_at_midnight_on_a_dst_change(first, same_day, midnight, next_midnight):
+    clock = FakeClock(first)
     s = scheduler(clock, rpd=2)
     admit(s)
-    clock.set(ts(2026, 3, 9, 6, 30))           # 23:30 PDT, same local day, only 22 h later
+    clock.set(same_day)
     admit(s)
     with pytest.raises(DailyQuotaExhausted) as info:
         s.try_admit(100)
-    assert iso(info.value.until) == "2026-03-09T07:00:00Z"
-    clock.set(ts(2026, 3, 9, 6, 59, 59))
+    assert iso(info.value.until) == iso(midnight)
+    clock.set(midnight - 1)
     with pytest.raises(DailyQuotaExhausted):
         s.try_admit(100)
-    clock.set(ts(2026, 3, 9, 7, 0))            # 00:00 PDT
+    clock.set(midnight)                        # local 00:00
     admit(s)
     admit(s)
     with pytest.raises(DailyQuotaExhausted) as info:
         s.try_admit(100)
-    assert iso(info.value.until) == "2026-03-10T07:00:00Z"
-
-
-def test_the_daily_count_resets_exactly_at_midnight_on_the_fall_change():
-    clock = FakeClock(ts(2026, 11, 1, 7, 30))  # 00:30 PDT on the 25-hour day
-    s = scheduler(clock, rpd=2)
-    admit(s)
-    clock.set(ts(2026, 11, 2, 7, 30))          # 23:30 PST: 24 h later, still the same local day
-    admit(s)
-    with pytest.raises(DailyQuotaExhausted) as info:
-        s.try_admit(100)
-    assert iso(info.value.until) == "2026-11-02T08:00:00Z"
-    clock.set(ts(2026, 11, 2, 7, 59, 59))
-    with pytest.raises(DailyQuotaExhausted):
-        s.try_admit(100)
-    clock.set(ts(2026, 11, 2, 8, 0))           # 00:00 PST
-    admit(s)
+    assert iso(info.value.until) == iso(next_midnight)
 
 
 # ----------------------------------------------------------------- restart from the ledger
