@@ -120,6 +120,8 @@ def list_(url: str | None, as_json: bool) -> None:
     if as_json:
         emit_json({"target": display_url(url or ""), "snapshots": [s.as_json() for s in snapshots]})
         return
+    if not snapshots:
+        click.echo(f"no snapshot at {display_url(url or '')} yet")
     for s in snapshots:
         click.echo(f"{s.id}  {s.created_at}  {s.plugins:>4} plugins  {s.files:>6} files  "
                    f"{s.bytes:>12,} bytes  sent {s.bytes_sent:>12,}  seq {s.last_seq}")
@@ -135,18 +137,25 @@ def list_(url: str | None, as_json: bool) -> None:
 def restore(url: str | None, dest: Path, snapshot_id: str | None, as_json: bool) -> None:
     """Rebuild a marketplace and its event log from a backup into an empty directory.
 
-    Every file's sha256 is checked before it is moved into place; unsafe names and escaping
-    symlinks are refused. Exit 1 on any mismatch. Reports the time taken (the recovery time).
+    All or nothing: the restore is built beside the destination, every file's sha256 and the
+    log are checked, and only then is it renamed into place. Unsafe names and escaping
+    symlinks are refused. When the backup is damaged, exit 1 and the destination stays as it
+    was; what could be verified is kept in DIR.incomplete. Reports the recovery time.
     """
     report = backup_service.restore(_url(url), _token(), dest, snapshot_id)
     if as_json:
         emit_json(report.as_json())
     else:
         out = console()
-        out.print(f"restored snapshot {report.snapshot} into {dest}: {report.files:,} files "
-                  f"({report.bytes:,} bytes), {report.dirs:,} directories, {report.symlinks} symlinks, "
-                  f"{report.events:,} events, {report.blobs:,} log blobs in {report.seconds:.2f} s",
-                  markup=False)
+        counts = (f"{report.files:,} files ({report.bytes:,} bytes), {report.dirs:,} directories, "
+                  f"{report.symlinks} symlinks, {report.events:,} events, {report.blobs:,} log blobs "
+                  f"in {report.seconds:.2f} s")
+        if report.ok:
+            out.print(f"restored snapshot {report.snapshot} into {report.path}: {counts}", markup=False)
+        else:
+            out.print(f"snapshot {report.snapshot} is damaged ({len(report.problems)} problems below): nothing "
+                      f"was put in {dest}; what could be restored and verified is in {report.path}: {counts}",
+                      markup=False)
         for problem in report.problems:
             out.print(f"problem: {problem}", markup=False)
     if not report.ok:

@@ -27,16 +27,18 @@ import json
 import os
 import random
 import secrets
+import shutil
 import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from events import EventStore, replication
-from events.chain import EVENT_COLUMNS, ChainCheck
+from events import EventStore, EventStoreError, replication
+from events.chain import EVENT_COLUMNS
 from events.remote import Remote, display_url, open_remote
 from events.store import format_at
+from statemachine import audit
 from statemachine.catalog import BackupCompleted
 from statemachine.errors import OvernightError
 from statemachine.workspace import STATE_DIR, open_log
@@ -120,6 +122,7 @@ class RestoreReport(_Checked):
     events: int = 0
     blobs: int = 0
     seconds: float = 0.0
+    path: str = ""  # where the result is: the destination, or `<dest>.incomplete` after problems
     problems: list[str] = field(default_factory=list)
 
 
@@ -273,7 +276,7 @@ def _snapshots(remote: Remote) -> list[Snapshot]:
 
 def list_snapshots(url: str, token: str | None) -> list[Snapshot]:
     """Every snapshot at `url`, oldest first."""
-    remote = open_remote(url, token)
+    remote = open_remote(url, token, must_exist=True)
     try:
         return _snapshots(remote)
     finally:
@@ -357,7 +360,7 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
            rng: random.Random | None = None) -> VerifyReport:
     """Structure (snapshots, trees, blobs, the shipped chain) and the data of a share of blobs."""
     report = VerifyReport(display_url(url))
-    remote = open_remote(url, token)
+    remote = open_remote(url, token, must_exist=True)
     try:
         snapshots = _snapshots(remote)
         report.snapshots = len(snapshots)
@@ -389,25 +392,90 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
 
 
 def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = None) -> RestoreReport:
-    """Rebuild the marketplace tree and its event log from a snapshot into the empty `dest`."""
+    """Rebuild the marketplace tree and its event log from a snapshot into `dest`, all or nothing.
+
+    `dest` must be new or an empty directory. Everything is restored into a staging directory
+    beside it and checked there; only a restore without problems is renamed onto `dest`, in one
+    step. When the backup proves damaged, `dest` is left as it was and what could be verified is
+    kept in `<dest>.incomplete` (the report's `path`). When the restore itself fails (the remote
+    goes away, the disk fills, an interrupt), the staging directory is removed.
+    """
     started = time.perf_counter()
-    dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or dest.is_symlink() or any(dest.iterdir())):
+    dest = Path(os.path.abspath(dest))
+    if dest.is_symlink():
+        raise BackupError(f"{dest} is a symlink; restore into the directory itself")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupError(f"{dest} is not an empty directory; restore only into an empty one")
-    remote = open_remote(url, token)
+    remote = open_remote(url, token, must_exist=True)
     try:
         snapshot = _find_snapshot(remote, snapshot_id)
-        dest.mkdir(parents=True, exist_ok=True)
         report = RestoreReport(snapshot.id)
-        _restore_tree(remote, snapshot, dest, report)
-        _restore_log(remote, snapshot, dest, report)
+        stage = _make_stage(dest)
+        try:
+            dirs = _restore_tree(remote, snapshot, stage, report)
+            _restore_log(remote, snapshot, stage, report)
+            _settle_tree(stage, dirs)
+        except BaseException as e:
+            _remove_stage(stage)
+            if isinstance(e, (OSError, EventStoreError, OvernightError)):
+                reason = _os_reason(e) if isinstance(e, OSError) else str(e)
+                raise BackupError(f"restore abandoned, nothing was put in {dest}: {reason}") from e
+            raise
     finally:
         remote.close()
+    report.path = str(_put_in_place(stage, dest, report.ok))
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _restore_tree(remote: Remote, snapshot: Snapshot, dest: Path, report: RestoreReport) -> None:
+def _os_reason(e: OSError) -> str:
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+
+
+def _make_stage(dest: Path) -> Path:
+    """An empty directory beside `dest` (same file system, so a rename puts it in place)."""
+    stage = dest.parent / f".{dest.name}.restoring-{secrets.token_hex(4)}"
+    if os.path.lexists(dest.parent) and not dest.parent.is_dir():
+        raise BackupError(f"cannot restore into {dest}: {dest.parent} is not a directory")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(stage)
+        if dest.is_dir():
+            os.chmod(stage, stat.S_IMODE(dest.stat().st_mode))
+    except OSError as e:
+        raise BackupError(f"cannot restore into {dest}: {_os_reason(e)} (a restore is built in a new "
+                          f"directory beside its destination, so {dest.parent} must be writable)") from e
+    return stage
+
+
+def _remove_stage(stage: Path) -> None:
+    """Remove a staging directory, read-only subdirectories included."""
+    for dirpath, dirnames, _files in os.walk(stage):
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o700)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _put_in_place(stage: Path, dest: Path, ok: bool) -> Path:
+    """Rename the checked stage onto `dest` (replacing it if it is an empty directory), or keep
+    a damaged restore at `<dest>.incomplete`; either way one rename, then fsync the parent."""
+    target = dest if ok else dest.with_name(dest.name + ".incomplete")
+    if ok or not os.path.lexists(target):
+        try:
+            os.rename(stage, target)
+        except OSError as e:
+            raise BackupError(f"the restore is complete in {stage} but cannot be renamed to {target}: "
+                              f"{_os_reason(e)}; move it yourself") from e
+    else:
+        target = stage
+    _fsync_dir(dest.parent)
+    return target
+
+
+def _restore_tree(remote: Remote, snapshot: Snapshot, dest: Path,
+                  report: RestoreReport) -> list[tuple[Path, int]]:
     nodes, problems = _read_trees(remote, snapshot.root)
     report.problems += problems
     dirs: list[tuple[Path, int]] = []
@@ -440,13 +508,19 @@ def _restore_tree(remote: Remote, snapshot: Snapshot, dest: Path, report: Restor
             else:
                 report.problems.append(f"{path.relative_to(dest)}: sha256 on disk does not match; not restored")
     _restore_links(dest, links, report)
-    # Each file was fsynced before its rename; the directories hold the names. Modes last,
-    # so a read-only directory still takes its entries.
-    for path in [p for p, _ in reversed(dirs)] + [dest, dest.parent]:
+    report.dirs = len(dirs)
+    return dirs
+
+
+def _settle_tree(stage: Path, dirs: list[tuple[Path, int]]) -> None:
+    """Each file was fsynced before its rename; fsync the directories, which hold the names
+    (the log's included). Modes last, so a read-only directory still took its entries."""
+    for dirpath, _dirnames, _files in os.walk(stage / STATE_DIR):
+        _fsync_dir(Path(dirpath))
+    for path in [p for p, _ in reversed(dirs)] + [stage]:
         _fsync_dir(path)
     for path, mode in reversed(dirs):
         os.chmod(path, mode & 0o777)
-    report.dirs = len(dirs)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -498,13 +572,12 @@ def _restore_links(dest: Path, links: list[tuple[Path, str]], report: RestoreRep
 
 
 def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: RestoreReport) -> None:
-    """Insert the shipped rows as they are, then rebuild the projections and verify the log."""
-    check = ChainCheck()
+    """Insert the shipped rows as they are, rebuild the projections, and check the result as
+    `overnight audit verify` does; it must end at the event the snapshot was taken at."""
     log_blobs = [r[0] for r in remote.execute("SELECT hash FROM log_blobs")]
     with open_log(dest) as store:
         with store.batch():
             for row in replication.read_events(remote, snapshot.last_seq):
-                check.feed(*row)
                 store.conn.execute(f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
                 report.events += 1
             for digest, data, problem in replication.fetch_blobs(remote, log_blobs):
@@ -513,10 +586,12 @@ def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: Restore
                 else:
                     store.put_blob(data)  # type: ignore[arg-type]
                     report.blobs += 1
-    report.problems += [f"restored log: {p}" for p in check.problems]
-    if report.events != snapshot.last_seq or (snapshot.last_seq and check.last_hash != snapshot.last_hash):
-        report.problems.append(f"restored log ends at seq {report.events}, not at the snapshot's "
-                               f"{snapshot.last_seq} with its hash")
     with open_log(dest) as store:
-        store.replay(apply=True)  # its report compares with the empty tables; verify() is the check
-        report.problems += [f"restored log: {p}" for p in store.verify()]
+        store.replay(apply=True)  # its report compares with the empty tables; verify is the check
+        head = store.query("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+        seq, digest = head[0] if head else (0, "")
+        if seq != snapshot.last_seq or (seq and digest != snapshot.last_hash):
+            report.problems.append(
+                f"restored log ends at seq {seq} (hash {digest[:12] or 'none'}), but the snapshot was "
+                f"taken at seq {snapshot.last_seq} (hash {snapshot.last_hash[:12] or 'none'})")
+        report.problems += [f"restored log: {p}" for p in audit.verify(store).problems]

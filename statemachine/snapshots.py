@@ -218,6 +218,15 @@ def _load(get_blob: Callable[[str], bytes], tree_sha256: str) -> Manifest:
         raise SnapshotError(f"snapshot {tree_sha256} has a malformed manifest: {e}") from e
 
 
+def manifest_files(data: bytes) -> list[tuple[str, str]]:
+    """(path, sha256) of every file a manifest names; SnapshotError if it is malformed."""
+    try:
+        manifest = _decoder.decode(data)
+    except msgspec.MsgspecError as e:
+        raise SnapshotError(f"malformed manifest: {e}") from e
+    return [(e.path, e.sha256) for e in manifest.entries if e.kind == "file"]
+
+
 def _blob(get_blob: Callable[[str], bytes], digest: str, what: str) -> bytes:
     try:
         data = get_blob(digest)

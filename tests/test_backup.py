@@ -12,6 +12,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -289,11 +290,17 @@ def test_a_tampered_remote_blob_is_reported_and_refused(market, server, tmp_path
     assert result.exit_code == 1 and target in result.output
 
     dest = tmp_path / "restored"
+    dest.mkdir()
     result = run("restore", "--from", server.url, "--to", dest)
     assert result.exit_code == 1 and target in result.output
+    assert list(dest.iterdir()) == []  # all or nothing: the destination is as it was
+    kept = tmp_path / "restored.incomplete"
     rel = path.relative_to(market)
-    assert not (dest / rel).exists()
-    assert not list(dest.rglob(".restore-*"))
+    assert not (kept / rel).exists() and (kept / rel).parent.is_dir()
+    assert not list(kept.rglob(".restore-*"))
+    assert [p.name for p in tmp_path.iterdir() if ".restoring-" in p.name] == []
+    # what is kept passed every check: the files it has, and its log
+    assert run("audit", "verify", kept).exit_code == 0
 
 
 def crafted_remote(url: str, root_entries: list[dict], extra: dict[str, list[dict]]) -> None:
@@ -347,12 +354,16 @@ def test_crafted_snapshots_cannot_write_outside_the_destination(tmp_path):
     for refused in ("'..'", "'../escape.txt'", "'/tmp/abs.txt'", "'../../outside'", "'/etc'",
                     "'here/..'", "appears twice", ".overnight/"):
         assert refused in result.output, refused
-    outside = sorted(p for p in tmp_path.rglob("*") if dest not in p.parents and p != dest.parent and p != dest)
+    # The destination stays untouched; what passed every check is kept beside it, for a person.
+    kept = dest.with_name("dest.incomplete")
+    assert not dest.exists() and f"nothing was put in {dest}; what could be restored and verified is in {kept}" \
+        in result.output.replace("\n", " ")
+    outside = sorted(p for p in tmp_path.rglob("*") if kept not in p.parents and p not in (kept, dest.parent))
     assert outside == before
-    assert sorted(p.relative_to(dest).as_posix() for p in dest.iterdir() if p.name != ".overnight") == \
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.iterdir() if p.name != ".overnight") == \
         ["here", "inside", "ok.txt", "sub"]
-    assert (dest / "inside").read_bytes() == b"payload\n"
-    assert stat.S_IMODE(os.stat(dest / "sub" / "x.txt").st_mode) == 0o644
+    assert (kept / "inside").read_bytes() == b"payload\n"
+    assert stat.S_IMODE(os.stat(kept / "sub" / "x.txt").st_mode) == 0o644
 
 
 def test_restore_refuses_a_non_empty_directory_and_a_missing_url(market, tmp_path):
@@ -362,6 +373,49 @@ def test_restore_refuses_a_non_empty_directory_and_a_missing_url(market, tmp_pat
     assert result.exit_code == 1 and "not an empty directory" in result.output
     assert run("backup", market).exit_code == 2
     assert run("backup", market, env={"OVERNIGHT_BACKUP_URL": url}).exit_code == 0
+
+
+def test_restore_destinations_it_cannot_use_are_one_clear_error(market, tmp_path):
+    url = f"file:{tmp_path / 'offsite.db'}"
+    backup_json(market, url)
+    (tmp_path / "afile").write_text("x")
+    result = run("restore", "--from", url, "--to", tmp_path / "afile" / "sub")
+    assert result.exit_code == 1, result.output
+    assert result.output == f"error: cannot restore into {tmp_path}/afile/sub: {tmp_path}/afile is not a directory\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    os.symlink(empty, tmp_path / "link")
+    result = run("restore", "--from", url, "--to", tmp_path / "link")
+    assert result.exit_code == 1 and "is a symlink" in result.output
+    for command in (("restore", "--to", tmp_path / "new"), ("backup", "verify"), ("backup", "list")):
+        missing = run(*command, "--from", f"file:{tmp_path / 'no-such.db'}")
+        assert missing.exit_code == 1 and "no backup there (the file does not exist)" in missing.output
+    assert not (tmp_path / "no-such.db").exists() and not (tmp_path / "new").exists()
+
+
+def test_a_restore_cut_off_midway_leaves_nothing_behind(market, server, tmp_path):
+    backup_json(market, server.url)
+    before = len(server.requests)
+
+    def cut_off() -> None:  # the server starts failing a few requests into the restore
+        while len(server.requests) < before + 4:
+            time.sleep(0.005)
+        server.fail_500 = 10**6
+
+    cutter = threading.Thread(target=cut_off, daemon=True)
+    cutter.start()
+    dest = tmp_path / "restored"
+    dest.mkdir()
+    result = run("restore", "--from", server.url, "--to", dest)
+    cutter.join()
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: restore abandoned, nothing was put in {dest}: ")
+    assert "HTTP" in result.output and TOKEN not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["market", "remote.db", "restored"]
+    assert list(dest.iterdir()) == []
+    server.fail_500 = 0
+    assert run("restore", "--from", server.url, "--to", dest).exit_code == 0
+    assert run("audit", "verify", dest).exit_code == 0
 
 
 def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(tmp_path, server):

@@ -115,6 +115,24 @@ def test_run_enhances_every_plugin_and_the_log_matches_the_emulator(market, emu)
     assert overnight("scan", market, "--json").stdout.count('"events": 0') == 1
 
 
+def test_audit_verify_names_every_blob_the_log_needs_and_lacks(one, emu):
+    assert run(one, emu).exit_code == 0
+    (draft,) = query(one, "SELECT json_extract(data, '$.draft_sha256') FROM events WHERE type = 'SkillReceived'")[0]
+    (tree,) = query(one, "SELECT json_extract(data, '$.tree_sha256') FROM events WHERE type = 'PluginSnapshotted'")[0]
+    readme = hashlib.sha256((one / "plugins/tools/widget/README.md").read_bytes()).hexdigest()
+    conn = db(one)
+    conn.execute("DELETE FROM blobs WHERE hash IN (?, ?)", (draft, readme))  # blobs are not append-only
+    conn.close()
+    result = overnight("audit", "verify", one, "--json")
+    assert result.exit_code == 1
+    problems = json.loads(result.stdout)["problems"]
+    seq_of = dict(query(one, "SELECT type, seq FROM events WHERE type IN ('SkillReceived', 'PluginSnapshotted')"))
+    assert problems == [
+        f"seq {seq_of['SkillReceived']} (SkillReceived): blob {draft} (its draft) is missing from the store",
+        f"seq {seq_of['PluginSnapshotted']}: plugin snapshot {tree} names README.md, whose blob {readme} "
+        "is missing from the store"]
+
+
 def test_the_key_never_reaches_the_log_or_the_json_log(one, emu, tmp_path):
     events = tmp_path / "events.jsonl"
     emu.script("rate_limit_minute", retry_delay="0s")
