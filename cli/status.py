@@ -35,7 +35,9 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
         r = report.last_run
         out.print(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "
                   f"{r['rejected']} rejected, {r['failed']} failed, {r['requests']} requests"
-                  + (f"; paused until {r['paused_until']}" if r["paused_until"] else ""), markup=False)
+                  + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
+                  + ("; no overnight process is running it: `overnight resume` continues it"
+                     if r["status"] == "stopped" else ""), markup=False)
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""
         reason = f": {item['reason']}" if item["reason"] else ""

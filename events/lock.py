@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from events.errors import StoreLocked
+
+_ATTEMPTS = 5
 
 
 class WriterLock:
@@ -20,10 +23,16 @@ class WriterLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock, or raise StoreLocked. A few short retries ride out a `held()` probe."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(_ATTEMPTS):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < _ATTEMPTS - 1:
+                    time.sleep(0.02)
+        else:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise StoreLocked(
@@ -33,6 +42,21 @@ class WriterLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def held(self) -> bool:
+        """Whether a live process holds this lock (a reader's question: is a run going on?).
+        Probed with a shared lock that is dropped at once; `acquire` retries past it."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def release(self) -> None:
         if self._fd is not None:

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from statemachine.catalog import PluginFacts, SkillFact
 from statemachine.discovery import (
     MAX_PLUGIN_JSON, MANIFEST, PLUGIN_JSON, SKIP_DIRS, Candidate, Unreadable, is_inside,
-    load_json, manifest_entries, one_line, read_inside, special_kind,
+    is_utf8, load_json, manifest_entries, one_line, read_inside, special_kind,
 )
 
 MAX_ENTRIES = 20_000
@@ -40,17 +40,17 @@ class Tree:
     files: int
     bytes: int
     warnings: list[str]
-    too_large: str | None
+    problem: str | None  # why the plugin cannot be processed, or None
 
 
 # ------------------------------------------------------------------ the tree
 
 
-def _walk(start: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+def _walk(start: str, problems: list[str]) -> Iterator[tuple[str, os.stat_result]]:
     """(relative posix path, lstat) of every entry below `start`, directories included.
 
     Symlinks are reported, not followed; SKIP_DIRS are left out; a directory reached twice
-    (bind mounts) is not entered again; an unreadable directory is a warning.
+    (bind mounts) is not entered again; an entry that cannot be read is added to `problems`.
     """
     seen: set[tuple[int, int]] = set()
     stack = [""]
@@ -61,7 +61,7 @@ def _walk(start: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result
             with os.scandir(directory) as it:
                 items = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            warnings.append(f"cannot read directory {one_line(prefix or '.')}: {e.strerror}")
+            problems.append(f"cannot read directory {one_line(prefix or '.')}: {e.strerror}")
             continue
         for entry in items:
             if entry.name in SKIP_DIRS:
@@ -70,7 +70,7 @@ def _walk(start: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError as e:
-                warnings.append(f"cannot read {one_line(rel)}: {e.strerror}")
+                problems.append(f"cannot read {one_line(rel)}: {e.strerror}")
                 continue
             yield rel, st
             if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
@@ -81,26 +81,34 @@ def _walk(start: str, warnings: list[str]) -> Iterator[tuple[str, os.stat_result
 def hash_tree(root: Path, plugin_dir: Path) -> Tree:
     """Walk plugin_dir with os.scandir (never following symlinks, never opening FIFOs/devices),
     stream each regular file through sha256 in chunks. Symlinks are hashed by their target
-    text, not followed. Survives loops and unreadable files (warning, hashed as 'unreadable').
+    text, not followed. Survives loops and unreadable files (hashed as 'unreadable').
 
-    Over the limits (more than MAX_ENTRIES entries or MAX_BYTES bytes) the walk stops, no file
-    is read, and `too_large` says why; the hash then covers only the listing seen so far.
+    `problem` says why the plugin cannot be processed: over the limits (more than MAX_ENTRIES
+    entries or MAX_BYTES bytes: the walk stops, no file is read, and the hash covers only the
+    listing seen so far), or an entry a snapshot could not capture (a file, directory or
+    symlink that cannot be read, a name or symlink target that is not UTF-8): overnight
+    snapshots every plugin completely before changing it, so such a plugin is refused before
+    any request is spent on it. Skipped special files and symlinks that dangle or leave the
+    marketplace are only warnings.
     """
     root_real = os.path.realpath(root)
     start = os.path.realpath(plugin_dir)
     warnings: list[str] = []
+    problems: list[str] = []
     if not is_inside(start, root_real) or not os.path.isdir(start):
         return Tree(content_hash=hashlib.sha256(b"").hexdigest(), files=0, bytes=0, warnings=[],
-                    too_large="the plugin directory is not a directory inside the marketplace")
+                    problem="the plugin directory is not a directory inside the marketplace")
     entries: list[tuple[str, str, int, str]] = []  # (path, kind, size, digest)
     files = total = 0
     too_large = None
-    for rel, st in _walk(start, warnings):
+    for rel, st in _walk(start, problems):
         mode = st.st_mode
+        if not is_utf8(rel):
+            problems.append(f"the name {one_line(rel)} is not UTF-8")
         if stat.S_ISDIR(mode):
             entries.append((rel, "dir", 0, ""))
         elif stat.S_ISLNK(mode):
-            entries.append(_symlink_entry(root_real, start, rel, warnings))
+            entries.append(_symlink_entry(root_real, start, rel, warnings, problems))
         elif stat.S_ISREG(mode):
             files += 1
             total += st.st_size
@@ -116,7 +124,7 @@ def hash_tree(root: Path, plugin_dir: Path) -> Tree:
             break
     if too_large is None:
         entries = [
-            (rel, kind, size, _file_digest(start, rel, warnings) if kind == "file" else digest)
+            (rel, kind, size, _file_digest(start, rel, problems) if kind == "file" else digest)
             for rel, kind, size, digest in entries
         ]
     digest = hashlib.sha256()
@@ -124,17 +132,28 @@ def hash_tree(root: Path, plugin_dir: Path) -> Tree:
         digest.update(b"\0".join((os.fsencode(rel), kind.encode(), str(size).encode(),
                                   entry_digest.encode())) + b"\0\0")
     return Tree(content_hash=digest.hexdigest(), files=files, bytes=total,
-                warnings=warnings, too_large=too_large)
+                warnings=warnings, problem=too_large or _unsnapshotable(problems))
 
 
-def _symlink_entry(root_real: str, start: str, rel: str,
-                   warnings: list[str]) -> tuple[str, str, int, str]:
+def _unsnapshotable(problems: list[str]) -> str | None:
+    """One deterministic line for the entries a snapshot could not capture, or None."""
+    if not problems:
+        return None
+    first = sorted(problems)[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{first}{more}; overnight reads every file to snapshot a plugin before changing it"
+
+
+def _symlink_entry(root_real: str, start: str, rel: str, warnings: list[str],
+                   problems: list[str]) -> tuple[str, str, int, str]:
     path = os.path.join(start, rel)
     try:
         target = os.readlink(path)
     except OSError as e:
-        warnings.append(f"cannot read symlink {one_line(rel)}: {e.strerror}")
+        problems.append(f"cannot read symlink {one_line(rel)}: {e.strerror}")
         return rel, "symlink", 0, "unreadable"
+    if not is_utf8(target):
+        problems.append(f"the target of symlink {one_line(rel)} is not UTF-8")
     shown = f"{one_line(rel)} -> {one_line(target)}"
     try:
         os.stat(path)
@@ -153,22 +172,22 @@ def _symlink_entry(root_real: str, start: str, rel: str,
     return rel, "symlink", len(encoded), hashlib.sha256(encoded).hexdigest()
 
 
-def _file_digest(start: str, rel: str, warnings: list[str]) -> str:
+def _file_digest(start: str, rel: str, problems: list[str]) -> str:
     try:
         fd = os.open(os.path.join(start, rel), os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW)
     except OSError as e:
-        warnings.append(f"cannot read {one_line(rel)}: {e.strerror}")
+        problems.append(f"cannot read {one_line(rel)}: {e.strerror}")
         return "unreadable"
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            warnings.append(f"cannot read {one_line(rel)}: it changed while being read")
+            problems.append(f"cannot read {one_line(rel)}: it changed while being read")
             return "unreadable"
         sha = hashlib.sha256()
         while chunk := os.read(fd, _CHUNK):
             sha.update(chunk)
         return sha.hexdigest()
     except OSError as e:
-        warnings.append(f"cannot read {one_line(rel)}: {e.strerror}")
+        problems.append(f"cannot read {one_line(rel)}: {e.strerror}")
         return "unreadable"
     finally:
         os.close(fd)

@@ -174,13 +174,18 @@ def load_json(root_real: str, path: Path, limit: int, label: str) -> Any:
     except UnicodeDecodeError as e:
         raise Unreadable(f"{label} is not UTF-8 (invalid byte at offset {e.start})") from None
     try:
-        return json.loads(text)
+        parsed = json.loads(text)
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as e:
         raise Unreadable(
             f"{label}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
         ) from None
     except RecursionError:
         raise Unreadable(f"{label}: invalid JSON: nested too deeply") from None
+    except UnicodeEncodeError:
+        raise Unreadable(f"{label}: a string holds a lone surrogate escape (like \\udfff), "
+                         "which is not Unicode text") from None
+    return parsed
 
 
 # ------------------------------------------------------------------ the manifest
@@ -272,37 +277,65 @@ def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
 # ------------------------------------------------------------------ directories
 
 
-def plugin_dirs(root: Path) -> list[str]:
-    """Plugin ids of every directory under plugins/ holding .claude-plugin/plugin.json.
+def plugin_dirs(root: Path) -> tuple[list[str], list[str]]:
+    """Plugin ids of every directory under plugins/ holding .claude-plugin/plugin.json, and
+    warnings about what could not be searched.
 
-    Symlinks are never followed; `.git`, `node_modules` and `.overnight` are skipped.
+    Symlinks are never followed; `.git`, `node_modules` and `.overnight` are skipped. A
+    directory that cannot be read, or whose name is not UTF-8 (it cannot be a plugin id), is
+    a warning, so a plugin is never lost without a word.
     """
-    found = []
+    found: list[str] = []
+    warnings: list[str] = []
     start = Path(root) / PLUGINS_DIR
     try:
-        if not stat.S_ISDIR(os.lstat(start).st_mode):
-            return []
-    except OSError:
-        return []
+        mode = os.lstat(start).st_mode
+    except FileNotFoundError:
+        return [], []
+    except OSError as e:
+        return [], [f"cannot read {PLUGINS_DIR}/: {e.strerror}; no plugin directory was searched"]
+    if not stat.S_ISDIR(mode):
+        what = "a symlink (never followed)" if stat.S_ISLNK(mode) else "not a directory"
+        return [], [f"{PLUGINS_DIR} is {what}; no plugin directory was searched"]
     stack = [PLUGINS_DIR]
     while stack:
         rel = stack.pop()
         directory = Path(root) / rel
-        if os.path.lexists(directory / PLUGIN_JSON):
-            found.append(rel)
         try:
+            has_manifest = os.path.lexists(directory / PLUGIN_JSON)
             with os.scandir(directory) as it:
-                for entry in it:
-                    if entry.name in SKIP_DIRS:
-                        continue
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(f"{rel}/{entry.name}")
-                    except OSError:
-                        continue
-        except OSError:
+                entries = list(it)
+        except OSError as e:
+            warnings.append(f"cannot read directory {one_line(rel)}: {e.strerror}; "
+                            "plugins in it cannot be found")
             continue
-    return found
+        if has_manifest:
+            found.append(rel)
+        for entry in entries:
+            if entry.name in SKIP_DIRS:
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError as e:
+                warnings.append(f"cannot read {one_line(rel + '/' + entry.name)}: {e.strerror}")
+                continue
+            if not is_dir:
+                continue
+            child = f"{rel}/{entry.name}"
+            if not is_utf8(entry.name):
+                warnings.append(f"skipped directory {one_line(child)}: its name is not UTF-8")
+                continue
+            stack.append(child)
+    return found, warnings
+
+
+def is_utf8(text: str) -> bool:
+    """False for a str holding lone surrogates (undecodable bytes of a file name)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _category_from_path(plugin_id: str) -> str:
@@ -324,7 +357,9 @@ def discover(root: Path) -> Discovery:
     root = Path(root)
     root_real = os.path.realpath(root)
     entries, warnings = manifest_entries(root)
-    ids = set(entries) | set(plugin_dirs(root))
+    dirs, dir_warnings = plugin_dirs(root)
+    warnings += dir_warnings
+    ids = set(entries) | set(dirs)
     candidates = [_candidate(root, root_real, plugin_id, entries.get(plugin_id))
                   for plugin_id in sorted(ids)]
     return Discovery(candidates=_mark_duplicates(candidates), warnings=warnings)

@@ -12,6 +12,7 @@ at any instant is repaired by calling `advance` again:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import random
 import threading
@@ -154,11 +155,43 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
                 wait_until = _ts(row["not_before"])
                 if wait_until > ctx.clock():
                     return wait_until
-            _STEPS[state](ctx, cursor, row)
+            try:
+                _STEPS[state](ctx, cursor, row)
+            except (OSError, snapshots.SnapshotError, writes.WriteError) as e:
+                if _machine_fault(e):
+                    raise  # the disk, not this plugin: the run stops, and `resume` continues
+                _file_failure(ctx, cursor, row, e)
         return None
     finally:
         ctx.stats.phase(plugin_id, None)
         ctx.journal.release(cursor)
+
+
+# OS errors of the machine rather than of one plugin's files: they stop the run.
+_MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ENOMEM})
+# The step a state performs, as PluginFailed names it.
+_STEP_OF = {State.ANALYZED: "plan", State.PLANNING: "plan", State.PLANNED: "skill",
+            State.GENERATING: "skill", State.GENERATED: "gates", State.VALIDATED: "snapshot",
+            State.SNAPSHOTTED: "write", State.WRITING: "write", State.WRITTEN: "finish"}
+
+
+def _machine_fault(e: BaseException) -> bool:
+    """True when `e` (or the OSError behind it) is a full, failing or read-only disk."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__  # type: ignore[assignment]
+    return isinstance(e, OSError) and e.errno in _MACHINE_ERRNOS
+
+
+def _file_failure(ctx: Context, cursor: PluginCursor, row: dict, e: BaseException) -> None:
+    """A problem with this plugin's own files (a symlink where a directory must be, a file it
+    cannot read, a directory it cannot write, a plugin that vanished): it fails with the
+    reason, and the batch goes on."""
+    reason = str(e) if not isinstance(e, OSError) else f"{e.filename or row['path']}: {e.strerror or e}"
+    if row["state"] == State.WRITING and hash_tree(ctx.root, ctx.root / row["path"]).content_hash != row["content_hash"]:
+        reason += (f"; the files written before it stay: `overnight restore-plugin {row['name']}` puts "
+                   "the plugin back as it was before overnight")
+    step = row["step"] if row["state"] == State.RETRYING else _STEP_OF.get(row["state"], row["state"])
+    ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step or "plan", reason=ctx.scrub(reason)))
 
 
 def _ts(at: str | None) -> float:

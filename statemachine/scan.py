@@ -15,6 +15,7 @@ from typing import Callable
 
 from events import EventStore
 from statemachine import catalog as c
+from statemachine import writes
 from statemachine.analysis import analyze, hash_tree
 from statemachine.discovery import Candidate, discover
 from statemachine.lifecycle import Lifecycle, State
@@ -76,6 +77,18 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None) -> Sca
     return report
 
 
+def _target_problem(plugin_dir: Path, skill: str | None) -> str | None:
+    """Why the SKILL.md could never be written (a symlink or a file on its way, a directory in
+    its place), found before any request is spent; the write step checks again."""
+    if skill is None:
+        return None
+    try:
+        writes.plan_targets(plugin_dir, f"skills/{skill}", {f"skills/{skill}/SKILL.md": b""})
+    except writes.WriteError as e:
+        return f"its SKILL.md cannot be written: {e}"
+    return None
+
+
 def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Candidate,
               row: dict | None, report: ScanReport) -> None:
     discovered = c.PluginDiscovered(
@@ -86,7 +99,7 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
     tree = None
     if problem is None:
         tree = hash_tree(root, root / candidate.path)
-        problem = tree.too_large
+        problem = tree.problem or _target_problem(root / candidate.path, candidate.skill_name)
     if problem is not None:
         report.invalid += 1
         report.problems.append((candidate.plugin_id, problem))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from events import EventStore
+from events.lock import WriterLock
 from statemachine.errors import UnknownPlugin
 from statemachine.lifecycle import State
 
@@ -37,6 +38,9 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
     )
     last_run = dict(zip(("run_id", "command", "status", "started_at", "ended_at", "paused_until",
                          "plugins", "requests", "done", "skipped", "rejected", "failed"), run[0])) if run else None
+    if last_run and last_run["status"] == "running" and not WriterLock(store.path).held():
+        # recorded as running, but no process holds the log: it crashed or stopped on an error
+        last_run["status"] = "stopped"
     sql = f"SELECT {', '.join(_ROW)} FROM plugins"
     where, params = [], []
     if plugin is not None:

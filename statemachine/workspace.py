@@ -7,7 +7,7 @@ from pathlib import Path
 from events import EventStore
 from events.store import Clock, utc_now
 from statemachine.catalog import REGISTRY
-from statemachine.errors import NotAMarketplace
+from statemachine.errors import NotAMarketplace, OvernightError
 from statemachine.projections import PROJECTIONS, VIEWS
 
 STATE_DIR = ".overnight"
@@ -27,6 +27,23 @@ def default_db(root: Path) -> Path:
 
 def open_log(root: Path, db: Path | None = None, *, writer: bool = True, clock: Clock = utc_now,
              synchronous: str = "FULL") -> EventStore:
-    """The event log of the marketplace at `root` (`db` overrides the default location)."""
-    return EventStore.open(db or default_db(root), registry=REGISTRY, projections=PROJECTIONS,
-                           views=VIEWS, writer=writer, clock=clock, synchronous=synchronous)
+    """The event log of the marketplace at `root` (`db` overrides the default location).
+
+    At the default location nothing is followed out of the marketplace: a `.overnight` (or its
+    log) that is a symlink, or that is not a directory, is refused with a pointer to --db.
+    """
+    path = db or default_db(root)
+    elsewhere = "pass --db FILE (or set OVERNIGHT_DB) to keep the log elsewhere"
+    if db is None:
+        for candidate, kind in ((root / STATE_DIR, "directory"), (path, "file")):
+            if candidate.is_symlink():
+                raise OvernightError(f"{candidate} is a symlink; overnight never follows one out of the "
+                                     f"marketplace: {elsewhere}")
+            if candidate.exists() and not (candidate.is_dir() if kind == "directory" else candidate.is_file()):
+                raise OvernightError(f"{candidate} is not a {kind}; {elsewhere}")
+    try:
+        return EventStore.open(path, registry=REGISTRY, projections=PROJECTIONS,
+                               views=VIEWS, writer=writer, clock=clock, synchronous=synchronous)
+    except OSError as e:
+        hint = f"; {elsewhere}" if db is None else ""
+        raise OvernightError(f"cannot open the event log {path}: {e.strerror or e}{hint}") from e

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from tests.marketplace_builder import manifest, plugin, skill_md, write
+from tests.privileges import needs_permissions, unprivileged
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "docs" / "example-marketplace"
@@ -267,3 +268,38 @@ def test_a_second_writer_is_refused_and_the_first_is_unharmed(market):
     finally:
         holder.communicate("done\n")
     assert run("audit", "verify", market).exit_code == 0
+
+
+def test_a_state_directory_overnight_cannot_use_is_one_clear_error(market, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    state = market / ".overnight"
+    state.write_text("not a directory")
+    result = run("scan", market)
+    assert result.exit_code == 1
+    assert result.output == (f"error: {state} is not a directory; pass --db FILE (or set OVERNIGHT_DB) to keep "
+                             "the log elsewhere\n")
+    state.unlink()
+    state.symlink_to(outside)
+    result = run("scan", market)
+    assert result.exit_code == 1 and f"error: {state} is a symlink; overnight never follows one out of the " \
+        "marketplace" in result.output
+    state.unlink()
+    state.mkdir()
+    (state / "overnight.db").symlink_to(outside / "evil.db")
+    assert run("scan", market).exit_code == 1
+    assert list(outside.iterdir()) == []  # nothing was created through either symlink
+    assert run("scan", market, "--db", tmp_path / "elsewhere.db").exit_code == 0
+
+
+@needs_permissions
+def test_a_read_only_marketplace_says_where_the_log_can_go(market, tmp_path):
+    market.chmod(0o555)
+    try:
+        result = subprocess.run([*unprivileged(), sys.executable, "-m", "cli", "scan", str(market)], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        market.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"error: cannot open the event log {market}/.overnight/overnight.db: Permission "
+                             "denied; pass --db FILE (or set OVERNIGHT_DB) to keep the log elsewhere\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -135,3 +136,26 @@ def test_a_signal_stops_cleanly_records_the_interruption_and_resume_finishes(tmp
         assert spawn("resume", root, emu.url).wait(timeout=60) == 0
     assert query(root, "SELECT state, count(*) FROM plugins GROUP BY state") == [("done", 6)]
     assert query(root, "SELECT status FROM runs") == [("complete",)]
+
+
+def test_status_tells_a_run_that_died_from_one_that_runs(tmp_path):
+    root = tmp_path / "market"
+    build_marketplace(root, 6)
+    with Emulator(api_key=KEY, latency=(0.3, 0.4), seed=3) as emu:
+        proc = spawn("run", root, emu.url)
+        try:
+            deadline = time.monotonic() + 60
+            while not (has_run(root) and len(emu.requests) >= 2) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            live = json.loads(cli("status", str(root), "--json").stdout)["last_run"]
+        finally:
+            proc.kill()
+            proc.wait()
+        assert live["status"] == "running"
+        dead = json.loads(cli("status", str(root), "--json").stdout)["last_run"]
+        assert dead["status"] == "stopped" and dead["run_id"] == live["run_id"]
+        human = cli("status", str(root)).stdout
+        assert "no overnight process is running it: `overnight resume` continues it" in human
+        resumed = spawn("resume", root, emu.url)
+        assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()
+    assert json.loads(cli("status", str(root), "--json").stdout)["last_run"]["status"] == "complete"

@@ -238,7 +238,7 @@ def test_directory_symlink_loops_do_not_hang_discovery_or_hashing(tmp_path):
     c = only(tmp_path)
     assert c.problem is None
     tree = hash_tree(tmp_path, directory)
-    assert tree.files == 2 and tree.too_large is None
+    assert tree.files == 2 and tree.problem is None
     assert any("loop -> loop" in w for w in tree.warnings)
 
 
@@ -310,14 +310,14 @@ def test_a_plugin_over_the_size_limit_is_too_large_without_reading(tmp_path):
     with open(directory / "blob.bin", "wb") as f:
         f.truncate(analysis.MAX_BYTES + 1)
     tree = hash_tree(tmp_path, directory)
-    assert tree.too_large == "the plugin holds more than 200 MiB"
+    assert tree.problem == "the plugin holds more than 200 MiB"
 
 
 def test_a_plugin_with_too_many_entries_is_too_large(tmp_path, monkeypatch):
     monkeypatch.setattr(analysis, "MAX_ENTRIES", 10)
     directory = plugin(tmp_path, "plugins/a/x", "x",
                        files={f"commands/c{i}.md": "c\n" for i in range(20)})
-    assert hash_tree(tmp_path, directory).too_large == (
+    assert hash_tree(tmp_path, directory).problem == (
         "the plugin has more than 10 files and directories")
 
 

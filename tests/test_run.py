@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import apsw
@@ -17,6 +20,7 @@ from cli.main import main
 from statemachine.analysis import hash_tree
 from tests.emulator import Emulator
 from tests.marketplace_builder import manifest, plugin
+from tests.privileges import needs_permissions, unprivileged
 
 KEY = "fake-key-OVERNIGHT-7f3a9c"
 REPO = Path(__file__).resolve().parent.parent
@@ -228,6 +232,86 @@ def test_repeated_faults_fail_the_plugin_after_the_allowed_attempts(one, emu):
     assert states(one) == {"plugins/tools/widget": "failed"}
     assert "plan failed 3 times; last: server" in result.stdout
     assert len(generate_requests(emu)) == 3
+
+
+def cli_process(*args: object) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI",
+                                                             "GOOGLE_GEMINI_BASE_URL")}
+    return subprocess.run([*unprivileged(), sys.executable, "-m", "cli", *map(str, args)], cwd=REPO,
+                          env={**env, "GOOGLE_API_KEY": KEY}, capture_output=True, text=True, timeout=300)
+
+
+def test_plugins_overnight_could_never_snapshot_or_write_are_refused_before_any_request(market, emu, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, market / "plugins/productivity/meeting-notes/skills")  # a write would go through it
+    (market / "plugins/security/secret-scanner/commands" / os.fsdecode(b"bad\xffname.md")).write_text("# x\n")
+    surrogate = market / "plugins/odd/surrogate/.claude-plugin/plugin.json"
+    surrogate.parent.mkdir(parents=True)
+    surrogate.write_text('{"name": "odd\\udfff"}')
+    strange = market / "plugins/odd" / os.fsdecode(b"dir\xff") / ".claude-plugin/plugin.json"
+    strange.parent.mkdir(parents=True)
+    strange.write_text('{"name": "strange"}')
+    scan = overnight("scan", market, "--json")
+    assert scan.exit_code == 0, scan.output
+    assert json.loads(scan.stdout)["warnings"] == [
+        "skipped directory plugins/odd/dir\\udcff: its name is not UTF-8"]
+    result = run(market, emu, "--json")
+    assert result.exit_code == 0, result.output
+    assert states(market) == {"plugins/database/schema-linter": "done", "plugins/devops/deploy-checker": "done",
+                              "plugins/odd/surrogate": "invalid", "plugins/productivity/meeting-notes": "invalid",
+                              "plugins/security/secret-scanner": "invalid"}
+    reasons = dict(query(market, "SELECT plugin_id, reason FROM plugins WHERE state = 'invalid'"))
+    assert reasons == {
+        "plugins/odd/surrogate": ".claude-plugin/plugin.json: a string holds a lone surrogate escape "
+                                 "(like \\udfff), which is not Unicode text",
+        "plugins/productivity/meeting-notes": "its SKILL.md cannot be written: skills/meeting-notes/SKILL.md: "
+                                              "skills is a symlink; refusing to follow it",
+        "plugins/security/secret-scanner": "the name commands/bad\\udcffname.md is not UTF-8; overnight reads "
+                                           "every file to snapshot a plugin before changing it"}
+    assert len(generate_requests(emu)) == 4  # plan and skill for the two that can be processed
+    assert list(outside.iterdir()) == []
+    assert_healthy(market)
+
+
+@needs_permissions
+def test_unreadable_files_refuse_a_plugin_and_a_read_only_skill_dir_fails_it_alone(market, emu):
+    secret = market / "plugins/security/secret-scanner/README.md"
+    secret.chmod(0o000)  # its snapshot could not be taken: refused at the scan
+    skill_dir = market / "plugins/database/schema-linter/skills/schema-linter"
+    before = (skill_dir / "SKILL.md").read_bytes()
+    skill_dir.chmod(0o555)  # readable, so the scan takes it; the write then fails
+    notes = market / "plugins/productivity/meeting-notes"
+    references = notes / "skills/meeting-notes/references"
+    references.mkdir(parents=True)
+    original = hash_tree(market, notes).content_hash
+    references.chmod(0o555)  # SKILL.md is written, then its bundled references fail
+    try:
+        result = cli_process("run", market, "--base-url", emu.url, *FAST, "--json")
+    finally:
+        for path in (skill_dir, references):
+            path.chmod(0o755)
+        secret.chmod(0o644)
+    assert result.returncode == 1, result.stderr  # two plugins failed; the run itself completed
+    summary = json.loads(result.stdout)
+    assert summary["outcome"] == "incomplete" and "Traceback" not in result.stderr
+    assert states(market) == {"plugins/database/schema-linter": "failed", "plugins/devops/deploy-checker": "done",
+                              "plugins/productivity/meeting-notes": "failed",
+                              "plugins/security/secret-scanner": "invalid"}
+    reasons = dict(query(market, "SELECT plugin_id, reason FROM plugins WHERE state IN ('failed', 'invalid')"))
+    assert reasons == {
+        "plugins/security/secret-scanner": "cannot read README.md: Permission denied; overnight reads every file "
+                                           "to snapshot a plugin before changing it",
+        "plugins/database/schema-linter": "cannot write skills/schema-linter/SKILL.md: Permission denied",
+        "plugins/productivity/meeting-notes": "cannot write skills/meeting-notes/references/checklist.md: "
+                                              "Permission denied; the files written before it stay: `overnight "
+                                              "restore-plugin meeting-notes` puts the plugin back as it was "
+                                              "before overnight"}
+    assert (skill_dir / "SKILL.md").read_bytes() == before
+    assert len(generate_requests(emu)) == 6
+    assert_healthy(market)
+    assert overnight("restore-plugin", "meeting-notes", market).exit_code == 0
+    assert hash_tree(market, notes).content_hash == original
 
 
 def test_a_request_gemini_refuses_fails_that_plugin_at_once_and_the_batch_goes_on(market, emu):
