@@ -22,7 +22,7 @@ from cli.options import (
 from cli.render import console, emit_json
 from events.remote import display_url
 from statemachine import backup as backup_service
-from statemachine.workspace import marketplace_root, open_log
+from statemachine.workspace import default_db, marketplace_root, open_log
 
 URL_ENV = ["OVERNIGHT_BACKUP_URL", "TURSO_DATABASE_URL"]
 TOKEN_ENV = "TURSO_AUTH_TOKEN"
@@ -71,20 +71,29 @@ def backup() -> None:
 @json_option
 @common
 def backup_now(path: Path, db: Path | None, url: str | None, as_json: bool) -> None:
-    """Back up the marketplace at PATH and its log."""
+    """Back up the marketplace at PATH and its log (which must exist: a backup never creates one)."""
     url = _url(url)
     root = marketplace_root(path)
+    log = db or default_db(root)
+    if not log.exists():
+        raise backup_service.BackupError(f"no event log at {log} (run `overnight scan` or `overnight run` "
+                                         "first, or pass --db)")
     with open_log(root, db) as store:
         report = backup_service.backup(store, root, url, _token())
     if as_json:
         emit_json(report.as_json())
         return
     s = report.snapshot
-    console().print(
+    out = console()
+    out.print(
         f"snapshot {s.id} at {report.target}: {s.files:,} files, {s.bytes:,} bytes, {s.plugins} plugins, "
         f"log up to seq {s.last_seq}\nsent {report.events_sent:,} events, {report.blobs_sent:,} blobs, "
         f"{report.bytes_sent:,} bytes in {report.rows_written:,} rows ({report.batches} batches) "
         f"in {report.seconds:.2f} s", markup=False)
+    if report.blobs_repaired:
+        out.print(f"repaired {report.blobs_repaired:,} damaged blobs on the remote", markup=False)
+    for warning in report.warnings:
+        out.print(f"warning: {warning}", markup=False)
 
 
 @backup.command()

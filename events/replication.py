@@ -1,6 +1,6 @@
 """Shipping the log to a remote libSQL database, reading it back, and checking what is there.
 
-Remote tables (created if missing):
+Remote tables (created if missing, after checking that those already there are ours):
 - `events`: the local rows as they are (same columns, seq the primary key);
 - `blob_chunks(hash, idx, data)`: content-addressed bytes in chunks of at most `CHUNK`;
 - `blobs(hash, size, chunks)`: the index row of a blob, written after all its chunks;
@@ -8,11 +8,19 @@ Remote tables (created if missing):
   written after the blob's index row.
 
 What must always hold on the remote, even after a crash at any instant:
+- nothing is created or written in a database one of whose tables named like ours
+  (`SCHEMA`, and the layer above's extra tables) has other columns than ours: it is not a
+  backup (another SQLite file, or a live event log), and it is refused as it is;
 - a `blobs` row implies all its chunks are present; a `log_blobs` row implies its `blobs` row;
-- remote events are a prefix of the local log (seq 1..M, same hashes); shipping refuses a
-  remote whose head is not in the local log (another log, or a diverged one);
+- remote events are a prefix of the local log (seq 1..M, same hashes) whose hash chain holds:
+  the remote head is checked against the local log before anything is shipped (another log,
+  a diverged one, or a local log that lost its newest events is refused), and no event is
+  shipped past the first one that breaks the chain continuing from the remote head;
 - every write is `INSERT OR IGNORE` of content-addressed or seq-keyed rows, so a retried or
-  repeated shipment changes nothing, and an interrupted one continues where it stopped.
+  repeated shipment changes nothing, and an interrupted one continues where it stopped. The
+  one exception is repairing a damaged blob (`Writer.put_blob(..., repair=True)`): its index
+  row is deleted first, then its chunks, then both are written again, so every prefix of
+  the repair keeps the rule above and a retried repair ends in the same state.
 
 This module knows nothing of plugins; snapshots of trees are the layer above's business.
 """
@@ -24,7 +32,10 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
-from events.chain import EVENT_COLUMNS, ChainCheck
+import apsw
+
+from events.chain import EVENT_COLUMNS, GENESIS, ChainCheck
+from events.errors import EventStoreError
 from events.remote import Remote, RemoteError, Statement
 from events.store import EventStore
 
@@ -50,8 +61,45 @@ SCHEMA = (
 )
 
 
+def _name(remote: Remote) -> str:
+    return getattr(remote, "url", "the remote")
+
+
+def _columns(conn: Any, tables: Sequence[str]) -> dict[str, list[str]]:
+    """Table -> its column names in order, for each of `tables` that `conn` has (a `Remote`, or
+    an apsw connection: both have `execute`); one query, so one round trip to a remote."""
+    found: dict[str, list[str]] = {}
+    for table, column in conn.execute(
+            "SELECT lower(m.name), p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p "
+            f"WHERE m.type = 'table' AND lower(m.name) IN ({', '.join('?' * len(tables))}) "
+            "ORDER BY m.name, p.cid", tuple(tables)):
+        found.setdefault(table, []).append(column)
+    return found
+
+
 def ensure_schema(remote: Remote, extra: Sequence[str] = ()) -> None:
-    remote.batch([(sql, ()) for sql in (*SCHEMA, *extra)])
+    """Create our tables on `remote`; first refuse it, writing nothing, if a table of ours is
+    already there with other columns (the database is not an overnight backup).
+
+    Our columns are read back from the same statements run in an in-memory SQLite, so they
+    cannot drift from `SCHEMA` and `extra`.
+    """
+    statements = (*SCHEMA, *extra)
+    ours = apsw.Connection(":memory:")
+    try:
+        for sql in statements:
+            ours.execute(sql)
+        tables = [row[0] for row in ours.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                                 "ORDER BY rowid")]
+        expected = _columns(ours, tables)
+    finally:
+        ours.close()
+    theirs = _columns(remote, tables)
+    for table in tables:
+        if table in theirs and theirs[table] != expected[table]:
+            raise RemoteError(f"{_name(remote)} is not an overnight backup (its table {table} has columns "
+                              f"{', '.join(theirs[table])})")
+    remote.batch([(sql, ()) for sql in statements])
 
 
 @dataclass
@@ -93,8 +141,12 @@ class Writer:
             self.shipment.batches += 1
             self._pending, self._size = [], 0
 
-    def put_blob(self, digest: str, data: bytes) -> None:
-        """Chunks first, then the index row."""
+    def put_blob(self, digest: str, data: bytes, *, repair: bool = False) -> None:
+        """Chunks first, then the index row. `repair` (a damaged blob): first delete its index
+        row, then every chunk stored under its hash, so only the chunks written here remain."""
+        if repair:
+            self.add("DELETE FROM blobs WHERE hash = ?", (digest,))
+            self.add("DELETE FROM blob_chunks WHERE hash = ?", (digest,))
         count = max(1, -(-len(data) // CHUNK))
         for idx in range(count):
             self.add("INSERT OR IGNORE INTO blob_chunks (hash, idx, data) VALUES (?, ?, ?)",
@@ -139,24 +191,38 @@ def ship_blobs(store: EventStore, writer: Writer) -> None:
     writer.flush()
 
 
-def ship_events(store: EventStore, writer: Writer, upto: int | None = None) -> int:
-    """Events after the remote head up to `upto` (default: all); the new remote head seq."""
-    upto = store.last_seq if upto is None else upto
-    seq, digest = remote_head(writer.remote)
+def check_head(store: EventStore, remote: Remote, upto: int) -> tuple[int, str]:
+    """The remote head (seq, hash; (0, GENESIS) when empty), once it is known to be this log's
+    event at that seq and not past `upto`: call it before shipping anything."""
+    seq, digest = remote_head(remote)
     if seq > upto:
-        raise RemoteError(f"{getattr(writer.remote, 'url', 'the remote')} holds {seq} events, "
-                          f"more than this log's {upto}: it is the backup of another or a newer log")
+        raise RemoteError(f"{_name(remote)} holds {seq} events but this log only {upto}: either this log "
+                          "has lost its newest events or the remote belongs to another log")
     if seq:
         local = store.query("SELECT hash FROM events WHERE seq = ?", (seq,))
         if not local or local[0][0] != digest:
-            raise RemoteError(f"{getattr(writer.remote, 'url', 'the remote')}: its event {seq} differs "
-                              "from this log's: it is the backup of another log")
+            raise RemoteError(f"{_name(remote)}: its event {seq} differs from this log's: the remote "
+                              "belongs to another log")
+    return seq, digest or GENESIS
+
+
+def ship_events(store: EventStore, writer: Writer, head: tuple[int, str], upto: int) -> None:
+    """Events after `head` (from `check_head`) up to `upto`, checking their hash chain from
+    `head` on: at the first broken event, ship those before it and fail."""
+    shipped = head[0]
+    check = ChainCheck()
+    check.expected_seq, check.last_hash = shipped + 1, head[1]
     for row in store.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? "
-                                  "ORDER BY seq", (seq, upto)):
+                                  "ORDER BY seq", (shipped, upto)):
+        check.feed(*row)
+        if check.problems:
+            writer.flush()
+            raise EventStoreError(f"this log fails its hash chain at {check.problems[0]}; nothing after "
+                                  f"seq {shipped} was shipped (run `overnight audit verify`)")
+        shipped = row[0]
         writer.add(f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
         writer.shipment.events += 1
     writer.flush()
-    return upto
 
 
 def read_events(remote: Remote, upto: int | None = None) -> Iterator[tuple]:
@@ -228,19 +294,24 @@ def _assemble(digest: str, size: int, chunks: list[bytes | None]) -> tuple[str, 
     return digest, data, None
 
 
-def verify_blobs(remote: Remote, read_share: float, rng: random.Random | None = None) -> tuple[int, list[str]]:
-    """(blobs re-hashed, problems): structure of every blob, then the data of a share of them.
-
-    Structure: every index row has all its chunks with the right total size, and every
-    `log_blobs` row has its blob. Data: `read_share` (0..1) of the blobs, read and re-hashed.
-    """
-    problems = [f"blob {h} is incomplete on the remote ({n} of {c} chunks, {s} bytes of {size})"
-                for h, size, c, n, s in remote.execute(
-                    "SELECT b.hash, b.size, b.chunks, count(c.idx), coalesce(sum(length(c.data)), 0) "
-                    "FROM blobs b LEFT JOIN blob_chunks c ON c.hash = b.hash GROUP BY b.hash "
-                    "HAVING count(c.idx) != b.chunks OR coalesce(sum(length(c.data)), 0) != b.size")]
-    problems += [f"log blob {h} is missing from the remote" for (h,) in remote.execute(
+def damaged_blobs(remote: Remote) -> list[tuple[str, str]]:
+    """(hash, problem) of each structurally damaged blob: an index row without all its chunks
+    or with the wrong total size, or a `log_blobs` row without its index row."""
+    damaged = [(h, f"blob {h} is incomplete on the remote ({n} of {c} chunks, {s} bytes of {size})")
+               for h, size, c, n, s in remote.execute(
+                   "SELECT b.hash, b.size, b.chunks, count(c.idx), coalesce(sum(length(c.data)), 0) "
+                   "FROM blobs b LEFT JOIN blob_chunks c ON c.hash = b.hash GROUP BY b.hash "
+                   "HAVING count(c.idx) != b.chunks OR coalesce(sum(length(c.data)), 0) != b.size")]
+    damaged += [(h, f"log blob {h} is missing from the remote") for (h,) in remote.execute(
         "SELECT l.hash FROM log_blobs l LEFT JOIN blobs b ON b.hash = l.hash WHERE b.hash IS NULL")]
+    return damaged
+
+
+def verify_blobs(remote: Remote, read_share: float, rng: random.Random | None = None) -> tuple[int, list[str]]:
+    """(blobs re-hashed, problems): structure of every blob (`damaged_blobs`), then the data
+    of a share of them: `read_share` (0..1) of the blobs, read and re-hashed.
+    """
+    problems = [problem for _digest, problem in damaged_blobs(remote)]
     if read_share <= 0:
         return 0, problems
     hashes = [r[0] for r in remote.execute("SELECT hash FROM blobs")]

@@ -4,6 +4,7 @@ A snapshot is a Merkle tree of the marketplace: a directory node is the canonica
 entries sorted by name (name, kind file/dir/symlink, mode without setuid/setgid/sticky, size,
 hash of the file's blob or of the subtree's node, symlink target), stored content-addressed
 in the remote blob table like any blob. `.overnight/` and `.git/` are never part of it.
+`overnight backup` needs an existing event log: it never creates one.
 
 What must always hold:
 - On the remote, a tree node is stored only after everything it references, and the
@@ -11,6 +12,11 @@ What must always hold:
   snapshot row proves a complete backup and an interrupted backup leaves nothing dangling.
   A stored node proves its whole subtree is stored: an unchanged directory costs one lookup
   of its parent, no writes.
+- Every backup looks for structurally damaged blobs on the remote (`replication.damaged_blobs`,
+  the check `backup verify` makes) and re-ships each one this log or this marketplace still
+  has; those nobody here has are warnings of its report.
+- A snapshot holds no symlink restore would refuse: `snapshot_tree` skips, with a warning,
+  each one `symlink_refusal` refuses, the same rule restore applies.
 - The auth token is passed to the transport only; it is in no event, row or message.
 - Restore writes only inside an empty destination: every name is one path component
   (no `..`, `.`, separators or NUL), no symlink is created before every file and directory
@@ -84,6 +90,8 @@ class BackupReport:
     rows_written: int
     batches: int
     seconds: float
+    blobs_repaired: int = 0  # damaged blobs on the remote shipped again (counted in blobs_sent too)
+    warnings: list[str] = field(default_factory=list)  # skipped symlinks, damaged blobs left as they are
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "snapshot": self.snapshot.as_json()}
@@ -140,6 +148,7 @@ class Tree:
     file_count: int = 0
     byte_count: int = 0
     plugins: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 def encode_node(entries: list[dict[str, Any]]) -> bytes:
@@ -150,13 +159,14 @@ def encode_node(entries: list[dict[str, Any]]) -> bytes:
 
 
 def snapshot_tree(root: Path) -> Tree:
-    """Hash the marketplace at `root` into a Merkle tree, never following a symlink."""
+    """Hash the marketplace at `root` into a Merkle tree, never following a symlink; a symlink
+    restore would refuse is left out, with a warning."""
     tree = Tree()
-    tree.root, _ = _walk_dir(tree, Path(root))
+    tree.root, _ = _walk_dir(tree, Path(root), Path(root))
     return tree
 
 
-def _walk_dir(tree: Tree, path: Path) -> tuple[str, int]:
+def _walk_dir(tree: Tree, top: Path, path: Path) -> tuple[str, int]:
     entries = []
     total = 0
     with os.scandir(path) as it:
@@ -168,9 +178,15 @@ def _walk_dir(tree: Tree, path: Path) -> tuple[str, int]:
         mode = stat.S_IMODE(st.st_mode) & 0o777
         entry = {"name": item.name, "mode": mode, "size": 0, "hash": "", "target": ""}
         if stat.S_ISLNK(st.st_mode):
-            entry.update(kind="symlink", mode=0, target=os.readlink(item.path))
+            target = os.readlink(item.path)
+            why = symlink_refusal(top, Path(item.path), target)
+            if why:
+                tree.warnings.append(f"{os.path.relpath(item.path, top)}: symlink to {target!r} {why}; "
+                                     "skipped: restore would refuse it")
+                continue
+            entry.update(kind="symlink", mode=0, target=target)
         elif stat.S_ISDIR(st.st_mode):
-            digest, size = _walk_dir(tree, Path(item.path))
+            digest, size = _walk_dir(tree, top, Path(item.path))
             entry.update(kind="dir", size=size, hash=digest)
         elif stat.S_ISREG(st.st_mode):
             with open(item.path, "rb") as f:
@@ -192,6 +208,32 @@ def _walk_dir(tree: Tree, path: Path) -> tuple[str, int]:
     return digest, total
 
 
+def _target_refusal(target: Any) -> str | None:
+    """Why a symlink target is refused wherever the link is (not text, empty, NUL, absolute), or None."""
+    if not isinstance(target, str) or not target or "\0" in target:
+        return "is empty or not a path"
+    return "is absolute" if os.path.isabs(target) else None
+
+
+def symlink_refusal(root: Path, link: Path, target: Any) -> str | None:
+    """Why the symlink `link` -> `target` in the tree at `root` is refused, or None.
+
+    The one rule of both sides: `snapshot_tree` leaves such a link out, restore refuses or
+    removes it. The target is judged as text (`_target_refusal`, or `..` climbing above `root`),
+    then by where the link resolves (a link that does not exist yet resolves to itself).
+    """
+    why = _target_refusal(target)
+    if why:
+        return why
+    relative = os.path.normpath(os.path.join(os.path.relpath(link.parent, root), target))
+    if relative == ".." or relative.startswith("../"):
+        return "escapes the tree"
+    top, resolved = os.path.realpath(root), os.path.realpath(link)
+    if resolved != top and not resolved.startswith(top + os.sep):
+        return "resolves outside the tree"
+    return None
+
+
 # ------------------------------------------------------------------ backup
 
 
@@ -199,19 +241,23 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
     """Ship the log, its blobs and a snapshot of `root` to `url`; record `BackupCompleted`.
 
     Incremental and idempotent: only events after the remote head, blobs and tree nodes the
-    remote lacks are sent. Safe to call again after a crash or an error at any point.
+    remote lacks are sent. Safe to call again after a crash or an error at any point. Refuses,
+    before writing, a database that is not a backup and a remote that is not this log's; first
+    repairs the damaged blobs it has a copy of.
     """
     started = time.perf_counter()
     target = display_url(url)
     remote = open_remote(url, token)
     try:
         replication.ensure_schema(remote, (SNAPSHOT_SCHEMA,))
-        writer = replication.Writer(remote)
         last_seq = store.last_seq
         last_hash = store.query("SELECT hash FROM events WHERE seq = ?", (last_seq,))
-        replication.ship_blobs(store, writer)
-        replication.ship_events(store, writer, upto=last_seq)
+        head = replication.check_head(store, remote, last_seq)
         tree = snapshot_tree(root)
+        writer = replication.Writer(remote)
+        repaired, lost = _repair_blobs(store, tree, writer)
+        replication.ship_blobs(store, writer)
+        replication.ship_events(store, writer, head, last_seq)
         _ship_tree(tree, writer)
         created_at = format_at(store.clock())
         snapshot_id = hashlib.sha256(f"{tree.root} {last_seq} {created_at}".encode()).hexdigest()[:12]
@@ -228,7 +274,37 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
     store.append("backup", BackupCompleted(target=target, last_seq=last_seq, snapshot_id=snapshot_id,
                                            blobs_sent=shipment.blobs, bytes_sent=shipment.bytes))
     return BackupReport(target, snapshot, shipment.events, shipment.blobs, shipment.bytes,
-                        shipment.rows, shipment.batches, time.perf_counter() - started)
+                        shipment.rows, shipment.batches, time.perf_counter() - started,
+                        blobs_repaired=repaired, warnings=tree.warnings + lost)
+
+
+def _tree_bytes(tree: Tree, digest: str) -> bytes:
+    """A node of `tree`, or a file's bytes as read now (checked against the hash taken)."""
+    if digest in tree.nodes:
+        return tree.nodes[digest]
+    data = tree.files[digest].read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise BackupError(f"{tree.files[digest]} changed during the backup; run it again")
+    return data
+
+
+def _repair_blobs(store: EventStore, tree: Tree, writer: replication.Writer) -> tuple[int, list[str]]:
+    """Ship again every damaged blob on the remote that this log or `tree` has; (how many, a
+    warning for each of the others)."""
+    repaired, lost = 0, []
+    for digest, problem in replication.damaged_blobs(writer.remote):
+        if store.has_blob(digest):
+            data = store.get_blob(digest)
+        elif digest in tree.nodes or digest in tree.files:
+            data = _tree_bytes(tree, digest)
+        else:
+            lost.append(f"{problem}, and neither this log nor this marketplace has a copy to repair it "
+                        "from: older snapshots that need it cannot be fully restored")
+            continue
+        writer.put_blob(digest, data, repair=True)
+        repaired += 1
+    writer.flush()
+    return repaired, lost
 
 
 def _ship_tree(tree: Tree, writer: replication.Writer) -> None:
@@ -242,10 +318,7 @@ def _ship_tree(tree: Tree, writer: replication.Writer) -> None:
         missing.update(new)
         frontier = sorted({c for h in new for c in tree.children.get(h, ())} - missing)
     for digest in sorted(missing - tree.nodes.keys()):
-        data = tree.files[digest].read_bytes()
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise BackupError(f"{tree.files[digest]} changed during the backup; run it again")
-        writer.put_blob(digest, data)
+        writer.put_blob(digest, _tree_bytes(tree, digest))
     done: set[str] = set()
 
     def post_order(digest: str) -> None:
@@ -314,9 +387,9 @@ def _check_entry(entry: Any, seen: set[str]) -> str | None:
                                   and all(c in "0123456789abcdef" for c in digest)):
         return f"{name!r}: bad hash {digest!r}"
     target = entry.get("target")
-    if kind == "symlink" and (not isinstance(target, str) or not target or "\0" in target
-                              or os.path.isabs(target)):
-        return f"{name!r}: symlink target {target!r} is empty or absolute"
+    why = _target_refusal(target) if kind == "symlink" else None
+    if why:
+        return f"{name!r}: symlink target {target!r} {why}"
     return None
 
 
@@ -372,15 +445,17 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
         report.blobs_read, blobs = replication.verify_blobs(remote, read_share, rng)
         report.problems += blobs
         files: set[str] = set()
+        trees: set[str] = set()
         for snapshot in snapshots:
             row = remote.execute("SELECT hash FROM events WHERE seq = ?", (snapshot.last_seq,))
             if snapshot.last_seq and (not row or row[0][0] != snapshot.last_hash):
                 report.problems.append(f"snapshot {snapshot.id}: event {snapshot.last_seq} is missing "
                                        "or differs from the one it was taken at")
             nodes, problems = _read_trees(remote, snapshot.root)
-            report.trees += len(nodes)
+            trees.update(nodes)
             report.problems += [f"snapshot {snapshot.id}: {p}" for p in problems]
             files.update(e["hash"] for entries in nodes.values() for e in entries if e["kind"] == "file")
+        report.trees = len(trees)
         stored = replication.present(remote, "blobs", files)
         report.problems += [f"file blob {h} is missing from the remote" for h in sorted(files - stored)]
     finally:
@@ -550,23 +625,21 @@ def _place_file(path: Path, data: bytes, digest: str, mode: int) -> bool:
 
 
 def _restore_links(dest: Path, links: list[tuple[Path, str]], report: RestoreReport) -> None:
-    """Symlinks last, so nothing is written through one; any resolving outside `dest` is removed."""
+    """Symlinks last, so nothing is written through one; `symlink_refusal` judges each before it
+    is made (by its target) and once all are made (by where it resolves)."""
     created = []
     for path, target in links:
-        relative = os.path.normpath(os.path.join(os.path.relpath(path.parent, dest), target))
-        if relative == ".." or relative.startswith("../"):
-            report.problems.append(f"{path.relative_to(dest)}: symlink to {target!r} escapes the "
-                                   "destination; refused")
+        why = symlink_refusal(dest, path, target)
+        if why:
+            report.problems.append(f"{path.relative_to(dest)}: symlink to {target!r} {why}; refused")
             continue
         os.symlink(target, path)
         created.append((path, target))
-    root = os.path.realpath(dest)
     for path, target in created:
-        resolved = os.path.realpath(path)
-        if resolved != root and not resolved.startswith(root + os.sep):
+        why = symlink_refusal(dest, path, target)
+        if why:
             os.unlink(path)
-            report.problems.append(f"{path.relative_to(dest)}: symlink to {target!r} resolves outside "
-                                   "the destination; removed")
+            report.problems.append(f"{path.relative_to(dest)}: symlink to {target!r} {why}; removed")
         else:
             report.symlinks += 1
 

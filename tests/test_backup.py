@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import sqlite3
 import ssl
 import stat
 import subprocess
@@ -473,3 +474,173 @@ def test_restore_fsyncs_every_file_and_directory_it_creates(market, tmp_path, mo
         assert (st.st_dev, st.st_ino) in synced, path
     assert stat.S_IMODE(os.stat(dest / "plugins" / "devops" / "frozen").st_mode) == 0o555
     assert os.readlink(dest / "plugins" / "devops" / "frozen" / "latest.md") == "notes.md"
+
+
+def sqlite_rows(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def schema(path: Path) -> list[tuple]:
+    return sqlite_rows(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
+
+
+def test_backup_refuses_a_database_that_is_not_a_backup_before_writing_anything(market, tmp_path):
+    foreign = tmp_path / "foreign.db"
+    sqlite_rows(foreign, "CREATE TABLE events (id INTEGER PRIMARY KEY, name TEXT)")
+    sqlite_rows(foreign, "CREATE TABLE blobs (k TEXT, v BLOB)")
+    sqlite_rows(foreign, "INSERT INTO events (name) VALUES ('theirs')")
+    before = schema(foreign)
+    result = run("backup", market, "--to", f"file:{foreign}")
+    assert result.exit_code == 1
+    assert result.output == (f"error: file://{foreign} is not an overnight backup "
+                             "(its table events has columns id, name)\n")
+    assert schema(foreign) == before and sqlite_rows(foreign, "SELECT name FROM events") == [("theirs",)]
+
+    log = market / ".overnight" / "overnight.db"
+    before = schema(log)
+    result = run("backup", market, "--to", f"file:{log}")
+    assert result.exit_code == 1
+    assert "is not an overnight backup (its table blobs has columns hash, size, data)" in result.output
+    assert schema(log) == before
+    assert run("audit", "verify", market).exit_code == 0
+
+    empty = tmp_path / "empty.db"
+    sqlite_rows(empty, "SELECT 1")  # an SQLite database with no table at all
+    assert backup_json(market, f"file:{empty}")["snapshot"]["plugins"] == 4
+
+
+def test_backing_up_another_log_is_refused_before_anything_is_shipped(market, tmp_path):
+    url = f"file:{tmp_path / 'offsite.db'}"
+    backup_json(market, url)
+    other = tmp_path / "other"
+    shutil.copytree(EXAMPLE, other, ignore=shutil.ignore_patterns(".overnight"))
+    assert run("scan", other).exit_code == 0
+    with open_log(other) as store:
+        store.put_blob(b"a blob only the other log has")
+    offsite = tmp_path / "offsite.db"
+    before = [sqlite_rows(offsite, f"SELECT * FROM {table} ORDER BY 1")
+              for table in ("events", "blobs", "log_blobs", "snapshots")]
+    result = run("backup", other, "--to", url)
+    assert result.exit_code == 1 and "another log" in result.output, result.output
+    assert [sqlite_rows(offsite, f"SELECT * FROM {table} ORDER BY 1")
+            for table in ("events", "blobs", "log_blobs", "snapshots")] == before
+
+
+def test_a_log_that_lost_its_newest_events_is_told_so_with_both_counts(market, tmp_path):
+    older = tmp_path / "older.db"
+    shutil.copyfile(market / ".overnight" / "overnight.db", older)
+    url = f"file:{tmp_path / 'offsite.db'}"
+    backup_json(market, url)
+    backup_json(market, url)  # ships the first backup's event: the remote is now ahead of `older`
+    (local,) = sqlite_rows(older, "SELECT count(*) FROM events")[0]
+    (remote,) = sqlite_rows(tmp_path / "offsite.db", "SELECT count(*) FROM events")[0]
+    assert remote == local + 1
+    result = run("backup", market, "--db", older, "--to", url)
+    assert result.exit_code == 1
+    assert result.output == (f"error: file://{tmp_path / 'offsite.db'} holds {remote} events but this log "
+                             f"only {local}: either this log has lost its newest events or the remote "
+                             "belongs to another log\n")
+
+
+def test_backup_ships_no_event_past_a_break_in_the_local_hash_chain(market, tmp_path):
+    url = f"file:{tmp_path / 'offsite.db'}"
+    first = backup_json(market, url)
+    shipped = first["snapshot"]["last_seq"]
+    log = market / ".overnight" / "overnight.db"
+    sqlite_rows(log, "DROP TRIGGER events_no_update")
+    sqlite_rows(log, "UPDATE events SET data = '{}' WHERE seq = ?", (shipped + 1,))  # the backup's event
+    result = run("backup", market, "--to", url)
+    assert result.exit_code == 1
+    assert f"seq {shipped + 1}: hash mismatch" in result.output and "overnight audit verify" in result.output
+    assert len(result.output.splitlines()) == 1
+    offsite = tmp_path / "offsite.db"
+    assert sqlite_rows(offsite, "SELECT max(seq) FROM events") == [(shipped,)]
+    assert sqlite_rows(offsite, "SELECT count(*) FROM snapshots") == [(1,)]
+
+
+def test_backup_repairs_damaged_blobs_it_has_and_warns_of_the_others(market, tmp_path):
+    offsite = tmp_path / "offsite.db"
+    url = f"file:{offsite}"
+    first = backup_json(market, url)
+    assets = market / "plugins" / "devops" / "deploy-checker" / "assets.bin"
+    tool = market / "plugins" / "devops" / "deploy-checker" / "run.sh"
+    log_blob = hashlib.sha256(b"a log blob " * 100_000).hexdigest()
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (assets, tool)}
+    sqlite_rows(offsite, "DELETE FROM blob_chunks WHERE hash = ? AND idx = 1", (sha[assets],))
+    sqlite_rows(offsite, "UPDATE blobs SET size = size + 1 WHERE hash = ?", (sha[tool],))
+    sqlite_rows(offsite, "DELETE FROM blob_chunks WHERE hash = ?", (first["snapshot"]["root"],))
+    sqlite_rows(offsite, "DELETE FROM blobs WHERE hash = ?", (log_blob,))
+    nobody, stray = "f" * 64, "e" * 64  # damaged, and no copy of them here
+    sqlite_rows(offsite, "INSERT INTO blobs (hash, size, chunks) VALUES (?, 10, 1)", (nobody,))
+    sqlite_rows(offsite, "INSERT INTO log_blobs (hash) VALUES (?)", (stray,))
+    assert run("backup", "verify", "--from", url).exit_code == 1
+
+    second = backup_json(market, url)
+    assert second["blobs_repaired"] == 4
+    assert len(second["warnings"]) == 2
+    assert second["warnings"][0].startswith(f"blob {nobody} is incomplete on the remote (0 of 1 chunks")
+    assert second["warnings"][1].startswith(f"log blob {stray} is missing from the remote, and neither "
+                                            "this log nor this marketplace has a copy")
+    result = run("backup", market, "--to", url)
+    assert result.exit_code == 0, result.output
+    assert "repaired" not in result.output  # nothing left to repair
+    assert [line for line in result.output.splitlines() if line.startswith("warning: ")] == \
+        [f"warning: {w}" for w in second["warnings"]]
+
+    sqlite_rows(offsite, "DELETE FROM blobs WHERE hash = ?", (nobody,))
+    sqlite_rows(offsite, "DELETE FROM log_blobs WHERE hash = ?", (stray,))
+    result = run("backup", "verify", "--from", url, "--read-data", "100")
+    assert result.exit_code == 0, result.output
+    dest = tmp_path / "restored"
+    assert run("restore", "--from", url, "--to", dest, "--snapshot", first["snapshot"]["id"]).exit_code == 0
+    assert run("audit", "verify", dest).exit_code == 0
+
+
+def test_backup_skips_the_symlinks_restore_would_refuse_and_says_so(market, tmp_path):
+    os.symlink("/etc/passwd", market / "plugins" / "x")
+    os.symlink("../../etc", market / "plugins" / "y")
+    os.symlink(".", market / "here")
+    os.symlink("here/..", market / "sneaky")  # reads as inside, resolves to the parent
+    url = f"file:{tmp_path / 'offsite.db'}"
+    report = backup_json(market, url)
+    assert report["warnings"] == [
+        "plugins/x: symlink to '/etc/passwd' is absolute; skipped: restore would refuse it",
+        "plugins/y: symlink to '../../etc' escapes the tree; skipped: restore would refuse it",
+        "sneaky: symlink to 'here/..' resolves outside the tree; skipped: restore would refuse it",
+    ]
+    text = run("backup", market, "--to", url)
+    assert text.exit_code == 0 and "warning: plugins/x: symlink to '/etc/passwd' is absolute" in text.output
+    assert run("backup", "verify", "--from", url).exit_code == 0
+    dest = tmp_path / "restored"
+    result = run("restore", "--from", url, "--to", dest)
+    assert result.exit_code == 0, result.output
+    links = {k: v for k, v in tree_hashes(dest).items() if v.startswith("link:")}
+    assert links == {"here": "link:.", "plugins/devops/run-link": "link:../deploy-checker/run.sh"}
+
+
+def test_backup_refuses_a_directory_without_an_event_log(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.md").write_text("not a marketplace yet\n")
+    result = run("backup", plain, "--to", f"file:{tmp_path / 'offsite.db'}")
+    assert result.exit_code == 1
+    assert result.output == (f"error: no event log at {plain.resolve()}/.overnight/overnight.db "
+                             "(run `overnight scan` or `overnight run` first, or pass --db)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+    assert sorted(p.name for p in plain.iterdir()) == ["notes.md"]
+
+
+def test_verify_counts_each_tree_once_however_many_snapshots_reach_it(market, tmp_path):
+    url = f"file:{tmp_path / 'offsite.db'}"
+    for _ in range(3):
+        backup_json(market, url)
+    result = run("backup", "verify", "--from", url, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    dirs = [p for p in market.rglob("*") if p.is_dir() and not p.is_symlink()
+            and not {".overnight", ".git"} & set(p.relative_to(market).parts)]
+    assert report["snapshots"] == 3 and report["trees"] == len(dirs) + 1  # and the root
