@@ -12,6 +12,14 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
+def shown(text: str) -> str:
+    """Marketplace text (a plugin id, a reason) made safe for a terminal: control characters,
+    such as escape sequences or newlines in a directory name, are printed escaped."""
+    from statemachine.discovery import one_line
+
+    return one_line(text, limit=100_000)
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, ensure_ascii=False))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import common, marketplace_argument
-from cli.render import emit_json
+from cli.render import emit_json, shown
 
 
 @click.command(name="restore-plugin")
@@ -41,4 +41,4 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
     if as_json:
         emit_json(done._asdict())
     else:
-        click.echo(f"restored {done.plugin_id} to snapshot {done.snapshot} ({done.files} files)")
+        click.echo(f"restored {shown(done.plugin_id)} to snapshot {done.snapshot} ({done.files} files)")

@@ -11,7 +11,7 @@ import click
 
 from cli.config import config_option, source
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument
-from cli.render import emit_json, interactive, stderr_console
+from cli.render import emit_json, interactive, shown, stderr_console
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -183,9 +183,9 @@ def _render(result, as_json: bool) -> None:
     if result.message and result.outcome != "budget_exhausted":
         click.echo(f"stopped: {result.message}", err=True)
     for plugin_id, state, reason in result.problems:
-        click.echo(f"  {state:<11} {plugin_id}{': ' + reason if reason else ''}")
+        click.echo(f"  {state:<11} {shown(plugin_id)}{': ' + shown(reason) if reason else ''}")
     for plugin_id, reason in result.invalid:
-        click.echo(f"  {'invalid':<11} {plugin_id}: {reason} (not processed)")
+        click.echo(f"  {'invalid':<11} {shown(plugin_id)}: {shown(reason)} (not processed)")
     for line in result.backups:
         click.echo(line, err=result.backup_failed)
 
@@ -227,7 +227,7 @@ class _Display:
             return
         from rich.text import Text
 
-        lines = [line] + [f"  {pid}  {phase}" for pid, phase in sorted(progress.phases.items())]
+        lines = [line] + [f"  {shown(pid)}  {phase}" for pid, phase in sorted(progress.phases.items())]
         self._live.update(Text("\n".join(lines)))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import common, marketplace_argument
-from cli.render import console, emit_json, interactive, stderr_console
+from cli.render import console, emit_json, interactive, shown, stderr_console
 from statemachine.workspace import marketplace_root, open_log
 
 
@@ -29,12 +29,12 @@ def scan(path: Path, db: Path | None, as_json: bool) -> None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             with Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.description}"), console=stderr_console(),
+                          TextColumn("{task.description}", markup=False), console=stderr_console(),
                           transient=True) as bar:
                 task = bar.add_task("", total=None)
                 report = scan_service.scan(
                     store, root,
-                    progress=lambda i, n, pid: bar.update(task, completed=i, total=n, description=pid),
+                    progress=lambda i, n, pid: bar.update(task, completed=i, total=n, description=shown(pid)),
                 )
         else:
             report = scan_service.scan(store, root)
@@ -52,6 +52,6 @@ def scan(path: Path, db: Path | None, as_json: bool) -> None:
               f"{report.unchanged} unchanged, {report.vanished} vanished; "
               f"{report.invalid} invalid; {report.events} events recorded")
     for plugin_id, reason in report.problems:
-        out.print(f"  invalid  {plugin_id}: {reason}", markup=False)
+        out.print(f"  invalid  {shown(plugin_id)}: {shown(reason)}", markup=False)
     for warning in report.warnings:
         out.print(f"  warning  {warning}", markup=False)

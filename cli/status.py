@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import common, marketplace_argument
-from cli.render import console, emit_json
+from cli.render import console, emit_json, shown
 from statemachine import status as status_service
 from statemachine.lifecycle import State
 from statemachine.workspace import marketplace_root, open_log
@@ -41,4 +41,4 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""
         reason = f": {item['reason']}" if item["reason"] else ""
-        click.echo(f"  {item['state']:<11} {item['plugin_id']}{detail}{reason}")
+        click.echo(f"  {item['state']:<11} {shown(item['plugin_id'])}{detail}{shown(reason)}")

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from statemachine.catalog import PluginFacts, SkillFact
 from statemachine.discovery import (
     MAX_PLUGIN_JSON, MANIFEST, PLUGIN_JSON, SKIP_DIRS, Candidate, Unreadable, is_inside,
-    is_utf8, load_json, manifest_entries, one_line, read_inside, special_kind,
+    holds_plugin, is_utf8, load_json, manifest_entries, one_line, read_inside, special_kind,
 )
 
 MAX_ENTRIES = 20_000
@@ -49,7 +49,8 @@ class Tree:
 def _walk(start: str, problems: list[str]) -> Iterator[tuple[str, os.stat_result]]:
     """(relative posix path, lstat) of every entry below `start`, directories included.
 
-    Symlinks are reported, not followed; SKIP_DIRS are left out; a directory reached twice
+    Symlinks are reported, not followed; SKIP_DIRS and plugins nested inside are left out
+    (discovery.holds_plugin); a directory reached twice
     (bind mounts) is not entered again; an entry that cannot be read is added to `problems`.
     """
     seen: set[tuple[int, int]] = set()
@@ -72,6 +73,8 @@ def _walk(start: str, problems: list[str]) -> Iterator[tuple[str, os.stat_result
             except OSError as e:
                 problems.append(f"cannot read {one_line(rel)}: {e.strerror}")
                 continue
+            if stat.S_ISDIR(st.st_mode) and holds_plugin(entry.path):
+                continue  # a plugin inside this one is its own plugin
             yield rel, st
             if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))

@@ -262,6 +262,9 @@ def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
     if normalized is None:
         if not source.strip():
             return "source is empty"
+        if posixpath.isabs(source):
+            return (f"source '{shown}' is an absolute path; a source is relative to the marketplace "
+                    "root, like ./plugins/<name>")
         return f"source '{shown}' points outside the repository"
     path = root / normalized
     if not os.path.lexists(path):
@@ -275,6 +278,17 @@ def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
 
 
 # ------------------------------------------------------------------ directories
+
+
+def holds_plugin(path: str | Path, dir_fd: int | None = None) -> bool:
+    """Whether the directory `path` (relative to `dir_fd` if given) is a plugin: it holds
+    .claude-plugin/plugin.json. A plugin inside another one is its own plugin, never part of
+    the outer one's tree, snapshots or content hash."""
+    try:
+        os.stat(os.path.join(path, PLUGIN_JSON), dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def plugin_dirs(root: Path) -> tuple[list[str], list[str]]:
@@ -302,7 +316,7 @@ def plugin_dirs(root: Path) -> tuple[list[str], list[str]]:
         rel = stack.pop()
         directory = Path(root) / rel
         try:
-            has_manifest = os.path.lexists(directory / PLUGIN_JSON)
+            has_manifest = holds_plugin(directory)
             with os.scandir(directory) as it:
                 entries = list(it)
         except OSError as e:
@@ -362,7 +376,28 @@ def discover(root: Path) -> Discovery:
     ids = set(entries) | set(dirs)
     candidates = [_candidate(root, root_real, plugin_id, entries.get(plugin_id))
                   for plugin_id in sorted(ids)]
-    return Discovery(candidates=_mark_duplicates(candidates), warnings=warnings)
+    return Discovery(candidates=_mark_duplicates(_mark_aliases(root, candidates)), warnings=warnings)
+
+
+def _mark_aliases(root: Path, candidates: list[Candidate]) -> list[Candidate]:
+    """One directory reached under two ids (a manifest source through a symlinked directory)
+    is one plugin: the id reached without a symlink keeps it (else the first), the others get a
+    problem."""
+    root_real = os.path.realpath(root)
+    real = {c.plugin_id: _realpath(str(root / c.path)) for c in candidates if c.problem is None}
+    owners: dict[str, str] = {}
+    for plugin_id in sorted(real, key=lambda pid: (real[pid] != os.path.join(root_real, pid), pid)):
+        if real[plugin_id] is not None:
+            owners.setdefault(real[plugin_id], plugin_id)  # type: ignore[arg-type]
+    result = []
+    for cand in candidates:
+        owner = owners.get(real.get(cand.plugin_id) or "", cand.plugin_id)
+        if owner != cand.plugin_id:
+            cand = Candidate(plugin_id=cand.plugin_id, name=cand.name, category=cand.category, path=cand.path,
+                             listed=cand.listed, skill_name=None,
+                             problem=f"is the same directory as {owner} (reached through a symlink)")
+        result.append(cand)
+    return result
 
 
 def _candidate(root: Path, root_real: str, plugin_id: str,
@@ -379,7 +414,10 @@ def _candidate(root: Path, root_real: str, plugin_id: str,
                 name = entry["name"]
             else:
                 problem = f"{MANIFEST}: the entry's 'name' is not a string"
-        problem = problem or _source_problem(root, root_real, entry["source"])
+        source_problem = _source_problem(root, root_real, entry["source"])
+        if source_problem and problem is None:
+            named = f" {one_line(name)!r}" if name is not None else ""
+            problem = f"{MANIFEST} entry{named}: {source_problem}"
     if problem is None:
         manifest_name, problem = _read_plugin_json(root, root_real, plugin_id, name is not None)
         name = name if name is not None else manifest_name

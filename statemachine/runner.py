@@ -96,15 +96,19 @@ def options_from_config(config: dict[str, Any]) -> RunOptions:
 
 def select(store: EventStore, options: RunOptions) -> list[str]:
     """The plugins a run with these options processes, in order (a pure read of the log)."""
-    rows = store.query("SELECT plugin_id, name, category, state FROM plugins ORDER BY plugin_id")
+    rows = store.query("SELECT plugin_id, name, category, state, reason FROM plugins ORDER BY plugin_id")
     wanted = set(options.plugins)
     if wanted:
         known = {r[0] for r in rows} | {r[1] for r in rows}
         unknown = sorted(wanted - known)
         if unknown:
             raise OvernightError(f"no plugin named or with id {', '.join(map(repr, unknown))}")
+        blocked = [f"{pid} is {state} ({reason})" for pid, name, _, state, reason in rows
+                   if (pid in wanted or name in wanted) and state in (State.INVALID, State.GONE)]
+        if blocked:
+            raise OvernightError(f"cannot process what was asked for: {'; '.join(blocked)}")
     chosen = []
-    for plugin_id, name, category, state in rows:
+    for plugin_id, name, category, state, _reason in rows:
         if wanted and plugin_id not in wanted and name not in wanted:
             continue
         if options.category and category != options.category:

@@ -8,18 +8,19 @@ What must always hold:
   `.overnight` are not part of a snapshot; FIFOs, sockets and devices are left out.
 - Restoring validates the whole manifest before writing anything, builds the tree in a
   sibling temp directory, verifies every blob's sha256, and only then swaps it in: a missing
-  or corrupt blob, a bad path or an escaping symlink leaves the plugin directory untouched.
-  The swap is recoverable by `writes.cleanup_temp` after a crash at any point.
-- Restored files and directories never carry setuid/setgid bits; a restored symlink never
-  resolves outside the marketplace root. The plugin's `.git`, `node_modules` and `.overnight`
-  (never snapshotted) are carried over from the replaced tree, not deleted.
+  or corrupt blob or a bad path leaves the plugin directory untouched. The swap is
+  recoverable by `writes.cleanup_temp` after a crash at any point.
+- Restored files and directories never carry setuid/setgid bits. A symlink comes back with
+  exactly the text it had, wherever it points (the plugin had it before overnight changed
+  anything); nothing is ever written through one, because every directory on the way is
+  opened with O_NOFOLLOW. The plugin's `.git`, `node_modules` and `.overnight` and the
+  plugins nested in it (never part of its snapshot) are carried over from the replaced tree.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import posixpath
 import stat
 from pathlib import Path
 from typing import Annotated, Callable, Literal, NamedTuple
@@ -162,17 +163,12 @@ def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
 
     Refuses, with SnapshotError and before changing anything: a missing or corrupt blob, a
     malformed manifest, an entry path with '..', '.', an absolute path, an empty or NUL
-    segment or a backslash, a symlink resolving outside root, a plugin_dir that is the root
-    itself, not inside it, or reached through a symlink.
+    segment or a backslash, a plugin_dir that is the root itself, not inside it, or reached
+    through a symlink.
     """
     manifest = _load(get_blob, tree_sha256)
     entries = _validated(manifest)
-    root_real = os.path.realpath(root)
     parts = _plugin_parts(root, plugin_dir)
-    final_real = os.path.join(root_real, *parts)
-    for entry, entry_parts in entries:
-        if entry.kind == "symlink":
-            _check_link(root_real, final_real, entry, entry_parts)
     try:
         parent_fd = open_dir(Path(root), parts[:-1], create=True)
     except WriteError as e:
@@ -187,10 +183,6 @@ def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
         os.mkdir(built, 0o700, dir_fd=parent_fd)
         try:
             _build(get_blob, parent_fd, built, manifest, entries)
-            built_real = os.path.join(os.path.dirname(final_real), built)
-            for entry, entry_parts in entries:
-                if entry.kind == "symlink":
-                    _check_built_link(root_real, built_real, entry, entry_parts)
             swap_dir(parent_fd, name, built)
         except BaseException:
             try:
@@ -277,25 +269,6 @@ def _plugin_parts(root: Path, plugin_dir: Path) -> list[str]:
         if rel != ".." and not rel.startswith(".." + os.sep):
             return rel.split(os.sep)
     raise SnapshotError(f"{one_line(str(plugin_dir))} is not inside the marketplace")
-
-
-def _check_link(root_real: str, final_real: str, entry: Entry, parts: list[str]) -> None:
-    """Lexical check before anything is written: the target, resolved from the link's final
-    location without following anything, stays inside root."""
-    here = posixpath.join(final_real, *parts[:-1])
-    resolved = posixpath.normpath(posixpath.join(here, entry.target))
-    if not is_inside(resolved, root_real):
-        raise SnapshotError(f"snapshot symlink {one_line(entry.path)} -> {one_line(entry.target)} "
-                            f"escapes the marketplace; refusing to restore")
-
-
-def _check_built_link(root_real: str, built_real: str, entry: Entry, parts: list[str]) -> None:
-    """The same check once the tree is built, through the other restored symlinks: the link's
-    resolution from the temp directory (a sibling of its final place) must stay inside root."""
-    resolved = os.path.realpath(os.path.join(built_real, *parts))
-    if not is_inside(resolved, root_real):
-        raise SnapshotError(f"snapshot symlink {one_line(entry.path)} -> {one_line(entry.target)} "
-                            f"escapes the marketplace; refusing to restore")
 
 
 def _lstat(dir_fd: int, name: str) -> os.stat_result | None:

@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 from typing import Sequence
 
-from statemachine.discovery import SKIP_DIRS, one_line
+from statemachine.discovery import SKIP_DIRS, holds_plugin, one_line
 from statemachine.errors import OvernightError
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -393,8 +393,9 @@ def _retire(parent_fd: int, old: str, name: str) -> None:
 
 
 def _carry_skipped(old_fd: int, new_fd: int) -> None:
-    """Move every SKIP_DIRS entry of the old tree to the same place in the new tree, when that
-    place's parent is a real directory there and the name is free."""
+    """Move every SKIP_DIRS entry and nested plugin of the old tree (never part of a snapshot)
+    to the same place in the new tree, when that place's parent is a real directory there and
+    the name is free."""
     stack: list[tuple[str, ...]] = [()]
     while stack:
         parts = stack.pop()
@@ -412,11 +413,12 @@ def _carry_skipped(old_fd: int, new_fd: int) -> None:
                 with os.scandir(src) as it:
                     entries = list(it)
                 for entry in entries:
-                    if entry.name in SKIP_DIRS:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if entry.name in SKIP_DIRS or (is_dir and holds_plugin(entry.name, dir_fd=src)):
                         if _lstat(dst, entry.name) is None:
                             _rename_into(src, entry.name, dst)
                             moved = True
-                    elif entry.is_dir(follow_symlinks=False):
+                    elif is_dir:
                         stack.append((*parts, entry.name))
                 if moved:
                     os.fsync(dst)

@@ -303,3 +303,18 @@ def test_a_read_only_marketplace_says_where_the_log_can_go(market, tmp_path):
     assert result.returncode == 1, result.stderr
     assert result.stderr == (f"error: cannot open the event log {market}/.overnight/overnight.db: Permission "
                              "denied; pass --db FILE (or set OVERNIGHT_DB) to keep the log elsewhere\n")
+
+
+def test_control_characters_in_directory_names_reach_the_terminal_escaped(tmp_path):
+    root = tmp_path / "market"
+    plugin(root, "plugins/x/evil\x1b[2J\nname", "evil", description="Clears screens.")
+    plugin(root, "plugins/x/[bold]markup[link=x]", "markup", description="Looks like rich markup.")
+    plugin(root, "plugins/x/bad\x07bell", None)  # invalid: no name
+    scan = run("scan", root)
+    assert scan.exit_code == 0, scan.output
+    assert "\x1b" not in scan.output and "\x07" not in scan.output
+    assert "  invalid  plugins/x/bad\\u0007bell: .claude-plugin/plugin.json has no 'name'" in scan.output
+    listed = run("status", root, "--state", "analyzed")
+    assert listed.exit_code == 0 and "\x1b" not in listed.output
+    assert "  analyzed    plugins/x/evil\\u001b[2J\\u000aname" in listed.output
+    assert "  analyzed    plugins/x/[bold]markup[link=x]" in listed.output

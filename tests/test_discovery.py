@@ -122,7 +122,7 @@ def test_a_broken_manifest_falls_back_to_directories(tmp_path, content, expected
 @pytest.mark.parametrize("source, expected", [
     ("../outside", "source '../outside' points outside the repository"),
     ("plugins/../../outside", "points outside the repository"),
-    ("/etc", "source '/etc' points outside the repository"),
+    ("/etc", "source '/etc' is an absolute path; a source is relative to the marketplace root"),
     ("./plugins/x/y", "source './plugins/x/y' does not exist"),
     ("plugins/a/\u0000x", "points outside the repository"),
     ({"source": "github", "repo": "owner/x"}, "remote github source"),
@@ -137,6 +137,7 @@ def test_manifest_sources_that_are_not_local_plugin_dirs_are_problems(tmp_path, 
     c = only(root)
     assert c.listed and c.name == "x"
     assert c.problem is not None and expected in c.problem
+    assert c.problem.startswith(".claude-plugin/marketplace.json entry 'x': source ")
     assert "\n" not in c.problem and "\x00" not in c.problem
 
 
@@ -146,7 +147,8 @@ def test_a_source_escaping_through_a_symlink_is_refused(tmp_path):
     (root / "plugins" / "a").mkdir(parents=True)
     os.symlink(outside, root / "plugins" / "a" / "escape")
     manifest(root, [{"name": "escape", "source": "./plugins/a/escape"}])
-    assert only(root).problem == "source './plugins/a/escape' points outside the repository"
+    assert only(root).problem == (".claude-plugin/marketplace.json entry 'escape': source './plugins/a/escape' "
+                                  "points outside the repository")
 
 
 def test_a_source_directory_without_plugin_json_says_so(tmp_path):

@@ -272,6 +272,10 @@ def test_plugins_overnight_could_never_snapshot_or_write_are_refused_before_any_
     assert len(generate_requests(emu)) == 4  # plan and skill for the two that can be processed
     assert list(outside.iterdir()) == []
     assert_healthy(market)
+    asked = run(market, emu, "--plugin", "meeting-notes")
+    assert asked.exit_code == 1 and asked.output == (
+        "error: cannot process what was asked for: plugins/productivity/meeting-notes is invalid (its SKILL.md "
+        "cannot be written: skills/meeting-notes/SKILL.md: skills is a symlink; refusing to follow it)\n")
 
 
 @needs_permissions
@@ -312,6 +316,39 @@ def test_unreadable_files_refuse_a_plugin_and_a_read_only_skill_dir_fails_it_alo
     assert_healthy(market)
     assert overnight("restore-plugin", "meeting-notes", market).exit_code == 0
     assert hash_tree(market, notes).content_hash == original
+
+
+def test_nested_plugins_aliases_and_links_leaving_the_marketplace(tmp_path, emu):
+    root = tmp_path / "nested"
+    outside = tmp_path / "outside.txt"
+    outside.write_text("shared licence\n")
+    manifest(root, [{"name": "outer", "source": "./plugins/tools/outer"},
+                    {"name": "inner", "source": "./plugins/tools/outer/inner"},
+                    {"name": "alias", "source": "./alias/outer"}])
+    outer = plugin(root, "plugins/tools/outer", "outer", description="Outer tools.",
+                   files={"README.md": "# Outer\n\nTools on the outside.\n"})
+    plugin(root, "plugins/tools/outer/inner", "inner", description="Inner tools.",
+           files={"README.md": "# Inner\n\nTools on the inside.\n"})
+    os.symlink(outside, outer / "LICENSE")  # the plugin's own link, never followed
+    os.symlink("plugins/tools", root / "alias")  # the manifest reaches outer a second time
+    before = hash_tree(root, outer).content_hash
+    result = run(root, emu, "--json")
+    assert result.exit_code == 0, result.output
+    assert states(root) == {"plugins/tools/outer": "done", "plugins/tools/outer/inner": "done",
+                            "alias/outer": "invalid"}
+    assert query(root, "SELECT reason FROM plugins WHERE plugin_id = 'alias/outer'") == [
+        ("is the same directory as plugins/tools/outer (reached through a symlink)",)]
+    assert len(generate_requests(emu)) == 4
+    # the inner plugin's new skill is not a change of the outer one
+    assert json.loads(overnight("scan", root, "--json").stdout)["events"] == 0
+    inner_skill = outer / "inner" / "skills" / "inner" / "SKILL.md"
+    assert inner_skill.is_file()
+    # putting the outer plugin back leaves the inner one alone, and brings its link back
+    assert overnight("restore-plugin", "outer", root).exit_code == 0
+    assert hash_tree(root, outer).content_hash == before
+    assert os.readlink(outer / "LICENSE") == str(outside) and outside.read_text() == "shared licence\n"
+    assert inner_skill.is_file() and states(root)["plugins/tools/outer/inner"] == "done"
+    assert_healthy(root)
 
 
 def test_a_request_gemini_refuses_fails_that_plugin_at_once_and_the_batch_goes_on(market, emu):

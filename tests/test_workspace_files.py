@@ -177,12 +177,26 @@ def test_restore_refuses_bad_entry_paths(market: Path, store, bad: str) -> None:
     [Entry(path="up", kind="symlink", mode=0o777, size=5, target="../.."),
      Entry(path="l", kind="symlink", mode=0o777, size=7, target="up/../x")],
 ], ids=["relative", "absolute", "through-another-link"])
-def test_restore_refuses_symlink_escaping_root(market: Path, store, entries) -> None:
+def test_restore_puts_symlinks_back_as_they_were_wherever_they_point(market: Path, store, entries) -> None:
+    """A plugin that held a link leaving the marketplace gets it back (restore-plugin must undo
+    overnight's change exactly); creating a link writes nothing through it."""
     tree = put_manifest(store, entries)
-    before = listing(market)
-    with pytest.raises(SnapshotError, match=r"symlink l -> .* escapes"):
+    plugin = market / "plugins" / "p"
+    before = {k: v for k, v in listing(market).items() if not k.startswith("plugins/p")}
+    restore(store.get_blob, market, plugin, tree)
+    assert {e.path: os.readlink(plugin / e.path) for e in entries} == {e.path: e.target for e in entries}
+    assert sorted(p.name for p in plugin.iterdir()) == sorted(e.path for e in entries)
+    assert {k: v for k, v in listing(market).items() if not k.startswith("plugins/p")} == before
+
+
+def test_restore_never_writes_through_a_symlink_it_restored(market: Path, store, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tree = put_manifest(store, [Entry(path="a", kind="symlink", mode=0o777, size=1, target=str(outside)),
+                                Entry(path="a/x", kind="file", mode=0o644, size=1, sha256=store.put_blob(b"x"))])
+    with pytest.raises(SnapshotError, match="has no directory entry for its parent"):
         restore(store.get_blob, market, market / "plugins" / "p", tree)
-    assert listing(market) == before
+    assert list(outside.iterdir()) == []
 
 
 def test_restore_refuses_the_root_itself(market: Path, store) -> None:
