@@ -19,7 +19,7 @@ from cli.options import (
     debug_option,
     marketplace_argument,
 )
-from cli.render import console, emit_json
+from cli.render import console, emit_json, plural
 from events.remote import display_url
 from statemachine import backup as backup_service
 from statemachine.workspace import default_db, marketplace_root, open_log
@@ -86,7 +86,7 @@ def backup_now(path: Path, db: Path | None, url: str | None, as_json: bool) -> N
     s = report.snapshot
     out = console()
     out.print(
-        f"snapshot {s.id} at {report.target}: {s.files:,} files, {s.bytes:,} bytes, {s.plugins} plugins, "
+        f"snapshot {s.id} at {report.target}: {s.files:,} files, {s.bytes:,} bytes, {plural(s.plugins, 'plugin')}, "
         f"log up to seq {s.last_seq}\nsent {report.events_sent:,} events, {report.blobs_sent:,} blobs, "
         f"{report.bytes_sent:,} bytes in {report.rows_written:,} rows ({report.batches} batches) "
         f"in {report.seconds:.2f} s", markup=False)

@@ -9,7 +9,8 @@ The file is one flat table whose keys are option names (with `_` or `-`), for ex
     max_cost = 5.0
 
 Command-line flags win over the file; the file wins over the built-in defaults. A key that
-no command knows is an error naming it, so a typo never silently does nothing.
+no command knows is an error naming it, so a typo never silently does nothing. Every problem
+with the file is wrong usage (exit 2), told in one line naming the file.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-
-from statemachine.errors import OvernightError
 
 # Keys a config file may set: the union of run's, resume's, estimate's and metrics' options.
 KNOWN = {
@@ -34,22 +33,27 @@ def load(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise OvernightError(f"cannot read config file {path}: {e.strerror}") from None
+        raise click.UsageError(f"cannot read config file {path}: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise OvernightError(f"config file {path} is not valid TOML: {e}") from None
+        raise click.UsageError(f"config file {path} is not valid TOML: {e}") from None
     settings = {key.replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(set(settings) - KNOWN)
     if unknown:
-        raise OvernightError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(KNOWN))}")
+        raise click.UsageError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(KNOWN))}")
     return settings
 
 
 def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     if value is not None:
         settings = load(value)
-        names = {p.name for p in ctx.command.params}
-        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in settings.items() if k in names}}
+        params = {p.name: p for p in ctx.command.params if p.name in settings}
+        for name, option in params.items():
+            try:  # checked here so that the message names the file, not a flag never given
+                option.type_cast_value(ctx, settings[name])
+            except click.BadParameter as e:
+                raise click.UsageError(f"config file {value}: {name}: {e.message}") from None
+        ctx.default_map = {**(ctx.default_map or {}), **{name: settings[name] for name in params}}
     return value
 
 

@@ -8,7 +8,7 @@ import click
 
 from cli.config import config_option
 from cli.options import common, marketplace_argument
-from cli.render import emit_json
+from cli.render import emit_json, plural
 
 price_options = [
     click.option("--price-input", type=click.FloatRange(min=0), default=0.30, show_default=True,
@@ -49,20 +49,20 @@ def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, pric
                    + f"; gate failures {m['gate_failures']}")
     for phase, d in m["phases"].items():
         if d["answers"]:
-            click.echo(f"{phase}: {d['answers']} answers, median {d['median_s']} s, p95 {d['p95_s']} s")
+            click.echo(f"{phase}: {plural(d['answers'], 'answer')}, median {d['median_s']} s, p95 {d['p95_s']} s")
     for model, w in m["quota_windows"].items():
-        click.echo(f"{model}: {w['last_minute_requests']} requests in the last minute, "
+        click.echo(f"{model}: {plural(w['last_minute_requests'], 'request')} in the last minute, "
                    f"{w.get('today_requests', 0)} today (Pacific day)")
     for limit in m["learned_limits"]:
         click.echo(f"learned limit: {limit['model']} {limit['metric']} = {limit['value']}")
     run = m["run"]
     if run:
         line = (f"last run {run['run_id']}: {run['status']}, {run['finished']}/{run['selected']} finished, "
-                f"{run['requests']} requests")
+                f"{plural(run['requests'], 'request')}")
         if run["eta_s"] is not None:
             line += f", ETA {run['eta_s']} s"
         if run["estimate"]:
-            line += f" (estimated {run['estimate']['requests']} requests)"
+            line += f" (estimated {plural(run['estimate']['requests'], 'request')})"
         click.echo(line)
 
 
@@ -96,24 +96,32 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
     from statemachine.metrics import Prices, estimate as compute
     from statemachine.runner import RunOptions, select
     from statemachine.scan import scan
-    from statemachine.scheduler import Limits
+    from events.store import format_at
+    from statemachine.gateway import GeminiSettings
+    from statemachine.scheduler import Limits, effective_limits
     from statemachine.workspace import marketplace_root, open_log
 
     root = marketplace_root(path)
-    limits = replace(Limits(), **{k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm),
-                                                     ("concurrency", concurrency)) if v is not None})
+    given = replace(Limits(), **{k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm),
+                                                    ("concurrency", concurrency)) if v is not None})
+    stated = [k for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm)) if v is not None]
     with open_log(root, db) as store:
         scan(store, root)
         chosen = select(store, RunOptions(plugins=plugins, category=category, limit=limit, force=force))
+        limits = effective_limits(store, GeminiSettings().model, given, stated, format_at(store.clock()))
         result = compute(store, root, chosen, limits, prices=Prices(price_input, price_output))
     if as_json:
         emit_json(result.as_json() | {"limits": limits.as_dict()})
         return
-    click.echo(f"{result.plugins} plugins to process: {result.requests} requests, "
+    learned = [f"{k} {getattr(limits, k)}" for k in ("rpm", "rpd", "tpm") if getattr(limits, k) != getattr(given, k)]
+    if learned:
+        click.echo(f"limits learned from Gemini's 429 answers: {', '.join(learned)} "
+                   "(state a limit with its flag to override it)")
+    click.echo(f"{plural(result.plugins, 'plugin')} to process: {plural(result.requests, 'request')}, "
                f"{result.input_tokens:,} input and {result.output_tokens:,} output tokens, "
                f"about ${result.cost_usd:.2f}")
     click.echo(f"time at {limits.rpm} requests/min, {limits.rpd}/day, concurrency {limits.concurrency}: "
-               f"{_duration(result.seconds)}" + (f" ({result.days} daily resets)" if result.days else ""))
+               f"{_duration(result.seconds)}" + (f" ({plural(result.days, 'daily reset')})" if result.days else ""))
     click.echo(f"basis: {result.basis}")
 
 

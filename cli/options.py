@@ -6,12 +6,12 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
 from events import EventStoreError, StoreLocked
-from statemachine.errors import OvernightError
+from statemachine.errors import NotAMarketplace, OvernightError
 
 # Exit codes (documented in README.md).
 EXIT_PROBLEMS = 1
@@ -38,9 +38,9 @@ db_option = click.option(
     help="Event log file. Default: <marketplace>/.overnight/overnight.db.",
 )
 
-marketplace_argument = click.argument(
-    "path", type=click.Path(file_okay=False, path_type=Path), default=".", required=False,
-)
+# Not checked by click: `marketplace_root` says "PATH is not a directory" (exit 2) for a
+# missing path and for a file alike.
+marketplace_argument = click.argument("path", type=click.Path(path_type=Path), default=".", required=False)
 
 
 def common(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,10 +49,12 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class OvernightGroup(click.Group):
-    """A click group whose commands' domain errors become one clear line and an exit code.
+    """A click group whose commands' errors become one clear line and an exit code.
 
     Nested groups raise through the root group's `invoke`, so this is the only place where
-    errors are mapped (tests that use click's CliRunner see the same behaviour).
+    errors are mapped (tests that use click's CliRunner see the same behaviour). Wrong usage
+    (click's own checks, a bad config file, contradictory options, a PATH that is not a
+    directory) exits 2; a failed operation 1.
     """
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
@@ -60,9 +62,17 @@ class OvernightGroup(click.Group):
         _debug = False
         return super().main(*args, **kwargs)
 
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:  # the root's own options (`overnight --bogus`)
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            _usage(e)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            _usage(e)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except BrokenPipeError:
@@ -71,6 +81,8 @@ class OvernightGroup(click.Group):
             raise click.exceptions.Exit(0) from None
         except StoreLocked as e:
             _fail(e, EXIT_LOCKED)
+        except NotAMarketplace as e:
+            _fail(e, EXIT_USAGE)
         except (OvernightError, EventStoreError) as e:
             _fail(e, EXIT_PROBLEMS)
         except Exception as e:  # a bug: say so, and keep the traceback one flag away
@@ -81,8 +93,14 @@ class OvernightGroup(click.Group):
             raise click.exceptions.Exit(EXIT_INTERNAL) from e
 
 
-def _fail(e: Exception, code: int) -> None:
+def _usage(e: click.UsageError) -> NoReturn:
+    if isinstance(e, click.exceptions.NoArgsIsHelpError):
+        raise e  # a group given no command (`overnight audit`): its help, as click shows it
+    _fail(e, EXIT_USAGE, e.format_message())
+
+
+def _fail(e: Exception, code: int, message: str | None = None) -> NoReturn:
     if _debug:
         traceback.print_exc()
-    click.echo(f"error: {e}", err=True)
+    click.echo(f"error: {message or e}", err=True)
     raise click.exceptions.Exit(code) from e

@@ -20,6 +20,11 @@ def shown(text: str) -> str:
     return one_line(text, limit=100_000)
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 plugin`, `2 plugins` (nouns with a plain -s plural)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, ensure_ascii=False))
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -11,7 +13,7 @@ import click
 
 from cli.config import config_option, source
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument
-from cli.render import emit_json, interactive, shown, stderr_console
+from cli.render import emit_json, interactive, plural, shown, stderr_console
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -92,6 +94,9 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
     from statemachine.runner import RunOptions
     from statemachine.scheduler import Limits
 
+    if min_bytes > max_bytes:
+        raise click.UsageError(f"{_flag('min_bytes', min_bytes)} is more than {_flag('max_bytes', max_bytes)}: "
+                               "no SKILL.md could pass the size gate")
     options = RunOptions(
         gemini=GeminiSettings(model=model, base_url=base_url, timeout_s=timeout),
         limits=_override(Limits(), rpm=rpm, rpd=rpd, tpm=tpm, concurrency=concurrency),
@@ -100,8 +105,15 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         limit=limit, force=force, dry_run=dry_run, standards=standards, wait=not no_wait,
         budgets=_override(Budgets(), max_requests=max_requests, max_tokens=max_tokens,
                           max_cost=max_cost), backup_to=backup_to,
+        explicit_limits=_stated(rpm=rpm, rpd=rpd, tpm=tpm),
     )
     _execute(path, db, json_log, as_json, lambda runner: runner.start(options))
+
+
+def _stated(**limits: int | None) -> tuple[str, ...]:
+    """The quota limits the user stated (a flag or the config file): they override the ones
+    learned from Gemini's 429 answers before now."""
+    return tuple(sorted(name for name, value in limits.items() if value is not None))
 
 
 @click.command()
@@ -120,8 +132,8 @@ def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: i
     from dataclasses import replace
 
     given = {k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm), ("concurrency", concurrency),
-                               ("max-requests", max_requests), ("max-tokens", max_tokens),
-                               ("max-cost", max_cost)) if v is not None}
+                               ("max_requests", max_requests), ("max_tokens", max_tokens),
+                               ("max_cost", max_cost)) if v is not None}
 
     def overrides(options):
         changed = replace(options,
@@ -130,12 +142,17 @@ def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: i
                                             max_cost=max_cost))
         if no_wait is not None:
             changed = replace(changed, wait=not no_wait)
-        return changed
+        stated = set(options.explicit_limits) | set(_stated(rpm=rpm, rpd=rpd, tpm=tpm))
+        return replace(changed, explicit_limits=tuple(sorted(stated)))
 
-    reason = "resume with " + ", ".join(
-        f"--{k} {v}" + (" (from the config file)" if source(k.replace("-", "_")) == "config file" else "")
-        for k, v in given.items()) if given else ""
+    reason = "resume with " + ", ".join(_flag(k, v) for k, v in given.items()) if given else ""
     _execute(path, db, json_log, as_json, lambda runner: runner.resume(overrides, reason))
+
+
+def _flag(name: str, value: object) -> str:
+    """`--max-requests 50` for a parameter's value, saying so when it came from the config file."""
+    origin = " (from the config file)" if source(name) == "config file" else ""
+    return f"--{name.replace('_', '-')} {value}{origin}"
 
 
 def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: bool, call) -> None:
@@ -157,14 +174,15 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         store.close()
-    _render(result, as_json)
+    resume = ["overnight", "resume", str(root)] + (["--db", str(db.absolute())] if db is not None else [])
+    _render(result, as_json, shlex.join(resume))
     if result.outcome == "interrupted":
         raise click.exceptions.Exit(EXIT_SIGNAL.get(runner.signal or "", 130))
     if not result.ok or result.backup_failed:
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 
 
-def _render(result, as_json: bool) -> None:
+def _render(result, as_json: bool, resume: str) -> None:
     if as_json:
         emit_json({"run_id": result.run_id, "outcome": result.outcome, "selected": result.selected,
                    "by_state": result.counts, "paused_until": result.paused_until,
@@ -174,7 +192,8 @@ def _render(result, as_json: bool) -> None:
                    "backups": result.backups, "backup_failed": result.backup_failed})
         return
     counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
-    click.echo(f"run {result.run_id}: {result.outcome}; {result.selected} plugins selected ({counts or 'none'})")
+    click.echo(f"run {result.run_id}: {result.outcome}; {plural(result.selected, 'plugin')} selected "
+               f"({counts or 'none'})")
     if result.outcome == "budget_exhausted":
         click.echo(f"budget reached: {result.message}")
     if result.paused_until:
@@ -188,15 +207,19 @@ def _render(result, as_json: bool) -> None:
         click.echo(f"  {'invalid':<11} {shown(plugin_id)}: {shown(reason)} (not processed)")
     for line in result.backups:
         click.echo(line, err=result.backup_failed)
+    if result.outcome == "interrupted":
+        click.echo(f"`{shown(resume)}` continues this run")
 
 
 class _Display:
-    """A live progress view on a terminal; a line per newly finished plugin otherwise."""
+    """A live progress view on a terminal. Otherwise (cron, nohup) one line per change: a
+    plugin finished, a quota pause began (saying until when), a pause ended."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._live = None
         self._last = -1
+        self._paused_until: float | None = None
 
     def __enter__(self) -> "_Display":
         if self.enabled:
@@ -211,24 +234,38 @@ class _Display:
             self._live.__exit__(*exc)
 
     def update(self, progress) -> None:
-        line = (f"{progress.finished}/{progress.total} plugins  {progress.requests} requests  "
+        line = (f"{progress.finished}/{plural(progress.total, 'plugin')}  {plural(progress.requests, 'request')}  "
                 f"{progress.input_tokens:,} in / {progress.output_tokens:,} out tokens  "
                 f"{progress.rate_limited} rate-limited")
         if progress.eta is not None:
             line += f"  ETA {_duration(progress.eta)}"
         if progress.paused_until:
-            from statemachine.scheduler import iso
+            line += f"  paused until {_moment(progress.paused_until)}"
+        if self._live is not None:
+            from rich.text import Text
 
-            line += f"  paused until {iso(progress.paused_until)}"
-        if self._live is None:
-            if progress.finished != self._last:
-                self._last = progress.finished
-                print(line, file=sys.stderr, flush=True)
+            lines = [line] + [f"  {shown(pid)}  {phase}" for pid, phase in sorted(progress.phases.items())]
+            self._live.update(Text("\n".join(lines)))
             return
-        from rich.text import Text
+        if progress.paused_until != self._paused_until:
+            self._paused_until = progress.paused_until
+            _note(f"paused for the quota until {_moment(progress.paused_until)}" if progress.paused_until
+                  else "quota pause over: going on")
+        elif not progress.paused_until and progress.finished != self._last:
+            self._last = progress.finished
+            _note(line)
 
-        lines = [line] + [f"  {shown(pid)}  {phase}" for pid, phase in sorted(progress.phases.items())]
-        self._live.update(Text("\n".join(lines)))
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _moment(ts: float) -> str:
+    """A unix time in UTC, and in local time when that differs."""
+    from statemachine.scheduler import iso
+
+    local = datetime.fromtimestamp(ts).astimezone()
+    return iso(ts) + (f" ({local:%Y-%m-%d %H:%M %Z} local time)" if local.utcoffset() else "")
 
 
 def _duration(seconds: float) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import common, marketplace_argument
-from cli.render import console, emit_json, interactive, shown, stderr_console
+from cli.render import console, emit_json, interactive, plural, shown, stderr_console
 from statemachine.workspace import marketplace_root, open_log
 
 
@@ -48,9 +48,9 @@ def scan(path: Path, db: Path | None, as_json: bool) -> None:
         })
         return
     out = console()
-    out.print(f"{report.plugins} plugins: {report.new} new, {report.changed} changed, "
+    out.print(f"{plural(report.plugins, 'plugin')}: {report.new} new, {report.changed} changed, "
               f"{report.unchanged} unchanged, {report.vanished} vanished; "
-              f"{report.invalid} invalid; {report.events} events recorded")
+              f"{report.invalid} invalid; {plural(report.events, 'event')} recorded")
     for plugin_id, reason in report.problems:
         out.print(f"  invalid  {shown(plugin_id)}: {shown(reason)}", markup=False)
     for warning in report.warnings:

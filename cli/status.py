@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import common, marketplace_argument
-from cli.render import console, emit_json, shown
+from cli.render import console, emit_json, plural, shown
 from statemachine import status as status_service
 from statemachine.lifecycle import State
 from statemachine.workspace import marketplace_root, open_log
@@ -30,11 +30,12 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
         return
     out = console()
     counts = ", ".join(f"{s} {n}" for s, n in sorted(report.by_state.items(), key=lambda kv: -kv[1]))
-    out.print(f"{report.plugins} plugins ({counts or 'none yet'}); {report.events} events in the log")
+    out.print(f"{plural(report.plugins, 'plugin')} ({counts or 'none yet'}); {plural(report.events, 'event')} "
+              "in the log")
     if report.last_run:
         r = report.last_run
         out.print(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "
-                  f"{r['rejected']} rejected, {r['failed']} failed, {r['requests']} requests"
+                  f"{r['rejected']} rejected, {r['failed']} failed, {plural(r['requests'], 'request')}"
                   + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
                   + ("; no overnight process is running it: `overnight resume` continues it"
                      if r["status"] == "stopped" else ""), markup=False)

@@ -59,6 +59,18 @@ class Spending:
                 raise BudgetReached("cost", b.max_cost, round(cost, 4))
             self.requests += 1
 
+    def release(self) -> None:
+        """Un-count a request `before_request` counted but that was never sent."""
+        with self._lock:
+            self.requests -= 1
+
+    def reached(self, budget: str, limit: float) -> BudgetReached:
+        """`budget`'s stop as it stands now that the workers are done (sent requests only)."""
+        with self._lock:
+            used = {"requests": self.requests, "tokens": self.input_tokens + self.output_tokens,
+                    "cost": round(self.prices.cost(self.input_tokens, self.output_tokens), 4)}[budget]
+        return BudgetReached(budget, limit, used)
+
     def add(self, usage: Usage | None) -> None:
         if usage is not None:
             with self._lock:

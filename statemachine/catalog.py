@@ -273,12 +273,16 @@ class RunStarted(Event, frozen=True, tag="RunStarted"):
 
 
 class LimitsChanged(Event, frozen=True, tag="LimitsChanged"):
-    """Limits or budgets changed mid-run (resume flags or config file), with why."""
+    """Limits or budgets changed mid-run (resume flags or config file), with why.
+
+    `explicit` names the limits the user stated; they override limits learned from Gemini before.
+    """
 
     run_id: str
     limits: dict[str, Any]
     reason: str
     budgets: dict[str, Any] = {}
+    explicit: list[str] = []
 
 
 class RunPaused(Event, frozen=True, tag="RunPaused"):

@@ -30,6 +30,7 @@ from statemachine.prompts import (
     system_instruction,
 )
 from statemachine.scheduler import Limits, day_start
+from statemachine.status import live_status
 
 # Before any run has measured them: typical answer sizes in tokens (a plan; a 10 KB skill).
 DEFAULT_PLAN_OUTPUT = 900
@@ -100,7 +101,8 @@ def _last_run(store: EventStore, now: float) -> dict[str, Any] | None:
     found = store.query("SELECT run_id, status, started_at, config FROM runs ORDER BY started_at DESC LIMIT 1")
     if not found:
         return None
-    run_id, status, started_at, config = found[0]
+    run_id, recorded, started_at, config = found[0]
+    status = live_status(store, recorded)
     started = store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'", (f"run:{run_id}",))
     event = msgspec.json.decode(started[0][0])
     selection = event.get("selection", [])
@@ -181,7 +183,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     resets = (n - 1) // limits.rpd if n and limits.rpd else 0  # each needs a Pacific midnight
     last_day = n - resets * limits.rpd if limits.rpd else n
     seconds = resets * 86400 + (last_day / rate * 60 if rate else 0.0)
-    basis = (f"measured averages from {answers} answers" if answers
+    basis = (f"measured averages from {answers} answer{'s' * (answers != 1)}" if answers
              else "defaults (no run measured yet)")
     return Estimate(plugins=len(plugin_ids), requests=n, input_tokens=int(input_tokens),
                     output_tokens=int(output_tokens), days=resets,

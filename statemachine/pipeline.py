@@ -108,6 +108,9 @@ class Context:
     secrets: tuple[str, ...] = ()
     rng: random.Random = field(default_factory=random.Random)
     sleep: Callable[[float], object] = field(default=lambda s: threading.Event().wait(s))
+    # A quota pause the user lifted on resume by changing limits: a retry wait that ends by
+    # then was waiting for that pause, and is over.
+    lifted_until: float = 0.0
 
     def should_stop(self) -> bool:
         """A signal stops the run; a pause or a fatal error halts this batch."""
@@ -153,7 +156,7 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
                 return None
             if state == State.RETRYING:
                 wait_until = _ts(row["not_before"])
-                if wait_until > ctx.clock():
+                if wait_until > ctx.clock() and wait_until > ctx.lifted_until:
                     return wait_until
             try:
                 _STEPS[state](ctx, cursor, row)
@@ -254,7 +257,12 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
     est = estimate_tokens(system, prompt)
     if ctx.spending is not None:
         ctx.spending.before_request()
-    slot = _admit(ctx, est)
+    try:
+        slot = _admit(ctx, est)
+    except BaseException:
+        if ctx.spending is not None:
+            ctx.spending.release()  # never sent: the budget must not count it
+        raise
     request_id = uuid.uuid4().hex
     attempt = (row["plan_attempts"] if step == "plan" else row["skill_attempts"]) + 1
     if step == "plan":

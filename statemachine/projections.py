@@ -235,7 +235,7 @@ def _fold_run(row: dict | None, rec: Recorded) -> dict | None:
     if isinstance(ev, c.RunStarted):
         return {"run_id": ev.run_id, "command": ev.command, "started_at": rec.at, "ended_at": None,
                 "status": "running", "paused_until": None, "config": _to_json(ev.config),
-                "plugins": ev.plugins, "last_seq": rec.seq}
+                "plugins": ev.plugins, "counts": None, "last_seq": rec.seq}
     if row is None:
         raise ProjectionError(f"{rec.type} for run {ev.run_id}, which never started")
     new = dict(row, last_seq=rec.seq)
@@ -244,6 +244,8 @@ def _fold_run(row: dict | None, rec: Recorded) -> dict | None:
         config["limits"] = ev.limits
         if ev.budgets:
             config["budgets"] = ev.budgets
+        if ev.explicit:
+            config["explicit_limits"] = ev.explicit
         new["config"] = _to_json(config)
     elif isinstance(ev, c.RunPaused):
         new.update(status="paused", paused_until=ev.until)
@@ -254,16 +256,17 @@ def _fold_run(row: dict | None, rec: Recorded) -> dict | None:
     elif isinstance(ev, c.BudgetExhausted):
         new.update(status="budget_exhausted", ended_at=rec.at)
     elif isinstance(ev, c.RunFinished):
-        new.update(status=ev.outcome, ended_at=rec.at)
+        new.update(status=ev.outcome, ended_at=rec.at, counts=_to_json(ev.counts))
     return new
 
 
 RUNS = Projection(
     name="runs",
-    version=2,
+    version=3,
     columns=(
         ("run_id", "TEXT"), ("command", "TEXT"), ("started_at", "TEXT"), ("ended_at", "TEXT"),
         ("status", "TEXT"), ("paused_until", "TEXT"), ("config", "TEXT"), ("plugins", "INTEGER"),
+        ("counts", "TEXT"),  # plugins per final state, as the run finished (RunFinished)
         ("last_seq", "INTEGER"),
     ),
     key_len=1,
@@ -328,6 +331,13 @@ _PLUGIN_DETAILS = ", ".join((
 
 # Views for people at the sqlite3 shell and for the services (documented in README.md).
 # Recreated whenever their definition changes.
+def _final_count(state: str) -> str:
+    """A finished run's count of plugins in `state`, as its RunFinished recorded it (later runs
+    do not rewrite history); an unfinished run's, from its plugins now."""
+    return (f"CASE WHEN r.counts IS NULL THEN (SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id "
+            f"AND p.state = '{state}') ELSE coalesce(json_extract(r.counts, '$.{state}'), 0) END AS {state}")
+
+
 VIEWS = {
     "plugin_details": _PLUGIN_DETAILS,
     "state_counts": "SELECT state, count(*) AS plugins FROM plugins GROUP BY state ORDER BY plugins DESC",
@@ -342,11 +352,8 @@ VIEWS = {
         "(SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger q WHERE q.run_id = r.run_id) AS input_tokens, "
         "(SELECT coalesce(sum(output_tokens + coalesce(thoughts_tokens, 0)), 0) FROM quota_ledger q "
         "WHERE q.run_id = r.run_id) AS output_tokens, "
-        "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'done') AS done, "
-        "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'skipped') AS skipped, "
-        "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'rejected') AS rejected, "
-        "(SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id AND p.state = 'failed') AS failed "
-        "FROM runs r",
+        + ", ".join(_final_count(state) for state in ("done", "skipped", "rejected", "failed"))
+        + " FROM runs r",
     "requests_per_minute":
         "SELECT model, strftime('%Y-%m-%d %H:%M', sent_at, 'unixepoch') AS minute, count(*) AS requests, "
         "sum(coalesce(input_tokens, est_input_tokens)) AS input_tokens "

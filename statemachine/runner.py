@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -26,6 +26,7 @@ import msgspec
 from events import EventStore, EventStoreError
 from statemachine import catalog as c
 from events.remote import display_url
+from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
 from statemachine.errors import OvernightError
 from statemachine.metrics import Prices, estimate
@@ -36,7 +37,7 @@ from statemachine.lifecycle import FINAL, State
 from statemachine.pipeline import Context, Interrupted, RunStopped, Stats, StepSettings, advance
 from statemachine.prompts import Standards, load_standards
 from statemachine.scan import scan
-from statemachine.scheduler import DailyQuotaExhausted, Limits, Scheduler, day_start, iso
+from statemachine.scheduler import DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso
 
 OK_END = frozenset({State.DONE, State.SKIPPED, State.REJECTED})
 # Network jitter between our admission and Gemini's count (measured up to ~0.15 s on a busy
@@ -63,12 +64,14 @@ class RunOptions:
     budgets: Budgets = field(default_factory=Budgets)
     prices: Prices = field(default_factory=Prices)
     backup_to: str | None = None  # libSQL URL; the token comes from TURSO_AUTH_TOKEN only
+    # Limits the user stated (a flag or the config file): they override limits learned before.
+    explicit_limits: tuple[str, ...] = ()
 
     def config(self, standards: Standards, backend: Backend) -> dict[str, Any]:
         """The recorded configuration: everything `resume` needs, and no secret."""
         return {
             "gemini": self.gemini.public(), "backend": backend.describe(),
-            "limits": self.limits.as_dict(),
+            "limits": self.limits.as_dict(), "explicit_limits": sorted(self.explicit_limits),
             "gates": dataclasses.asdict(self.gates),
             "gate_attempts": self.gate_attempts, "max_attempts": self.max_attempts,
             "backoff_s": self.backoff_s, "plugins": list(self.plugins), "category": self.category,
@@ -91,6 +94,7 @@ def options_from_config(config: dict[str, Any]) -> RunOptions:
         backoff_s=config["backoff_s"], plugins=tuple(config["plugins"]), category=config["category"],
         limit=config["limit"], force=config["force"], dry_run=config["dry_run"], wait=config["wait"],
         budgets=Budgets(**config["budgets"]), prices=Prices(**config["prices"]),
+        explicit_limits=tuple(config.get("explicit_limits", ())),
     )
 
 
@@ -107,6 +111,9 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
                    if (pid in wanted or name in wanted) and state in (State.INVALID, State.GONE)]
         if blocked:
             raise OvernightError(f"cannot process what was asked for: {'; '.join(blocked)}")
+    categories = sorted({r[2] for r in rows})
+    if options.category and options.category not in categories:
+        raise OvernightError(f"no plugin in category {options.category!r} (categories: {', '.join(categories)})")
     chosen = []
     for plugin_id, name, category, state, _reason in rows:
         if wanted and plugin_id not in wanted and name not in wanted:
@@ -160,11 +167,12 @@ class RunResult:
 
 
 class Runner:
-    """Executes one run. `clock` returns unix seconds; `sleep` waits (both injectable)."""
+    """Executes one run. `clock` returns unix seconds; `sleep` waits, by default until the
+    run is told to stop (both injectable)."""
 
     def __init__(self, store: EventStore, root: Path, *, backend: Backend,
                  gateway_factory: Callable[[GeminiSettings, Backend], Gateway] = Gateway,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], object] | None = None,
                  json_log: IO[str] | None = None,
                  on_progress: Callable[[Progress], None] | None = None) -> None:
         self.store = store
@@ -172,10 +180,11 @@ class Runner:
         self.backend = backend
         self.gateway_factory = gateway_factory
         self.clock = clock
-        self.sleep = sleep
         self.journal = Journal(store, json_log)
         self.on_progress = on_progress
         self.stopping = threading.Event()
+        # Waiting on the stop event, a signal ends a wait (a quota pause of hours) at once.
+        self.sleep = sleep or self.stopping.wait
         self.signal: str | None = None
         self._backups: list[str] = []
         self._backup_failed = False
@@ -190,7 +199,9 @@ class Runner:
         selection = self._select(options)
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         config = options.config(standards, self.backend)
-        config["estimate"] = estimate(self.store, self.root, selection, options.limits, options.gates,
+        limits = effective_limits(self.store, options.gemini.model, options.limits, options.explicit_limits,
+                                  format_at(self.store.clock()))
+        config["estimate"] = estimate(self.store, self.root, selection, limits, options.gates,
                                       options.prices, options.standards).as_json()
         self.journal.append(f"run:{run_id}", c.RunStarted(
             run_id=run_id, command="run", config=config,
@@ -209,12 +220,15 @@ class Runner:
         options = options_from_config(config)
         blob = self._standards_blob(config["standards_sha256"])
         standards = Standards(blob.decode("utf-8"))
+        limits_changed = False
         if overrides is not None:
             changed = overrides(options)
-            if (changed.limits, changed.budgets) != (options.limits, options.budgets):
+            stated = set(changed.explicit_limits) - set(options.explicit_limits)
+            if (changed.limits, changed.budgets) != (options.limits, options.budgets) or stated:
                 self.journal.append(f"run:{run_id}", c.LimitsChanged(
                     run_id=run_id, limits=changed.limits.as_dict(), budgets=changed.budgets.as_dict(),
-                    reason=reason or "changed on resume"))
+                    reason=reason or "changed on resume", explicit=sorted(changed.explicit_limits)))
+            limits_changed = changed.limits != options.limits or bool(stated)
             options = changed
         gateway = self.gateway_factory(options.gemini, self.backend)
         gateway.check_access()
@@ -222,16 +236,21 @@ class Runner:
                                    (f"run:{run_id}",))
         selection = msgspec.json.decode(started[0][0])["selection"]
         until = datetime.fromisoformat(paused_until).timestamp() if status == "paused" and paused_until else 0.0
-        if until > self.clock():
-            # The recorded pause (the daily quota) still holds: honour it.
+        lifted = 0.0
+        if until > self.clock() and limits_changed:
+            # New limits lift the recorded pause (the daily quota): the scheduler decides again
+            # from the ledger, and a plugin that waited for that pause goes now. If the day is
+            # still spent, the scheduler or Gemini's next 429 pauses the run again.
+            lifted = until
+        elif until > self.clock():
             if not options.wait:
                 return self._finish(run_id, selection, options, "paused", paused_until=paused_until)
-            self._wait_until(until, Stats(), len(selection), self.clock())
+            self._wait_until(until, Stats(), selection, self.clock())
             if self.stopping.is_set():
                 return self._interrupted(run_id, selection)
         self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
         scan(self.store, self.root)
-        return self._execute(run_id, options, standards, gateway, selection)
+        return self._execute(run_id, options, standards, gateway, selection, lifted=lifted)
 
     def interrupt(self, signal_name: str) -> None:
         """Called from a signal handler: stop taking work; `_execute` records the interruption."""
@@ -277,10 +296,11 @@ class Runner:
             "WHERE model = ? AND sent_at >= ?", (model, min(since, self.clock() - 60)))]
 
     def _execute(self, run_id: str, options: RunOptions, standards: Standards, gateway: Gateway,
-                 selection: list[str]) -> RunResult:
-        scheduler = Scheduler(self._effective_limits(options), self.clock, self._history(options.gemini.model),
+                 selection: list[str], lifted: float = 0.0) -> RunResult:
+        scheduler = Scheduler(self._effective_limits(run_id, options), self.clock, self._history(options.gemini.model),
                               margin=WINDOW_MARGIN)
         stats = Stats()
+        spending = Spending(self.store, run_id, options.budgets, options.prices)
         ctx = Context(
             run_id=run_id, root=self.root, journal=self.journal, gateway=gateway, scheduler=scheduler,
             settings=StepSettings(model=options.gemini.model, gates=options.gates,
@@ -288,7 +308,7 @@ class Runner:
                                   backoff_s=options.backoff_s, dry_run=options.dry_run, force=options.force),
             standards=standards, clock=self.clock, stopping=self.stopping, stats=stats,
             secrets=(self.backend.api_key or "",), sleep=self.sleep,
-            spending=Spending(self.store, run_id, options.budgets, options.prices),
+            spending=spending, lifted_until=lifted,
         )
         started = self.clock()
         while True:
@@ -299,7 +319,7 @@ class Runner:
             if outcome.stopped is not None:
                 return self._finish(run_id, selection, options, "stopped", message=outcome.stopped)
             if outcome.budget is not None:
-                b = outcome.budget
+                b = spending.reached(outcome.budget.budget, outcome.budget.limit)
                 self.journal.append(f"run:{run_id}", c.BudgetExhausted(
                     run_id=run_id, budget=b.budget, limit=float(b.limit), used=float(b.used)))
                 return self._finish(run_id, selection, options, "budget_exhausted",
@@ -312,7 +332,7 @@ class Runner:
             self._backup(options, "paused for quota")
             if not options.wait:
                 return self._finish(run_id, selection, options, "paused", paused_until=iso(until))
-            self._wait_until(until, stats, len(selection), started)
+            self._wait_until(until, stats, selection, started)
             if self.stopping.is_set():
                 return self._interrupted(run_id, selection)
             self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
@@ -320,19 +340,22 @@ class Runner:
                                   margin=WINDOW_MARGIN)
             ctx.scheduler = scheduler
 
-    def _effective_limits(self, options: RunOptions) -> Limits:
-        limits = options.limits
-        for metric, value in self.store.query(
-                "SELECT metric, value FROM quota_limits WHERE model = ?", (options.gemini.model,)):
-            if getattr(limits, metric, None) is None or value < getattr(limits, metric):
-                limits = replace(limits, **{metric: value})
-        return limits
+    def _effective_limits(self, run_id: str, options: RunOptions) -> Limits:
+        """The run's limits, capped by learned ones; its explicit limits were stated when it
+        started or when a resume last changed them."""
+        stated_at = self.store.query("SELECT max(at) FROM events WHERE stream = ? AND type IN "
+                                     "('RunStarted', 'LimitsChanged')", (f"run:{run_id}",))[0][0] or ""
+        return effective_limits(self.store, options.gemini.model, options.limits, options.explicit_limits,
+                                stated_at)
 
-    def _wait_until(self, until: float, stats: Stats, total: int, started: float) -> None:
+    def _wait_until(self, until: float, stats: Stats, selection: list[str], started: float) -> None:
+        """Sleep through a pause, telling the display when it begins and every 30 s."""
+        counts, _ = self._counts(selection)
+        finished = sum(n for state, n in counts.items() if state in FINAL)
         while not self.stopping.is_set() and self.clock() < until:
-            self.sleep(min(30.0, max(0.0, until - self.clock())))
             if self.on_progress:
-                self.on_progress(self._progress(stats, total, 0, started, paused_until=until))
+                self.on_progress(self._progress(stats, len(selection), finished, started, paused_until=until))
+            self.sleep(min(30.0, max(0.0, until - self.clock())))
 
     def _progress(self, stats: Stats, total: int, finished: int, started: float,
                   paused_until: float | None = None) -> Progress:

@@ -23,8 +23,11 @@ import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta, timezone
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 from zoneinfo import ZoneInfo
+
+if TYPE_CHECKING:
+    from events import EventStore
 
 PACIFIC = ZoneInfo("America/Los_Angeles")
 MINUTE = 60.0
@@ -60,6 +63,23 @@ class Limits:
     def as_dict(self) -> dict[str, int | None]:
         return {"rpm": self.rpm, "rpd": self.rpd, "tpm": self.tpm, "tpd": self.tpd,
                 "concurrency": self.concurrency}
+
+
+def effective_limits(store: "EventStore", model: str, limits: Limits, explicit: Iterable[str] = (),
+                     stated_at: str = "") -> Limits:
+    """`limits` capped by the limits Gemini's 429 answers taught for `model` (quota_limits),
+    except a limit the user stated explicitly (a flag or the config file) at `stated_at`, after
+    it was learned: a new tier is the user's to declare, and if Gemini disagrees, its next 429
+    teaches the limit again."""
+    explicit = set(explicit)
+    for metric, value, learned_at in store.query(
+            "SELECT metric, value, learned_at FROM quota_limits WHERE model = ?", (model,)):
+        if metric in explicit and learned_at < stated_at:
+            continue
+        current = getattr(limits, metric, None)
+        if current is None or value < current:
+            limits = replace(limits, **{metric: value})
+    return limits
 
 
 class DailyQuotaExhausted(Exception):

@@ -25,6 +25,12 @@ class StatusReport:
                 "last_run": self.last_run, "items": self.items}
 
 
+def live_status(store: EventStore, recorded: str) -> str:
+    """A run's recorded status, except that a run recorded as running while no process holds
+    the log is `stopped` (it crashed, or stopped on an error; `overnight resume` continues it)."""
+    return "stopped" if recorded == "running" and not WriterLock(store.path).held() else recorded
+
+
 def status(store: EventStore, *, plugin: str | None = None, state: str | None = None,
            attention_limit: int = 20) -> StatusReport:
     """Counts by state; `items` are the plugins matching the filters, or, with no filter,
@@ -38,9 +44,8 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
     )
     last_run = dict(zip(("run_id", "command", "status", "started_at", "ended_at", "paused_until",
                          "plugins", "requests", "done", "skipped", "rejected", "failed"), run[0])) if run else None
-    if last_run and last_run["status"] == "running" and not WriterLock(store.path).held():
-        # recorded as running, but no process holds the log: it crashed or stopped on an error
-        last_run["status"] = "stopped"
+    if last_run:
+        last_run["status"] = live_status(store, last_run["status"])
     sql = f"SELECT {', '.join(_ROW)} FROM plugins"
     where, params = [], []
     if plugin is not None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from events import EventStore
 from events.store import Clock, utc_now
 from statemachine.catalog import REGISTRY
+from statemachine.discovery import MANIFEST, PLUGINS_DIR
 from statemachine.errors import NotAMarketplace, OvernightError
 from statemachine.projections import PROJECTIONS, VIEWS
 
@@ -15,9 +17,15 @@ DB_NAME = "overnight.db"
 
 
 def marketplace_root(path: Path | str) -> Path:
+    """The resolved marketplace directory at `path`. It must look like one (a `plugins/`
+    directory, a `.claude-plugin/marketplace.json` or overnight's own state), so a forgotten or
+    mistyped PATH never turns some other directory into a marketplace with a log of its own."""
     root = Path(path)
     if not root.is_dir():
         raise NotAMarketplace(f"{root} is not a directory")
+    if not any(os.path.lexists(root / marker) for marker in (PLUGINS_DIR, MANIFEST, STATE_DIR)):
+        raise NotAMarketplace(f"{root.resolve()} does not look like a marketplace (no {PLUGINS_DIR}/ directory "
+                              f"and no {MANIFEST}); give the marketplace's path")
     return root.resolve()
 
 

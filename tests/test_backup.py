@@ -624,14 +624,14 @@ def test_backup_skips_the_symlinks_restore_would_refuse_and_says_so(market, tmp_
 
 def test_backup_refuses_a_directory_without_an_event_log(tmp_path):
     plain = tmp_path / "plain"
-    plain.mkdir()
-    (plain / "notes.md").write_text("not a marketplace yet\n")
+    (plain / "plugins").mkdir(parents=True)  # a marketplace never scanned
+    (plain / "notes.md").write_text("not scanned yet\n")
     result = run("backup", plain, "--to", f"file:{tmp_path / 'offsite.db'}")
     assert result.exit_code == 1
     assert result.output == (f"error: no event log at {plain.resolve()}/.overnight/overnight.db "
                              "(run `overnight scan` or `overnight run` first, or pass --db)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
-    assert sorted(p.name for p in plain.iterdir()) == ["notes.md"]
+    assert sorted(p.name for p in plain.iterdir()) == ["notes.md", "plugins"]
 
 
 def test_verify_counts_each_tree_once_however_many_snapshots_reach_it(market, tmp_path):

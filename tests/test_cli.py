@@ -224,8 +224,9 @@ def test_every_command_has_help():
 
 def test_errors_are_one_line_with_a_nonzero_exit(tmp_path):
     missing = run("status", tmp_path / "nope")
-    assert missing.exit_code == 1
+    assert missing.exit_code == 2  # wrong usage
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} is not a directory"]
+    (tmp_path / "plugins").mkdir()  # a marketplace never scanned
     no_log = run("audit", "verify", tmp_path)
     assert no_log.exit_code == 1 and no_log.stderr.startswith("error: no event log at")
     assert len(no_log.stderr.strip().splitlines()) == 1
@@ -233,7 +234,32 @@ def test_errors_are_one_line_with_a_nonzero_exit(tmp_path):
     assert usage.exit_code == 2
 
 
+def test_wrong_usage_exits_2_with_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for path in (tmp_path / "nope", afile, afile / "sub"):
+        for command in (["scan"], ["status"], ["run"], ["estimate"], ["metrics"], ["audit", "verify"],
+                        ["restore-plugin", "x"]):
+            result = run(*command, path)
+            assert (result.exit_code, result.stderr) == (2, f"error: {path} is not a directory\n"), command
+    usages = {
+        ("status", tmp_path, "--state", "sleeping"): "error: Invalid value for '--state': 'sleeping' is not one of ",
+        ("scan", tmp_path, "--bogus"): "error: No such option '--bogus'.",
+        ("frobnicate",): "error: No such command 'frobnicate'.",
+        ("--bogus", "scan"): "error: No such option '--bogus'.",
+        ("run", tmp_path, "--rpm", "0"): "error: Invalid value for '--rpm': 0 is not in the range x>=1.",
+    }
+    for args, start in usages.items():
+        result = run(*args)
+        assert result.exit_code == 2, args
+        assert result.stderr.startswith(start) and len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (tmp_path / ".overnight").exists()
+    group = run("audit")  # a group without its command still shows its help
+    assert group.exit_code == 2 and "Commands:" in group.output
+
+
 def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "plugins").mkdir()  # a marketplace never scanned: no event log
     plain = run("audit", "verify", tmp_path)
     assert "Traceback" not in plain.stderr
     debug = run("--debug", "audit", "verify", tmp_path)
@@ -318,3 +344,15 @@ def test_control_characters_in_directory_names_reach_the_terminal_escaped(tmp_pa
     assert listed.exit_code == 0 and "\x1b" not in listed.output
     assert "  analyzed    plugins/x/evil\\u001b[2J\\u000aname" in listed.output
     assert "  analyzed    plugins/x/[bold]markup[link=x]" in listed.output
+
+
+def test_a_directory_that_is_no_marketplace_is_refused_and_left_alone(tmp_path):
+    plain = tmp_path / "home"
+    plain.mkdir()
+    (plain / "notes.md").write_text("a forgotten PATH must not turn this into a marketplace\n")
+    for command in ("scan", "run", "estimate", "status"):
+        result = run(command, plain)
+        assert result.exit_code != 0 and result.output == (
+            f"error: {plain} does not look like a marketplace (no plugins/ directory and no "
+            ".claude-plugin/marketplace.json); give the marketplace's path\n"), (command, result.output)
+    assert sorted(p.name for p in plain.iterdir()) == ["notes.md"]

@@ -49,6 +49,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 def query(root: Path, sql: str) -> list[tuple]:
     conn = apsw.Connection(str(root / ".overnight" / "overnight.db"))
+    conn.setbusytimeout(5000)  # the run may be checkpointing the WAL right now
     try:
         return list(conn.execute(sql))
     finally:
@@ -156,6 +157,31 @@ def test_status_tells_a_run_that_died_from_one_that_runs(tmp_path):
         assert dead["status"] == "stopped" and dead["run_id"] == live["run_id"]
         human = cli("status", str(root)).stdout
         assert "no overnight process is running it: `overnight resume` continues it" in human
+        measured = json.loads(cli("metrics", str(root), "--json").stdout)["run"]
+        assert measured["status"] == "stopped" and measured["eta_s"] is None
         resumed = spawn("resume", root, emu.url)
         assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()
     assert json.loads(cli("status", str(root), "--json").stdout)["last_run"]["status"] == "complete"
+
+
+def test_a_signal_ends_a_quota_pause_at_once(tmp_path):
+    root = tmp_path / "market"
+    build_marketplace(root, 3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    with Emulator(api_key=KEY, seed=3) as emu:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(root), "--base-url", emu.url,
+                                 "--rpm", "1000", "--rpd", "2"],  # the day is spent after two requests
+                                cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (
+                    has_run(root) and query(root, "SELECT status FROM runs")[0][0] == "paused"):
+                time.sleep(0.05)
+            assert query(root, "SELECT status FROM runs")[0][0] == "paused"
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=15)  # the pause lasts until Pacific midnight; the old wait slept 30 s
+        finally:
+            proc.kill()
+    assert code == 130, proc.stderr.read().decode()
+    assert query(root, "SELECT status FROM runs")[0][0] == "interrupted"

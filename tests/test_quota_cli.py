@@ -1,10 +1,22 @@
-"""Budgets, limit changes on resume, `overnight metrics` and `overnight estimate`, end to end."""
+"""Budgets, limit changes on resume, `overnight metrics` and `overnight estimate`, the config
+file, and what `run` tells a person (wrong usage, progress, pauses, the summary), end to end."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
-from tests.test_run import FAST, emu, market, one, overnight, query, run  # noqa: F401 (fixtures)
+import pytest
+
+from statemachine import scheduler
+from tests.emulator import Emulator
+from tests.test_run import FAST, KEY, REPO, emu, market, one, overnight, query, run  # noqa: F401 (fixtures)
 
 
 def test_a_request_budget_stops_cleanly_and_resume_with_a_larger_one_finishes(market, emu):
@@ -70,7 +82,7 @@ def test_estimate_counts_plugins_requests_tokens_days_and_cost(market, emu):
     assert (after["plugins"], after["requests"]) == (3, 6)
     assert after["basis"].startswith("measured averages from 2 answers")
     human = overnight("estimate", market, "--rpd", "3")
-    assert human.exit_code == 0 and "daily resets" in human.stdout
+    assert human.exit_code == 0 and "(1 daily reset)" in human.stdout
 
 
 def test_a_config_file_sets_defaults_flags_win_and_a_changed_file_is_recorded_on_resume(market, emu, tmp_path):
@@ -89,4 +101,94 @@ def test_a_config_file_sets_defaults_flags_win_and_a_changed_file_is_recorded_on
     typo = tmp_path / "typo.toml"
     typo.write_text("rmp = 3\n")
     bad = overnight("estimate", market, "--config", typo)
-    assert bad.exit_code == 1 and "unknown setting(s) rmp" in bad.stderr
+    assert bad.exit_code == 2 and "unknown setting(s) rmp" in bad.stderr
+
+
+def test_a_broken_config_file_is_wrong_usage_told_in_one_line(one, emu, tmp_path):
+    config = tmp_path / "overnight.toml"
+    cases = {
+        "rmp = 3\n": f"error: config file {config}: unknown setting(s) rmp; known: backoff, ",
+        "rpm = \n": f"error: config file {config} is not valid TOML: ",
+        'rpm = "fast"\n': f"error: config file {config}: rpm: 'fast' is not a valid integer range.",
+        "concurrency = 0\n": f"error: config file {config}: concurrency: 0 is not in the range ",
+    }
+    for text, start in cases.items():
+        config.write_text(text)
+        for command in (["run", "--base-url", emu.url], ["estimate"]):
+            result = overnight(*command, one, "--config", config)
+            assert result.exit_code == 2, (text, result.output)
+            assert result.stderr.startswith(start) and len(result.stderr.splitlines()) == 1, result.stderr
+    assert emu.requests == [] and not (one / ".overnight").exists()
+
+
+def test_a_minimum_size_above_the_maximum_is_refused_before_anything_happens(one, emu, tmp_path):
+    result = run(one, emu, "--min-bytes", "20000", "--max-bytes", "100")
+    assert result.exit_code == 2
+    assert result.output == ("error: --min-bytes 20000 is more than --max-bytes 100: "
+                             "no SKILL.md could pass the size gate\n")
+    config = tmp_path / "overnight.toml"
+    config.write_text("min_bytes = 9000\n")
+    from_file = run(one, emu, "--config", config, "--max-bytes", "8500")
+    assert from_file.exit_code == 2
+    assert from_file.stderr.startswith(
+        "error: --min-bytes 9000 (from the config file) is more than --max-bytes 8500: ")
+    assert emu.requests == [] and not (one / ".overnight").exists()
+
+
+@pytest.fixture
+def tokyo(monkeypatch):
+    """Local time in Asia/Tokyo (UTC+9, no daylight saving time) for this process."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield ZoneInfo("Asia/Tokyo")
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_quota_pause_is_told_on_stderr_when_it_begins_and_when_it_ends(one, emu, tokyo, monkeypatch):
+    """Without a terminal (cron, nohup) the progress lines say that a run waits for the quota,
+    until when, and that it goes on; once each. The Pacific midnight is made 1 s away."""
+    monkeypatch.setattr(scheduler, "next_day_start", lambda now: now + 1.0)
+    emu.script("rate_limit_day", retry_delay="0s", phase="skill")
+    result = run(one, emu)
+    assert result.exit_code == 0, result.output
+    until = query(one, "SELECT json_extract(data, '$.until') FROM events WHERE type = 'RunPaused'")[0][0]
+    local = datetime.fromisoformat(until).astimezone(tokyo).strftime("%Y-%m-%d %H:%M JST")
+    lines = result.stderr.splitlines()
+    assert lines[1:3] == [f"paused for the quota until {until} ({local} local time)", "quota pause over: going on"]
+    assert len(lines) == 4
+    assert lines[0].startswith("0/1 plugin  ")
+    assert lines[3].startswith("1/1 plugin  3 requests  ") and "1 rate-limited" in lines[3]
+
+
+def test_counts_of_one_are_singular(one, emu):
+    planned = run(one, emu, "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert planned.stderr.splitlines()[-1].startswith("1/1 plugin  1 request  ")
+    assert planned.stdout.startswith("run ") and "complete; 1 plugin selected (planned 1)" in planned.stdout
+    assert overnight("status", one).stdout.startswith("1 plugin (planned 1); ")
+    last_run = overnight("metrics", one).stdout.splitlines()[-1]
+    assert last_run.startswith("last run ") and last_run.endswith(" finished, 1 request (estimated 2 requests)")
+    assert overnight("estimate", one).stdout.startswith("1 plugin to process: 1 request, ")  # the SKILL.md
+
+
+def test_after_a_signal_the_summary_ends_with_the_command_that_resumes(tmp_path, one):
+    log = tmp_path / "elsewhere.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    with Emulator(api_key=KEY, latency=(0.5, 0.6), seed=5) as slow:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(one), "--base-url", slow.url, *FAST,
+                                 "--db", str(log)], cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not [r for r in slow.requests if r.method == "POST"]:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130, err
+        assert out.splitlines()[-1] == f"`overnight resume {one.resolve()} --db {log}` continues this run"
+        resumed = overnight("resume", one, "--db", log, "--json")
+    assert resumed.exit_code == 0 and json.loads(resumed.stdout)["outcome"] == "complete"

@@ -180,6 +180,24 @@ def test_rate_limit_with_retry_info_waits_exactly_and_learns_the_limit(one, emu)
         ("rate_limited",), ("ok",), ("ok",)]
 
 
+def test_a_learned_daily_limit_holds_until_the_user_states_one(market, emu):
+    emu.script("rate_limit_day", retry_delay=None, quota_value="3", phase="plan")
+    paused = run(market, emu, "--no-wait", "--json")
+    assert json.loads(paused.stdout)["outcome"] == "paused", paused.output
+    assert query(market, "SELECT metric, value FROM quota_limits") == [("rpd", 3)]
+    estimated = overnight("estimate", market)
+    assert "limits learned from Gemini's 429 answers: rpd 3 (state a limit with its flag to override it)" \
+        in estimated.output and "3/day" in estimated.output
+    assert "learned" not in overnight("estimate", market, "--rpd", "500").output
+    # Resuming at a higher daily limit (a paid tier, say) is the user's statement: it wins over
+    # the limit Gemini taught before, and the run goes on at once.
+    going = overnight("resume", market, "--rpd", "1000", "--no-wait", "--json")
+    assert going.exit_code == 0 and json.loads(going.stdout)["outcome"] == "complete", going.output
+    changed = query(market, "SELECT json_extract(data, '$.explicit') FROM events WHERE type = 'LimitsChanged'")
+    assert [json.loads(v) for (v,) in changed] == [["rpd", "rpm"]]  # stated when the run began, and now
+    assert_healthy(market)
+
+
 def test_rate_limit_without_details_backs_off_instead_of_storming(one, emu):
     emu.script("rate_limit_bare", times=2)
     assert run(one, emu).exit_code == 0
@@ -199,6 +217,39 @@ def test_a_daily_quota_pauses_the_run_and_no_wait_says_when_to_resume(one, emu):
     assert states(one) == {"plugins/tools/widget": "retrying"}
     status = json.loads(overnight("status", one, "--json").stdout)
     assert status["last_run"]["status"] == "paused"
+
+
+def test_resume_with_a_larger_daily_limit_goes_on_at_once(market, emu):
+    paused = run(market, emu, "--rpd", "3", "--no-wait", "--json")
+    assert json.loads(paused.stdout)["outcome"] == "paused", paused.output
+    assert len(generate_requests(emu)) == 3
+    same = overnight("resume", market, "--no-wait", "--json")  # nothing changed: the pause holds
+    assert json.loads(same.stdout)["outcome"] == "paused" and len(generate_requests(emu)) == 3
+    raised = overnight("resume", market, "--rpd", "100", "--no-wait", "--json")
+    assert raised.exit_code == 0, raised.output
+    assert json.loads(raised.stdout)["outcome"] == "complete"
+    assert len(generate_requests(emu)) == 8
+    assert_healthy(market)
+
+
+def test_a_request_budget_counts_only_requests_sent(market, emu):
+    # Two workers, a window of 2 requests a minute: the third request waits for the window when
+    # the fourth finds the budget spent and stops the run; the third was never sent.
+    result = run(market, emu, "--rpm", "2", "--concurrency", "2", "--max-requests", "3", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["outcome"] == "budget_exhausted"
+    sent = len(generate_requests(emu))
+    assert sent == query(market, "SELECT count(*) FROM quota_ledger")[0][0] == 2
+    assert summary["message"].startswith("requests budget reached: 2 of 3")
+    assert query(market, "SELECT json_extract(data, '$.used') FROM events WHERE type = 'BudgetExhausted'") == [(2,)]
+
+
+def test_a_finished_run_keeps_the_counts_it_recorded(market, emu):
+    assert run(market, emu).exit_code == 0
+    assert run(market, emu, "--force", "--plugin", "meeting-notes").exit_code == 0
+    summary = query(market, "SELECT done, skipped, rejected, failed FROM run_summary ORDER BY started_at")
+    assert summary == [(4, 0, 0, 0), (1, 0, 0, 0)]  # the second run does not take a plugin from the first
 
 
 @pytest.mark.parametrize("fault, kind", [
@@ -272,6 +323,8 @@ def test_plugins_overnight_could_never_snapshot_or_write_are_refused_before_any_
     assert len(generate_requests(emu)) == 4  # plan and skill for the two that can be processed
     assert list(outside.iterdir()) == []
     assert_healthy(market)
+    assert run(market, emu, "--category", "nope").output == (
+        "error: no plugin in category 'nope' (categories: database, devops, odd, productivity, security)\n")
     asked = run(market, emu, "--plugin", "meeting-notes")
     assert asked.exit_code == 1 and asked.output == (
         "error: cannot process what was asked for: plugins/productivity/meeting-notes is invalid (its SKILL.md "
