@@ -34,7 +34,8 @@ def verify(path: Path, db: Path | None, as_json: bool) -> None:
     else:
         out = console()
         if result.ok:
-            out.print(f"ok: {result.events} events, hash chain intact, projections match the log")
+            out.print(f"ok: {result.events} events, hash chain intact, projections match the log; "
+                      f"head: seq {result.head['seq']} {result.head['hash']}", markup=False)
         for problem in result.problems:
             out.print(f"problem: {problem}", markup=False)
     if not result.ok:
@@ -49,7 +50,7 @@ def verify(path: Path, db: Path | None, as_json: bool) -> None:
 def replay(path: Path, db: Path | None, apply: bool, as_json: bool) -> None:
     """Rebuild every projection from the log into fresh tables and compare with the live ones.
 
-    Exit 0 when they are equal (or --apply replaced them), 1 otherwise.
+    Exit 0 when they are equal (or --apply replaced them and the log itself is sound), 1 otherwise.
     """
     with open_log(marketplace_root(path), db, writer=apply) as store:
         report = audit_service.replay(store, apply=apply)
@@ -66,8 +67,9 @@ def replay(path: Path, db: Path | None, apply: bool, as_json: bool) -> None:
         if report.ok:
             out.print("live projections equal the replay")
         elif report.applied:
-            out.print("live projections replaced by the replay")
-    if not report.ok and not report.applied:
+            out.print("live projections replaced by the replay"
+                      + ("" if report.log_ok else "; the log's own problems above are not repaired by a replay"))
+    if not report.ok and not (report.applied and report.log_ok):
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 
 

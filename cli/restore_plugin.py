@@ -34,8 +34,11 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
             if as_json:
                 emit_json({"plugin": name, "snapshots": [s._asdict() for s in shots]})
             else:
-                for s in shots:
-                    click.echo(f"{s.id}  seq {s.seq}  {s.at}  run {s.run_id}")
+                for i, s in enumerate(shots):  # newest first; the default restores the first listed
+                    notes = ["latest: the default"] * (i == 0) + ["before overnight's first change"] * (
+                        i == len(shots) - 1)
+                    click.echo(f"{s.id}  seq {s.seq}  {s.at}  run {s.run_id}"
+                               + (f"  ({'; '.join(notes)})" if notes else ""))
             return
         done = restore.restore_plugin(store, root, name, snapshot_id)
     if as_json:

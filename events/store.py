@@ -86,6 +86,11 @@ class ReplayReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def log_ok(self) -> bool:
+        """No problem but projections that differ (which `apply` repairs): the log itself is sound."""
+        return len(self.problems) == len(self.differences)
+
 
 _EVENT_COLUMNS = EVENT_COLUMNS
 # Logs larger than this verify their hash chain in a second process, in parallel with the fold.

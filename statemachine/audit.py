@@ -20,18 +20,21 @@ from statemachine.lifecycle import plugin_stream
 class VerifyResult:
     events: int
     problems: list[str]
+    head: dict  # {"seq", "hash"} of the newest event: keep it elsewhere to detect a cut-off tail
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def as_json(self) -> dict:
-        return {"ok": self.ok, "events": self.events, "problems": self.problems}
+        return {"ok": self.ok, "events": self.events, "problems": self.problems, "head": self.head}
 
 
 def verify(store: EventStore) -> VerifyResult:
     events = store.query("SELECT count(*) FROM events")[0][0]
-    return VerifyResult(events=events, problems=store.verify() + missing_blobs(store))
+    newest = store.query("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+    head = {"seq": newest[0][0], "hash": newest[0][1]} if newest else {"seq": 0, "hash": ""}
+    return VerifyResult(events=events, problems=store.verify() + missing_blobs(store), head=head)
 
 
 _NAMES_BLOBS = tuple(t.__struct_config__.tag for t in (

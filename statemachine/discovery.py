@@ -266,6 +266,9 @@ def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
             return (f"source '{shown}' is an absolute path; a source is relative to the marketplace "
                     "root, like ./plugins/<name>")
         return f"source '{shown}' points outside the repository"
+    skipped = next((part for part in normalized.split("/") if part in SKIP_DIRS), None)
+    if skipped:
+        return f"source '{shown}' is inside {skipped}, which is never a plugin"
     path = root / normalized
     if not os.path.lexists(path):
         return f"source '{shown}' does not exist"

@@ -251,7 +251,7 @@ def _quota_details(details: Any) -> tuple[str | None, int | None, float | None]:
 def classify_api_error(e: genai_errors.APIError) -> GatewayError:
     code = e.code or 0
     status = e.status or ""
-    message = f"HTTP {code} {status}: {(e.message or '').strip()}"[:500]
+    message = f"HTTP {code} {status}: {' '.join((e.message or '').split())}"[:500]
     if code == 429:
         quota_id, quota_value, retry = _quota_details(e.details)
         scope = "unknown"
@@ -272,11 +272,20 @@ def classify_api_error(e: genai_errors.APIError) -> GatewayError:
     return Refused(message, status_code=code, kind="refused")
 
 
+def _host(e: Exception) -> str:
+    """The server a transport error concerns (scheme, host and port only), as far as known."""
+    try:
+        url = e.request.url  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError when no request is attached
+        return "the Gemini endpoint"
+    return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+
+
 def classify_transport_error(e: Exception) -> GatewayError:
     if isinstance(e, httpx2.TimeoutException):
         return Transient(f"no answer within the timeout ({type(e).__name__})", kind="timeout")
     if isinstance(e, (httpx2.TransportError, ConnectionError)):
-        return Transient(f"connection failed ({type(e).__name__}: {e})"[:300], kind="connection")
+        return Transient(f"connection to {_host(e)} failed ({type(e).__name__}: {e})"[:300], kind="connection")
     if isinstance(e, ValueError):  # the SDK could not parse the HTTP body
         return Unusable(f"malformed answer ({type(e).__name__}: {e})"[:300], kind="invalid_answer")
     return Transient(f"{type(e).__name__}: {e}"[:300], kind="connection")

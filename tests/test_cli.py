@@ -156,7 +156,10 @@ def test_audit_verify_names_a_changed_byte_and_a_deleted_event(market):
     run("scan", market)
     healthy = run("audit", "verify", market, "--json")
     assert healthy.exit_code == 0
-    assert as_json(healthy) == {"ok": True, "events": 8, "problems": []}
+    report = as_json(healthy)
+    (head,) = apsw.Connection(str(db_of(market))).execute("SELECT hash FROM events WHERE seq = 8").fetchall()
+    assert report == {"ok": True, "events": 8, "problems": [], "head": {"seq": 8, "hash": head[0]}}
+    assert f"head: seq 8 {head[0]}" in run("audit", "verify", market).stdout
 
     conn = apsw.Connection(str(db_of(market)))
     conn.execute("DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete")
@@ -190,6 +193,14 @@ def test_audit_replay_equals_live_and_apply_repairs_an_edited_projection(market)
     assert applied.exit_code == 0 and "replaced by the replay" in applied.stdout
     assert run("audit", "verify", market).exit_code == 0
     assert as_json(run("status", market, "--json"))["by_state"] == {"analyzed": 4}
+
+    conn = apsw.Connection(str(db_of(market)))
+    conn.execute("DROP TRIGGER events_no_update")
+    conn.execute("UPDATE events SET hash = 'x' || substr(hash, 2) WHERE seq = 3")
+    conn.close()
+    broken = run("audit", "replay", market, "--apply")
+    assert broken.exit_code == 1  # a replay repairs projections, never the log
+    assert "the log's own problems above are not repaired by a replay" in broken.stdout
 
 
 def test_audit_log_prints_one_json_object_per_event(market):

@@ -124,6 +124,8 @@ def test_a_broken_manifest_falls_back_to_directories(tmp_path, content, expected
     ("plugins/../../outside", "points outside the repository"),
     ("/etc", "source '/etc' is an absolute path; a source is relative to the marketplace root"),
     ("./plugins/x/y", "source './plugins/x/y' does not exist"),
+    ("./plugins/a/.git", "source './plugins/a/.git' is inside .git, which is never a plugin"),
+    ("node_modules/pkg", "source 'node_modules/pkg' is inside node_modules, which is never a plugin"),
     ("plugins/a/\u0000x", "points outside the repository"),
     ({"source": "github", "repo": "owner/x"}, "remote github source"),
     ({"source": "url", "url": "https://example.com/x.git"}, "remote url source"),

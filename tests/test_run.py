@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import apsw
 import pytest
@@ -176,6 +177,8 @@ def test_rate_limit_with_retry_info_waits_exactly_and_learns_the_limit(one, emu)
     assert types(one)[2:5] == ["PlanRequested", "RequestFailed", "PlanRequested"]
     kind = query(one, "SELECT json_extract(data, '$.kind') FROM events WHERE type = 'RequestFailed'")
     assert kind == [("rate_limited_minute",)]
+    (message,) = query(one, "SELECT json_extract(data, '$.message') FROM events WHERE type = 'RequestFailed'")[0]
+    assert message.startswith("HTTP 429 RESOURCE_EXHAUSTED: You exceeded your current quota") and "\n" not in message
     assert query(one, "SELECT outcome FROM quota_ledger ORDER BY sent_at") == [
         ("rate_limited",), ("ok",), ("ok",)]
 
@@ -268,6 +271,9 @@ def test_each_transient_fault_or_unusable_answer_is_retried_and_recorded(one, em
     assert recorded == [(kind, "skill")]
     assert len(generate_requests(emu)) == 3
     assert_healthy(one)
+    if kind == "connection":  # the message names the server it could not reach
+        (message,) = query(one, "SELECT json_extract(data, '$.message') FROM events WHERE type = 'RequestFailed'")[0]
+        assert message.startswith(f"connection to http://{urlsplit(emu.url).netloc} failed ("), message
 
 
 def test_a_timeout_is_transient(one, emu):
@@ -548,7 +554,12 @@ def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
     assert (target / "skills" / "deploy-checker" / "SKILL.md").exists()
     listed = overnight("restore-plugin", "deploy-checker", market, "--list")
     assert listed.exit_code == 0 and len(listed.stdout.splitlines()) == 1
-    restored = overnight("restore-plugin", "deploy-checker", market)
+    assert listed.stdout.rstrip().endswith("(latest: the default; before overnight's first change)")
+    assert run(market, emu, "--plugin", "deploy-checker", "--force").exit_code == 0
+    twice = overnight("restore-plugin", "deploy-checker", market, "--list").stdout.splitlines()
+    assert [line.split("  (")[-1] for line in twice] == ["latest: the default)", "before overnight's first change)"]
+    first = twice[1].split()[0]
+    restored = overnight("restore-plugin", "deploy-checker", market, "--snapshot", first[:10])
     assert restored.exit_code == 0, restored.output
     after = {p.relative_to(target).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
              for p in target.rglob("*") if p.is_file()}
