@@ -197,7 +197,8 @@ def _check_existing(base: int, rel: str, parts: list[str]) -> None:
 
 
 def write_atomic(plugin_dir: Path, rel: str, data: bytes) -> None:
-    """Write `data` to plugin_dir/rel (mode 0o644) so a crash leaves the old or the new bytes.
+    """Write `data` to plugin_dir/rel so a crash leaves the old or the new bytes. The mode is
+    0o755 for a script (its bytes start with `#!`), else 0o644.
 
     Parents are created as needed; a symlink anywhere on the way is refused, a symlink at the
     target is replaced by the file (its own target is never touched).
@@ -211,10 +212,10 @@ def write_atomic(plugin_dir: Path, rel: str, data: bytes) -> None:
             raise WriteError(f"{one_line(rel)} is an existing directory")
         tmp = temp_name(name, "tmp")
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
-                      0o644, dir_fd=fd)
+                      0o600, dir_fd=fd)
         try:
             try:
-                os.fchmod(out, 0o644)  # the umask may have narrowed it
+                os.fchmod(out, 0o755 if data.startswith(b"#!") else 0o644)  # whatever the umask
                 view = memoryview(data)
                 while view:
                     view = view[os.write(out, view[:_CHUNK]):]

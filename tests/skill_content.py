@@ -315,7 +315,8 @@ Renamed keys: `timeout_sec` became `timeoutSeconds` in version 1.2.
 4. The timeout is between 30 and 600 seconds.
 5. The report path is inside the repository.
 """
-    script = f"""# Validate a {t} configuration file: required keys and basic types.
+    script = f"""#!/usr/bin/env bash
+# Validate a {t} configuration file: required keys and basic types.
 set -euo pipefail
 config="${{1:-{s}.config.json}}"
 python3 - "$config" <<'PY'

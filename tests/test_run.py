@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,11 @@ def test_run_enhances_every_plugin_and_the_log_matches_the_emulator(market, emu)
     for skill_md in market.glob("plugins/*/*/skills/*/SKILL.md"):
         assert validate(skill_md.parent) == [], skill_md
     assert len(list(market.glob("plugins/*/*/skills/*/SKILL.md"))) == 4
+    for written in market.glob("plugins/*/*/skills/*/**/*"):  # a script (#!) can be run as it is
+        if written.is_file():
+            expected = 0o755 if written.read_bytes().startswith(b"#!") else 0o644
+            assert stat.S_IMODE(written.stat().st_mode) == expected, written
+    assert list(market.glob("plugins/*/*/skills/*/scripts/validate.sh"))
     recorded = query(market, "SELECT count(*) FROM quota_ledger")[0][0]
     assert recorded == len(generate_requests(emu)) == 8
     phases = sorted(r.phase for r in generate_requests(emu))
