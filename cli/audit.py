@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument
-from cli.render import console, emit_json
+from cli.render import console, emit_json, print_check
 from statemachine import audit as audit_service
 from statemachine.workspace import marketplace_root, open_log
 
@@ -32,12 +32,8 @@ def verify(path: Path, db: Path | None, as_json: bool) -> None:
     if as_json:
         emit_json(result.as_json())
     else:
-        out = console()
-        if result.ok:
-            out.print(f"ok: {result.events} events, hash chain intact, projections match the log; "
-                      f"head: seq {result.head['seq']} {result.head['hash']}", markup=False)
-        for problem in result.problems:
-            out.print(f"problem: {problem}", markup=False)
+        print_check(f"ok: {result.events} events, hash chain intact, projections match the log; "
+                    f"head: seq {result.head['seq']} {result.head['hash']}", result.problems)
     if not result.ok:
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 

@@ -19,7 +19,7 @@ from cli.options import (
     debug_option,
     marketplace_argument,
 )
-from cli.render import console, emit_json, plural
+from cli.render import console, emit_json, plural, print_check
 from events.remote import display_url
 from statemachine import backup as backup_service
 from statemachine.workspace import default_db, marketplace_root, open_log
@@ -109,12 +109,8 @@ def verify(url: str | None, read_data: float, as_json: bool) -> None:
     if as_json:
         emit_json(report.as_json())
     else:
-        out = console()
-        if report.ok:
-            out.print(f"ok: {report.snapshots} snapshots, {report.trees:,} trees, {report.events:,} events "
-                      f"with an intact hash chain, {report.blobs_read:,} blobs re-hashed", markup=False)
-        for problem in report.problems:
-            out.print(f"problem: {problem}", markup=False)
+        print_check(f"ok: {report.snapshots} snapshots, {report.trees:,} trees, {report.events:,} events "
+                    f"with an intact hash chain, {report.blobs_read:,} blobs re-hashed", report.problems)
     if not report.ok:
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.config import config_option
-from cli.options import common, marketplace_argument
+from cli.options import common, marketplace_argument, stated_limits
 from cli.render import emit_json, plural
 
 price_options = [
@@ -104,10 +104,10 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
     root = marketplace_root(path)
     given = replace(Limits(), **{k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm),
                                                     ("concurrency", concurrency)) if v is not None})
-    stated = [k for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm)) if v is not None]
     with open_log(root, db) as store:
         scan(store, root)
         chosen = select(store, RunOptions(plugins=plugins, category=category, limit=limit, force=force))
+        stated = stated_limits(rpm=rpm, rpd=rpd, tpm=tpm)
         limits = effective_limits(store, GeminiSettings().model, given, stated, format_at(store.clock()))
         result = compute(store, root, chosen, limits, prices=Prices(price_input, price_output))
     if as_json:

@@ -43,6 +43,12 @@ db_option = click.option(
 marketplace_argument = click.argument("path", type=click.Path(path_type=Path), default=".", required=False)
 
 
+def stated_limits(**limits: int | None) -> tuple[str, ...]:
+    """The quota limits the user stated (a flag or the config file; None: not given): they
+    override the ones learned from Gemini's 429 answers before now."""
+    return tuple(sorted(name for name, value in limits.items() if value is not None))
+
+
 def common(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--db and --debug for a command that works on a marketplace's log."""
     return debug_option(db_option(fn))

@@ -25,6 +25,15 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def print_check(ok_line: str, problems: list[str]) -> None:
+    """A check's outcome for a person: `ok_line` when nothing is wrong, else one `problem:` line each."""
+    out = console()
+    if not problems:
+        out.print(ok_line, markup=False)
+    for problem in problems:
+        out.print(f"problem: {problem}", markup=False)
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, ensure_ascii=False))
 

@@ -12,7 +12,7 @@ from typing import IO, Any, Callable
 import click
 
 from cli.config import config_option, source
-from cli.options import EXIT_PROBLEMS, common, marketplace_argument
+from cli.options import EXIT_PROBLEMS, common, marketplace_argument, stated_limits
 from cli.render import emit_json, interactive, plural, shown, stderr_console
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -105,15 +105,9 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         limit=limit, force=force, dry_run=dry_run, standards=standards, wait=not no_wait,
         budgets=_override(Budgets(), max_requests=max_requests, max_tokens=max_tokens,
                           max_cost=max_cost), backup_to=backup_to,
-        explicit_limits=_stated(rpm=rpm, rpd=rpd, tpm=tpm),
+        explicit_limits=stated_limits(rpm=rpm, rpd=rpd, tpm=tpm),
     )
     _execute(path, db, json_log, as_json, lambda runner: runner.start(options))
-
-
-def _stated(**limits: int | None) -> tuple[str, ...]:
-    """The quota limits the user stated (a flag or the config file): they override the ones
-    learned from Gemini's 429 answers before now."""
-    return tuple(sorted(name for name, value in limits.items() if value is not None))
 
 
 @click.command()
@@ -142,7 +136,7 @@ def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: i
                                             max_cost=max_cost))
         if no_wait is not None:
             changed = replace(changed, wait=not no_wait)
-        stated = set(options.explicit_limits) | set(_stated(rpm=rpm, rpd=rpd, tpm=tpm))
+        stated = set(options.explicit_limits) | set(stated_limits(rpm=rpm, rpd=rpd, tpm=tpm))
         return replace(changed, explicit_limits=tuple(sorted(stated)))
 
     reason = "resume with " + ", ".join(_flag(k, v) for k, v in given.items()) if given else ""
