@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument
-from cli.render import console, emit_json, print_check
+from cli.render import console, emit_json, report_check
 from statemachine import audit as audit_service
 from statemachine.workspace import marketplace_root, open_log
 
@@ -29,13 +29,9 @@ def verify(path: Path, db: Path | None, as_json: bool) -> None:
     """
     with open_log(marketplace_root(path), db, writer=False) as store:
         result = audit_service.verify(store)
-    if as_json:
-        emit_json(result.as_json())
-    else:
-        print_check(f"ok: {result.events} events, hash chain intact, projections match the log; "
-                    f"head: seq {result.head['seq']} {result.head['hash']}", result.problems)
-    if not result.ok:
-        raise click.exceptions.Exit(EXIT_PROBLEMS)
+    report_check(as_json, result.as_json(),
+                 f"ok: {result.events} events, hash chain intact, projections match the log; "
+                 f"head: seq {result.head['seq']} {result.head['hash']}", result.problems)
 
 
 @audit.command()

@@ -19,7 +19,7 @@ from cli.options import (
     debug_option,
     marketplace_argument,
 )
-from cli.render import console, emit_json, plural, print_check
+from cli.render import console, emit_json, plural, report_check
 from events.remote import display_url
 from statemachine import backup as backup_service
 from statemachine.workspace import default_db, marketplace_root, open_log
@@ -106,13 +106,9 @@ def verify(url: str | None, read_data: float, as_json: bool) -> None:
     """Check the backup: every referenced tree and blob is there, the shipped hash chain holds,
     and (with --read-data) a share of the blobs still matches its hash. Exit 1 on any problem."""
     report = backup_service.verify(_url(url), _token(), read_data / 100)
-    if as_json:
-        emit_json(report.as_json())
-    else:
-        print_check(f"ok: {report.snapshots} snapshots, {report.trees:,} trees, {report.events:,} events "
-                    f"with an intact hash chain, {report.blobs_read:,} blobs re-hashed", report.problems)
-    if not report.ok:
-        raise click.exceptions.Exit(EXIT_PROBLEMS)
+    report_check(as_json, report.as_json(),
+                 f"ok: {report.snapshots} snapshots, {report.trees:,} trees, {report.events:,} events "
+                 f"with an intact hash chain, {report.blobs_read:,} blobs re-hashed", report.problems)
 
 
 @backup.command("list")

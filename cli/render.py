@@ -25,13 +25,21 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def print_check(ok_line: str, problems: list[str]) -> None:
-    """A check's outcome for a person: `ok_line` when nothing is wrong, else one `problem:` line each."""
-    out = console()
-    if not problems:
-        out.print(ok_line, markup=False)
-    for problem in problems:
-        out.print(f"problem: {problem}", markup=False)
+def report_check(as_json: bool, report: dict[str, Any], ok_line: str, problems: list[str]) -> None:
+    """A check's outcome: `report` as one JSON object, or for a person `ok_line` when nothing
+    is wrong and one `problem:` line each otherwise; then exit 1 if there is any problem."""
+    if as_json:
+        emit_json(report)
+    else:
+        out = console()
+        if not problems:
+            out.print(ok_line, markup=False)
+        for problem in problems:
+            out.print(f"problem: {problem}", markup=False)
+    if problems:
+        from cli.options import EXIT_PROBLEMS
+
+        raise click.exceptions.Exit(EXIT_PROBLEMS)
 
 
 def emit_json(value: Any) -> None:
