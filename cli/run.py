@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import signal
 import sys
@@ -238,8 +239,7 @@ class _Display:
         if self._live is not None:
             from rich.text import Text
 
-            lines = [line] + [f"  {shown(pid)}  {phase}" for pid, phase in sorted(progress.phases.items())]
-            self._live.update(Text("\n".join(lines)))
+            self._live.update(Text("\n".join([line] + _plugin_lines(progress))))
             return
         if progress.paused_until != self._paused_until:
             self._paused_until = progress.paused_until
@@ -248,6 +248,22 @@ class _Display:
         elif not progress.paused_until and progress.finished != self._last:
             self._last = progress.finished
             _note(line)
+
+
+def _plugin_lines(progress) -> list[str]:
+    """The plugins in flight and what each one does, or which quota window it waits for; then
+    the plugins queued to retry."""
+    lines = []
+    for pid, phase in sorted(progress.phases.items()):
+        wait = progress.waiting.get(pid)
+        if wait is not None:
+            seconds, why = wait
+            phase += f", waits {_duration(seconds)} ({why})"
+        lines.append(f"  {shown(pid)}  {phase}")
+    if progress.retrying:
+        lines.append(f"  {plural(progress.retrying, 'plugin')} waiting to retry, the first in "
+                     f"{_duration(progress.next_retry or 0)}")
+    return lines
 
 
 def _note(line: str) -> None:
@@ -263,9 +279,11 @@ def _moment(ts: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(seconds)
+    seconds = math.ceil(seconds)
     if seconds >= 86400:
         return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
     if seconds >= 3600:
         return f"{seconds // 3600}h {seconds % 3600 // 60}m"
-    return f"{seconds // 60}m {seconds % 60}s"
+    if seconds >= 60:
+        return f"{seconds // 60}m {seconds % 60}s"
+    return f"{seconds}s"

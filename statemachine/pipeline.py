@@ -74,6 +74,8 @@ class Stats:
     output_tokens: int = 0
     rate_limited: int = 0
     phases: dict[str, str] = field(default_factory=dict)
+    # plugin id -> (unix time it may send, the limit it waits for): waits for a minute window
+    waits: dict[str, tuple[float, str]] = field(default_factory=dict)
 
     def add(self, usage: c.Usage | None = None, *, request: bool = False, limited: bool = False) -> None:
         with self.lock:
@@ -89,6 +91,13 @@ class Stats:
                 self.phases.pop(plugin_id, None)
             else:
                 self.phases[plugin_id] = phase
+
+    def waiting(self, plugin_id: str, until: float | None, why: str = "") -> None:
+        with self.lock:
+            if until is None:
+                self.waits.pop(plugin_id, None)
+            else:
+                self.waits[plugin_id] = (until, why)
 
 
 @dataclass
@@ -258,7 +267,7 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
     if ctx.spending is not None:
         ctx.spending.before_request()
     try:
-        slot = _admit(ctx, est)
+        slot = _admit(ctx, cursor.plugin_id, est)
     except BaseException:
         if ctx.spending is not None:
             ctx.spending.release()  # never sent: the budget must not count it
@@ -297,15 +306,20 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
                            blobs=[draft])
 
 
-def _admit(ctx: Context, est: int):
-    """Wait for the scheduler's permission (or raise DailyQuotaExhausted); returns the reserved slot."""
-    while True:
-        wait, slot = ctx.scheduler.try_admit(est)
-        if slot is not None:
-            return slot
-        if ctx.should_stop():
-            raise Interrupted()
-        ctx.sleep(min(wait, 1.0))
+def _admit(ctx: Context, plugin_id: str, est: int):
+    """Wait for the scheduler's permission (or raise DailyQuotaExhausted); returns the reserved
+    slot. While it waits, the progress display shows for which limit and how long."""
+    try:
+        while True:
+            wait, slot, why = ctx.scheduler.try_admit(est)
+            if slot is not None:
+                return slot
+            if ctx.should_stop():
+                raise Interrupted()
+            ctx.stats.waiting(plugin_id, ctx.clock() + wait, why)
+            ctx.sleep(min(wait, 1.0))
+    finally:
+        ctx.stats.waiting(plugin_id, None)
 
 
 class Interrupted(Exception):

@@ -133,18 +133,15 @@ class Progress:
     total: int
     finished: int
     phases: dict[str, str]
-    requests: int
+    requests: int  # counters of the whole run, across resumes
     input_tokens: int
     output_tokens: int
     rate_limited: int
-    elapsed: float
+    eta: float | None = None  # seconds, from the pace of plugins finished since this stretch began
     paused_until: float | None = None
-
-    @property
-    def eta(self) -> float | None:
-        if not self.finished or self.finished >= self.total:
-            return None
-        return self.elapsed / self.finished * (self.total - self.finished)
+    waiting: dict[str, tuple[float, str]] = field(default_factory=dict)  # plugin -> (seconds, limit)
+    retrying: int = 0  # plugins waiting to retry after a fault or a 429
+    next_retry: float | None = None  # seconds until the first of them goes again
 
 
 @dataclass
@@ -245,7 +242,7 @@ class Runner:
         elif until > self.clock():
             if not options.wait:
                 return self._finish(run_id, selection, options, "paused", paused_until=paused_until)
-            self._wait_until(until, Stats(), selection, self.clock())
+            self._wait_until(until, self._stats(run_id), selection)
             if self.stopping.is_set():
                 return self._interrupted(run_id, selection)
         self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
@@ -299,7 +296,7 @@ class Runner:
                  selection: list[str], lifted: float = 0.0) -> RunResult:
         scheduler = Scheduler(self._effective_limits(run_id, options), self.clock, self._history(options.gemini.model),
                               margin=WINDOW_MARGIN)
-        stats = Stats()
+        stats = self._stats(run_id)
         spending = Spending(self.store, run_id, options.budgets, options.prices)
         ctx = Context(
             run_id=run_id, root=self.root, journal=self.journal, gateway=gateway, scheduler=scheduler,
@@ -310,10 +307,10 @@ class Runner:
             secrets=(self.backend.api_key or "",), sleep=self.sleep,
             spending=spending, lifted_until=lifted,
         )
-        started = self.clock()
         while True:
+            started, already = self.clock(), self._finished(selection)
             outcome = _Batch(ctx, selection, options.limits.concurrency).run(
-                lambda finished: self._report(stats, len(selection), finished, started))
+                lambda batch: self._report(stats, len(selection), batch, started, already))
             if self.stopping.is_set() and self.signal:
                 return self._interrupted(run_id, selection)
             if outcome.stopped is not None:
@@ -332,7 +329,7 @@ class Runner:
             self._backup(options, "paused for quota")
             if not options.wait:
                 return self._finish(run_id, selection, options, "paused", paused_until=iso(until))
-            self._wait_until(until, stats, selection, started)
+            self._wait_until(until, stats, selection)
             if self.stopping.is_set():
                 return self._interrupted(run_id, selection)
             self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
@@ -348,26 +345,51 @@ class Runner:
         return effective_limits(self.store, options.gemini.model, options.limits, options.explicit_limits,
                                 stated_at)
 
-    def _wait_until(self, until: float, stats: Stats, selection: list[str], started: float) -> None:
+    def _wait_until(self, until: float, stats: Stats, selection: list[str]) -> None:
         """Sleep through a pause, telling the display when it begins and every 30 s."""
-        counts, _ = self._counts(selection)
-        finished = sum(n for state, n in counts.items() if state in FINAL)
+        finished = self._finished(selection)
         while not self.stopping.is_set() and self.clock() < until:
             if self.on_progress:
-                self.on_progress(self._progress(stats, len(selection), finished, started, paused_until=until))
+                self.on_progress(self._progress(stats, len(selection), finished, paused_until=until))
             self.sleep(min(30.0, max(0.0, until - self.clock())))
 
-    def _progress(self, stats: Stats, total: int, finished: int, started: float,
-                  paused_until: float | None = None) -> Progress:
+    def _stats(self, run_id: str) -> Stats:
+        """The run's counters so far, from its ledger rows: a resumed run counts on from them."""
+        requests, input_tokens, output_tokens, limited = self.store.query(
+            "SELECT count(*), coalesce(sum(input_tokens), 0), "
+            "coalesce(sum(coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)), 0), "
+            "count(*) FILTER (WHERE outcome = 'rate_limited') FROM quota_ledger WHERE run_id = ?", (run_id,))[0]
+        return Stats(requests=requests, input_tokens=input_tokens, output_tokens=output_tokens,
+                     rate_limited=limited)
+
+    def _finished(self, selection: list[str]) -> int:
+        counts, _ = self._counts(selection)
+        return sum(n for state, n in counts.items() if state in FINAL)
+
+    def _progress(self, stats: Stats, total: int, finished: int, *, eta: float | None = None,
+                  paused_until: float | None = None, retrying: int = 0,
+                  next_retry: float | None = None) -> Progress:
+        now = self.clock()
         with stats.lock:
             return Progress(total=total, finished=finished, phases=dict(stats.phases),
                             requests=stats.requests, input_tokens=stats.input_tokens,
                             output_tokens=stats.output_tokens, rate_limited=stats.rate_limited,
-                            elapsed=self.clock() - started, paused_until=paused_until)
+                            eta=eta, paused_until=paused_until,
+                            waiting={pid: (max(0.0, until - now), why) for pid, (until, why) in stats.waits.items()},
+                            retrying=retrying, next_retry=None if next_retry is None else max(0.0, next_retry - now))
 
-    def _report(self, stats: Stats, total: int, finished: int, started: float) -> None:
-        if self.on_progress:
-            self.on_progress(self._progress(stats, total, finished, started))
+    def _report(self, stats: Stats, total: int, batch: "_Batch", started: float, already: int) -> None:
+        """`already`: plugins that were finished when this stretch began (a resume passes them
+        at once, so they say nothing about the pace)."""
+        if not self.on_progress:
+            return
+        finished = batch.finished
+        retrying, next_retry = batch.retry_queue()
+        done_here = finished - already
+        eta = None
+        if done_here > 0 and finished < total:
+            eta = (self.clock() - started) / done_here * (total - finished)
+        self.on_progress(self._progress(stats, total, finished, eta=eta, retrying=retrying, next_retry=next_retry))
 
     def _counts(self, selection: list[str]) -> tuple[dict[str, int], list[tuple[str, str, str]]]:
         chosen = set(selection)
@@ -450,7 +472,7 @@ class _Batch:
         self.halt = threading.Event()
         self.error: BaseException | None = None
 
-    def run(self, report: Callable[[int], None]) -> _Outcome:
+    def run(self, report: Callable[["_Batch"], None]) -> _Outcome:
         self.ctx.halt = self.halt
         threads = [threading.Thread(target=self._worker, name=f"overnight-worker-{i}", daemon=True)
                    for i in range(self.concurrency)]
@@ -459,13 +481,20 @@ class _Batch:
         while any(t.is_alive() for t in threads):
             for t in threads:
                 t.join(timeout=0.25)
-                report(self.finished)
+                report(self)
                 if self.ctx.stopping.is_set():
                     return self.outcome  # interrupted: do not wait for calls in flight
-        report(self.finished)
+        report(self)
         if self.error is not None:
             raise self.error
         return self.outcome
+
+    def retry_queue(self) -> tuple[int, float | None]:
+        """How many queued plugins wait to retry, and the unix time the first of them may go."""
+        now = self.ctx.clock()
+        with self.lock:
+            later = [ready for ready, _, _ in self.queue if ready > now]
+        return len(later), min(later, default=None)
 
     def _take(self) -> tuple[str | None, float]:
         """The next plugin that may go now, or (None, seconds to wait); (None, -1) when empty."""

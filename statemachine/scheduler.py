@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta, timezone
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:
@@ -97,6 +97,12 @@ class _Sent:
     tokens: int
 
 
+class Admission(NamedTuple):
+    wait: float  # seconds before the request may go; 0 when admitted
+    slot: _Sent | None  # the reservation when admitted
+    why: str  # the limit that imposes the wait, for a person watching
+
+
 class Scheduler:
     """Thread-safe admission for one model. `clock` returns unix seconds (injectable)."""
 
@@ -128,41 +134,44 @@ class Scheduler:
         """Seconds to wait before a request of `est_tokens` may go (0: now).
         Raises DailyQuotaExhausted when today's requests are used up."""
         with self._lock:
-            return self._delay(self.clock(), est_tokens)
+            return self._delay(self.clock(), est_tokens)[0]
 
-    def _delay(self, now: float, est_tokens: int) -> float:
+    def _delay(self, now: float, est_tokens: int) -> tuple[float, str]:
+        """The wait and the limit that imposes it (the longest wait when several do)."""
         self._expire(now)
         limits = self.limits
         if len(self._today) >= limits.rpd:
             until = next_day_start(now)
             raise DailyQuotaExhausted(until, f"{len(self._today)} of {limits.rpd} requests per day used")
-        waits = [self._not_before - now]
+        waits = [(self._not_before - now, "the retry delay of a 429")]
         if len(self._minute) >= limits.rpm:
-            waits.append(self._minute[-limits.rpm].at + self.window - now)
+            waits.append((self._minute[-limits.rpm].at + self.window - now, f"requests per minute: {limits.rpm}"))
         used = sum(s.tokens for s in self._minute)
         if self._minute and used + est_tokens > limits.tpm:
             # Wait until enough of the window has expired to fit this request.
+            why = f"tokens per minute: {limits.tpm:,}"
             excess = used + est_tokens - limits.tpm
             for sent in self._minute:
                 excess -= sent.tokens
                 if excess <= 0:
-                    waits.append(sent.at + self.window - now)
+                    waits.append((sent.at + self.window - now, why))
                     break
             else:  # larger than tpm by itself: it may only go alone, once the window is empty
-                waits.append(self._minute[-1].at + self.window - now)
-        return max(0.0, *waits)
+                waits.append((self._minute[-1].at + self.window - now, why))
+        wait, why = max(waits)
+        return (wait, why) if wait > 0 else (0.0, "")
 
-    def try_admit(self, est_tokens: int) -> tuple[float, _Sent | None]:
-        """Reserve a slot now if every window allows it: (0, slot); else (wait, None)."""
+    def try_admit(self, est_tokens: int) -> Admission:
+        """Reserve a slot now if every window allows it: (0, slot, ""); else (wait, None, which limit)."""
         with self._lock:
             now = self.clock()
-            wait = self._delay(now, est_tokens)
+            wait, why = self._delay(now, est_tokens)
             if wait > 0:
-                return wait, None
+                return Admission(wait, None, why)
             slot = _Sent(now, est_tokens)
             self._minute.append(slot)
             self._today.append(now)
-            return 0.0, slot
+            return Admission(0.0, slot, "")
 
     def settle(self, slot: _Sent, input_tokens: int | None) -> None:
         """Replace the estimate with the real input token count of the answer."""

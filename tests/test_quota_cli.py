@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +194,58 @@ def test_after_a_signal_the_summary_ends_with_the_command_that_resumes(tmp_path,
         assert out.splitlines()[-1] == f"`overnight resume {one.resolve()} --db {log}` continues this run"
         resumed = overnight("resume", one, "--db", log, "--json")
     assert resumed.exit_code == 0 and json.loads(resumed.stdout)["outcome"] == "complete"
+
+
+def test_after_resume_the_progress_lines_count_the_whole_runs_requests(market, emu):
+    """A resumed run goes on counting from what it already sent, not from zero."""
+    assert run(market, emu, "--max-requests", "3", "--concurrency", "1").exit_code == 0
+    resumed = overnight("resume", market, "--max-requests", "100")
+    assert resumed.exit_code == 0, resumed.output
+    assert len([r for r in emu.requests if r.method == "POST"]) == 8
+    assert resumed.stderr.splitlines()[-1].startswith("4/4 plugins  8 requests  "), resumed.stderr
+
+
+def _watch(args: list[str], until: list[str], timeout: float = 30.0) -> tuple[str, int]:
+    """Run the CLI with its stderr on a pseudo-terminal (what a person watching sees) until
+    every text of `until` has been shown, then stop it with SIGINT: (screen text, exit code)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY},
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    screen, deadline = "", time.monotonic() + timeout
+    try:
+        while not all(text in screen for text in until) and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                screen += re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", os.read(master, 65536).decode("utf-8", "replace"))
+            except OSError:  # the child closed the terminal
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        os.close(master)
+    assert all(text in screen for text in until), screen[-3000:]
+    return screen, proc.returncode
+
+
+def test_a_terminal_shows_which_quota_window_a_plugin_waits_for_and_the_plugins_waiting_to_retry(market, emu):
+    screen, code = _watch(["run", str(market), "--base-url", emu.url, "--rpm", "1", "--concurrency", "2"],
+                          until=["waits 1m 1s (requests per minute: 1)"])
+    assert code == 130
+    assert re.search(r"plugins/\S+  analyzed, waits 1m [01]s \(requests per minute: 1\)", screen)
+
+    emu.script("rate_limit_minute", retry_delay="40s")
+    again = market.parent / "again"
+    shutil.copytree(market, again, ignore=shutil.ignore_patterns(".overnight"))
+    screen, code = _watch(["run", str(again), "--base-url", emu.url, *FAST, "--concurrency", "2"],
+                          until=["1 plugin waiting to retry, the first in 4", "(the retry delay of a 429)"])
+    assert code == 130
+    assert re.search(r"1 plugin waiting to retry, the first in 4[01]s", screen)
+    assert re.search(r"analyzed, waits 4[01]s \(the retry delay of a 429\)", screen)

@@ -69,14 +69,15 @@ def scheduler(clock: FakeClock, **limits: int) -> Scheduler:
 
 
 def admit(s: Scheduler, tokens: int = 100):
-    wait, slot = s.try_admit(tokens)
+    wait, slot, _ = s.try_admit(tokens)
     assert wait == 0 and slot is not None, f"refused, wait {wait}"
     return slot
 
 
-def refused(s: Scheduler, tokens: int = 100) -> float:
-    wait, slot = s.try_admit(tokens)
+def refused(s: Scheduler, tokens: int = 100, why: str | None = None) -> float:
+    wait, slot, reason = s.try_admit(tokens)
     assert slot is None and wait > 0, "admitted"
+    assert why is None or reason == why, reason
     return wait
 
 
@@ -90,7 +91,7 @@ def test_rpm_the_extra_request_waits_exactly_until_the_oldest_leaves_the_window(
         admit(s)
         clock.advance(10)
     # t0, t0+10, t0+20 sent; now t0+30: the 4th waits until t0+60
-    assert refused(s) == 30
+    assert refused(s, why="requests per minute: 3") == 30
     assert s.delay(100) == 30  # asking does not reserve anything
     clock.set(T0 + 59.5)
     assert refused(s) == pytest.approx(0.5)
@@ -121,7 +122,7 @@ def test_rpm_no_60_second_span_ever_holds_more_than_rpm_requests(rpm):
     s = scheduler(clock, rpm=rpm)
     sent: list[float] = []
     while len(sent) < 60:
-        wait, slot = s.try_admit(10)
+        wait, slot, _ = s.try_admit(10)
         if slot is None:
             clock.advance(wait)
             # the wait was exact: now it goes, and it is the oldest of the window leaving
@@ -159,7 +160,7 @@ def test_tpm_waits_only_for_as_much_of_the_window_as_needed():
     for tokens in (400, 300, 200):             # at t0, t0+10, t0+20
         admit(s, tokens)
         clock.advance(10)
-    assert refused(s, 500) == 30               # t0's 400 leaving is enough (at t0+60)
+    assert refused(s, 500, why="tokens per minute: 1,000") == 30  # t0's 400 leaving is enough (at t0+60)
     assert refused(s, 600) == 40               # needs t0+10's 300 too (at t0+70)
 
 
@@ -350,7 +351,7 @@ def test_a_429_with_retry_info_blocks_every_request_for_exactly_that_long():
     clock = FakeClock(T0)
     s = scheduler(clock)
     assert s.rate_limited("minute", 30) == T0 + 30
-    assert refused(s) == 30
+    assert refused(s, why="the retry delay of a 429") == 30
     clock.advance(29)
     assert refused(s) == 1
     clock.advance(1)

@@ -191,11 +191,12 @@ def run_overnight(args: argparse.Namespace, tmp: Path) -> tuple[Row, int]:
 
     class RecordingScheduler(Scheduler):
         def try_admit(self, est_tokens):
-            wait, slot = super().try_admit(est_tokens)
+            admission = super().try_admit(est_tokens)
+            slot = admission.slot
             if slot is not None:
                 admitted.append(slot.at)
                 local.admitted = slot.at
-            return wait, slot
+            return admission
 
     class LagGateway(Gateway):
         def generate(self, system, prompt, schema):
