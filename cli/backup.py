@@ -91,7 +91,7 @@ def backup_now(path: Path, db: Path | None, url: str | None, as_json: bool) -> N
         f"{report.bytes_sent:,} bytes in {report.rows_written:,} rows ({report.batches} batches) "
         f"in {report.seconds:.2f} s", markup=False)
     if report.blobs_repaired:
-        out.print(f"repaired {report.blobs_repaired:,} damaged blobs on the remote", markup=False)
+        out.print(f"repaired {plural(report.blobs_repaired, 'damaged blob')} on the remote", markup=False)
     for warning in report.warnings:
         out.print(f"warning: {warning}", markup=False)
 

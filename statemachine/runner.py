@@ -437,6 +437,9 @@ class Runner:
         self._backups.append(f"backup to {report.target} ({why}): snapshot {report.snapshot.id[:12]}, "
                              f"{report.events_sent} events, {report.blobs_sent} blobs, "
                              f"{report.bytes_sent:,} bytes sent")
+        if report.blobs_repaired:
+            self._backups.append(f"  damaged blobs on the remote repaired: {report.blobs_repaired:,}")
+        self._backups += [f"  warning: {warning}" for warning in report.warnings]
 
     def _interrupted(self, run_id: str, selection: list[str]) -> RunResult:
         """Record the interruption and close the log; workers still inside a Gemini call find

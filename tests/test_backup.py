@@ -424,6 +424,7 @@ def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(tmp_path, se
 
     root = tmp_path / "night"
     shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
+    os.symlink("/etc/passwd", root / "plugins" / "x")
     key = "fake-key-NIGHT-1b2c"
     env = {"GOOGLE_API_KEY": key, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None}
     with Emulator(api_key=key) as emu:
@@ -434,6 +435,9 @@ def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(tmp_path, se
         summary = json.loads(paused.stdout)
         assert summary["outcome"] == "paused" and summary["backup_failed"] is False
         assert "(paused for quota)" in summary["backups"][0]
+        # what `overnight backup` would warn about is in the run's summary too
+        assert summary["backups"][1:] == [
+            "  warning: plugins/x: symlink to '/etc/passwd' is absolute; skipped: restore would refuse it"]
         unreachable = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000",
                           "--force", "--plugin", "meeting-notes", "--backup-to", "http://127.0.0.1:9/x",
                           "--json", env=env)
@@ -444,6 +448,30 @@ def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(tmp_path, se
     snapshots = run("backup", "list", "--from", server.url, "--json")
     assert snapshots.exit_code == 0 and len(json.loads(snapshots.stdout)["snapshots"]) == 1
     assert TOKEN not in (root / ".overnight" / "overnight.db").read_bytes().decode("latin-1")
+
+
+def test_a_runs_backup_repairs_damaged_blobs_on_the_remote_and_says_so(tmp_path):
+    from tests.emulator import Emulator
+
+    root = tmp_path / "night"
+    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
+    offsite = tmp_path / "offsite.db"
+    key = "fake-key-NIGHT-4d5e"
+    env = {"GOOGLE_API_KEY": key, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None}
+    with Emulator(api_key=key) as emu:
+        first = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000",
+                    "--backup-to", f"file:{offsite}", "--json", env=env)
+        assert first.exit_code == 0, first.output
+        assert json.loads(first.stdout)["backups"][0].startswith(f"backup to file://{offsite} (run complete): ")
+        readme = root / "plugins" / "devops" / "deploy-checker" / "README.md"
+        sqlite_rows(offsite, "UPDATE blobs SET size = size + 1 WHERE hash = ?",
+                    (hashlib.sha256(readme.read_bytes()).hexdigest(),))
+        assert run("backup", "verify", "--from", f"file:{offsite}").exit_code == 1
+        second = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", "--force",
+                     "--plugin", "meeting-notes", "--backup-to", f"file:{offsite}", env=env)
+    assert second.exit_code == 0, second.output
+    assert "  damaged blobs on the remote repaired: 1\n" in second.output
+    assert run("backup", "verify", "--from", f"file:{offsite}").exit_code == 0
 
 
 def test_restore_fsyncs_every_file_and_directory_it_creates(market, tmp_path, monkeypatch):
