@@ -141,7 +141,8 @@ def restore(url: str | None, dest: Path, snapshot_id: str | None, as_json: bool)
     All or nothing: the restore is built beside the destination, every file's sha256 and the
     log are checked, and only then is it renamed into place. Unsafe names and escaping
     symlinks are refused. When the backup is damaged, exit 1 and the destination stays as it
-    was; what could be verified is kept in DIR.incomplete. Reports the recovery time.
+    was; what could be verified is kept in DIR.incomplete (DIR/.incomplete when DIR is an
+    existing empty directory in a parent you cannot write). Reports the recovery time.
     """
     report = backup_service.restore(_url(url), _token(), dest, snapshot_id)
     if as_json:

@@ -474,6 +474,10 @@ def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = N
     step. When the backup proves damaged, `dest` is left as it was and what could be verified is
     kept in `<dest>.incomplete` (the report's `path`). When the restore itself fails (the remote
     goes away, the disk fills, an interrupt), the staging directory is removed.
+
+    When `dest` is an empty directory in a parent this user cannot write (made for them by an
+    administrator), the staging directory is a hidden one inside `dest`: a good restore moves its
+    entries up (renames within one directory), a damaged one stays in `<dest>/.incomplete`.
     """
     started = time.perf_counter()
     dest = Path(os.path.abspath(dest))
@@ -508,18 +512,26 @@ def _os_reason(e: OSError) -> str:
 
 
 def _make_stage(dest: Path) -> Path:
-    """An empty directory beside `dest` (same file system, so a rename puts it in place)."""
-    stage = dest.parent / f".{dest.name}.restoring-{secrets.token_hex(4)}"
+    """An empty directory beside `dest` (same file system, so a rename puts it in place), or
+    inside `dest` when that is an existing directory whose parent this user cannot write."""
+    name = f".{dest.name}.restoring-{secrets.token_hex(4)}"
     if os.path.lexists(dest.parent) and not dest.parent.is_dir():
         raise BackupError(f"cannot restore into {dest}: {dest.parent} is not a directory")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(stage)
+        stage = dest.parent / name
+        try:
+            os.mkdir(stage)
+        except PermissionError:
+            if not dest.is_dir():
+                raise
+            stage = dest / name
+            os.mkdir(stage)
         if dest.is_dir():
             os.chmod(stage, stat.S_IMODE(dest.stat().st_mode))
     except OSError as e:
         raise BackupError(f"cannot restore into {dest}: {_os_reason(e)} (a restore is built in a new "
-                          f"directory beside its destination, so {dest.parent} must be writable)") from e
+                          f"directory beside its destination, or inside it when it exists)") from e
     return stage
 
 
@@ -535,8 +547,20 @@ def _remove_stage(stage: Path) -> None:
 
 def _put_in_place(stage: Path, dest: Path, ok: bool) -> Path:
     """Rename the checked stage onto `dest` (replacing it if it is an empty directory), or keep
-    a damaged restore at `<dest>.incomplete`; either way one rename, then fsync the parent."""
-    target = dest if ok else dest.with_name(dest.name + ".incomplete")
+    a damaged restore at `<dest>.incomplete`; either way one rename, then fsync the parent.
+    A stage inside `dest` has its entries moved up instead, or becomes `<dest>/.incomplete`."""
+    inside = stage.parent == dest
+    if inside and ok:
+        try:
+            for entry in sorted(os.listdir(stage)):
+                os.rename(stage / entry, dest / entry)
+            os.rmdir(stage)
+        except OSError as e:
+            raise BackupError(f"the restore is complete and checked in {stage}, but moving it into {dest} "
+                              f"failed: {_os_reason(e)}; move the rest of it yourself") from e
+        _fsync_dir(dest)
+        return dest
+    target = (dest / ".incomplete") if inside else dest if ok else dest.with_name(dest.name + ".incomplete")
     if ok or not os.path.lexists(target):
         try:
             os.rename(stage, target)
@@ -545,7 +569,7 @@ def _put_in_place(stage: Path, dest: Path, ok: bool) -> Path:
                               f"{_os_reason(e)}; move it yourself") from e
     else:
         target = stage
-    _fsync_dir(dest.parent)
+    _fsync_dir(target.parent)
     return target
 
 

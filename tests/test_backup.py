@@ -27,6 +27,7 @@ from events.remote import RemoteError, open_remote
 from statemachine import backup as backup_service
 from statemachine.workspace import open_log
 from tests.libsql_server import LibsqlServer
+from tests.privileges import needs_permissions, unprivileged
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "docs" / "example-marketplace"
@@ -672,3 +673,43 @@ def test_verify_counts_each_tree_once_however_many_snapshots_reach_it(market, tm
     dirs = [p for p in market.rglob("*") if p.is_dir() and not p.is_symlink()
             and not {".overnight", ".git"} & set(p.relative_to(market).parts)]
     assert report["snapshots"] == 3 and report["trees"] == len(dirs) + 1  # and the root
+
+
+@needs_permissions
+def test_restore_into_an_empty_directory_whose_parent_this_user_cannot_write(market, tmp_path):
+    """An administrator made the empty destination for the user inside a directory the user
+    cannot write: the restore is built inside it, then moved up; a damaged one stays in
+    DEST/.incomplete, and the destination holds nothing else."""
+    offsite = tmp_path / "offsite.db"
+    backup_json(market, f"file:{offsite}")
+    before = tree_hashes(market)
+    parent = tmp_path / "srv"
+    dest, damaged = parent / "market", parent / "other"
+    for d in (dest, damaged):
+        d.mkdir(parents=True)
+    parent.chmod(0o555)
+
+    def restore(to: Path) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("TURSO_AUTH_TOKEN", "OVERNIGHT_BACKUP_URL")}
+        return subprocess.run([*unprivileged(), sys.executable, "-m", "cli", "restore", "--from", f"file:{offsite}",
+                               "--to", str(to)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    try:
+        result = restore(dest)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"restored snapshot ") and f" into {dest}: " in result.stdout
+        assert tree_hashes(dest) == {k: v for k, v in before.items() if not k.startswith(".git/")}
+        assert not [p.name for p in dest.iterdir() if ".restoring-" in p.name]
+        assert sorted(p.name for p in parent.iterdir()) == ["market", "other"]
+        assert run("audit", "verify", dest).exit_code == 0
+
+        assets = market / "plugins" / "devops" / "deploy-checker" / "assets.bin"
+        sqlite_rows(offsite, "DELETE FROM blob_chunks WHERE hash = ? AND idx = 1",
+                    (hashlib.sha256(assets.read_bytes()).hexdigest(),))
+        broken = restore(damaged)
+        assert broken.returncode == 1, broken.stderr
+        assert f"what could be restored and verified is in {damaged / '.incomplete'}" in broken.stdout
+        assert [p.name for p in damaged.iterdir()] == [".incomplete"]
+        assert not (damaged / ".incomplete" / "plugins" / "devops" / "deploy-checker" / "assets.bin").exists()
+    finally:
+        parent.chmod(0o755)
