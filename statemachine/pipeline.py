@@ -113,6 +113,9 @@ class Context:
     stopping: threading.Event
     stats: Stats
     halt: threading.Event = field(default_factory=threading.Event)
+    # Set when the run pauses for the quota or reaches a budget: no new request goes, but
+    # plugins go on through the steps that need none (gates, snapshot, write).
+    closed: threading.Event = field(default_factory=threading.Event)
     spending: Spending | None = None
     secrets: tuple[str, ...] = ()
     rng: random.Random = field(default_factory=random.Random)
@@ -122,7 +125,7 @@ class Context:
     lifted_until: float = 0.0
 
     def should_stop(self) -> bool:
-        """A signal stops the run; a pause or a fatal error halts this batch."""
+        """A signal stops the run; a fatal error halts this batch."""
         return self.stopping.is_set() or self.halt.is_set()
 
     def scrub(self, text: str) -> str:
@@ -153,7 +156,9 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
     """Drive one plugin as far as it can go now.
 
     Returns None when the plugin needs nothing more from this run, or the unix time before
-    which it must not continue (a retry wait). Raises DailyQuotaExhausted (the run pauses) or RunStopped.
+    which it must not continue (a retry wait). Raises DailyQuotaExhausted (the run pauses),
+    BudgetReached, RequestsClosed (its next step is a request, and the run paused or reached a
+    budget), RunStopped, or Interrupted (a signal or a fatal error stops the run).
     """
     cursor = ctx.journal.cursor(plugin_id)
     try:
@@ -173,7 +178,7 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
                 if _machine_fault(e):
                     raise  # the disk, not this plugin: the run stops, and `resume` continues
                 _file_failure(ctx, cursor, row, e)
-        return None
+        raise Interrupted()  # the run stops: this plugin is not finished
     finally:
         ctx.stats.phase(plugin_id, None)
         ctx.journal.release(cursor)
@@ -252,6 +257,8 @@ def _retry_step(ctx: Context, cursor: PluginCursor, row: dict) -> None:
 
 def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
     """Record the request, then send it; record the answer or the classified failure."""
+    if ctx.closed.is_set():
+        raise RequestsClosed()
     details = _details(ctx, cursor.plugin_id, "facts", "plan", "feedback")
     facts = msgspec.json.decode(details["facts"], type=c.PluginFacts)
     data = plugin_data(ctx.root, row["path"], row["name"], row["category"], facts)
@@ -316,6 +323,8 @@ def _admit(ctx: Context, plugin_id: str, est: int):
                 return slot
             if ctx.should_stop():
                 raise Interrupted()
+            if ctx.closed.is_set():
+                raise RequestsClosed()
             ctx.stats.waiting(plugin_id, ctx.clock() + wait, why)
             ctx.sleep(min(wait, 1.0))
     finally:
@@ -323,7 +332,12 @@ def _admit(ctx: Context, plugin_id: str, est: int):
 
 
 class Interrupted(Exception):
-    """The run is stopping while this worker waited for a slot; nothing was sent."""
+    """The run is stopping (a signal, a fatal error) before this plugin could go on."""
+
+
+class RequestsClosed(Exception):
+    """The run paused for the quota or reached a budget: this plugin's next step is a request,
+    so it waits for the next stretch of the run; nothing was sent."""
 
 
 def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id: str,

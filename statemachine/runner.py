@@ -34,7 +34,8 @@ from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
 from statemachine.lifecycle import FINAL, State
-from statemachine.pipeline import Context, Interrupted, RunStopped, Stats, StepSettings, advance
+from statemachine.pipeline import (Context, Interrupted, RequestsClosed, RunStopped, Stats, StepSettings,
+                                  advance)
 from statemachine.prompts import Standards, load_standards
 from statemachine.scan import scan
 from statemachine.scheduler import DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso
@@ -95,6 +96,7 @@ def options_from_config(config: dict[str, Any]) -> RunOptions:
         limit=config["limit"], force=config["force"], dry_run=config["dry_run"], wait=config["wait"],
         budgets=Budgets(**config["budgets"]), prices=Prices(**config["prices"]),
         explicit_limits=tuple(config.get("explicit_limits", ())),
+        backup_to=config.get("backup_to"),  # recorded without credentials: the token is TURSO_AUTH_TOKEN
     )
 
 
@@ -473,10 +475,11 @@ class _Batch:
         self.concurrency = max(1, concurrency)
         self.outcome = _Outcome()
         self.halt = threading.Event()
+        self.closed = threading.Event()
         self.error: BaseException | None = None
 
     def run(self, report: Callable[["_Batch"], None]) -> _Outcome:
-        self.ctx.halt = self.halt
+        self.ctx.halt, self.ctx.closed = self.halt, self.closed
         threads = [threading.Thread(target=self._worker, name=f"overnight-worker-{i}", daemon=True)
                    for i in range(self.concurrency)]
         for t in threads:
@@ -500,8 +503,13 @@ class _Batch:
         return len(later), min(later, default=None)
 
     def _take(self) -> tuple[str | None, float]:
-        """The next plugin that may go now, or (None, seconds to wait); (None, -1) when empty."""
+        """The next plugin that may go now, or (None, seconds to wait); (None, -1) when empty.
+        Once requests are closed, a plugin waiting to retry (a request) leaves the queue."""
         with self.lock:
+            if self.closed.is_set():
+                now = self.ctx.clock()
+                self.queue = [entry for entry in self.queue if entry[0] <= now]
+                heapq.heapify(self.queue)
             if not self.queue:
                 return None, (-1.0 if self.in_flight == 0 else 0.2)
             ready, _, plugin_id = self.queue[0]
@@ -525,13 +533,17 @@ class _Batch:
             try:
                 again = advance(ctx, plugin_id)
             except DailyQuotaExhausted as e:
-                self._stop(paused=e.until, reason=e.reason, plugin_id=plugin_id)
-                return
-            except RunStopped as e:
-                self._stop(stopped=str(e), plugin_id=plugin_id)
-                return
+                self._stop(paused=e.until, reason=e.reason)
+                continue
             except BudgetReached as e:
-                self._stop(budget=e, plugin_id=plugin_id)
+                self._stop(budget=e)
+                continue
+            except RequestsClosed:
+                with self.lock:
+                    self.in_flight -= 1
+                continue
+            except RunStopped as e:
+                self._stop(stopped=str(e))
                 return
             except (JournalClosed, Interrupted):
                 with self.lock:
@@ -539,7 +551,7 @@ class _Batch:
                 return
             except BaseException as e:  # a bug: stop the run and show it
                 self.error = e
-                self._stop(stopped=f"internal error: {type(e).__name__}: {e}", plugin_id=plugin_id)
+                self._stop(stopped=f"internal error: {type(e).__name__}: {e}")
                 return
             with self.lock:
                 self.in_flight -= 1
@@ -549,11 +561,12 @@ class _Batch:
                     order += 1
                     heapq.heappush(self.queue, (again, len(self.queue) + order, plugin_id))
 
-    def _stop(self, *, plugin_id: str, paused: float | None = None, reason: str = "",
+    def _stop(self, *, paused: float | None = None, reason: str = "",
               stopped: str | None = None, budget: BudgetReached | None = None) -> None:
+        """A pause or a budget closes requests (the other plugins go on through the steps that
+        need none); a fatal error halts the batch."""
         with self.lock:
             self.in_flight -= 1
-            heapq.heappush(self.queue, (0.0, -1, plugin_id))
             if paused is not None and self.outcome.stopped is None:
                 self.outcome.paused = max(self.outcome.paused or 0.0, paused)
                 self.outcome.pause_reason = reason
@@ -561,4 +574,4 @@ class _Batch:
                 self.outcome.stopped = self.outcome.stopped or stopped
             if budget is not None:
                 self.outcome.budget = self.outcome.budget or budget
-        self.halt.set()
+        (self.halt if stopped is not None else self.closed).set()

@@ -249,3 +249,22 @@ def test_a_terminal_shows_which_quota_window_a_plugin_waits_for_and_the_plugins_
     assert code == 130
     assert re.search(r"1 plugin waiting to retry, the first in 4[01]s", screen)
     assert re.search(r"analyzed, waits 4[01]s \(the retry delay of a 429\)", screen)
+
+
+@pytest.mark.parametrize("stop", [["--max-requests", "3"], ["--rpd", "3", "--no-wait"]])
+def test_a_budget_or_quota_stop_sends_no_more_requests_but_finishes_what_needs_none(market, stop):
+    """Answers already received are gated and written: no plugin is left between a request and
+    its write (generated, validated, snapshotted, writing), where it would wait for quota it
+    does not need. Slow answers make the stop come while another plugin's answer is on its way."""
+    with Emulator(api_key=KEY, latency=(0.3, 0.4), seed=3) as slow:
+        result = overnight("run", market, "--base-url", slow.url, "--rpm", "1000", "--backoff", "0.05",
+                           "--concurrency", "2", *stop)
+        sent = len([r for r in slow.requests if r.method == "POST"])
+    assert result.exit_code == 0, result.output
+    assert sent == 3
+    states = dict(query(market, "SELECT plugin_id, state FROM plugins"))
+    assert set(states.values()) <= {"done", "analyzed", "planned"}, states
+    assert "done" in states.values()
+    progress = [line for line in result.stderr.splitlines() if "/4 plugins  " in line]
+    # the progress lines count finished plugins only, not those the stop left waiting
+    assert progress[-1].startswith(f"{list(states.values()).count('done')}/4 plugins  3 requests  "), progress
