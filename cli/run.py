@@ -95,6 +95,13 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
     from statemachine.runner import RunOptions
     from statemachine.scheduler import Limits
 
+    if backup_to is not None:
+        from events.remote import RemoteError, check_url
+
+        try:
+            check_url(backup_to)
+        except RemoteError as e:
+            raise click.UsageError(f"--backup-to {e}") from e
     if min_bytes > max_bytes:
         raise click.UsageError(f"{_flag('min_bytes', min_bytes)} is more than {_flag('max_bytes', max_bytes)}: "
                                "no SKILL.md could pass the size gate")

@@ -159,16 +159,22 @@ def _query_token(url: str) -> str | None:
     return (query.get("authToken") or [None])[0]
 
 
+def check_url(url: str) -> None:
+    """RemoteError unless `url` has a scheme a backup can use (checked before a run starts)."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        raise RemoteError(f"{display_url(url) or 'the backup URL'}: unsupported scheme "
+                          f"{scheme!r} (use one of {', '.join(SCHEMES)})")
+
+
 def open_remote(url: str, token: str | None = None, *, must_exist: bool = False, **options: Any) -> Remote:
     """A `Remote` for `url` (file:, http(s)://, ws(s)://, libsql://); `token` is never stored.
 
     `must_exist`: for reading a backup, a `file:` URL naming no file is an error (SQLite would
     create an empty database there).
     """
+    check_url(url)
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in SCHEMES:
-        raise RemoteError(f"{display_url(url) or 'the backup URL'}: unsupported scheme "
-                          f"{parts.scheme!r} (use one of {', '.join(SCHEMES)})")
     if must_exist and parts.scheme == "file" and not os.path.isfile(urllib.parse.unquote(parts.path)):
         raise RemoteError(f"{display_url(url)}: no backup there (the file does not exist)")
     return LibsqlRemote(url, token, **options)

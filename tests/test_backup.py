@@ -451,6 +451,32 @@ def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(tmp_path, se
     assert TOKEN not in (root / ".overnight" / "overnight.db").read_bytes().decode("latin-1")
 
 
+def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_run(tmp_path):
+    from tests.emulator import Emulator
+
+    root = tmp_path / "night"
+    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
+    offsite = tmp_path / "offsite.db"
+    key = "fake-key-NIGHT-7a8b"
+    env = {"GOOGLE_API_KEY": key, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None}
+    with Emulator(api_key=key) as emu:
+        typo = run("run", root, "--base-url", emu.url, "--backup-to", "bogus://x", env=env)
+        assert typo.exit_code == 2
+        assert typo.output == ("error: --backup-to bogus://x: unsupported scheme 'bogus' "
+                               "(use one of file, http, https, ws, wss, libsql)\n")
+        assert emu.requests == [] and not (root / ".overnight").exists()
+        paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "2", "--no-wait",
+                     "--backup-to", f"file:{offsite}", "--json", env=env)
+        assert json.loads(paused.stdout)["outcome"] == "paused", paused.output
+        resumed = run("resume", root, "--rpd", "1000", "--json", env=env)
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads(resumed.stdout)
+    assert summary["outcome"] == "complete"
+    assert summary["backups"][0].startswith(f"backup to file://{offsite} (run complete): ")
+    listed = json.loads(run("backup", "list", "--from", f"file:{offsite}", "--json").stdout)["snapshots"]
+    assert len(listed) == 2
+
+
 def test_a_runs_backup_repairs_damaged_blobs_on_the_remote_and_says_so(tmp_path):
     from tests.emulator import Emulator
 
