@@ -50,8 +50,8 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
         chosen = shots[0]
     else:
         matches = [s for s in shots if s.id.startswith(snapshot_id)]
-        if len(matches) != 1:
-            listing = ", ".join(s.id[:12] for s in shots)
+        if len({s.id for s in matches}) != 1:  # the same content snapshotted twice is one snapshot
+            listing = ", ".join(dict.fromkeys(s.id[:12] for s in shots))
             raise OvernightError(f"snapshot {snapshot_id!r} matches {len(matches)} snapshots of {plugin_id} "
                                  f"(its snapshots: {listing})")
         chosen = matches[0]

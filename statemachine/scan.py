@@ -111,7 +111,9 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
         if row["state"] == State.INVALID:
             unchanged = same_identity and problem is not None and row["reason"] == problem
         else:
-            unchanged = (same_identity and problem is None and row["state"] != State.GONE
+            # A plugin left `discovered` (a restore that put back the files it already had)
+            # still needs its analysis.
+            unchanged = (same_identity and problem is None and row["state"] not in (State.GONE, State.DISCOVERED)
                          and row["content_hash"] == tree.content_hash)
         if unchanged:
             report.unchanged += 1

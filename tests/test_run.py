@@ -572,6 +572,18 @@ def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
     assert after == before
     assert states(market)["plugins/devops/deploy-checker"] == "analyzed"
     assert_healthy(market)
+    # the same snapshot again: the files do not change, and the plugin is still ready to go
+    again = overnight("restore-plugin", "deploy-checker", market, "--snapshot", first[:10])
+    assert again.exit_code == 0, again.output
+    assert states(market)["plugins/devops/deploy-checker"] == "analyzed"
+    assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0
+    # that run snapshotted the same pre-overnight content again: one snapshot, listed twice
+    listing = overnight("restore-plugin", "deploy-checker", market, "--list").stdout.splitlines()
+    assert [line.split()[0] for line in listing].count(first) == 2
+    assert overnight("restore-plugin", "deploy-checker", market, "--snapshot", first).exit_code == 0
+    assert {p.relative_to(target).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in target.rglob("*") if p.is_file()} == before
+    assert_healthy(market)
     unknown = overnight("restore-plugin", "meeting-notes", market)
     assert unknown.exit_code == 1 and "has no snapshot" in unknown.stderr
 
