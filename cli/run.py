@@ -13,6 +13,7 @@ from typing import IO, Any, Callable
 import click
 
 from cli.config import config_option, source
+from cli.metrics import prices
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument, stated_limits
 from cli.render import emit_json, interactive, plural, shown, stderr_console
 
@@ -26,8 +27,10 @@ def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--tpm", type=click.IntRange(min=1), help="Input tokens per minute (default 250,000)."),
         click.option("--concurrency", type=click.IntRange(min=1, max=64),
                      help="Plugins in flight at once (default 2)."),
-        click.option("--no-wait", "no_wait", is_flag=True, default=None,
-                     help="When the daily quota is used up, exit 0 saying when to resume instead of sleeping."),
+        click.option("--no-wait/--wait", "no_wait", default=None,
+                     help="When the daily quota is used up, exit 0 saying when to resume instead of sleeping "
+                          "(--wait: sleep until the quota comes back; the default, and what resume --wait "
+                          "asks of a run started with --no-wait)."),
         click.option("--json-log", type=click.File("a", encoding="utf-8"),
                      help="Append one JSON line per recorded event to this file ('-' for stdout)."),
         click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."),
@@ -75,6 +78,7 @@ def _override(base, **values):
 @click.option("--backup-to", help="libSQL/Turso URL to back up to when the run finishes or pauses "
                                   "(token from TURSO_AUTH_TOKEN).")
 @limit_options
+@prices
 @config_option
 @common
 def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: float,
@@ -82,7 +86,8 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         max_attempts: int, backoff: float, plugins: tuple[str, ...], category: str | None, limit: int | None,
         force: bool, dry_run: bool, backup_to: str | None, rpm: int | None, rpd: int | None, tpm: int | None,
         concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
-        max_requests: int | None, max_tokens: int | None, max_cost: float | None) -> None:
+        max_requests: int | None, max_tokens: int | None, max_cost: float | None, price_input: float,
+        price_output: float) -> None:
     """Enhance every plugin of the marketplace at PATH with Gemini (plan, SKILL.md, gates, write).
 
     The key comes from GOOGLE_API_KEY or GEMINI_API_KEY (or Vertex AI: GOOGLE_GENAI_USE_VERTEXAI,
@@ -90,6 +95,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
     skipped or rejected; 1 otherwise; 130/143 when stopped by SIGINT/SIGTERM.
     """
     from statemachine.budget import Budgets
+    from statemachine.metrics import Prices
     from statemachine.gates import GateConfig
     from statemachine.gateway import GeminiSettings
     from statemachine.runner import RunOptions
@@ -102,6 +108,9 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
             check_url(backup_to)
         except RemoteError as e:
             raise click.UsageError(f"--backup-to {e}") from e
+    if dry_run and force:
+        raise click.UsageError("--dry-run with --force would put finished plugins back to planned, and a later "
+                               "run would generate them again; use one or the other")
     if min_bytes > max_bytes:
         raise click.UsageError(f"{_flag('min_bytes', min_bytes)} is more than {_flag('max_bytes', max_bytes)}: "
                                "no SKILL.md could pass the size gate")
@@ -112,7 +121,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         gate_attempts=gate_attempts, max_attempts=max_attempts, backoff_s=backoff, plugins=plugins, category=category,
         limit=limit, force=force, dry_run=dry_run, standards=standards, wait=not no_wait,
         budgets=_override(Budgets(), max_requests=max_requests, max_tokens=max_tokens,
-                          max_cost=max_cost), backup_to=backup_to,
+                          max_cost=max_cost), prices=Prices(price_input, price_output), backup_to=backup_to,
         explicit_limits=stated_limits(rpm=rpm, rpd=rpd, tpm=tpm),
     )
     _execute(path, db, json_log, as_json, lambda runner: runner.start(options))
@@ -200,7 +209,7 @@ def _render(result, as_json: bool, resume: str) -> None:
         click.echo(f"budget reached: {result.message}")
     if result.paused_until:
         click.echo(f"daily quota used up: resume after {result.paused_until} "
-                   f"with `overnight resume` (or run without --no-wait to sleep until then)")
+                   f"with `overnight resume` (or `overnight resume --wait` now, to sleep until then)")
     if result.message and result.outcome != "budget_exhausted":
         click.echo(f"stopped: {result.message}", err=True)
     for plugin_id, state, reason in result.problems:

@@ -268,3 +268,35 @@ def test_a_budget_or_quota_stop_sends_no_more_requests_but_finishes_what_needs_n
     progress = [line for line in result.stderr.splitlines() if "/4 plugins  " in line]
     # the progress lines count finished plugins only, not those the stop left waiting
     assert progress[-1].startswith(f"{list(states.values()).count('done')}/4 plugins  3 requests  "), progress
+
+
+def test_a_cost_budget_counts_at_the_prices_given_to_run(market, emu):
+    """At the default prices one plan request costs less than $0.001; at $1,000 per million
+    tokens the first request spends the budget, and the run stops before a second one."""
+    result = run(market, emu, "--concurrency", "1", "--max-cost", "0.001",
+                 "--price-input", "1000", "--price-output", "1000", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["outcome"] == "budget_exhausted" and "cost budget reached" in summary["message"]
+    assert len([r for r in emu.requests if r.method == "POST"]) == 1
+    config = json.loads(query(market, "SELECT config FROM runs")[0][0])
+    assert config["prices"] == {"input_per_million": 1000.0, "output_per_million": 1000.0}
+
+
+def test_resume_wait_sleeps_through_a_pause_that_run_no_wait_left(one, emu, monkeypatch):
+    monkeypatch.setattr(scheduler, "next_day_start", lambda now: now + 3.0)  # the pause ends 3 s later
+    emu.script("rate_limit_day", retry_delay="0s", phase="skill")
+    paused = run(one, emu, "--no-wait")
+    assert paused.exit_code == 0 and "or `overnight resume --wait` now, to sleep until then" in paused.stdout
+    resumed = overnight("resume", one, "--wait", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["outcome"] == "complete"
+    assert "paused for the quota until " in resumed.stderr and "quota pause over: going on" in resumed.stderr
+
+
+def test_dry_run_with_force_is_refused_before_anything_happens(market, emu):
+    assert run(market, emu).exit_code == 0
+    before = query(market, "SELECT count(*) FROM events")
+    result = run(market, emu, "--dry-run", "--force")
+    assert result.exit_code == 2 and result.output.startswith("error: --dry-run with --force would put finished ")
+    assert query(market, "SELECT count(*) FROM events") == before
