@@ -48,6 +48,8 @@ def _named_blobs(event: c.Event) -> list[tuple[str, str]]:
     if isinstance(event, (c.SkillValidated, c.WriteIntended)):
         files = event.files if isinstance(event, c.SkillValidated) else event.writes
         return [(f.sha256, f"the content of {f.path}") for f in files]
+    if isinstance(event, c.PluginRestored) and event.replaced_sha256:
+        return [(event.tree_sha256, "its plugin snapshot"), (event.replaced_sha256, "the snapshot of what it replaced")]
     if isinstance(event, (c.PluginSnapshotted, c.PluginRestored)):
         return [(event.tree_sha256, "its plugin snapshot")]
     return []

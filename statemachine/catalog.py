@@ -257,6 +257,9 @@ class PluginRestored(Event, frozen=True, tag="PluginRestored"):
     """The plugin directory was put back to a snapshot; it will be analyzed again."""
 
     tree_sha256: str
+    # A snapshot of the files the restore replaced (None when they were the same), so a
+    # restore can be undone; absent from restores recorded before it was kept.
+    replaced_sha256: str | None = None
 
 
 # ---------------------------------------------------------------- run streams

@@ -20,24 +20,29 @@ class SnapshotInfo(NamedTuple):
     id: str
     seq: int
     at: str
-    run_id: str
+    run_id: str  # "" for the files a restore replaced
+    taken: str = "before a write"  # or "before a restore": the files that restore replaced
 
 
 class Restored(NamedTuple):
     plugin_id: str
     snapshot: str
     files: int
+    replaced: str | None  # the snapshot of the files it replaced: restoring it undoes this restore
 
 
 def snapshots_of(store: EventStore, plugin: str) -> list[SnapshotInfo]:
     plugin_id = resolve_plugin(store, plugin)
     rows = store.query(
-        "SELECT seq, at, data FROM events WHERE stream = ? AND type = 'PluginSnapshotted' ORDER BY seq DESC",
-        (plugin_stream(plugin_id),))
+        "SELECT seq, at, type, data FROM events WHERE stream = ? AND type IN ('PluginSnapshotted', 'PluginRestored') "
+        "ORDER BY seq DESC", (plugin_stream(plugin_id),))
     found = []
-    for seq, at, data in rows:
+    for seq, at, tag, data in rows:
         event = msgspec.json.decode(data)
-        found.append(SnapshotInfo(event["tree_sha256"], seq, at, event["run_id"]))
+        if tag == "PluginSnapshotted":
+            found.append(SnapshotInfo(event["tree_sha256"], seq, at, event["run_id"]))
+        elif event.get("replaced_sha256"):
+            found.append(SnapshotInfo(event["replaced_sha256"], seq, at, "", "before a restore"))
     return found
 
 
@@ -47,7 +52,7 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     if not shots:
         raise OvernightError(f"{plugin_id} has no snapshot: overnight never changed it")
     if snapshot_id is None:
-        chosen = shots[0]
+        chosen = next(s for s in shots if s.taken == "before a write")
     else:
         matches = [s for s in shots if s.id.startswith(snapshot_id)]
         if len({s.id for s in matches}) != 1:  # the same content snapshotted twice is one snapshot
@@ -59,15 +64,25 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     if state[0] == State.WRITING:
         raise OvernightError(f"{plugin_id} is in the middle of a write; run `overnight resume` first")
     writes.cleanup_temp(root / state[1])  # a restore or write cut short earlier is finished first
+    try:
+        current = snapshots.take(root, root / state[1])
+    except snapshots.SnapshotError as e:
+        raise OvernightError(f"{plugin_id}: a restore first keeps a copy of the files it replaces, and "
+                             f"{e}; nothing was changed") from e
+    replaced = current.tree_sha256 if current.tree_sha256 != chosen.id else None
+    if replaced:
+        with store.batch():
+            for blob in current.blobs:
+                store.put_blob(blob)
     snapshots.restore(store.get_blob, root, root / state[1], chosen.id)
     lifecycle = Lifecycle(store)
     cursor = lifecycle.cursor(plugin_id)
-    lifecycle.record(cursor, c.PluginRestored(tree_sha256=chosen.id))
+    lifecycle.record(cursor, c.PluginRestored(tree_sha256=chosen.id, replaced_sha256=replaced))
     lifecycle.release(cursor)
     scan(store, root)
     manifest = msgspec.json.decode(store.get_blob(chosen.id))
     files = sum(1 for e in _entries(manifest) if e.get("kind") == "file")
-    return Restored(plugin_id, chosen.id, files)
+    return Restored(plugin_id, chosen.id, files, replaced)
 
 
 def _entries(manifest: object) -> list[dict]:

@@ -588,6 +588,29 @@ def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
     assert unknown.exit_code == 1 and "has no snapshot" in unknown.stderr
 
 
+def test_a_restore_keeps_the_files_it_replaces_so_it_can_be_undone(market, emu):
+    """A file the maintainer added after overnight's write would be lost by a restore: the
+    restore snapshots the plugin first, and restoring that snapshot puts the file back."""
+    target = market / "plugins" / "devops" / "deploy-checker"
+    assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0
+    (target / "NOTES.md").write_text("my notes\n")
+    enhanced = {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    restored = overnight("restore-plugin", "deploy-checker", market, "--json")
+    assert restored.exit_code == 0, restored.output
+    done = json.loads(restored.stdout)
+    assert not (target / "NOTES.md").exists() and done["replaced"]
+    listed = json.loads(overnight("restore-plugin", "deploy-checker", market, "--list", "--json").stdout)
+    assert [(s["id"], s["taken"]) for s in listed["snapshots"]] == [
+        (done["replaced"], "before a restore"), (done["snapshot"], "before a write")]
+    undo = overnight("restore-plugin", "deploy-checker", market, "--snapshot", done["replaced"][:12])
+    assert undo.exit_code == 0, undo.output
+    assert {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()} == enhanced
+    assert_healthy(market)
+    # without --snapshot a restore still goes back to before overnight's write
+    assert overnight("restore-plugin", "deploy-checker", market).exit_code == 0
+    assert not (target / "NOTES.md").exists() and not (target / "skills" / "deploy-checker").exists()
+
+
 def test_a_crash_between_the_write_and_done_is_finished_by_resume_not_rediscovered(one, emu, monkeypatch):
     """Found by the torture kill loop: the scan on resume saw overnight's own write as a change."""
     from statemachine import pipeline
