@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument
-from cli.render import console, emit_json, report_check
+from cli.render import console, emit_json, report_check, shown
 from statemachine import audit as audit_service
 from statemachine.workspace import marketplace_root, open_log
 
@@ -80,7 +80,7 @@ def log(path: Path, db: Path | None, plugin: str | None, after: int, as_json: bo
             return
         for entry in audit_service.log(store, plugin=plugin, after=after):
             data = entry["data"]
-            detail = " ".join(f"{k}={v}" for k, v in data.items() if k != "type" and v not in (None, [], {}))
+            detail = shown(" ".join(f"{k}={v}" for k, v in data.items() if k != "type" and v not in (None, [], {})))
             if len(detail) > 160:
                 detail = detail[:157] + "..."
-            click.echo(f"{entry['seq']:>7}  {entry['at']}  {entry['stream']}  {entry['type']}  {detail}")
+            click.echo(f"{entry['seq']:>7}  {entry['at']}  {shown(entry['stream'])}  {shown(entry['type'])}  {detail}")

@@ -43,7 +43,8 @@ def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, pric
     click.echo(f"requests {m['requests']} ({m['rate_limited']} rate-limited, success rate "
                f"{_pct(m['success_rate'])}); tokens {m['input_tokens']:,} in / {m['output_tokens']:,} out; "
                f"cost ${m['cost_usd']:.4f}")
-    click.echo(f"plugins {m['plugins']}: " + ", ".join(f"{s} {n}" for s, n in sorted(m["by_state"].items())))
+    click.echo(f"plugins {m['plugins']}: "
+               + (", ".join(f"{s} {n}" for s, n in sorted(m["by_state"].items())) or "none in the log"))
     if m["retries"]:
         click.echo("retries by kind: " + ", ".join(f"{k} {n}" for k, n in m["retries"].items())
                    + f"; gate failures {m['gate_failures']}")

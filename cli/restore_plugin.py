@@ -33,11 +33,15 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
             shots = restore.snapshots_of(store, name)
             if as_json:
                 emit_json({"plugin": name, "snapshots": [s._asdict() for s in shots]})
+            elif not shots:
+                click.echo(f"{shown(name)} has no snapshot: overnight never changed it")
             else:
-                for i, s in enumerate(shots):  # newest first; the default restores the first listed
-                    notes = ["latest: the default"] * (i == 0) + ["before overnight's first change"] * (
-                        i == len(shots) - 1)
-                    click.echo(f"{s.id}  seq {s.seq}  {s.at}  run {s.run_id}"
+                default = next((s for s in shots if s.taken == "before a write"), None)
+                for s in shots:  # newest first
+                    notes = (["the files a restore replaced: restoring this undoes that restore"]
+                             * (s.taken == "before a restore") + ["latest: the default"] * (s is default)
+                             + ["before overnight's first change"] * (s is shots[-1]))
+                    click.echo(f"{s.id}  seq {s.seq}  {s.at}" + (f"  run {s.run_id}" if s.run_id else "")
                                + (f"  ({'; '.join(notes)})" if notes else ""))
             return
         done = restore.restore_plugin(store, root, name, snapshot_id)
@@ -45,3 +49,6 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
         emit_json(done._asdict())
     else:
         click.echo(f"restored {shown(done.plugin_id)} to snapshot {done.snapshot} ({done.files} files)")
+        if done.replaced:
+            click.echo(f"the files it replaced are kept as snapshot {done.replaced}: "
+                       f"`overnight restore-plugin {shown(name)} --snapshot {done.replaced[:12]}` puts them back")

@@ -41,5 +41,10 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
                      if r["status"] == "stopped" else ""), markup=False)
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""
-        reason = f": {item['reason']}" if item["reason"] else ""
+        note = item["reason"] or item["hint"]
+        reason = f": {note}" if note else ""
         click.echo(f"  {item['state']:<11} {shown(item['plugin_id'])}{detail}{shown(reason)}")
+    hidden = report.items_total - len(report.items)
+    if hidden:
+        click.echo(f"  ... and {hidden} more not listed: `overnight status --state STATE` lists every "
+                   "plugin in a state")

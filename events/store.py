@@ -201,7 +201,9 @@ class EventStore:
         """Open (and for a writer, create and migrate) the log at `path`.
 
         A writer takes the single-writer lock first, so a second writer fails with
-        `StoreLocked` before touching the file. A reader needs an existing, current log.
+        `StoreLocked` before touching the file. A reader needs an existing, current log; it
+        leaves the journal mode alone (the writer made the log WAL), so a file that is no
+        log, even an empty one, is refused unchanged.
         """
         path = Path(path)
         lock: WriterLock | None = None
@@ -210,16 +212,20 @@ class EventStore:
             lock = WriterLock(path)
             lock.acquire()
         elif not path.exists():
-            raise EventStoreError(f"no event log at {path} (run `overnight scan` first, or pass --db)")
+            raise EventStoreError(f"no event log at {path}")
         try:
             conn = apsw.Connection(str(path))
             conn.setbusytimeout(5000)
-            conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             if writer:
+                conn.execute("PRAGMA journal_mode = WAL")
                 migrate(conn)
             else:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+                    raise EventStoreError(f"{path} is not an overnight event log "
+                                          + ("(it is empty)" if tables == 0 else "(its tables are not overnight's)"))
                 if version != LATEST:
                     raise EventStoreError(
                         f"{path} has schema version {version}, this program expects {LATEST}; "

@@ -10,6 +10,11 @@ from statemachine.errors import UnknownPlugin
 from statemachine.lifecycle import State
 
 _ROW = ("plugin_id", "name", "category", "state", "step", "reason", "not_before", "updated_at")
+# Plugins that wait for a person: for their content to change, or to be looked at.
+_ATTENTION = (State.INVALID, State.FAILED, State.REJECTED)
+# A plugin in `writing` while no process holds the log: its write was cut short, and its files
+# may be half new; scan and restore-plugin leave it alone until `resume` settles it.
+_CUT_SHORT = "its write was cut short: `overnight resume` finishes it"
 
 
 @dataclass
@@ -19,10 +24,11 @@ class StatusReport:
     events: int
     last_run: dict | None
     items: list[dict] = field(default_factory=list)
+    items_total: int = 0  # more than len(items) when the attention list was cut at its limit
 
     def as_json(self) -> dict:
         return {"plugins": self.plugins, "by_state": self.by_state, "events": self.events,
-                "last_run": self.last_run, "items": self.items}
+                "last_run": self.last_run, "items": self.items, "items_total": self.items_total}
 
 
 def live_status(store: EventStore, recorded: str) -> str:
@@ -34,7 +40,9 @@ def live_status(store: EventStore, recorded: str) -> str:
 def status(store: EventStore, *, plugin: str | None = None, state: str | None = None,
            attention_limit: int = 20) -> StatusReport:
     """Counts by state; `items` are the plugins matching the filters, or, with no filter,
-    the plugins that need a person's attention (invalid, failed, rejected)."""
+    the first `attention_limit` plugins that need a person's attention (invalid, failed,
+    rejected, and writing when no process holds the log). Each item has a `hint` (None, or
+    what finishes a write cut short)."""
     if state is not None and state not in {s.value for s in State}:
         raise UnknownPlugin(f"unknown state {state!r}; states are: {', '.join(s.value for s in State)}")
     by_state = dict(store.query("SELECT state, count(*) FROM plugins GROUP BY state ORDER BY state"))
@@ -46,6 +54,7 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
                          "plugins", "requests", "done", "skipped", "rejected", "failed"), run[0])) if run else None
     if last_run:
         last_run["status"] = live_status(store, last_run["status"])
+    running = WriterLock(store.path).held()
     sql = f"SELECT {', '.join(_ROW)} FROM plugins"
     where, params = [], []
     if plugin is not None:
@@ -55,13 +64,20 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
         where.append("state = ?")
         params.append(state)
     limit = ""
+    total = None
     if not where:
-        where.append("state IN ('invalid', 'failed', 'rejected')")
+        attention = _ATTENTION + (() if running else (State.WRITING,))
+        where.append(f"state IN ({', '.join('?' * len(attention))})")
+        params += attention
         limit = f" LIMIT {int(attention_limit)}"
+        total = sum(by_state.get(s, 0) for s in attention)
     rows = store.query(f"{sql} WHERE {' AND '.join(where)} ORDER BY plugin_id{limit}", params)
     if plugin is not None and not rows and state is None:
         raise UnknownPlugin(f"no plugin named or with id {plugin!r} in this log")
+    items = [dict(zip(_ROW, r)) for r in rows]
+    for item in items:
+        item["hint"] = _CUT_SHORT if item["state"] == State.WRITING and not running else None
     return StatusReport(
         plugins=sum(by_state.values()), by_state=by_state, events=store.last_seq, last_run=last_run,
-        items=[dict(zip(_ROW, r)) for r in rows],
+        items=items, items_total=len(items) if total is None else total,
     )

@@ -49,6 +49,9 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, clock: 
                                      f"marketplace: {elsewhere}")
             if candidate.exists() and not (candidate.is_dir() if kind == "directory" else candidate.is_file()):
                 raise OvernightError(f"{candidate} is not a {kind}; {elsewhere}")
+    if not writer and not path.exists():
+        first = "run `overnight scan` first" + (", or pass --db" if db is None else " with the same --db")
+        raise OvernightError(f"no event log at {path} ({first})")
     try:
         return EventStore.open(path, registry=REGISTRY, projections=PROJECTIONS,
                                views=VIEWS, writer=writer, clock=clock, synchronous=synchronous)

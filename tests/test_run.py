@@ -606,9 +606,16 @@ def test_a_restore_keeps_the_files_it_replaces_so_it_can_be_undone(market, emu):
     assert undo.exit_code == 0, undo.output
     assert {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()} == enhanced
     assert_healthy(market)
-    # without --snapshot a restore still goes back to before overnight's write
-    assert overnight("restore-plugin", "deploy-checker", market).exit_code == 0
+    # without --snapshot a restore still goes back to before overnight's write, and says how to undo it
+    again = overnight("restore-plugin", "deploy-checker", market)
+    assert again.exit_code == 0, again.output
     assert not (target / "NOTES.md").exists() and not (target / "skills" / "deploy-checker").exists()
+    kept = again.stdout.splitlines()[1]
+    assert kept.startswith("the files it replaced are kept as snapshot ")
+    assert kept.endswith(" puts them back") and "`overnight restore-plugin deploy-checker --snapshot " in kept
+    listing = overnight("restore-plugin", "deploy-checker", market, "--list").stdout.splitlines()
+    assert listing[0].endswith("(the files a restore replaced: restoring this undoes that restore)")
+    assert listing[-1].endswith("(latest: the default; before overnight's first change)")
 
 
 def test_a_crash_between_the_write_and_done_is_finished_by_resume_not_rediscovered(one, emu, monkeypatch):

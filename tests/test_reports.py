@@ -1,0 +1,120 @@
+"""What the reading commands (`status`, `audit log`, `metrics`, `restore-plugin --list`) tell a
+person: every plugin that needs one, text from the marketplace escaped, and a clear word when
+there is nothing to show or the log is not a log at all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import apsw
+
+from events.lock import WriterLock
+from tests.marketplace_builder import plugin
+from tests.test_run import FAST, KEY, emu, market, one, overnight, query, run  # noqa: F401
+
+
+def test_audit_log_escapes_control_characters_from_the_marketplace(tmp_path, emu):
+    root = tmp_path / "market"
+    plugin(root, "plugins/x/evil\x1b[2J\nname", "evil", description="Clears screens.",
+           files={"README.md": "# Evil\n\nClears screens.\n"})
+    assert run(root, emu, "--dry-run").exit_code == 0
+    text = overnight("audit", "log", root)
+    assert text.exit_code == 0, text.output
+    assert "\x1b" not in text.output
+    assert len(text.output.splitlines()) == query(root, "SELECT count(*) FROM events")[0][0]
+    assert "plugin:plugins/x/evil\\u001b[2J\\u000aname  PluginDiscovered" in text.output
+    as_json = overnight("audit", "log", root, "--json")
+    streams = {json.loads(line)["stream"] for line in as_json.stdout.splitlines()}
+    assert "plugin:plugins/x/evil\x1b[2J\nname" in streams
+
+
+def test_status_says_how_many_plugins_needing_attention_it_does_not_list(tmp_path, emu):
+    root = tmp_path / "market"
+    for i in range(32):
+        plugin(root, f"plugins/x/broken-{i:02}", None)  # invalid: no name
+    assert run(root, emu).exit_code == 0
+    text = overnight("status", root)
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("  invalid ")]) == 20
+    assert lines[-1] == ("  ... and 12 more not listed: `overnight status --state STATE` lists every plugin "
+                         "in a state")
+    report = json.loads(overnight("status", root, "--json").stdout)
+    assert len(report["items"]) == 20 and report["items_total"] == 32
+    assert {"plugins", "by_state", "events", "last_run"} <= set(report)
+    every = json.loads(overnight("status", root, "--state", "invalid", "--json").stdout)
+    assert len(every["items"]) == every["items_total"] == 32
+    assert "more not listed" not in overnight("status", root, "--state", "invalid").stdout
+
+
+def test_a_write_cut_short_needs_attention_until_resume_finishes_it(one, emu, monkeypatch):
+    from statemachine import pipeline
+    from statemachine.lifecycle import State
+
+    def crash(ctx, cursor, row):
+        raise RuntimeError("simulated crash right after WriteIntended")
+    monkeypatch.setitem(pipeline._STEPS, State.WRITING, crash)
+    assert run(one, emu).exit_code == 4
+    monkeypatch.undo()
+    hint = "its write was cut short: `overnight resume` finishes it"
+    text = overnight("status", one)
+    assert text.stdout.splitlines()[-1] == f"  writing     plugins/tools/widget [skill]: {hint}", text.stdout
+    (item,) = json.loads(overnight("status", one, "--json").stdout)["items"]
+    assert (item["state"], item["hint"]) == ("writing", hint)
+    lock = WriterLock(one / ".overnight" / "overnight.db")  # as a running overnight holds it
+    lock.acquire()
+    try:
+        assert json.loads(overnight("status", one, "--json").stdout)["items"] == []
+    finally:
+        lock.release()
+    assert overnight("resume", one).exit_code == 0
+    assert query(one, "SELECT state FROM plugins") == [("done",)]
+    assert json.loads(overnight("status", one, "--json").stdout)["items"] == []
+
+
+def test_read_only_commands_refuse_a_file_that_is_no_event_log_and_leave_it_alone(one, emu, tmp_path):
+    assert run(one, emu, "--dry-run").exit_code == 0
+    other = tmp_path / "notes.db"
+    conn = apsw.Connection(str(other))
+    conn.execute("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('keep me')")
+    conn.close()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    before = other.read_bytes()
+    for command in (["status"], ["metrics"], ["audit", "verify"], ["audit", "log"]):
+        refused = overnight(*command, one, "--db", other)
+        assert (refused.exit_code, refused.stderr) == (
+            1, f"error: {other} is not an overnight event log (its tables are not overnight's)\n"), command
+        refused = overnight(*command, one, "--db", empty)
+        assert (refused.exit_code, refused.stderr) == (
+            1, f"error: {empty} is not an overnight event log (it is empty)\n"), command
+    assert other.read_bytes() == before and empty.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "one") == ["empty.db", "notes.db"]
+
+
+def test_a_missing_log_given_with_db_is_not_answered_with_pass_db(one, tmp_path):
+    missing = tmp_path / "nowhere" / "x.db"
+    given = overnight("status", one, "--db", missing)
+    assert (given.exit_code, given.stderr) == (
+        1, f"error: no event log at {missing} (run `overnight scan` first with the same --db)\n")
+    default = overnight("status", one)
+    assert default.exit_code == 1 and default.stderr.endswith("(run `overnight scan` first, or pass --db)\n")
+    assert not missing.parent.exists()
+
+
+def test_restore_plugin_list_says_when_a_plugin_has_no_snapshot(one, emu):
+    assert run(one, emu, "--dry-run").exit_code == 0
+    listed = overnight("restore-plugin", "widget", one, "--list")
+    assert (listed.exit_code, listed.stdout) == (0, "widget has no snapshot: overnight never changed it\n")
+    as_json = overnight("restore-plugin", "widget", one, "--list", "--json")
+    assert json.loads(as_json.stdout) == {"plugin": "widget", "snapshots": []}
+
+
+def test_metrics_of_a_log_without_plugins_says_so(tmp_path, emu):
+    root = tmp_path / "market"
+    (root / "plugins").mkdir(parents=True)
+    assert run(root, emu).exit_code == 0
+    result = overnight("metrics", root)
+    assert result.exit_code == 0, result.output
+    assert "plugins 0: none in the log" in result.stdout.splitlines()
