@@ -217,15 +217,15 @@ class EventStore:
             conn = apsw.Connection(str(path))
             conn.setbusytimeout(5000)
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] if version == 0 else 0
+            if version == 0 and (tables or not writer):
+                raise EventStoreError(f"{path} is not an overnight event log "
+                                      + ("(its tables are not overnight's)" if tables else "(it is empty)"))
             if writer:
                 conn.execute("PRAGMA journal_mode = WAL")
                 migrate(conn)
             else:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
-                    raise EventStoreError(f"{path} is not an overnight event log "
-                                          + ("(it is empty)" if tables == 0 else "(its tables are not overnight's)"))
                 if version != LATEST:
                     raise EventStoreError(
                         f"{path} has schema version {version}, this program expects {LATEST}; "

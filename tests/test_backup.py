@@ -78,6 +78,18 @@ def server(tmp_path):
         yield srv
 
 
+@pytest.fixture
+def night(tmp_path):
+    """A copy of the example marketplace, a Gemini emulator, and the environment a run needs."""
+    from tests.emulator import Emulator
+
+    root = tmp_path / "night"
+    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
+    key = "fake-key-NIGHT-1b2c"
+    with Emulator(api_key=key) as emu:
+        yield root, emu, {"GOOGLE_API_KEY": key, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None}
+
+
 def backup_json(root: Path, url: str, **env) -> dict:
     result = run("backup", root, "--to", url, "--json", env=env)
     assert result.exit_code == 0, result.output
@@ -420,28 +432,22 @@ def test_a_restore_cut_off_midway_leaves_nothing_behind(market, server, tmp_path
     assert run("audit", "verify", dest).exit_code == 0
 
 
-def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(tmp_path, server):
-    from tests.emulator import Emulator
-
-    root = tmp_path / "night"
-    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
+def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(night, server):
+    root, emu, env = night
     os.symlink("/etc/passwd", root / "plugins" / "x")
-    key = "fake-key-NIGHT-1b2c"
-    env = {"GOOGLE_API_KEY": key, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None}
-    with Emulator(api_key=key) as emu:
-        emu.script("rate_limit_day", retry_delay=None, phase="skill")
-        paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", "--no-wait",
-                     "--backup-to", server.url, "--json", env=env)
-        assert paused.exit_code == 0, paused.output
-        summary = json.loads(paused.stdout)
-        assert summary["outcome"] == "paused" and summary["backup_failed"] is False
-        assert "(paused for quota)" in summary["backups"][0]
-        # what `overnight backup` would warn about is in the run's summary too
-        assert summary["backups"][1:] == [
-            "  warning: plugins/x: symlink to '/etc/passwd' is absolute; skipped: restore would refuse it"]
-        unreachable = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000",
-                          "--force", "--plugin", "meeting-notes", "--backup-to", "http://127.0.0.1:9/x",
-                          "--json", env=env)
+    emu.script("rate_limit_day", retry_delay=None, phase="skill")
+    paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", "--no-wait",
+                 "--backup-to", server.url, "--json", env=env)
+    assert paused.exit_code == 0, paused.output
+    summary = json.loads(paused.stdout)
+    assert summary["outcome"] == "paused" and summary["backup_failed"] is False
+    assert "(paused for quota)" in summary["backups"][0]
+    # what `overnight backup` would warn about is in the run's summary too
+    assert summary["backups"][1:] == [
+        "  warning: plugins/x: symlink to '/etc/passwd' is absolute; skipped: restore would refuse it"]
+    unreachable = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000",
+                      "--force", "--plugin", "meeting-notes", "--backup-to", "http://127.0.0.1:9/x",
+                      "--json", env=env)
     assert unreachable.exit_code == 1  # the run itself completed; the off-site copy did not happen
     after = json.loads(unreachable.stdout)
     assert after["outcome"] == "complete" and after["backup_failed"] is True
@@ -451,24 +457,18 @@ def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(tmp_path, se
     assert TOKEN not in (root / ".overnight" / "overnight.db").read_bytes().decode("latin-1")
 
 
-def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_run(tmp_path):
-    from tests.emulator import Emulator
-
-    root = tmp_path / "night"
-    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
+def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_run(night, tmp_path):
+    root, emu, env = night
     offsite = tmp_path / "offsite.db"
-    key = "fake-key-NIGHT-7a8b"
-    env = {"GOOGLE_API_KEY": key, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None}
-    with Emulator(api_key=key) as emu:
-        typo = run("run", root, "--base-url", emu.url, "--backup-to", "bogus://x", env=env)
-        assert typo.exit_code == 2
-        assert typo.output == ("error: --backup-to bogus://x: unsupported scheme 'bogus' "
-                               "(use one of file, http, https, ws, wss, libsql)\n")
-        assert emu.requests == [] and not (root / ".overnight").exists()
-        paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "2", "--no-wait",
-                     "--backup-to", f"file:{offsite}", "--json", env=env)
-        assert json.loads(paused.stdout)["outcome"] == "paused", paused.output
-        resumed = run("resume", root, "--rpd", "1000", "--json", env=env)
+    typo = run("run", root, "--base-url", emu.url, "--backup-to", "bogus://x", env=env)
+    assert typo.exit_code == 2
+    assert typo.output == ("error: --backup-to bogus://x: unsupported scheme 'bogus' "
+                           "(use one of file, http, https, ws, wss, libsql)\n")
+    assert emu.requests == [] and not (root / ".overnight").exists()
+    paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "2", "--no-wait",
+                 "--backup-to", f"file:{offsite}", "--json", env=env)
+    assert json.loads(paused.stdout)["outcome"] == "paused", paused.output
+    resumed = run("resume", root, "--rpd", "1000", "--json", env=env)
     assert resumed.exit_code == 0, resumed.output
     summary = json.loads(resumed.stdout)
     assert summary["outcome"] == "complete"
@@ -477,25 +477,19 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
     assert len(listed) == 2
 
 
-def test_a_runs_backup_repairs_damaged_blobs_on_the_remote_and_says_so(tmp_path):
-    from tests.emulator import Emulator
-
-    root = tmp_path / "night"
-    shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns(".overnight"))
+def test_a_runs_backup_repairs_damaged_blobs_on_the_remote_and_says_so(night, tmp_path):
+    root, emu, env = night
     offsite = tmp_path / "offsite.db"
-    key = "fake-key-NIGHT-4d5e"
-    env = {"GOOGLE_API_KEY": key, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None}
-    with Emulator(api_key=key) as emu:
-        first = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000",
-                    "--backup-to", f"file:{offsite}", "--json", env=env)
-        assert first.exit_code == 0, first.output
-        assert json.loads(first.stdout)["backups"][0].startswith(f"backup to file://{offsite} (run complete): ")
-        readme = root / "plugins" / "devops" / "deploy-checker" / "README.md"
-        sqlite_rows(offsite, "UPDATE blobs SET size = size + 1 WHERE hash = ?",
-                    (hashlib.sha256(readme.read_bytes()).hexdigest(),))
-        assert run("backup", "verify", "--from", f"file:{offsite}").exit_code == 1
-        second = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", "--force",
-                     "--plugin", "meeting-notes", "--backup-to", f"file:{offsite}", env=env)
+    first = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000",
+                "--backup-to", f"file:{offsite}", "--json", env=env)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["backups"][0].startswith(f"backup to file://{offsite} (run complete): ")
+    readme = root / "plugins" / "devops" / "deploy-checker" / "README.md"
+    sqlite_rows(offsite, "UPDATE blobs SET size = size + 1 WHERE hash = ?",
+                (hashlib.sha256(readme.read_bytes()).hexdigest(),))
+    assert run("backup", "verify", "--from", f"file:{offsite}").exit_code == 1
+    second = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", "--force",
+                 "--plugin", "meeting-notes", "--backup-to", f"file:{offsite}", env=env)
     assert second.exit_code == 0, second.output
     assert "  damaged blobs on the remote repaired: 1\n" in second.output
     assert run("backup", "verify", "--from", f"file:{offsite}").exit_code == 0

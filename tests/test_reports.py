@@ -91,6 +91,12 @@ def test_read_only_commands_refuse_a_file_that_is_no_event_log_and_leave_it_alon
             1, f"error: {empty} is not an overnight event log (it is empty)\n"), command
     assert other.read_bytes() == before and empty.stat().st_size == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "one") == ["empty.db", "notes.db"]
+    # a writing command refuses it too, rather than adding overnight's tables to it
+    for command in (["scan"], ["run", "--base-url", emu.url]):
+        refused = overnight(*command, one, "--db", other)
+        assert (refused.exit_code, refused.stderr) == (
+            1, f"error: {other} is not an overnight event log (its tables are not overnight's)\n"), command
+    assert other.read_bytes() == before
 
 
 def test_a_missing_log_given_with_db_is_not_answered_with_pass_db(one, tmp_path):
