@@ -36,10 +36,10 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
             elif not shots:
                 click.echo(f"{shown(name)} has no snapshot: overnight never changed it")
             else:
-                default = next((s for s in shots if s.taken == "before a write"), None)
+                default = next((s for s in shots if s.taken == restore.BEFORE_WRITE), None)
                 for s in shots:  # newest first
                     notes = (["the files a restore replaced: restoring this undoes that restore"]
-                             * (s.taken == "before a restore") + ["latest: the default"] * (s is default)
+                             * (s.taken == restore.BEFORE_RESTORE) + ["latest: the default"] * (s is default)
                              + ["before overnight's first change"] * (s is shots[-1]))
                     click.echo(f"{s.id}  seq {s.seq}  {s.at}" + (f"  run {s.run_id}" if s.run_id else "")
                                + (f"  ({'; '.join(notes)})" if notes else ""))

@@ -30,6 +30,7 @@ from statemachine.prompts import (
     system_instruction,
 )
 from statemachine.scheduler import Limits, day_start
+from events.lock import WriterLock
 from statemachine.status import live_status
 
 # Before any run has measured them: typical answer sizes in tokens (a plan; a 10 KB skill).
@@ -102,7 +103,7 @@ def _last_run(store: EventStore, now: float) -> dict[str, Any] | None:
     if not found:
         return None
     run_id, recorded, started_at, config = found[0]
-    status = live_status(store, recorded)
+    status = live_status(recorded, WriterLock(store.path).held())
     started = store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'", (f"run:{run_id}",))
     event = msgspec.json.decode(started[0][0])
     selection = event.get("selection", [])

@@ -16,12 +16,16 @@ from statemachine.lifecycle import Lifecycle, State, plugin_stream
 from statemachine.scan import scan
 
 
+BEFORE_WRITE = "before a write"  # a snapshot overnight took before writing the plugin
+BEFORE_RESTORE = "before a restore"  # the files a restore replaced: restoring them undoes it
+
+
 class SnapshotInfo(NamedTuple):
     id: str
     seq: int
     at: str
     run_id: str  # "" for the files a restore replaced
-    taken: str = "before a write"  # or "before a restore": the files that restore replaced
+    taken: str = BEFORE_WRITE  # or BEFORE_RESTORE
 
 
 class Restored(NamedTuple):
@@ -42,7 +46,7 @@ def snapshots_of(store: EventStore, plugin: str) -> list[SnapshotInfo]:
         if tag == "PluginSnapshotted":
             found.append(SnapshotInfo(event["tree_sha256"], seq, at, event["run_id"]))
         elif event.get("replaced_sha256"):
-            found.append(SnapshotInfo(event["replaced_sha256"], seq, at, "", "before a restore"))
+            found.append(SnapshotInfo(event["replaced_sha256"], seq, at, "", BEFORE_RESTORE))
     return found
 
 
@@ -52,7 +56,7 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     if not shots:
         raise OvernightError(f"{plugin_id} has no snapshot: overnight never changed it")
     if snapshot_id is None:
-        chosen = next(s for s in shots if s.taken == "before a write")
+        chosen = next(s for s in shots if s.taken == BEFORE_WRITE)
     else:
         matches = [s for s in shots if s.id.startswith(snapshot_id)]
         if len({s.id for s in matches}) != 1:  # the same content snapshotted twice is one snapshot

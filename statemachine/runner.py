@@ -504,12 +504,10 @@ class _Batch:
 
     def _take(self) -> tuple[str | None, float]:
         """The next plugin that may go now, or (None, seconds to wait); (None, -1) when empty.
-        Once requests are closed, a plugin waiting to retry (a request) leaves the queue."""
+        Once requests are closed, the plugins waiting to retry (a request) leave the queue."""
         with self.lock:
-            if self.closed.is_set():
-                now = self.ctx.clock()
-                self.queue = [entry for entry in self.queue if entry[0] <= now]
-                heapq.heapify(self.queue)
+            if self.closed.is_set() and self.queue and self.queue[0][0] > self.ctx.clock():
+                self.queue.clear()  # the earliest waits, so all do: none of them goes in this batch
             if not self.queue:
                 return None, (-1.0 if self.in_flight == 0 else 0.2)
             ready, _, plugin_id = self.queue[0]

@@ -31,10 +31,11 @@ class StatusReport:
                 "last_run": self.last_run, "items": self.items, "items_total": self.items_total}
 
 
-def live_status(store: EventStore, recorded: str) -> str:
+def live_status(recorded: str, held: bool) -> str:
     """A run's recorded status, except that a run recorded as running while no process holds
-    the log is `stopped` (it crashed, or stopped on an error; `overnight resume` continues it)."""
-    return "stopped" if recorded == "running" and not WriterLock(store.path).held() else recorded
+    the log (`held`: `WriterLock(path).held()`) is `stopped` (it crashed, or stopped on an
+    error; `overnight resume` continues it)."""
+    return "stopped" if recorded == "running" and not held else recorded
 
 
 def status(store: EventStore, *, plugin: str | None = None, state: str | None = None,
@@ -52,9 +53,9 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
     )
     last_run = dict(zip(("run_id", "command", "status", "started_at", "ended_at", "paused_until",
                          "plugins", "requests", "done", "skipped", "rejected", "failed"), run[0])) if run else None
-    if last_run:
-        last_run["status"] = live_status(store, last_run["status"])
     running = WriterLock(store.path).held()
+    if last_run:
+        last_run["status"] = live_status(last_run["status"], running)
     sql = f"SELECT {', '.join(_ROW)} FROM plugins"
     where, params = [], []
     if plugin is not None:
