@@ -45,6 +45,10 @@ def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, pric
                f"cost ${m['cost_usd']:.4f}")
     click.echo(f"plugins {m['plugins']}: "
                + (", ".join(f"{s} {n}" for s, n in sorted(m["by_state"].items())) or "none in the log"))
+    if m["pending"]:
+        click.echo(f"{plural(m['pending'], 'request')} in flight" if m["writer_active"] else
+                   f"{plural(m['pending'], 'request')} without an answer: the process that sent them stopped; "
+                   "the next run or resume records them as lost and sends them again")
     if m["retries"]:
         click.echo("retries by kind: " + ", ".join(f"{k} {n}" for k, n in m["retries"].items())
                    + f"; gate failures {m['gate_failures']}")

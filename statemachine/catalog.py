@@ -4,7 +4,8 @@ Names are past tense; tags are stable forever (they are stored). Change a type b
 fields with defaults, or by raising its `schema_version` and registering an upcaster in
 UPCASTERS. Streams:
 - `plugin:<plugin id>`: the lifecycle of one plugin (see lifecycle.TRANSITIONS);
-- `run:<run id>`:       one batch run (configuration, pauses, limits, interruptions, end);
+- `run:<run id>`:       one batch run (configuration, pauses, limits, interruptions, end,
+                        requests its process never saw answered);
 - `quota:<model>`:      limits learned from 429 answers;
 - `backup`:             completed off-site backups.
 """
@@ -326,6 +327,19 @@ class RunFinished(Event, frozen=True, tag="RunFinished"):
     counts: dict[str, int]
 
 
+class RequestLost(Event, frozen=True, tag="RequestLost"):
+    """A request sent by this run whose answer was never recorded: its process stopped first.
+
+    Recorded by the next run or resume for every request still pending in the ledger (after
+    kill -9, a crash, power loss, or a signal that stopped the run while requests were in
+    flight). The request still counts against the quota; its plugin sends it again under a
+    new id.
+    """
+
+    run_id: str
+    request_id: str
+
+
 class LimitLearned(Event, frozen=True, tag="LimitLearned"):
     """A 429's QuotaFailure told us the real limit of one metric for one model."""
 
@@ -351,7 +365,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SkillGateFailed, SkillRejected, SkillValidated, PluginSnapshotted, WriteIntended,
     WriteCompleted, PluginDone, PluginFailed, PluginRestored,
     RunStarted, LimitsChanged, RunPaused, RunResumed, RunInterrupted, BudgetExhausted,
-    RunFinished, LimitLearned, BackupCompleted,
+    RunFinished, RequestLost, LimitLearned, BackupCompleted,
 )
 
 # (tag, stored schema version) -> function lifting the payload one version up.

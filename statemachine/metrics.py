@@ -60,13 +60,19 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def metrics(store: EventStore, *, now: float | None = None, prices: Prices = Prices()) -> dict[str, Any]:
     now = time.time() if now is None else now
+    held = WriterLock(store.path).held()  # a process is writing this log (a run is going on)
     q = store.query
-    requests, input_tokens, output_tokens, rate_limited, ok = q(
+    requests, input_tokens, output_tokens, rate_limited, ok, lost, pending = q(
         "SELECT count(*), coalesce(sum(input_tokens), 0), "
         "coalesce(sum(coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)), 0), "
-        "coalesce(sum(outcome = 'rate_limited'), 0), coalesce(sum(outcome = 'ok'), 0) FROM quota_ledger")[0]
-    retries = dict(q("SELECT json_extract(data, '$.kind'), count(*) FROM events WHERE type = 'RequestFailed' "
-                     "GROUP BY 1 ORDER BY 2 DESC"))
+        "coalesce(sum(outcome = 'rate_limited'), 0), coalesce(sum(outcome = 'ok'), 0), "
+        "coalesce(sum(outcome = 'lost'), 0), coalesce(sum(outcome = 'pending'), 0) FROM quota_ledger")[0]
+    # Requests sent again: after a failure (by its kind) or after their process stopped (lost).
+    retries = dict(q("SELECT kind, count(*) FROM (SELECT json_extract(data, '$.kind') AS kind FROM events "
+                     "WHERE type = 'RequestFailed' UNION ALL SELECT 'lost' FROM quota_ledger "
+                     "WHERE outcome = 'lost') GROUP BY kind ORDER BY 2 DESC, 1"))
+    # Gemini's success rate: over the requests it answered, not those whose process stopped.
+    answered = requests - lost - pending
     gate_failures = q("SELECT count(*) FROM events WHERE type = 'SkillGateFailed'")[0][0]
     by_state = dict(q("SELECT state, count(*) FROM plugins GROUP BY state"))
     phases = {}
@@ -90,20 +96,21 @@ def metrics(store: EventStore, *, now: float | None = None, prices: Prices = Pri
     result: dict[str, Any] = {
         "requests": requests, "input_tokens": input_tokens, "output_tokens": output_tokens,
         "rate_limited": rate_limited, "retries": retries, "gate_failures": gate_failures,
-        "success_rate": round(ok / requests, 4) if requests else None,
+        "lost": lost, "pending": pending, "success_rate": round(ok / answered, 4) if answered else None,
         "cost_usd": round(prices.cost(input_tokens, output_tokens), 4),
         "plugins": sum(by_state.values()), "plugins_done": by_state.get("done", 0), "by_state": by_state,
-        "phases": phases, "quota_windows": windows, "learned_limits": learned, "run": _last_run(store, now),
+        "phases": phases, "quota_windows": windows, "learned_limits": learned,
+        "writer_active": held, "run": _last_run(store, now, held),
     }
     return result
 
 
-def _last_run(store: EventStore, now: float) -> dict[str, Any] | None:
+def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | None:
     found = store.query("SELECT run_id, status, started_at, config FROM runs ORDER BY started_at DESC LIMIT 1")
     if not found:
         return None
     run_id, recorded, started_at, config = found[0]
-    status = live_status(recorded, WriterLock(store.path).held())
+    status = live_status(recorded, held)
     started = store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'", (f"run:{run_id}",))
     event = msgspec.json.decode(started[0][0])
     selection = event.get("selection", [])

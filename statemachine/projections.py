@@ -14,6 +14,7 @@ import msgspec
 from events import Projection, ProjectionError, Recorded
 from statemachine import catalog as c
 from statemachine.lifecycle import PLUGIN_EVENT_TAGS, STREAM_PREFIX, State, next_state
+from statemachine.scheduler import pacific_day
 
 _json = msgspec.json.Encoder()
 
@@ -165,7 +166,8 @@ PLUGINS = Projection(
 # ------------------------------------------------------------------ quota ledger
 
 _REQUEST_TAGS = {_tag(c.PlanRequested): "plan", _tag(c.SkillRequested): "skill"}
-_SETTLE_TAGS = {_tag(t) for t in (c.PlanReceived, c.SkillReceived, c.RequestFailed, c.PluginFailed)}
+_SETTLE_TAGS = {_tag(t) for t in (c.PlanReceived, c.SkillReceived, c.RequestFailed, c.PluginFailed,
+                                  c.RequestLost)}
 
 
 def _ledger_key(rec: Recorded) -> tuple | None:
@@ -180,7 +182,7 @@ def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
         return {
             "run_id": ev.run_id, "request_id": ev.request_id, "plugin_id": rec.stream[len(STREAM_PREFIX):],
             "model": ev.model, "phase": phase, "attempt": ev.attempt,
-            "sent_at": epoch(rec.at),
+            "sent_at": epoch(rec.at), "day": pacific_day(epoch(rec.at)),
             "est_input_tokens": ev.est_input_tokens, "input_tokens": None, "cached_tokens": None,
             "output_tokens": None, "thoughts_tokens": None, "outcome": "pending",
             "status_code": None, "settled_at": None,
@@ -194,6 +196,8 @@ def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
                    output_tokens=usage.output_tokens, thoughts_tokens=usage.thoughts_tokens)
     if isinstance(ev, (c.PlanReceived, c.SkillReceived)):
         new["outcome"] = "ok"
+    elif isinstance(ev, c.RequestLost):
+        new["outcome"] = "lost"
     elif isinstance(ev, c.RequestFailed):
         new.update(outcome="rate_limited" if ev.kind.startswith("rate_limited") else ev.kind,
                    status_code=ev.status_code)
@@ -204,10 +208,11 @@ def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
 
 QUOTA_LEDGER = Projection(
     name="quota_ledger",
-    version=2,
+    version=3,
     columns=(
         ("run_id", "TEXT"), ("request_id", "TEXT"), ("plugin_id", "TEXT"), ("model", "TEXT"),
-        ("phase", "TEXT"), ("attempt", "INTEGER"), ("sent_at", "REAL"), ("est_input_tokens", "INTEGER"),
+        ("phase", "TEXT"), ("attempt", "INTEGER"), ("sent_at", "REAL"), ("day", "TEXT"),
+        ("est_input_tokens", "INTEGER"),
         ("input_tokens", "INTEGER"), ("cached_tokens", "INTEGER"), ("output_tokens", "INTEGER"),
         ("thoughts_tokens", "INTEGER"), ("outcome", "TEXT"), ("status_code", "INTEGER"),
         ("settled_at", "REAL"),
@@ -359,7 +364,7 @@ VIEWS = {
         "sum(coalesce(input_tokens, est_input_tokens)) AS input_tokens "
         "FROM quota_ledger GROUP BY model, minute ORDER BY minute",
     "requests_per_day":
-        "SELECT model, date(sent_at, 'unixepoch') AS day_utc, count(*) AS requests, "
+        "SELECT model, day AS day_pacific, count(*) AS requests, "
         "sum(coalesce(input_tokens, 0)) AS input_tokens, sum(coalesce(output_tokens, 0)) AS output_tokens "
-        "FROM quota_ledger GROUP BY model, day_utc ORDER BY day_utc",
+        "FROM quota_ledger GROUP BY model, day ORDER BY day",
 }

@@ -296,6 +296,7 @@ class Runner:
 
     def _execute(self, run_id: str, options: RunOptions, standards: Standards, gateway: Gateway,
                  selection: list[str], lifted: float = 0.0) -> RunResult:
+        self._settle_lost()
         scheduler = Scheduler(self._effective_limits(run_id, options), self.clock, self._history(options.gemini.model),
                               margin=WINDOW_MARGIN)
         stats = self._stats(run_id)
@@ -338,6 +339,15 @@ class Runner:
             scheduler = Scheduler(scheduler.limits, self.clock, self._history(options.gemini.model),
                                   margin=WINDOW_MARGIN)
             ctx.scheduler = scheduler
+
+    def _settle_lost(self) -> None:
+        """Record as lost every request a stopped process sent and never saw answered. This
+        process holds the writer lock and has sent nothing yet, so no pending request is in
+        flight. Each stays in the ledger (it counts against the quota); its plugin, still
+        planning or generating, sends it again."""
+        for run_id, request_id in self.store.query(
+                "SELECT run_id, request_id FROM quota_ledger WHERE outcome = 'pending' ORDER BY sent_at"):
+            self.journal.append(f"run:{run_id}", c.RequestLost(run_id=run_id, request_id=request_id))
 
     def _effective_limits(self, run_id: str, options: RunOptions) -> Limits:
         """The run's limits, capped by learned ones; its explicit limits were stated when it

@@ -23,6 +23,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta, timezone
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -38,6 +39,17 @@ def day_start(now: float) -> float:
     """Unix time of the last midnight in America/Los_Angeles at or before `now`."""
     local = datetime.fromtimestamp(now, PACIFIC)
     return datetime.combine(local.date(), time(0), tzinfo=PACIFIC).timestamp()
+
+
+@lru_cache(maxsize=4096)
+def _pacific_date(hour: int) -> str:
+    return datetime.fromtimestamp(hour * 3600, PACIFIC).date().isoformat()
+
+
+def pacific_day(ts: float) -> str:
+    """The quota day of `ts`: its date in America/Los_Angeles (YYYY-MM-DD). Pacific time is
+    a whole number of hours from UTC, so the date is the same for a whole UTC hour."""
+    return _pacific_date(int(ts // 3600))
 
 
 def next_day_start(now: float) -> float:

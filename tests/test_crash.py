@@ -109,6 +109,8 @@ def test_sigkill_at_random_instants_then_resume_loses_and_repeats_nothing(tmp_pa
                              "FROM events WHERE stream LIKE 'plugin:%' GROUP BY stream")
     assert {(p, s) for _, p, s in per_plugin} == {(1, 1)}
     assert query(root, "SELECT count(*) FROM quota_ledger")[0][0] == len(sent)
+    # every request a killed process left without an answer was recorded as lost by the next one
+    assert query(root, "SELECT count(*) FROM quota_ledger WHERE outcome = 'pending'") == [(0,)]
     assert not [p for p in root.rglob("*") if ".tmp-" in p.name]
     assert cli("audit", "verify", str(root)).returncode == 0
     assert cli("audit", "replay", str(root)).returncode == 0
@@ -185,3 +187,37 @@ def test_a_signal_ends_a_quota_pause_at_once(tmp_path):
             proc.kill()
     assert code == 130, proc.stderr.read().decode()
     assert query(root, "SELECT status FROM runs")[0][0] == "interrupted"
+
+
+def test_requests_in_flight_at_a_kill_are_recorded_as_lost_by_resume_and_counted_apart(tmp_path):
+    root = tmp_path / "market"
+    build_marketplace(root, 4)
+    with Emulator(api_key=KEY, latency=(1.5, 1.5), seed=9) as emu:
+        proc = spawn("run", root, emu.url)
+        deadline = time.monotonic() + 30
+        while len([r for r in emu.requests if r.method == "POST"]) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        in_flight = query(root, "SELECT run_id, request_id FROM quota_ledger WHERE outcome = 'pending'")
+        assert len(in_flight) == 2
+        before = cli("metrics", str(root))
+        assert "2 requests without an answer: the process that sent them stopped" in before.stdout
+        assert json.loads(cli("metrics", str(root), "--json").stdout)["pending"] == 2
+        assert spawn("resume", root, emu.url).wait(timeout=60) == 0
+
+    assert query(root, "SELECT state, count(*) FROM plugins GROUP BY state") == [("done", 4)]
+    assert query(root, "SELECT count(*) FROM quota_ledger WHERE outcome = 'pending'") == [(0,)]
+    lost = query(root, "SELECT json_extract(data, '$.run_id'), json_extract(data, '$.request_id'), stream "
+                       "FROM events WHERE type = 'RequestLost'")
+    assert sorted(lost) == sorted((run, req, f"run:{run}") for run, req in in_flight)
+    assert sorted(query(root, "SELECT run_id, request_id FROM quota_ledger WHERE outcome = 'lost'")) == sorted(in_flight)
+    m = json.loads(cli("metrics", str(root), "--json").stdout)
+    # the lost requests were sent (quota, ledger) and sent again; Gemini answered every one it got
+    assert m["requests"] == 4 * 2 + 2 and m["lost"] == 2 and m["pending"] == 0
+    assert m["retries"] == {"lost": 2} and m["success_rate"] == 1.0
+    assert query(root, "SELECT retries FROM run_summary") == [(2,)]
+    assert "retries by kind: lost 2" in cli("metrics", str(root)).stdout
+    assert cli("audit", "verify", str(root)).returncode == 0
+    assert cli("audit", "replay", str(root)).returncode == 0

@@ -504,6 +504,16 @@ def test_a_run_paces_itself_over_several_pacific_days_across_the_spring_change(f
     for at, _ in ledger:
         per_day[day_start(at)] = per_day.get(day_start(at), 0) + 1
     assert max(per_day.values()) == 3 and len(per_day) >= 3
+    # the requests_per_day view a person queries in the sqlite3 shell counts the same Pacific
+    # days (the first evening's requests are already the next day in UTC)
+    import apsw
+    conn = apsw.Connection(str(four / ".overnight" / "overnight.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        view = conn.execute("SELECT day_pacific, requests FROM requests_per_day").fetchall()
+    finally:
+        conn.close()
+    assert view == [(datetime.fromtimestamp(day, PACIFIC).date().isoformat(), n) for day, n in sorted(per_day.items())]
+    assert view[0][0] == "2026-03-07"
     sent = [at for at, _ in ledger]
     assert all(b - a >= 60 for a, b in zip(sent, sent[2:]))
     # paused at each daily limit until Pacific midnight, then resumed
