@@ -113,8 +113,10 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
         scan(store, root)
         chosen = select(store, RunOptions(plugins=plugins, category=category, limit=limit, force=force))
         stated = stated_limits(rpm=rpm, rpd=rpd, tpm=tpm)
-        limits = effective_limits(store, GeminiSettings().model, given, stated, format_at(store.clock()))
-        result = compute(store, root, chosen, limits, prices=Prices(price_input, price_output))
+        model = GeminiSettings().model
+        limits = effective_limits(store, model, given, stated, format_at(store.clock()))
+        result = compute(store, root, chosen, limits, model=model, now=store.clock().timestamp(),
+                         prices=Prices(price_input, price_output))
     if as_json:
         emit_json(result.as_json() | {"limits": limits.as_dict()})
         return
@@ -126,7 +128,8 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
                f"{result.input_tokens:,} input and {result.output_tokens:,} output tokens, "
                f"about ${result.cost_usd:.2f}")
     click.echo(f"time at {limits.rpm} requests/min, {limits.rpd}/day, concurrency {limits.concurrency}: "
-               f"{_duration(result.seconds)}" + (f" ({plural(result.days, 'daily reset')})" if result.days else ""))
+               f"{_duration(result.seconds)}" + (f" ({plural(result.days, 'daily reset')})" if result.days else "")
+               + (f"; {result.used_today} of today's {limits.rpd} already used" if result.used_today else ""))
     click.echo(f"basis: {result.basis}")
 
 

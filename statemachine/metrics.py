@@ -29,7 +29,7 @@ from statemachine.prompts import (
     skill_prompt,
     system_instruction,
 )
-from statemachine.scheduler import Limits, day_start
+from statemachine.scheduler import Limits, day_start, next_day_start
 from events.lock import WriterLock
 from statemachine.status import live_status
 
@@ -37,6 +37,7 @@ from statemachine.status import live_status
 DEFAULT_PLAN_OUTPUT = 900
 DEFAULT_SKILL_OUTPUT = 3600
 PLAN_JSON_CHARS = 1500
+DEFAULT_LATENCY_S = 10.0  # seconds an answer takes, before any was measured
 
 
 @dataclass(frozen=True)
@@ -139,17 +140,21 @@ class Estimate:
     seconds: float
     cost_usd: float
     basis: str
+    used_today: int
+    latency_s: float
 
     def as_json(self) -> dict[str, Any]:
         return {"plugins": self.plugins, "requests": self.requests, "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens, "seconds": round(self.seconds), "days": self.days,
-                "cost_usd": round(self.cost_usd, 4), "basis": self.basis}
+                "cost_usd": round(self.cost_usd, 4), "basis": self.basis, "used_today": self.used_today,
+                "latency_s": round(self.latency_s, 3)}
 
 
-def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limits,
-             gates: GateConfig | None = None, prices: Prices | None = None, standards_path: Path | None = None,
-             mean_latency_s: float = 10.0) -> Estimate:
-    """Requests, tokens, time and cost to process `plugin_ids` from where each one stands."""
+def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limits, *, model: str, now: float,
+             gates: GateConfig | None = None, prices: Prices | None = None,
+             standards_path: Path | None = None) -> Estimate:
+    """Requests, tokens, time and cost to process `plugin_ids` from where each one stands,
+    starting at `now` with the requests `model` already sent this Pacific day."""
     gates = gates or GateConfig()
     prices = prices or Prices()
     standards = load_standards(standards_path)
@@ -160,7 +165,10 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     measured = {phase: avg for phase, avg, n in history if n}
     plan_out = int(measured.get("plan") or DEFAULT_PLAN_OUTPUT)
     skill_out = int(measured.get("skill") or DEFAULT_SKILL_OUTPUT)
-    total, answers = store.query("SELECT count(*), coalesce(sum(outcome = 'ok'), 0) FROM quota_ledger")[0]
+    total, answers, latency = store.query(
+        "SELECT count(*), coalesce(sum(outcome = 'ok'), 0), avg(settled_at - sent_at) FILTER (WHERE outcome = 'ok') "
+        "FROM quota_ledger")[0]
+    latency = latency if answers else DEFAULT_LATENCY_S
     overhead = total / answers if answers else 1.0  # requests per useful answer, retries included
     requests = input_tokens = output_tokens = 0.0
     empty_plan = c.Plan(gaps=[], quality_before=0, quality_after=0, sections_to_add=[], bundled_files=[],
@@ -183,16 +191,36 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
         input_tokens += overhead * skill_in
         output_tokens += skill_out
     n = math.ceil(requests)
-    # Sustainable requests per minute: the quota, the concurrency at the typical latency,
+    # Sustainable requests per minute: the quota, the concurrency at the measured latency,
     # and the token window, whichever is lowest.
-    rate = min(limits.rpm, limits.concurrency * 60 / mean_latency_s)
+    rate = float(limits.rpm)
+    if latency > 0:
+        rate = min(rate, limits.concurrency * 60 / latency)
     if input_tokens and limits.tpm:
         rate = min(rate, limits.tpm / (input_tokens / max(1, n)))
-    resets = (n - 1) // limits.rpd if n and limits.rpd else 0  # each needs a Pacific midnight
-    last_day = n - resets * limits.rpd if limits.rpd else n
-    seconds = resets * 86400 + (last_day / rate * 60 if rate else 0.0)
-    basis = (f"measured averages from {answers} answer{'s' * (answers != 1)}" if answers
-             else "defaults (no run measured yet)")
+    used_today = store.query("SELECT count(*) FROM quota_ledger WHERE model = ? AND sent_at >= ?",
+                             (model, day_start(now)))[0][0]
+    seconds, resets = _time_to_send(n, rate, limits.rpd, used_today, now)
+    basis = (f"measured averages from {answers} answer{'s' * (answers != 1)} ({latency:.1f} s each)" if answers
+             else f"defaults (no run measured yet; {DEFAULT_LATENCY_S:.0f} s an answer)")
     return Estimate(plugins=len(plugin_ids), requests=n, input_tokens=int(input_tokens),
-                    output_tokens=int(output_tokens), days=resets,
-                    seconds=seconds, cost_usd=prices.cost(input_tokens, output_tokens), basis=basis)
+                    output_tokens=int(output_tokens), days=resets, seconds=seconds,
+                    cost_usd=prices.cost(input_tokens, output_tokens), basis=basis, used_today=used_today,
+                    latency_s=latency)
+
+
+def _time_to_send(n: int, per_minute: float, rpd: int, used_today: int, now: float) -> tuple[float, int]:
+    """Seconds from `now` until `n` requests are sent at `per_minute` under `rpd` a Pacific
+    day, `used_today` of today's being spent already; and the daily resets waited for."""
+    if not rpd:
+        return n / per_minute * 60, 0
+    t, left, resets = now, float(n), 0
+    room = max(0, rpd - used_today)
+    while left > 0:
+        midnight = next_day_start(t)
+        today = min(room, (midnight - t) * per_minute / 60)
+        if left <= today:
+            return t + left / per_minute * 60 - now, resets
+        left -= today
+        t, room, resets = midnight, rpd, resets + 1
+    return 0.0, 0

@@ -200,8 +200,9 @@ class Runner:
         config = options.config(standards, self.backend)
         limits = effective_limits(self.store, options.gemini.model, options.limits, options.explicit_limits,
                                   format_at(self.store.clock()))
-        config["estimate"] = estimate(self.store, self.root, selection, limits, options.gates,
-                                      options.prices, options.standards).as_json()
+        config["estimate"] = estimate(self.store, self.root, selection, limits, model=options.gemini.model,
+                                      now=self.clock(), gates=options.gates, prices=options.prices,
+                                      standards_path=options.standards).as_json()
         self.journal.append(f"run:{run_id}", c.RunStarted(
             run_id=run_id, command="run", config=config,
             plugins=len(selection), selection=selection), blobs=[standards.text.encode("utf-8")])

@@ -74,17 +74,31 @@ def test_metrics_report_requests_tokens_rate_limits_and_durations(market, emu):
     assert human.exit_code == 0 and "requests 10 (1 rate-limited" in human.stdout
 
 
-def test_estimate_counts_plugins_requests_tokens_days_and_cost(market, emu):
+def test_estimate_counts_plugins_requests_tokens_days_and_cost(market, emu, monkeypatch):
+    """The next Pacific midnight is made one hour away; days are 24 hours after it."""
+    from statemachine import metrics
+
+    first = time.time() + 3600
+    monkeypatch.setattr(metrics, "next_day_start", lambda t: first + 86400 * max(0, (t - first) // 86400 + 1))
+    monkeypatch.setattr(metrics, "day_start", lambda t: metrics.next_day_start(t) - 86400)
     e = json.loads(overnight("estimate", market, "--json", "--rpd", "3", "--rpm", "10").stdout)
-    assert (e["plugins"], e["requests"]) == (4, 8)
-    assert e["days"] == 2 and e["seconds"] >= 2 * 86400  # 8 requests at 3 a day: two resets
+    assert (e["plugins"], e["requests"], e["used_today"]) == (4, 8, 0)
+    # 3 before midnight, 3 the next day, the last 2 at 10 a minute (2 plugins at 10 s an answer
+    # would allow 12) after the second midnight
+    assert e["days"] == 2 and e["seconds"] == pytest.approx(3600 + 86400 + 12, abs=10)
     assert e["input_tokens"] > 0 and e["cost_usd"] > 0 and e["basis"].startswith("defaults")
+    assert e["latency_s"] == 10
     assert run(market, emu, "--plugin", "meeting-notes").exit_code == 0
     after = json.loads(overnight("estimate", market, "--json").stdout)
-    assert (after["plugins"], after["requests"]) == (3, 6)
-    assert after["basis"].startswith("measured averages from 2 answers")
+    assert (after["plugins"], after["requests"], after["used_today"]) == (3, 6, 2)
+    assert after["basis"].startswith("measured averages from 2 answers (")
+    measured = query(market, "SELECT avg(settled_at - sent_at) FROM quota_ledger WHERE outcome = 'ok'")[0][0]
+    assert after["latency_s"] == round(measured, 3) < 10
+    # 2 of today's 3 are spent: 1 more today, 3 tomorrow, 2 the day after
+    spent = json.loads(overnight("estimate", market, "--json", "--rpd", "3", "--rpm", "10").stdout)
+    assert spent["days"] == 2 and spent["seconds"] == pytest.approx(3600 + 86400 + 12, abs=10)
     human = overnight("estimate", market, "--rpd", "3")
-    assert human.exit_code == 0 and "(1 daily reset)" in human.stdout
+    assert human.exit_code == 0 and "(2 daily resets); 2 of today's 3 already used" in human.stdout
 
 
 def test_a_config_file_sets_defaults_flags_win_and_a_changed_file_is_recorded_on_resume(market, emu, tmp_path):
