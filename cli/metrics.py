@@ -18,10 +18,27 @@ price_options = [
 ]
 
 
-def prices(fn):
-    for option in reversed(price_options):
+quota_options = [
+    click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute (default 10)."),
+    click.option("--rpd", type=click.IntRange(min=1), help="Requests per day, Pacific day (default 20)."),
+    click.option("--tpm", type=click.IntRange(min=1), help="Input tokens per minute (default 250,000)."),
+    click.option("--concurrency", type=click.IntRange(min=1, max=64), help="Plugins in flight at once (default 2)."),
+]
+
+
+def _apply(options, fn):
+    for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def prices(fn):
+    return _apply(price_options, fn)
+
+
+def quota_limits(fn):
+    """--rpm, --rpd, --tpm and --concurrency, shared by run, resume and estimate."""
+    return _apply(quota_options, fn)
 
 
 @click.command()
@@ -81,10 +98,7 @@ def _pct(value: float | None) -> str:
 @click.option("--category", help="Only plugins of this category.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many plugins.")
 @click.option("--force", is_flag=True, help="Count finished plugins too.")
-@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute (default 10).")
-@click.option("--rpd", type=click.IntRange(min=1), help="Requests per day (default 20).")
-@click.option("--tpm", type=click.IntRange(min=1), help="Input tokens per minute (default 250,000).")
-@click.option("--concurrency", type=click.IntRange(min=1), help="Plugins in flight (default 2).")
+@quota_limits
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @prices
 @config_option

@@ -13,7 +13,7 @@ from typing import IO, Any, Callable
 import click
 
 from cli.config import config_option, source
-from cli.metrics import prices
+from cli.metrics import prices, quota_options
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument, stated_limits
 from cli.render import emit_json, interactive, plural, shown, stderr_console
 
@@ -22,11 +22,7 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
-        click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute (default 10)."),
-        click.option("--rpd", type=click.IntRange(min=1), help="Requests per day, Pacific day (default 20)."),
-        click.option("--tpm", type=click.IntRange(min=1), help="Input tokens per minute (default 250,000)."),
-        click.option("--concurrency", type=click.IntRange(min=1, max=64),
-                     help="Plugins in flight at once (default 2)."),
+        *quota_options,
         click.option("--no-wait/--wait", "no_wait", default=None,
                      help="When the daily quota is used up, exit 0 saying when to resume instead of sleeping "
                           "(--wait: sleep until the quota comes back; the default, and what resume --wait "

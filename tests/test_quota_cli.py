@@ -99,6 +99,9 @@ def test_estimate_counts_plugins_requests_tokens_days_and_cost(market, emu, monk
     assert spent["days"] == 2 and spent["seconds"] == pytest.approx(3600 + 86400 + 12, abs=10)
     human = overnight("estimate", market, "--rpd", "3")
     assert human.exit_code == 0 and "(2 daily resets); 2 of today's 3 already used" in human.stdout
+    # the limits take the same values as run's
+    too_many = overnight("estimate", market, "--concurrency", "65")
+    assert too_many.exit_code == 2 and "'--concurrency': 65 is not in the range 1<=x<=64" in too_many.stderr
 
 
 def test_a_config_file_sets_defaults_flags_win_and_a_changed_file_is_recorded_on_resume(market, emu, tmp_path):
