@@ -29,9 +29,10 @@ def verify(path: Path, db: Path | None, as_json: bool) -> None:
     """
     with open_log(marketplace_root(path), db, writer=False) as store:
         result = audit_service.verify(store)
+    head = f"seq {result.head['seq']} {result.head['hash']}" if result.head["seq"] else "no events yet"
     report_check(as_json, result.as_json(),
-                 f"ok: {result.events} events, hash chain intact, projections match the log; "
-                 f"head: seq {result.head['seq']} {result.head['hash']}", result.problems)
+                 f"ok: {result.events} events, hash chain intact, projections match the log; head: {head}",
+                 result.problems)
 
 
 @audit.command()
@@ -67,7 +68,8 @@ def replay(path: Path, db: Path | None, apply: bool, as_json: bool) -> None:
 
 @audit.command()
 @marketplace_argument
-@click.option("--plugin", help="Only the history of this plugin (name or id).")
+@click.option("--plugin", help="Only the history of this plugin (name or id; a name several plugins "
+                              "share: all of them).")
 @click.option("--after", type=int, default=0, help="Only events after this seq.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: seq, at, stream, type, data.")
 @common

@@ -9,8 +9,10 @@ The file is one flat table whose keys are option names (with `_` or `-`), for ex
     max_cost = 5.0
 
 Command-line flags win over the file; the file wins over the built-in defaults. A key that
-no command knows is an error naming it, so a typo never silently does nothing. Every problem
-with the file is wrong usage (exit 2), told in one line naming the file.
+no command knows is an error naming it, so a typo never silently does nothing. Values are
+TOML-typed: a whole number for a count, a number for seconds or dollars, true or false for a
+switch, a string otherwise (`rpm = "15"` or `rpm = 1.5` is refused, never read as 15 or 1).
+Every problem with the file is wrong usage (exit 2), told in one line naming the file.
 """
 
 from __future__ import annotations
@@ -44,15 +46,40 @@ def load(path: Path) -> dict[str, Any]:
     return settings
 
 
+def _expected(kind: click.ParamType) -> tuple[tuple[type, ...], str]:
+    """The TOML value types an option of click type `kind` takes, and what its value must be,
+    in words (with the range of a number)."""
+    if isinstance(kind, click.types.BoolParamType):
+        return (bool,), "true or false"
+    if isinstance(kind, click.types.IntParamType):
+        accepted, what = (int,), "a whole number"
+    elif isinstance(kind, click.types.FloatParamType):
+        accepted, what = (int, float), "a number"
+    else:
+        return (str,), "a string"
+    limits = []
+    if getattr(kind, "min", None) is not None:
+        limits.append(f"{'>' if kind.min_open else '>='} {kind.min}")
+    if getattr(kind, "max", None) is not None:
+        limits.append(f"{'<' if kind.max_open else '<='} {kind.max}")
+    return accepted, f"{what} {' and '.join(limits)}" if limits else what
+
+
 def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     if value is not None:
         settings = load(value)
         params = {p.name: p for p in ctx.command.params if p.name in settings}
         for name, option in params.items():
-            try:  # checked here so that the message names the file, not a flag never given
+            # checked here so that the message names the file and the key, not a flag never given
+            accepted, expected = _expected(option.type)
+            wrong = f"config file {value}: {name} must be {expected}, not {settings[name]!r}"
+            if type(settings[name]) not in accepted:  # `type`: TOML's true is a bool, not a whole number
+                raise click.UsageError(wrong)
+            try:
                 option.type_cast_value(ctx, settings[name])
-            except click.BadParameter as e:
-                raise click.UsageError(f"config file {value}: {name}: {e.message}") from None
+            except click.BadParameter as e:  # a number out of its range; a path that is no file, in click's words
+                raise click.UsageError(f"config file {value}: {name}: {e.message}"
+                                       if isinstance(option.type, click.Path) else wrong) from None
         ctx.default_map = {**(ctx.default_map or {}), **{name: settings[name] for name in params}}
     return value
 

@@ -203,7 +203,8 @@ class EventStore:
         A writer takes the single-writer lock first, so a second writer fails with
         `StoreLocked` before touching the file. A reader needs an existing, current log; it
         leaves the journal mode alone (the writer made the log WAL), so a file that is no
-        log, even an empty one, is refused unchanged.
+        log, even an empty one, is refused unchanged. A log of a newer schema version than
+        this program's (written by a newer overnight) is refused unchanged by both.
         """
         path = Path(path)
         lock: WriterLock | None = None
@@ -222,15 +223,19 @@ class EventStore:
             if version == 0 and (tables or not writer):
                 raise EventStoreError(f"{path} is not an overnight event log "
                                       + ("(its tables are not overnight's)" if tables else "(it is empty)"))
+            if version > LATEST:  # refused before anything (even the journal mode) is written
+                raise EventStoreError(
+                    f"{path} was written by a newer version of overnight (schema version {version}, this "
+                    f"version knows up to {LATEST}); upgrade overnight (`pip install -U overnight`) to open it"
+                )
             if writer:
                 conn.execute("PRAGMA journal_mode = WAL")
                 migrate(conn)
-            else:
-                if version != LATEST:
-                    raise EventStoreError(
-                        f"{path} has schema version {version}, this program expects {LATEST}; "
-                        "open it once with a writing command (scan or run) to upgrade it"
-                    )
+            elif version < LATEST:
+                raise EventStoreError(
+                    f"{path} has schema version {version}, this program expects {LATEST}; "
+                    "open it once with a writing command (scan or run) to upgrade it"
+                )
             store = cls(path, conn, registry, projections, clock, lock)
             if writer:
                 store._ensure_projections(views or {})

@@ -93,22 +93,31 @@ def replay(store: EventStore, *, apply: bool) -> ReplayReport:
     return store.replay(apply=apply)
 
 
-def resolve_plugin(store: EventStore, plugin: str) -> str:
+def matching_plugins(store: EventStore, plugin: str) -> list[str]:
+    """The ids of the plugins `plugin` is the id or the name of (several when plugins share a name)."""
     rows = store.query("SELECT plugin_id FROM plugins WHERE plugin_id = ? OR name = ? ORDER BY plugin_id",
                        (plugin, plugin))
     if not rows:
         raise UnknownPlugin(f"no plugin named or with id {plugin!r} in this log")
-    if len(rows) > 1:
-        raise UnknownPlugin(f"{plugin!r} names several plugins ({', '.join(r[0] for r in rows)}); use its id")
-    return rows[0][0]
+    return [plugin_id for (plugin_id,) in rows]
+
+
+def resolve_plugin(store: EventStore, plugin: str) -> str:
+    """The id of the one plugin `plugin` is the id or the name of."""
+    ids = matching_plugins(store, plugin)
+    if len(ids) > 1:
+        raise UnknownPlugin(f"{plugin!r} names several plugins ({', '.join(ids)}); use its id")
+    return ids[0]
 
 
 def log(store: EventStore, *, plugin: str | None = None, after: int = 0) -> Iterator[dict]:
-    """History entries {seq, at, stream, type, data} in log order; raw payloads, as stored."""
+    """History entries {seq, at, stream, type, data} in log order; raw payloads, as stored.
+    `plugin` (a name or an id) keeps the events of every plugin it matches."""
     sql = "SELECT seq, at, stream, type, data FROM events WHERE seq > ?"
     params: list = [after]
     if plugin is not None:
-        sql += " AND stream = ?"
-        params.append(plugin_stream(resolve_plugin(store, plugin)))
+        streams = [plugin_stream(plugin_id) for plugin_id in matching_plugins(store, plugin)]
+        sql += f" AND stream IN ({', '.join('?' * len(streams))})"
+        params += streams
     for seq, at, stream, type_, data in store.conn.execute(sql + " ORDER BY seq", params):
         yield {"seq": seq, "at": at, "stream": stream, "type": type_, "data": msgspec.json.decode(data)}

@@ -179,6 +179,24 @@ def test_audit_verify_names_a_changed_byte_and_a_deleted_event(market):
     assert deleted["events"] == 7
 
 
+def test_a_log_written_by_a_newer_version_is_refused_unchanged_by_readers_and_writers(market):
+    from events.migrations import LATEST
+
+    run("scan", market)
+    conn = apsw.Connection(str(db_of(market)))
+    conn.execute(f"PRAGMA user_version = {LATEST + 1}")
+    conn.close()
+    before = db_of(market).read_bytes()
+    expected = (f"error: {db_of(market)} was written by a newer version of overnight (schema version "
+                f"{LATEST + 1}, this version knows up to {LATEST}); upgrade overnight "
+                "(`pip install -U overnight`) to open it\n")
+    for command in (["status"], ["audit", "verify"], ["audit", "log"], ["scan"]):
+        result = run(*command, market)
+        assert (result.exit_code, result.stderr) == (1, expected), command
+    assert db_of(market).read_bytes() == before
+    assert event_count(market) == 8
+
+
 def test_audit_replay_equals_live_and_apply_repairs_an_edited_projection(market):
     run("scan", market)
     same = run("audit", "replay", market, "--json")
@@ -215,6 +233,60 @@ def test_audit_log_prints_one_json_object_per_event(market):
     assert [e["type"] for e in one] == ["PluginDiscovered", "PluginAnalyzed"]
     human = run("audit", "log", market, "--after", "7").stdout.splitlines()
     assert len(human) == 1 and human[0].split()[0] == "8"
+
+
+def test_audit_log_of_a_name_two_plugins_share_shows_both_histories(tmp_path):
+    root = tmp_path / "m"
+    plugin(root, "plugins/a/good", "good", files={"README.md": "# Good\n"})
+    plugin(root, "plugins/b/good", "good")  # duplicate name: recorded as invalid
+    plugin(root, "plugins/c/other", "other")
+    assert run("scan", root).exit_code == 0
+    listed = as_json(run("status", root, "--json", "--plugin", "good"))
+    assert [i["plugin_id"] for i in listed["items"]] == ["plugins/a/good", "plugins/b/good"]
+    both = run("audit", "log", root, "--json", "--plugin", "good")
+    assert both.exit_code == 0, both.output
+    entries = [json.loads(line) for line in both.stdout.splitlines()]
+    assert [e["seq"] for e in entries] == sorted(e["seq"] for e in entries)
+    assert {e["stream"] for e in entries} == {"plugin:plugins/a/good", "plugin:plugins/b/good"}
+    assert [e["type"] for e in entries if e["stream"] == "plugin:plugins/b/good"] == [
+        "PluginDiscovered", "PluginInvalid"]
+    human = run("audit", "log", root, "--plugin", "good")
+    assert human.exit_code == 0
+    assert [line.split()[0] for line in human.stdout.splitlines()] == [str(e["seq"]) for e in entries]
+    by_id = [json.loads(x) for x in run("audit", "log", root, "--json", "--plugin", "plugins/b/good").stdout.splitlines()]
+    assert {e["stream"] for e in by_id} == {"plugin:plugins/b/good"} and len(by_id) == 2
+    unknown = run("audit", "log", root, "--plugin", "nope")
+    assert (unknown.exit_code, unknown.stderr) == (1, "error: no plugin named or with id 'nope' in this log\n")
+
+
+def test_audit_verify_of_a_log_with_no_events_says_so(tmp_path):
+    (tmp_path / "plugins").mkdir()
+    assert run("scan", tmp_path).exit_code == 0  # creates the log; no plugin, no event
+    human = run("audit", "verify", tmp_path)
+    assert human.exit_code == 0
+    assert human.stdout == ("ok: 0 events, hash chain intact, projections match the log; "
+                            "head: no events yet\n")
+    assert as_json(run("audit", "verify", tmp_path, "--json")) == {
+        "ok": True, "events": 0, "problems": [], "head": {"seq": 0, "hash": ""}}
+
+
+def test_a_config_value_of_the_wrong_type_names_the_key_the_file_and_what_it_must_be(market, tmp_path):
+    config = tmp_path / "config.toml"
+    cases = {
+        'rpm = "x"\n': "rpm must be a whole number >= 1, not 'x'",
+        "rpm = 1.5\n": "rpm must be a whole number >= 1, not 1.5",  # not cut to 1
+        "rpm = true\n": "rpm must be a whole number >= 1, not True",  # not read as 1
+        'rpm = "15"\n': "rpm must be a whole number >= 1, not '15'",
+        "concurrency = 65\n": "concurrency must be a whole number >= 1 and <= 64, not 65",
+        "max_cost = -1\n": "max_cost must be a number >= 0, not -1",
+        'no_wait = "maybe"\n': "no_wait must be true or false, not 'maybe'",
+        "standards = 3\n": "standards must be a string, not 3",
+    }
+    for text, message in cases.items():
+        config.write_text(text)
+        result = run("run", market, "--config", config)
+        assert (result.exit_code, result.stderr) == (2, f"error: config file {config}: {message}\n"), text
+    assert not (market / ".overnight").exists()
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()):

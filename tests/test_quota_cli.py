@@ -128,8 +128,8 @@ def test_a_broken_config_file_is_wrong_usage_told_in_one_line(one, emu, tmp_path
     cases = {
         "rmp = 3\n": f"error: config file {config}: unknown setting(s) rmp; known: backoff, ",
         "rpm = \n": f"error: config file {config} is not valid TOML: ",
-        'rpm = "fast"\n': f"error: config file {config}: rpm: 'fast' is not a valid integer range.",
-        "concurrency = 0\n": f"error: config file {config}: concurrency: 0 is not in the range ",
+        'rpm = "fast"\n': f"error: config file {config}: rpm must be a whole number >= 1, not 'fast'",
+        "concurrency = 0\n": f"error: config file {config}: concurrency must be a whole number >= 1",
     }
     for text, start in cases.items():
         config.write_text(text)
