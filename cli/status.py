@@ -39,6 +39,12 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
                   + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
                   + ("; no overnight process is running it: `overnight resume` continues it"
                      if r["status"] == "stopped" else ""), markup=False)
+    waiting = bool(report.last_run) and report.last_run["status"] in status_service.UNFINISHED + ("stopped",)
+    for r in report.unfinished_runs:
+        out.print(f"older run {r['run_id']} is unfinished: {r['status']}, {r['done']} done of "
+                  f"{plural(r['plugins'], 'plugin')}; `overnight resume` continues it"
+                  + (" once the newer unfinished runs are finished" if waiting else ""), markup=False)
+        waiting = True
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""
         note = item["reason"] or item["hint"]

@@ -31,7 +31,7 @@ from statemachine.prompts import (
 )
 from statemachine.scheduler import Limits, day_start, next_day_start
 from events.lock import WriterLock
-from statemachine.status import live_status
+from statemachine.status import runs
 
 # Before any run has measured them: typical answer sizes in tokens (a plan; a 10 KB skill).
 DEFAULT_PLAN_OUTPUT = 900
@@ -107,11 +107,11 @@ def metrics(store: EventStore, *, now: float | None = None, prices: Prices = Pri
 
 
 def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | None:
-    found = store.query("SELECT run_id, status, started_at, config FROM runs ORDER BY started_at DESC LIMIT 1")
-    if not found:
+    every_run = runs(store, held)
+    if not every_run:
         return None
-    run_id, recorded, started_at, config = found[0]
-    status = live_status(recorded, held)
+    run_id, status, started_at = (every_run[0][k] for k in ("run_id", "status", "started_at"))
+    config = store.query("SELECT config FROM runs WHERE run_id = ?", (run_id,))[0][0]
     started = store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'", (f"run:{run_id}",))
     event = msgspec.json.decode(started[0][0])
     selection = event.get("selection", [])

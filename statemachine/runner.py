@@ -39,12 +39,12 @@ from statemachine.pipeline import (Context, Interrupted, RequestsClosed, RunStop
 from statemachine.prompts import Standards, load_standards
 from statemachine.scan import scan
 from statemachine.scheduler import DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso
+from statemachine.status import UNFINISHED
 
 OK_END = frozenset({State.DONE, State.SKIPPED, State.REJECTED})
 # Network jitter between our admission and Gemini's count (measured up to ~0.15 s on a busy
 # machine by tests/bench/quota.py): keep a request in the minute window this much longer.
 WINDOW_MARGIN = 0.5
-UNFINISHED = ("running", "paused", "interrupted", "budget_exhausted")
 
 
 @dataclass(frozen=True)
@@ -423,6 +423,7 @@ class Runner:
         if outcome is None:
             outcome = "complete" if all(s in done_states for s in counts) else "incomplete"
             self.journal.append(f"run:{run_id}", c.RunFinished(run_id=run_id, outcome=outcome, counts=counts))
+            self._finish_older_runs(run_id)
         if options.dry_run:
             problems = [p for p in problems if p[1] != State.PLANNED]
         invalid = [(pid, reason or "") for pid, reason in self.journal.query(
@@ -432,6 +433,18 @@ class Runner:
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, selected=len(selection),
                          invalid=invalid, problems=problems, message=message, paused_until=paused_until,
                          backups=list(self._backups), backup_failed=self._backup_failed)
+
+    def _finish_older_runs(self, run_id: str) -> None:
+        """An older unfinished run whose every plugin this run finished is finished too, so
+        `status` stops listing it and `resume` does not come back to it for nothing."""
+        for other, selection in self.journal.query(
+                "SELECT r.run_id, json_extract(e.data, '$.selection') FROM runs r JOIN events e "
+                "ON e.stream = 'run:' || r.run_id AND e.type = 'RunStarted' "
+                f"WHERE r.run_id != ? AND r.status IN ({', '.join('?' * len(UNFINISHED))})", (run_id, *UNFINISHED)):
+            counts, _ = self._counts(msgspec.json.decode(selection))
+            if all(state in FINAL for state in counts):
+                outcome = "complete" if all(state in OK_END for state in counts) else "incomplete"
+                self.journal.append(f"run:{other}", c.RunFinished(run_id=other, outcome=outcome, counts=counts))
 
     def _backup(self, options: RunOptions, why: str) -> None:
         """Off-site copy at the end of a run and when it pauses: an unattended night ends with one.

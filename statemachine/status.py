@@ -25,17 +25,35 @@ class StatusReport:
     last_run: dict | None
     items: list[dict] = field(default_factory=list)
     items_total: int = 0  # more than len(items) when the attention list was cut at its limit
+    unfinished_runs: list[dict] = field(default_factory=list)  # older than last_run, newest first
 
     def as_json(self) -> dict:
         return {"plugins": self.plugins, "by_state": self.by_state, "events": self.events,
-                "last_run": self.last_run, "items": self.items, "items_total": self.items_total}
+                "last_run": self.last_run, "unfinished_runs": self.unfinished_runs, "items": self.items,
+                "items_total": self.items_total}
 
 
-def live_status(recorded: str, held: bool) -> str:
-    """A run's recorded status, except that a run recorded as running while no process holds
-    the log (`held`: `WriterLock(path).held()`) is `stopped` (it crashed, or stopped on an
-    error; `overnight resume` continues it)."""
-    return "stopped" if recorded == "running" and not held else recorded
+# Runs `overnight resume` can continue (the newest of them first); `stopped` is a run recorded
+# as running that no process runs any more (it crashed, or stopped on an error).
+UNFINISHED = ("running", "paused", "interrupted", "budget_exhausted")
+_RUN = ("run_id", "command", "status", "started_at", "ended_at", "paused_until", "plugins", "requests",
+        "done", "skipped", "rejected", "failed")
+
+
+def runs(store: EventStore, held: bool) -> list[dict]:
+    """Every run, newest first, with its live status: of the runs recorded as running, only
+    the most recently active one is running, and only while a process holds the log (`held`:
+    `WriterLock(path).held()`); the others are `stopped`."""
+    rows = store.query(f"SELECT {', '.join('s.' + c for c in _RUN)}, r.last_seq FROM run_summary s "
+                       "JOIN runs r USING (run_id) ORDER BY s.started_at DESC, r.last_seq DESC")
+    found = [dict(zip(_RUN + ("last_seq",), row)) for row in rows]
+    recorded_running = [r for r in found if r["status"] == "running"]
+    active = max(recorded_running, key=lambda r: r["last_seq"]) if held and recorded_running else None
+    for r in found:
+        if r["status"] == "running" and r is not active:
+            r["status"] = "stopped"
+        del r["last_seq"]
+    return found
 
 
 def status(store: EventStore, *, plugin: str | None = None, state: str | None = None,
@@ -47,15 +65,10 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
     if state is not None and state not in {s.value for s in State}:
         raise UnknownPlugin(f"unknown state {state!r}; states are: {', '.join(s.value for s in State)}")
     by_state = dict(store.query("SELECT state, count(*) FROM plugins GROUP BY state ORDER BY state"))
-    run = store.query(
-        "SELECT run_id, command, status, started_at, ended_at, paused_until, plugins, requests, "
-        "done, skipped, rejected, failed FROM run_summary ORDER BY started_at DESC LIMIT 1"
-    )
-    last_run = dict(zip(("run_id", "command", "status", "started_at", "ended_at", "paused_until",
-                         "plugins", "requests", "done", "skipped", "rejected", "failed"), run[0])) if run else None
     running = WriterLock(store.path).held()
-    if last_run:
-        last_run["status"] = live_status(last_run["status"], running)
+    every_run = runs(store, running)
+    last_run = every_run[0] if every_run else None
+    older_unfinished = [r for r in every_run[1:] if r["status"] in UNFINISHED + ("stopped",)]
     sql = f"SELECT {', '.join(_ROW)} FROM plugins"
     where, params = [], []
     if plugin is not None:
@@ -80,5 +93,5 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
         item["hint"] = _CUT_SHORT if item["state"] == State.WRITING and not running else None
     return StatusReport(
         plugins=sum(by_state.values()), by_state=by_state, events=store.last_seq, last_run=last_run,
-        items=items, items_total=len(items) if total is None else total,
+        items=items, items_total=len(items) if total is None else total, unfinished_runs=older_unfinished,
     )

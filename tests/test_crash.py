@@ -221,3 +221,46 @@ def test_requests_in_flight_at_a_kill_are_recorded_as_lost_by_resume_and_counted
     assert "retries by kind: lost 2" in cli("metrics", str(root)).stdout
     assert cli("audit", "verify", str(root)).returncode == 0
     assert cli("audit", "replay", str(root)).returncode == 0
+
+
+def test_status_shows_an_older_unfinished_run_and_a_run_that_finishes_its_plugins_finishes_it(tmp_path):
+    root = tmp_path / "market"
+    build_marketplace(root, 4)
+
+    def posts() -> int:
+        return len([r for r in emu.requests if r.method == "POST"])
+
+    def wait_for_posts(proc: subprocess.Popen, count: int) -> None:
+        deadline = time.monotonic() + 30
+        while posts() < count:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+
+    def status() -> dict:
+        return json.loads(cli("status", str(root), "--json").stdout)
+
+    with Emulator(api_key=KEY, latency=(1.0, 1.0), seed=11) as emu:
+        first = spawn("run", root, emu.url)
+        wait_for_posts(first, 1)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        (older,) = query(root, "SELECT run_id FROM runs")[0]
+        second = spawn("run", root, emu.url)  # a new run, not a resume
+        wait_for_posts(second, posts() + 1)
+        live = status()
+        newer = live["last_run"]["run_id"]
+        assert newer != older and live["last_run"]["status"] == "running"
+        # the killed run is recorded as running too, but the process holding the log runs the newer one
+        assert [(r["run_id"], r["status"]) for r in live["unfinished_runs"]] == [(older, "stopped")]
+        second.send_signal(signal.SIGINT)
+        assert second.wait(timeout=30) == 130
+        text = cli("status", str(root)).stdout
+        assert (f"older run {older} is unfinished: stopped, 0 done of 4 plugins; `overnight resume` continues "
+                "it once the newer unfinished runs are finished") in text
+        assert spawn("resume", root, emu.url).wait(timeout=60) == 0
+
+    # resume continued the newest run; finishing every plugin finished the older run as well
+    assert query(root, "SELECT run_id, status FROM runs ORDER BY started_at") == [(older, "complete"), (newer, "complete")]
+    assert status()["unfinished_runs"] == []
+    assert "older run" not in cli("status", str(root)).stdout
+    assert cli("audit", "verify", str(root)).returncode == 0
