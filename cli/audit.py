@@ -9,7 +9,7 @@ import click
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument
 from cli.render import console, emit_json, report_check, shown
 from statemachine import audit as audit_service
-from statemachine.workspace import marketplace_root, open_log
+from statemachine.workspace import marketplace_root, open_log, read_log
 
 
 @click.group()
@@ -27,7 +27,7 @@ def verify(path: Path, db: Path | None, as_json: bool) -> None:
 
     Exit 0 when healthy, 1 with the list of problems otherwise.
     """
-    with open_log(marketplace_root(path), db, writer=False) as store:
+    with read_log(path, db) as store:
         result = audit_service.verify(store)
     head = f"seq {result.head['seq']} {result.head['hash']}" if result.head["seq"] else "no events yet"
     report_check(as_json, result.as_json(),
@@ -75,7 +75,7 @@ def replay(path: Path, db: Path | None, apply: bool, as_json: bool) -> None:
 @common
 def log(path: Path, db: Path | None, plugin: str | None, after: int, as_json: bool) -> None:
     """The history of the log, oldest first."""
-    with open_log(marketplace_root(path), db, writer=False) as store:
+    with read_log(path, db) as store:
         if as_json:
             for entry in audit_service.log(store, plugin=plugin, after=after):
                 emit_json(entry)

@@ -50,9 +50,9 @@ def quota_limits(fn):
 def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, price_output: float) -> None:
     """Requests, tokens, 429s, retries, quota use, durations and cost, read from the log."""
     from statemachine.metrics import Prices, metrics as compute
-    from statemachine.workspace import marketplace_root, open_log
+    from statemachine.workspace import read_log
 
-    with open_log(marketplace_root(path), db, writer=False) as store:
+    with read_log(path, db) as store:
         m = compute(store, prices=Prices(price_input, price_output))
     if as_json:
         emit_json(m)

@@ -10,7 +10,7 @@ from cli.options import common, marketplace_argument
 from cli.render import console, emit_json, plural, shown
 from statemachine import status as status_service
 from statemachine.lifecycle import State
-from statemachine.workspace import marketplace_root, open_log
+from statemachine.workspace import read_log
 
 
 @click.command()
@@ -22,8 +22,7 @@ from statemachine.workspace import marketplace_root, open_log
 @common
 def status(path: Path, db: Path | None, plugin: str | None, state: str | None, as_json: bool) -> None:
     """Where every plugin of the marketplace at PATH stands (read from the log)."""
-    root = marketplace_root(path)
-    with open_log(root, db, writer=False) as store:
+    with read_log(path, db) as store:
         report = status_service.status(store, plugin=plugin, state=state)
     if as_json:
         emit_json(report.as_json())

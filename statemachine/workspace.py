@@ -33,6 +33,12 @@ def default_db(root: Path) -> Path:
     return root / STATE_DIR / DB_NAME
 
 
+def read_log(path: Path | str, db: Path | None) -> EventStore:
+    """The log for a command that only reads it: the file `db` when given (then PATH is not
+    looked at: a copied or restored log is read anywhere), else the marketplace's at `path`."""
+    return open_log(Path(path).resolve() if db else marketplace_root(path), db, writer=False)
+
+
 def open_log(root: Path, db: Path | None = None, *, writer: bool = True, clock: Clock = utc_now,
              synchronous: str = "FULL") -> EventStore:
     """The event log of the marketplace at `root` (`db` overrides the default location).

@@ -124,3 +124,22 @@ def test_metrics_of_a_log_without_plugins_says_so(tmp_path, emu):
     result = overnight("metrics", root)
     assert result.exit_code == 0, result.output
     assert "plugins 0: none in the log" in result.stdout.splitlines()
+
+
+def test_the_reading_commands_read_a_copied_log_given_by_db_from_any_directory(tmp_path, one, emu, monkeypatch):
+    """A log copied off a machine (or restored) is read with --db alone: PATH, the current
+    directory by default, need not be a marketplace. Writing commands still insist on one."""
+    import shutil
+
+    assert run(one, emu).exit_code == 0
+    copy = tmp_path / "elsewhere" / "copy.db"
+    copy.parent.mkdir()
+    shutil.copy(one / ".overnight" / "overnight.db", copy)
+    monkeypatch.chdir(copy.parent)
+    status = overnight("status", "--db", copy, "--json")
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["by_state"] == {"done": 1}
+    for command in (["metrics"], ["audit", "verify"], ["audit", "log"]):
+        assert overnight(*command, "--db", copy).exit_code == 0, command
+    scan = overnight("scan", "--db", copy)
+    assert scan.exit_code == 2 and "does not look like a marketplace" in scan.stderr
