@@ -40,9 +40,9 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
                      if r["status"] == "stopped" else ""), markup=False)
     waiting = bool(report.last_run) and report.last_run["status"] in status_service.UNFINISHED + ("stopped",)
     for r in report.unfinished_runs:
-        out.print(f"older run {r['run_id']} is unfinished: {r['status']}, {r['done']} done of "
-                  f"{plural(r['plugins'], 'plugin')}; `overnight resume` continues it"
-                  + (" once the newer unfinished runs are finished" if waiting else ""), markup=False)
+        out.print(f"{'older ' if r['started_at'] < report.last_run['started_at'] else ''}run {r['run_id']} "
+                  f"is unfinished: {r['status']}, {r['done']} done of {plural(r['plugins'], 'plugin')}; "
+                  "`overnight resume` continues it" + (" after the run above" if waiting else ""), markup=False)
         waiting = True
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""

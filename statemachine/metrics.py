@@ -165,11 +165,13 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     measured = {phase: avg for phase, avg, n in history if n}
     plan_out = int(measured.get("plan") or DEFAULT_PLAN_OUTPUT)
     skill_out = int(measured.get("skill") or DEFAULT_SKILL_OUTPUT)
-    total, answers, latency = store.query(
-        "SELECT count(*), coalesce(sum(outcome = 'ok'), 0), avg(settled_at - sent_at) FILTER (WHERE outcome = 'ok') "
-        "FROM quota_ledger")[0]
+    # Requests Gemini answered (well or not) per useful answer: retries included, requests
+    # whose process stopped before the answer (lost, pending) left out: they say nothing of Gemini.
+    settled, answers, latency = store.query(
+        "SELECT count(*) FILTER (WHERE outcome NOT IN ('pending', 'lost')), coalesce(sum(outcome = 'ok'), 0), "
+        "avg(settled_at - sent_at) FILTER (WHERE outcome = 'ok') FROM quota_ledger")[0]
     latency = latency if answers else DEFAULT_LATENCY_S
-    overhead = total / answers if answers else 1.0  # requests per useful answer, retries included
+    overhead = settled / answers if answers else 1.0
     requests = input_tokens = output_tokens = 0.0
     empty_plan = c.Plan(gaps=[], quality_before=0, quality_after=0, sections_to_add=[], bundled_files=[],
                         trigger_phrases=[], allowed_tools=[])

@@ -261,13 +261,13 @@ def _fold_run(row: dict | None, rec: Recorded) -> dict | None:
     elif isinstance(ev, c.BudgetExhausted):
         new.update(status="budget_exhausted", ended_at=rec.at)
     elif isinstance(ev, c.RunFinished):
-        new.update(status=ev.outcome, ended_at=rec.at, counts=_to_json(ev.counts))
+        new.update(status=ev.outcome, ended_at=rec.at, counts=_to_json(ev.counts), paused_until=None)
     return new
 
 
 RUNS = Projection(
     name="runs",
-    version=3,
+    version=4,
     columns=(
         ("run_id", "TEXT"), ("command", "TEXT"), ("started_at", "TEXT"), ("ended_at", "TEXT"),
         ("status", "TEXT"), ("paused_until", "TEXT"), ("config", "TEXT"), ("plugins", "INTEGER"),
@@ -365,6 +365,7 @@ VIEWS = {
         "FROM quota_ledger GROUP BY model, minute ORDER BY minute",
     "requests_per_day":
         "SELECT model, day AS day_pacific, count(*) AS requests, "
-        "sum(coalesce(input_tokens, 0)) AS input_tokens, sum(coalesce(output_tokens, 0)) AS output_tokens "
+        "sum(coalesce(input_tokens, est_input_tokens)) AS input_tokens, "
+        "sum(coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)) AS output_tokens "
         "FROM quota_ledger GROUP BY model, day ORDER BY day",
 }

@@ -25,7 +25,7 @@ class StatusReport:
     last_run: dict | None
     items: list[dict] = field(default_factory=list)
     items_total: int = 0  # more than len(items) when the attention list was cut at its limit
-    unfinished_runs: list[dict] = field(default_factory=list)  # older than last_run, newest first
+    unfinished_runs: list[dict] = field(default_factory=list)  # besides last_run, newest first
 
     def as_json(self) -> dict:
         return {"plugins": self.plugins, "by_state": self.by_state, "events": self.events,
@@ -41,8 +41,9 @@ _RUN = ("run_id", "command", "status", "started_at", "ended_at", "paused_until",
 
 
 def runs(store: EventStore, held: bool) -> list[dict]:
-    """Every run, newest first, with its live status: of the runs recorded as running, only
-    the most recently active one is running, and only while a process holds the log (`held`:
+    """Every run with its live status, the current one first (the run a process is running,
+    else the newest), then the others newest first. Of the runs recorded as running, only the
+    most recently active one is running, and only while a process holds the log (`held`:
     `WriterLock(path).held()`); the others are `stopped`."""
     rows = store.query(f"SELECT {', '.join('s.' + c for c in _RUN)}, r.last_seq FROM run_summary s "
                        "JOIN runs r USING (run_id) ORDER BY s.started_at DESC, r.last_seq DESC")
@@ -53,7 +54,7 @@ def runs(store: EventStore, held: bool) -> list[dict]:
         if r["status"] == "running" and r is not active:
             r["status"] = "stopped"
         del r["last_seq"]
-    return found
+    return [active] + [r for r in found if r is not active] if active else found
 
 
 def status(store: EventStore, *, plugin: str | None = None, state: str | None = None,
@@ -68,7 +69,7 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
     running = WriterLock(store.path).held()
     every_run = runs(store, running)
     last_run = every_run[0] if every_run else None
-    older_unfinished = [r for r in every_run[1:] if r["status"] in UNFINISHED + ("stopped",)]
+    other_unfinished = [r for r in every_run[1:] if r["status"] in UNFINISHED + ("stopped",)]
     sql = f"SELECT {', '.join(_ROW)} FROM plugins"
     where, params = [], []
     if plugin is not None:
@@ -93,5 +94,5 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
         item["hint"] = _CUT_SHORT if item["state"] == State.WRITING and not running else None
     return StatusReport(
         plugins=sum(by_state.values()), by_state=by_state, events=store.last_seq, last_run=last_run,
-        items=items, items_total=len(items) if total is None else total, unfinished_runs=older_unfinished,
+        items=items, items_total=len(items) if total is None else total, unfinished_runs=other_unfinished,
     )

@@ -34,10 +34,10 @@ def build_marketplace(root: Path, count: int) -> None:
     manifest(root, entries)
 
 
-def spawn(command: str, root: Path, url: str) -> subprocess.Popen:
+def spawn(command: str, root: Path, url: str, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
     env["GOOGLE_API_KEY"] = KEY
-    return subprocess.Popen([sys.executable, "-m", "cli", command, str(root), "--base-url", url, *ARGS]
+    return subprocess.Popen([sys.executable, "-m", "cli", command, str(root), "--base-url", url, *ARGS, *extra]
                             if command == "run" else
                             [sys.executable, "-m", "cli", command, str(root)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -219,6 +219,8 @@ def test_requests_in_flight_at_a_kill_are_recorded_as_lost_by_resume_and_counted
     assert m["retries"] == {"lost": 2} and m["success_rate"] == 1.0
     assert query(root, "SELECT retries FROM run_summary") == [(2,)]
     assert "retries by kind: lost 2" in cli("metrics", str(root)).stdout
+    # nor does the estimate of doing it all again count them as the retries Gemini costs
+    assert json.loads(cli("estimate", str(root), "--force", "--json").stdout)["requests"] == 4 * 2
     assert cli("audit", "verify", str(root)).returncode == 0
     assert cli("audit", "replay", str(root)).returncode == 0
 
@@ -245,22 +247,28 @@ def test_status_shows_an_older_unfinished_run_and_a_run_that_finishes_its_plugin
         first.send_signal(signal.SIGKILL)
         first.wait()
         (older,) = query(root, "SELECT run_id FROM runs")[0]
-        second = spawn("run", root, emu.url)  # a new run, not a resume
+        second = spawn("run", root, emu.url, "--plugin", "tool-03")  # a new run, not a resume
         wait_for_posts(second, posts() + 1)
         live = status()
         newer = live["last_run"]["run_id"]
         assert newer != older and live["last_run"]["status"] == "running"
         # the killed run is recorded as running too, but the process holding the log runs the newer one
         assert [(r["run_id"], r["status"]) for r in live["unfinished_runs"]] == [(older, "stopped")]
-        second.send_signal(signal.SIGINT)
-        assert second.wait(timeout=30) == 130
+        assert "`overnight resume` continues it after the run above" in cli("status", str(root)).stdout
+        assert second.wait(timeout=30) == 0
         text = cli("status", str(root)).stdout
-        assert (f"older run {older} is unfinished: stopped, 0 done of 4 plugins; `overnight resume` continues "
-                "it once the newer unfinished runs are finished") in text
-        assert spawn("resume", root, emu.url).wait(timeout=60) == 0
+        assert (f"older run {older} is unfinished: stopped, 0 done of 4 plugins; "
+                "`overnight resume` continues it\n") in text
+        resumed = spawn("resume", root, emu.url)
+        wait_for_posts(resumed, posts() + 1)
+        # while resume runs the older run, that run is the current one, and no hint says to resume it
+        live = status()
+        assert (live["last_run"]["run_id"], live["last_run"]["status"]) == (older, "running")
+        assert live["unfinished_runs"] == [] and "continues it" not in cli("status", str(root)).stdout
+        current = json.loads(cli("metrics", str(root), "--json").stdout)["run"]
+        assert (current["run_id"], current["status"]) == (older, "running")
+        assert resumed.wait(timeout=60) == 0
 
-    # resume continued the newest run; finishing every plugin finished the older run as well
     assert query(root, "SELECT run_id, status FROM runs ORDER BY started_at") == [(older, "complete"), (newer, "complete")]
     assert status()["unfinished_runs"] == []
-    assert "older run" not in cli("status", str(root)).stdout
     assert cli("audit", "verify", str(root)).returncode == 0

@@ -317,3 +317,13 @@ def test_dry_run_with_force_is_refused_before_anything_happens(market, emu):
     result = run(market, emu, "--dry-run", "--force")
     assert result.exit_code == 2 and result.output.startswith("error: --dry-run with --force would put finished ")
     assert query(market, "SELECT count(*) FROM events") == before
+
+
+def test_a_paused_run_that_a_newer_run_finishes_is_finished_without_its_pause(one, emu):
+    assert run(one, emu, "--rpd", "1", "--no-wait").exit_code == 0
+    (paused, until), = query(one, "SELECT run_id, paused_until FROM runs WHERE status = 'paused'")
+    assert until
+    newer = run(one, emu, "--rpd", "100", "--json")
+    assert newer.exit_code == 0 and json.loads(newer.stdout)["outcome"] == "complete"
+    assert query(one, "SELECT status, paused_until FROM runs WHERE run_id = ?", paused) == [("complete", None)]
+    assert json.loads(overnight("status", one, "--json").stdout)["unfinished_runs"] == []
