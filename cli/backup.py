@@ -15,6 +15,7 @@ import click
 from cli.options import (
     EXIT_PROBLEMS,
     EXIT_USAGE,
+    Number,
     common,
     debug_option,
     marketplace_argument,
@@ -98,7 +99,7 @@ def backup_now(path: Path, db: Path | None, url: str | None, as_json: bool) -> N
 
 @backup.command()
 @url_option("--from", "The backup's libSQL URL.")
-@click.option("--read-data", "read_data", type=click.FloatRange(0, 100), default=0.0, metavar="PERCENT",
+@click.option("--read-data", "read_data", type=Number(0, 100), default=0.0, metavar="PERCENT",
               help="Also read and re-hash this percentage of the stored blobs (default 0).")
 @json_option
 @debug_option

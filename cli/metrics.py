@@ -7,13 +7,13 @@ from pathlib import Path
 import click
 
 from cli.config import config_option
-from cli.options import common, marketplace_argument, stated_limits
+from cli.options import Number, common, marketplace_argument, stated_limits
 from cli.render import emit_json, plural
 
 price_options = [
-    click.option("--price-input", type=click.FloatRange(min=0), default=0.30, show_default=True,
+    click.option("--price-input", type=Number(min=0), default=0.30, show_default=True,
                  help="US dollars per million input tokens."),
-    click.option("--price-output", type=click.FloatRange(min=0), default=2.50, show_default=True,
+    click.option("--price-output", type=Number(min=0), default=2.50, show_default=True,
                  help="US dollars per million output (and thinking) tokens."),
 ]
 

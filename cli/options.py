@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import traceback
@@ -41,6 +42,17 @@ db_option = click.option(
 # Not checked by click: `marketplace_root` says "PATH is not a directory" (exit 2) for a
 # missing path and for a file alike.
 marketplace_argument = click.argument("path", type=click.Path(path_type=Path), default=".", required=False)
+
+
+class Number(click.FloatRange):
+    """A finite number within a range. click's FloatRange lets `nan` through (no comparison
+    refuses it) and `inf`: a budget of nan dollars would be no budget at all."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def stated_limits(**limits: int | None) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import click
 
 from cli.config import config_option, source
 from cli.metrics import prices, quota_options
-from cli.options import EXIT_PROBLEMS, common, marketplace_argument, stated_limits
+from cli.options import EXIT_PROBLEMS, Number, common, marketplace_argument, stated_limits
 from cli.render import emit_json, interactive, plural, shown, stderr_console
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -32,7 +32,7 @@ def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."),
         click.option("--max-requests", type=click.IntRange(min=0), help="Stop the run after this many requests."),
         click.option("--max-tokens", type=click.IntRange(min=0), help="Stop the run after this many tokens."),
-        click.option("--max-cost", type=click.FloatRange(min=0), help="Stop the run after this many US dollars."),
+        click.option("--max-cost", type=Number(min=0), help="Stop the run after this many US dollars."),
     ]):
         fn = option(fn)
     return fn
@@ -50,7 +50,7 @@ def _override(base, **values):
 @click.option("--model", default="gemini-2.5-flash", show_default=True, help="Gemini model.")
 @click.option("--base-url", envvar="GOOGLE_GEMINI_BASE_URL", show_envvar=True,
               help="Gemini endpoint (a proxy, or the emulator: python -m tests.emulator).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+@click.option("--timeout", type=Number(min=1), default=120.0, show_default=True,
               help="Seconds to wait for one Gemini answer.")
 @click.option("--standards", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Authoring standards text sent with every prompt (default: the shipped one).")
@@ -64,7 +64,7 @@ def _override(base, **values):
               help="Generations allowed before a plugin is rejected.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
               help="Tries per step on faults (5xx, timeouts, unusable answers); 429s are paced, not counted.")
-@click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--backoff", type=Number(min=0), default=2.0, show_default=True,
               help="First wait in seconds after a fault; doubles per failure (with jitter).")
 @click.option("--plugin", "plugins", multiple=True, help="Only this plugin (name or id); repeatable.")
 @click.option("--category", help="Only plugins of this category.")

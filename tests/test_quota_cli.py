@@ -327,3 +327,15 @@ def test_a_paused_run_that_a_newer_run_finishes_is_finished_without_its_pause(on
     assert newer.exit_code == 0 and json.loads(newer.stdout)["outcome"] == "complete"
     assert query(one, "SELECT status, paused_until FROM runs WHERE run_id = ?", paused) == [("complete", None)]
     assert json.loads(overnight("status", one, "--json").stdout)["unfinished_runs"] == []
+
+
+def test_a_budget_or_price_that_is_not_a_finite_number_is_refused(one, emu, tmp_path):
+    """click's FloatRange lets nan through: a cost budget of nan would be no budget at all."""
+    for flags in (["--max-cost", "nan"], ["--max-cost", "inf"], ["--price-input", "nan"]):
+        refused = run(one, emu, *flags)
+        assert refused.exit_code == 2 and "is not a finite number" in refused.stderr, flags
+    config = tmp_path / "overnight.toml"
+    config.write_text("max_cost = nan\n")
+    refused = run(one, emu, "--config", config)
+    assert refused.exit_code == 2 and f"config file {config}: max_cost must be a number >= 0, not nan" in refused.stderr
+    assert not (one / ".overnight").exists()  # refused before anything was written
