@@ -41,12 +41,16 @@ _RUN = ("run_id", "command", "status", "started_at", "ended_at", "paused_until",
 
 
 def runs(store: EventStore, held: bool) -> list[dict]:
-    """Every run with its live status, the current one first (the run a process is running,
-    else the newest), then the others newest first. Of the runs recorded as running, only the
-    most recently active one is running, and only while a process holds the log (`held`:
-    `WriterLock(path).held()`); the others are `stopped`."""
+    """The newest run and every unfinished one, with their live status: the current one first
+    (the run a process is running, else the newest), then the others newest first. Of the runs
+    recorded as running, only the most recently active one is running, and only while a process
+    holds the log (`held`: `WriterLock(path).held()`); the others are `stopped`. Finished older
+    runs are left out: `run_summary` counts each run's plugins, and a log gathers many runs."""
+    marks = ", ".join("?" * len(UNFINISHED))
     rows = store.query(f"SELECT {', '.join('s.' + c for c in _RUN)}, r.last_seq FROM run_summary s "
-                       "JOIN runs r USING (run_id) ORDER BY s.started_at DESC, r.last_seq DESC")
+                       "JOIN runs r USING (run_id) WHERE r.status IN (" + marks + ") OR r.run_id = "
+                       "(SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1) "
+                       "ORDER BY s.started_at DESC, r.last_seq DESC", UNFINISHED)
     found = [dict(zip(_RUN + ("last_seq",), row)) for row in rows]
     recorded_running = [r for r in found if r["status"] == "running"]
     active = max(recorded_running, key=lambda r: r["last_seq"]) if held and recorded_running else None
