@@ -1,7 +1,7 @@
 """Run budgets: stop cleanly once a run has spent what it was allowed (retries count too).
 
-Spending is counted from the quota ledger of the run (so a resumed run remembers it) plus
-what this process adds; the check happens before a request is recorded, so a run never
+Spending starts from the run's totals in the quota ledger (so a resumed run remembers it)
+and adds what this process spends; the check happens before a request is recorded, so a run never
 sends the request that would go over a request budget.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from events import EventStore
 from statemachine.catalog import Usage
 from statemachine.metrics import Prices
 
@@ -36,14 +35,13 @@ class BudgetReached(Exception):
 class Spending:
     """Thread-safe running totals of one run, checked against its budgets."""
 
-    def __init__(self, store: EventStore, run_id: str, budgets: Budgets, prices: Prices) -> None:
+    def __init__(self, budgets: Budgets, prices: Prices, *, requests: int, input_tokens: int,
+                 output_tokens: int) -> None:
+        """The counts start at what the run spent before (its ledger rows)."""
         self.budgets = budgets
         self.prices = prices
         self._lock = threading.Lock()
-        self.requests, self.input_tokens, self.output_tokens = store.query(
-            "SELECT count(*), coalesce(sum(input_tokens), 0), "
-            "coalesce(sum(coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)), 0) "
-            "FROM quota_ledger WHERE run_id = ?", (run_id,))[0]
+        self.requests, self.input_tokens, self.output_tokens = requests, input_tokens, output_tokens
 
     def before_request(self) -> None:
         """Raise BudgetReached if one more request would go over a budget; else count it."""

@@ -21,6 +21,7 @@ from events import EventStore
 from statemachine import catalog as c
 from statemachine.gates import GateConfig
 from statemachine.lifecycle import FINAL
+from statemachine.projections import OUTPUT_TOKENS
 from statemachine.prompts import (
     estimate_tokens,
     load_standards,
@@ -64,8 +65,7 @@ def metrics(store: EventStore, *, now: float | None = None, prices: Prices = Pri
     held = WriterLock(store.path).held()  # a process is writing this log (a run is going on)
     q = store.query
     requests, input_tokens, output_tokens, rate_limited, ok, lost, pending = q(
-        "SELECT count(*), coalesce(sum(input_tokens), 0), "
-        "coalesce(sum(coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)), 0), "
+        f"SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum({OUTPUT_TOKENS}), 0), "
         "coalesce(sum(outcome = 'rate_limited'), 0), coalesce(sum(outcome = 'ok'), 0), "
         "coalesce(sum(outcome = 'lost'), 0), coalesce(sum(outcome = 'pending'), 0) FROM quota_ledger")[0]
     # Requests sent again: after a failure (by its kind) or after their process stopped (lost).
@@ -160,7 +160,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     standards = load_standards(standards_path)
     system = system_instruction(standards)
     history = store.query(
-        "SELECT phase, avg(output_tokens + coalesce(thoughts_tokens, 0)), count(*) FROM quota_ledger "
+        f"SELECT phase, avg({OUTPUT_TOKENS}), count(*) FROM quota_ledger "
         "WHERE outcome = 'ok' GROUP BY phase")
     measured = {phase: avg for phase, avg, n in history if n}
     plan_out = int(measured.get("plan") or DEFAULT_PLAN_OUTPUT)

@@ -165,6 +165,8 @@ PLUGINS = Projection(
 
 # ------------------------------------------------------------------ quota ledger
 
+# A ledger row's output tokens: thinking tokens are billed as output.
+OUTPUT_TOKENS = "coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)"
 _REQUEST_TAGS = {_tag(c.PlanRequested): "plan", _tag(c.SkillRequested): "skill"}
 _SETTLE_TAGS = {_tag(t) for t in (c.PlanReceived, c.SkillReceived, c.RequestFailed, c.PluginFailed,
                                   c.RequestLost)}
@@ -179,10 +181,11 @@ def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
     ev = rec.event
     phase = _REQUEST_TAGS.get(rec.type)
     if phase is not None:
+        sent = epoch(rec.at)
         return {
             "run_id": ev.run_id, "request_id": ev.request_id, "plugin_id": rec.stream[len(STREAM_PREFIX):],
             "model": ev.model, "phase": phase, "attempt": ev.attempt,
-            "sent_at": epoch(rec.at), "day": pacific_day(epoch(rec.at)),
+            "sent_at": sent, "day": pacific_day(sent),
             "est_input_tokens": ev.est_input_tokens, "input_tokens": None, "cached_tokens": None,
             "output_tokens": None, "thoughts_tokens": None, "outcome": "pending",
             "status_code": None, "settled_at": None,
@@ -355,7 +358,7 @@ VIEWS = {
         "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id AND q.attempt > 1) AS retries, "
         "(SELECT count(*) FROM quota_ledger q WHERE q.run_id = r.run_id AND q.outcome = 'rate_limited') AS rate_limited, "
         "(SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger q WHERE q.run_id = r.run_id) AS input_tokens, "
-        "(SELECT coalesce(sum(output_tokens + coalesce(thoughts_tokens, 0)), 0) FROM quota_ledger q "
+        f"(SELECT coalesce(sum({OUTPUT_TOKENS}), 0) FROM quota_ledger q "
         "WHERE q.run_id = r.run_id) AS output_tokens, "
         + ", ".join(_final_count(state) for state in ("done", "skipped", "rejected", "failed"))
         + " FROM runs r",
@@ -366,6 +369,6 @@ VIEWS = {
     "requests_per_day":
         "SELECT model, day AS day_pacific, count(*) AS requests, "
         "sum(coalesce(input_tokens, est_input_tokens)) AS input_tokens, "
-        "sum(coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)) AS output_tokens "
+        f"sum({OUTPUT_TOKENS}) AS output_tokens "
         "FROM quota_ledger GROUP BY model, day ORDER BY day",
 }

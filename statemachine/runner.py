@@ -36,6 +36,7 @@ from statemachine.journal import Journal, JournalClosed
 from statemachine.lifecycle import FINAL, State
 from statemachine.pipeline import (Context, Interrupted, RequestsClosed, RunStopped, Stats, StepSettings,
                                   advance)
+from statemachine.projections import OUTPUT_TOKENS
 from statemachine.prompts import Standards, load_standards
 from statemachine.scan import scan
 from statemachine.scheduler import DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso
@@ -301,7 +302,8 @@ class Runner:
         scheduler = Scheduler(self._effective_limits(run_id, options), self.clock, self._history(options.gemini.model),
                               margin=WINDOW_MARGIN)
         stats = self._stats(run_id)
-        spending = Spending(self.store, run_id, options.budgets, options.prices)
+        spending = Spending(options.budgets, options.prices, requests=stats.requests,
+                            input_tokens=stats.input_tokens, output_tokens=stats.output_tokens)
         ctx = Context(
             run_id=run_id, root=self.root, journal=self.journal, gateway=gateway, scheduler=scheduler,
             settings=StepSettings(model=options.gemini.model, gates=options.gates,
@@ -345,10 +347,11 @@ class Runner:
         """Record as lost every request a stopped process sent and never saw answered. This
         process holds the writer lock and has sent nothing yet, so no pending request is in
         flight. Each stays in the ledger (it counts against the quota); its plugin, still
-        planning or generating, sends it again."""
-        for run_id, request_id in self.store.query(
-                "SELECT run_id, request_id FROM quota_ledger WHERE outcome = 'pending' ORDER BY sent_at"):
-            self.journal.append(f"run:{run_id}", c.RequestLost(run_id=run_id, request_id=request_id))
+        planning or generating, sends it again. One transaction: one fsync for them all."""
+        with self.store.batch():
+            for run_id, request_id in self.store.query(
+                    "SELECT run_id, request_id FROM quota_ledger WHERE outcome = 'pending' ORDER BY sent_at"):
+                self.journal.append(f"run:{run_id}", c.RequestLost(run_id=run_id, request_id=request_id))
 
     def _effective_limits(self, run_id: str, options: RunOptions) -> Limits:
         """The run's limits, capped by learned ones; its explicit limits were stated when it
@@ -369,8 +372,7 @@ class Runner:
     def _stats(self, run_id: str) -> Stats:
         """The run's counters so far, from its ledger rows: a resumed run counts on from them."""
         requests, input_tokens, output_tokens, limited = self.store.query(
-            "SELECT count(*), coalesce(sum(input_tokens), 0), "
-            "coalesce(sum(coalesce(output_tokens, 0) + coalesce(thoughts_tokens, 0)), 0), "
+            f"SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum({OUTPUT_TOKENS}), 0), "
             "count(*) FILTER (WHERE outcome = 'rate_limited') FROM quota_ledger WHERE run_id = ?", (run_id,))[0]
         return Stats(requests=requests, input_tokens=input_tokens, output_tokens=output_tokens,
                      rate_limited=limited)
