@@ -330,10 +330,10 @@ class RunFinished(Event, frozen=True, tag="RunFinished"):
 class RequestLost(Event, frozen=True, tag="RequestLost"):
     """A request sent by this run whose answer was never recorded: its process stopped first.
 
-    Recorded by the next run or resume for every request still pending in the ledger (after
-    kill -9, a crash, power loss, or a signal that stopped the run while requests were in
-    flight). The request still counts against the quota; its plugin sends it again under a
-    new id.
+    Recorded by a run stopped by a signal for its requests still in flight (with its
+    RunInterrupted, in one transaction), and by the next run or resume for every request
+    left pending in the ledger (after kill -9, a crash or power loss). The request still
+    counts against the quota; its plugin sends it again under a new id.
     """
 
     run_id: str

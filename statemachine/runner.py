@@ -344,10 +344,12 @@ class Runner:
             ctx.scheduler = scheduler
 
     def _settle_lost(self) -> None:
-        """Record as lost every request a stopped process sent and never saw answered. This
-        process holds the writer lock and has sent nothing yet, so no pending request is in
-        flight. Each stays in the ledger (it counts against the quota); its plugin, still
-        planning or generating, sends it again. One transaction: one fsync for them all."""
+        """Record as lost every pending request: at the start of an execution, those a stopped
+        process sent and never saw answered (this process holds the writer lock and has sent
+        nothing yet); at an interruption, this process's own requests still in flight, whose
+        answers the closed journal will refuse. Each stays in the ledger (it counts against
+        the quota); its plugin, still planning or generating, sends it again. One
+        transaction: one fsync for them all."""
         with self.store.batch():
             for run_id, request_id in self.store.query(
                     "SELECT run_id, request_id FROM quota_ledger WHERE outcome = 'pending' ORDER BY sent_at"):
@@ -470,10 +472,13 @@ class Runner:
         self._backups += [f"  warning: {warning}" for warning in report.warnings]
 
     def _interrupted(self, run_id: str, selection: list[str]) -> RunResult:
-        """Record the interruption and close the log; workers still inside a Gemini call find
-        the journal closed and end without recording (resume re-sends their requests)."""
+        """Record the interruption, with the requests still in flight as lost, and close the
+        log; workers still inside a Gemini call find the journal closed and end without
+        recording (resume re-sends their requests)."""
         with self.journal.lock:
-            self.journal.append(f"run:{run_id}", c.RunInterrupted(run_id=run_id, signal=self.signal or "stop"))
+            with self.store.batch():
+                self._settle_lost()
+                self.journal.append(f"run:{run_id}", c.RunInterrupted(run_id=run_id, signal=self.signal or "stop"))
             counts, problems = self._counts(selection)
             self.journal.close()
         return RunResult(run_id=run_id, outcome="interrupted", counts=counts, selected=len(selection),

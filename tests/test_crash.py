@@ -124,17 +124,22 @@ def test_sigkill_at_random_instants_then_resume_loses_and_repeats_nothing(tmp_pa
 def test_a_signal_stops_cleanly_records_the_interruption_and_resume_finishes(tmp_path, sig, code):
     root = tmp_path / "market"
     build_marketplace(root, 6)
-    with Emulator(api_key=KEY, latency=(0.3, 0.4), seed=5) as emu:
+    with Emulator(api_key=KEY, latency=(1.0, 1.0), seed=5) as emu:
         proc = spawn("run", root, emu.url)
         deadline = time.monotonic() + 30
         while not [r for r in emu.requests if r.method == "POST"]:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        proc.send_signal(sig)
+        proc.send_signal(sig)  # a request is in flight: Gemini takes a second to answer
         assert proc.wait(timeout=10) == code
         assert query(root, "SELECT json_extract(data, '$.signal') FROM events WHERE type = 'RunInterrupted'") == [
             (signal.Signals(sig).name,)]
         assert query(root, "SELECT status FROM runs") == [("interrupted",)]
+        # the clean stop settled its requests in flight itself: none is left pending
+        assert query(root, "SELECT count(*) FROM quota_ledger WHERE outcome = 'pending'") == [(0,)]
+        lost = query(root, "SELECT request_id FROM quota_ledger WHERE outcome = 'lost'")
+        assert lost and len(lost) == query(root, "SELECT count(*) FROM events WHERE type = 'RequestLost'")[0][0]
+        assert json.loads(cli("metrics", str(root), "--json").stdout)["lost"] == len(lost)
         assert cli("audit", "verify", str(root)).returncode == 0
         assert spawn("resume", root, emu.url).wait(timeout=60) == 0
     assert query(root, "SELECT state, count(*) FROM plugins GROUP BY state") == [("done", 6)]
