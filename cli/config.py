@@ -12,18 +12,20 @@ Command-line flags win over the file; the file wins over the built-in defaults. 
 no command knows is an error naming it, so a typo never silently does nothing. Values are
 TOML-typed: a whole number for a count, a number for seconds or dollars, true or false for a
 switch, a string otherwise (`rpm = "15"` or `rpm = 1.5` is refused, never read as 15 or 1).
-Every problem with the file is wrong usage (exit 2), told in one line naming the file.
+Every command checks every value (also of keys it does not take), so one file is valid for all
+or none. Every problem with the file is wrong usage (exit 2), told in one line naming the file.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import click
 
-# Keys a config file may set: the union of run's, resume's, estimate's and metrics' options.
+# Keys a config file may set: run's, resume's, estimate's and metrics' options, but for those
+# that name one invocation's work or output (--force, --dry-run, --plugin, --json, --json-log).
 KNOWN = {
     "model", "base_url", "timeout", "standards", "min_bytes", "max_bytes", "min_examples",
     "gate_attempts", "max_attempts", "backoff", "category", "limit", "rpm", "rpd", "tpm",
@@ -31,7 +33,7 @@ KNOWN = {
 }
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, known: Iterable[str]) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -39,10 +41,10 @@ def load(path: Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise click.UsageError(f"config file {path} is not valid TOML: {e}") from None
     settings = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(settings) - KNOWN)
+    unknown = sorted(set(settings) - set(known))
     if unknown:
         raise click.UsageError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
-                               f"known: {', '.join(sorted(KNOWN))}")
+                               f"known: {', '.join(sorted(known))}")
     return settings
 
 
@@ -65,22 +67,36 @@ def _expected(kind: click.ParamType) -> tuple[tuple[type, ...], str]:
     return accepted, f"{what} {' and '.join(limits)}" if limits else what
 
 
+def _settable(ctx: click.Context) -> dict[str, click.Parameter]:
+    """The options a config file may set (KNOWN), taken from every command of the program
+    (commands sharing an option share its type)."""
+    found: dict[str, click.Parameter] = {}
+    for command in [*getattr(ctx.find_root().command, "commands", {}).values(), ctx.command]:
+        found.update((p.name, p) for p in command.params if p.name in KNOWN)
+    return found
+
+
 def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Check every setting of the file, also those this command does not take (one file
+    serves run, resume, estimate and metrics: a wrong value is wrong for all of them), then
+    make this command's settings its defaults."""
     if value is not None:
-        settings = load(value)
-        params = {p.name: p for p in ctx.command.params if p.name in settings}
-        for name, option in params.items():
+        options = _settable(ctx)
+        settings = load(value, options)
+        for name, setting in settings.items():
             # checked here so that the message names the file and the key, not a flag never given
+            option = options[name]
             accepted, expected = _expected(option.type)
-            wrong = f"config file {value}: {name} must be {expected}, not {settings[name]!r}"
-            if type(settings[name]) not in accepted:  # `type`: TOML's true is a bool, not a whole number
+            wrong = f"config file {value}: {name} must be {expected}, not {setting!r}"
+            if type(setting) not in accepted:  # `type`: TOML's true is a bool, not a whole number
                 raise click.UsageError(wrong)
             try:
-                option.type_cast_value(ctx, settings[name])
+                option.type_cast_value(ctx, setting)
             except click.BadParameter as e:  # a number out of its range; a path that is no file, in click's words
                 raise click.UsageError(f"config file {value}: {name}: {e.message}"
                                        if isinstance(option.type, click.Path) else wrong) from None
-        ctx.default_map = {**(ctx.default_map or {}), **{name: settings[name] for name in params}}
+        mine = {p.name for p in ctx.command.params}
+        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in settings.items() if k in mine}}
     return value
 
 

@@ -284,8 +284,11 @@ def test_a_config_value_of_the_wrong_type_names_the_key_the_file_and_what_it_mus
     }
     for text, message in cases.items():
         config.write_text(text)
-        result = run("run", market, "--config", config)
-        assert (result.exit_code, result.stderr) == (2, f"error: config file {config}: {message}\n"), text
+        # one file serves every command: each refuses a wrong value, also of a key it does not take
+        for command in ("run", "resume", "estimate", "metrics"):
+            result = run(command, market, "--config", config)
+            assert (result.exit_code, result.stderr) == (2, f"error: config file {config}: {message}\n"), \
+                (command, text)
     assert not (market / ".overnight").exists()
 
 
