@@ -221,8 +221,10 @@ class EventStore:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] if version == 0 else 0
             if version == 0 and (tables or not writer):
-                raise EventStoreError(f"{path} is not an overnight event log "
-                                      + ("(its tables are not overnight's)" if tables else "(it is empty)"))
+                raise EventStoreError(
+                    f"{path} is not an overnight event log " + (
+                        "(its tables are not overnight's)" if tables else
+                        f"(it is empty; a copy of a log in use needs its {path.name}-wal file copied beside it)"))
             if version > LATEST:  # refused before anything (even the journal mode) is written
                 raise EventStoreError(
                     f"{path} was written by a newer version of overnight (schema version {version}, this "

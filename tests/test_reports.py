@@ -5,11 +5,14 @@ there is nothing to show or the log is not a log at all."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import apsw
 
 from events.lock import WriterLock
+from statemachine.scan import scan
+from statemachine.workspace import open_log
 from tests.marketplace_builder import plugin
 from tests.test_run import FAST, KEY, emu, market, one, overnight, query, run  # noqa: F401
 
@@ -88,7 +91,8 @@ def test_read_only_commands_refuse_a_file_that_is_no_event_log_and_leave_it_alon
             1, f"error: {other} is not an overnight event log (its tables are not overnight's)\n"), command
         refused = overnight(*command, one, "--db", empty)
         assert (refused.exit_code, refused.stderr) == (
-            1, f"error: {empty} is not an overnight event log (it is empty)\n"), command
+            1, f"error: {empty} is not an overnight event log (it is empty; a copy of a log in use needs "
+               f"its empty.db-wal file copied beside it)\n"), command
     assert other.read_bytes() == before and empty.stat().st_size == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "one") == ["empty.db", "notes.db"]
     # a writing command refuses it too, rather than adding overnight's tables to it
@@ -97,6 +101,24 @@ def test_read_only_commands_refuse_a_file_that_is_no_event_log_and_leave_it_alon
         assert (refused.exit_code, refused.stderr) == (
             1, f"error: {other} is not an overnight event log (its tables are not overnight's)\n"), command
     assert other.read_bytes() == before
+
+
+def test_a_copy_of_a_log_in_use_without_its_wal_file_is_refused_with_the_wal_named(one, tmp_path):
+    """The events of a log still open are in its -wal file until SQLite checkpoints them."""
+    live = tmp_path / "live.db"
+    store = open_log(one, live)
+    try:
+        scan(store, one)
+        shutil.copy(live, tmp_path / "copy.db")
+        refused = overnight("status", one, "--db", tmp_path / "copy.db")
+        assert (refused.exit_code, refused.stderr) == (
+            1, f"error: {tmp_path / 'copy.db'} is not an overnight event log (it is empty; a copy of a log "
+               "in use needs its copy.db-wal file copied beside it)\n")
+        shutil.copy(tmp_path / "live.db-wal", tmp_path / "copy.db-wal")
+        read = overnight("status", one, "--db", tmp_path / "copy.db", "--json")
+        assert read.exit_code == 0 and json.loads(read.stdout)["plugins"] == 1
+    finally:
+        store.close()
 
 
 def test_a_missing_log_given_with_db_is_not_answered_with_pass_db(one, tmp_path):
