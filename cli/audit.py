@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import EXIT_PROBLEMS, common, marketplace_argument
-from cli.render import console, emit_json, report_check, shown
+from cli.render import emit_json, report_check, shown
 from statemachine import audit as audit_service
 from statemachine.workspace import marketplace_root, open_log, read_log
 
@@ -52,16 +52,15 @@ def replay(path: Path, db: Path | None, apply: bool, as_json: bool) -> None:
                    "differences": report.differences, "applied": report.applied,
                    "problems": report.problems})
     else:
-        out = console()
         rows = ", ".join(f"{name} {n}" for name, n in report.rows.items())
-        out.print(f"replayed {report.events} events into fresh tables ({rows})")
+        click.echo(f"replayed {report.events} events into fresh tables ({rows})")
         for problem in report.problems:
-            out.print(f"problem: {problem}", markup=False)
+            click.echo(f"problem: {problem}")
         if report.ok:
-            out.print("live projections equal the replay")
+            click.echo("live projections equal the replay")
         elif report.applied:
-            out.print("live projections replaced by the replay"
-                      + ("" if report.log_ok else "; the log's own problems above are not repaired by a replay"))
+            click.echo("live projections replaced by the replay"
+                       + ("" if report.log_ok else "; the log's own problems above are not repaired by a replay"))
     if not report.ok and not (report.applied and report.log_ok):
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 

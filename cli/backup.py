@@ -20,7 +20,7 @@ from cli.options import (
     debug_option,
     marketplace_argument,
 )
-from cli.render import console, emit_json, plural, report_check
+from cli.render import emit_json, plural, report_check
 from events.remote import display_url
 from statemachine import backup as backup_service
 from statemachine.workspace import default_db, marketplace_root, open_log
@@ -85,16 +85,15 @@ def backup_now(path: Path, db: Path | None, url: str | None, as_json: bool) -> N
         emit_json(report.as_json())
         return
     s = report.snapshot
-    out = console()
-    out.print(
+    click.echo(
         f"snapshot {s.id} at {report.target}: {s.files:,} files, {s.bytes:,} bytes, {plural(s.plugins, 'plugin')}, "
         f"log up to seq {s.last_seq}\nsent {report.events_sent:,} events, {report.blobs_sent:,} blobs, "
         f"{report.bytes_sent:,} bytes in {report.rows_written:,} rows ({report.batches} batches) "
-        f"in {report.seconds:.2f} s", markup=False)
+        f"in {report.seconds:.2f} s")
     if report.blobs_repaired:
-        out.print(f"repaired {plural(report.blobs_repaired, 'damaged blob')} on the remote", markup=False)
+        click.echo(f"repaired {plural(report.blobs_repaired, 'damaged blob')} on the remote")
     for warning in report.warnings:
-        out.print(f"warning: {warning}", markup=False)
+        click.echo(f"warning: {warning}")
 
 
 @backup.command()
@@ -149,17 +148,15 @@ def restore(url: str | None, dest: Path, snapshot_id: str | None, as_json: bool)
     if as_json:
         emit_json(report.as_json())
     else:
-        out = console()
         counts = (f"{report.files:,} files ({report.bytes:,} bytes), {report.dirs:,} directories, "
                   f"{report.symlinks} symlinks, {report.events:,} events, {report.blobs:,} log blobs "
                   f"in {report.seconds:.2f} s")
         if report.ok:
-            out.print(f"restored snapshot {report.snapshot} into {report.path}: {counts}", markup=False)
+            click.echo(f"restored snapshot {report.snapshot} into {report.path}: {counts}")
         else:
-            out.print(f"snapshot {report.snapshot} is damaged ({len(report.problems)} problems below): nothing "
-                      f"was put in {dest}; what could be restored and verified is in {report.path}: {counts}",
-                      markup=False)
+            click.echo(f"snapshot {report.snapshot} is damaged ({len(report.problems)} problems below): nothing "
+                       f"was put in {dest}; what could be restored and verified is in {report.path}: {counts}")
         for problem in report.problems:
-            out.print(f"problem: {problem}", markup=False)
+            click.echo(f"problem: {problem}")
     if not report.ok:
         raise click.exceptions.Exit(EXIT_PROBLEMS)

@@ -1,4 +1,5 @@
-"""Output helpers: JSON for scripts, rich for people (imported only when a person is served)."""
+"""Output helpers: JSON for scripts; for people plain lines (click.echo: marketplace text is printed as
+it is, never read as rich markup or `:emoji:` codes), and rich for live progress only."""
 
 from __future__ import annotations
 
@@ -31,11 +32,10 @@ def report_check(as_json: bool, report: dict[str, Any], ok_line: str, problems: 
     if as_json:
         emit_json(report)
     else:
-        out = console()
         if not problems:
-            out.print(ok_line, markup=False)
+            click.echo(ok_line)
         for problem in problems:
-            out.print(f"problem: {problem}", markup=False)
+            click.echo(f"problem: {problem}")
     if problems:
         from cli.options import EXIT_PROBLEMS
 
@@ -44,12 +44,6 @@ def report_check(as_json: bool, report: dict[str, Any], ok_line: str, problems: 
 
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, ensure_ascii=False))
-
-
-def console() -> "Console":
-    from rich.console import Console
-
-    return Console(highlight=False, soft_wrap=True)
 
 
 def stderr_console() -> "Console":

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import common, marketplace_argument
-from cli.render import console, emit_json, interactive, plural, shown, stderr_console
+from cli.render import emit_json, interactive, plural, shown, stderr_console
 from statemachine.workspace import marketplace_root, open_log
 
 
@@ -47,11 +47,10 @@ def scan(path: Path, db: Path | None, as_json: bool) -> None:
             "warnings": report.warnings,
         })
         return
-    out = console()
-    out.print(f"{plural(report.plugins, 'plugin')}: {report.new} new, {report.changed} changed, "
-              f"{report.unchanged} unchanged, {report.vanished} vanished; "
-              f"{report.invalid} invalid; {plural(report.events, 'event')} recorded")
+    click.echo(f"{plural(report.plugins, 'plugin')}: {report.new} new, {report.changed} changed, "
+               f"{report.unchanged} unchanged, {report.vanished} vanished; "
+               f"{report.invalid} invalid; {plural(report.events, 'event')} recorded")
     for plugin_id, reason in report.problems:
-        out.print(f"  invalid  {shown(plugin_id)}: {shown(reason)}", markup=False)
+        click.echo(f"  invalid  {shown(plugin_id)}: {shown(reason)}")
     for warning in report.warnings:
-        out.print(f"  warning  {warning}", markup=False)
+        click.echo(f"  warning  {warning}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import common, marketplace_argument
-from cli.render import console, emit_json, plural, shown
+from cli.render import emit_json, plural, shown
 from statemachine import status as status_service
 from statemachine.lifecycle import State
 from statemachine.workspace import read_log
@@ -27,22 +27,21 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
     if as_json:
         emit_json(report.as_json())
         return
-    out = console()
     counts = ", ".join(f"{s} {n}" for s, n in sorted(report.by_state.items(), key=lambda kv: -kv[1]))
-    out.print(f"{plural(report.plugins, 'plugin')} ({counts or 'none yet'}); {plural(report.events, 'event')} "
-              "in the log")
+    click.echo(f"{plural(report.plugins, 'plugin')} ({counts or 'none yet'}); {plural(report.events, 'event')} "
+               "in the log")
     if report.last_run:
         r = report.last_run
-        out.print(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "
-                  f"{r['rejected']} rejected, {r['failed']} failed, {plural(r['requests'], 'request')}"
-                  + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
-                  + ("; no overnight process is running it: `overnight resume` continues it"
-                     if r["status"] == "stopped" else ""), markup=False)
+        click.echo(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "
+                   f"{r['rejected']} rejected, {r['failed']} failed, {plural(r['requests'], 'request')}"
+                   + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
+                   + ("; no overnight process is running it: `overnight resume` continues it"
+                      if r["status"] == "stopped" else ""))
     waiting = bool(report.last_run) and report.last_run["status"] in status_service.UNFINISHED + ("stopped",)
     for r in report.unfinished_runs:
-        out.print(f"{'older ' if r['started_at'] < report.last_run['started_at'] else ''}run {r['run_id']} "
-                  f"is unfinished: {r['status']}, {r['done']} done of {plural(r['plugins'], 'plugin')}; "
-                  "`overnight resume` continues it" + (" after the run above" if waiting else ""), markup=False)
+        click.echo(f"{'older ' if r['started_at'] < report.last_run['started_at'] else ''}run {r['run_id']} "
+                   f"is unfinished: {r['status']}, {r['done']} done of {plural(r['plugins'], 'plugin')}; "
+                   "`overnight resume` continues it" + (" after the run above" if waiting else ""))
         waiting = True
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""

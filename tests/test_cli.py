@@ -422,10 +422,12 @@ def test_control_characters_in_directory_names_reach_the_terminal_escaped(tmp_pa
     plugin(root, "plugins/x/evil\x1b[2J\nname", "evil", description="Clears screens.")
     plugin(root, "plugins/x/[bold]markup[link=x]", "markup", description="Looks like rich markup.")
     plugin(root, "plugins/x/bad\x07bell", None)  # invalid: no name
+    plugin(root, "plugins/x/launch:rocket:", None)  # an :emoji: code stays text
     scan = run("scan", root)
     assert scan.exit_code == 0, scan.output
     assert "\x1b" not in scan.output and "\x07" not in scan.output
     assert "  invalid  plugins/x/bad\\u0007bell: .claude-plugin/plugin.json has no 'name'" in scan.output
+    assert "  invalid  plugins/x/launch:rocket:: .claude-plugin/plugin.json has no 'name'" in scan.output
     listed = run("status", root, "--state", "analyzed")
     assert listed.exit_code == 0 and "\x1b" not in listed.output
     assert "  analyzed    plugins/x/evil\\u001b[2J\\u000aname" in listed.output
