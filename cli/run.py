@@ -192,15 +192,17 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
 def _render(result, as_json: bool, resume: str) -> None:
     if as_json:
         emit_json({"run_id": result.run_id, "outcome": result.outcome, "selected": result.selected,
-                   "by_state": result.counts, "paused_until": result.paused_until,
+                   "by_state": result.counts, "by_other_runs": result.by_other_runs,
+                   "paused_until": result.paused_until,
                    "message": result.message,
                    "problems": [{"plugin": p, "state": s, "reason": r} for p, s, r in result.problems],
                    "invalid": [{"plugin": p, "reason": r} for p, r in result.invalid],
                    "backups": result.backups, "backup_failed": result.backup_failed})
         return
     counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
+    others = ", ".join(f"{s} {n}" for s, n in sorted(result.by_other_runs.items(), key=lambda kv: -kv[1]))
     click.echo(f"run {result.run_id}: {result.outcome}; {plural(result.selected, 'plugin')} selected "
-               f"({counts or 'none'})")
+               f"({counts or 'none'})" + (f"; finished by other runs: {others}" if others else ""))
     if result.outcome == "budget_exhausted":
         click.echo(f"budget reached: {result.message}")
     if result.paused_until:

@@ -320,11 +320,17 @@ class BudgetExhausted(Event, frozen=True, tag="BudgetExhausted"):
 
 
 class RunFinished(Event, frozen=True, tag="RunFinished"):
-    """No plugin of the run has work left (complete) or some ended failed (incomplete)."""
+    """No plugin of the run has work left (complete) or some ended failed (incomplete).
+
+    `counts`: the states of the plugins this run finished (or left unfinished);
+    `by_other_runs`: those of its plugins another run finished (each plugin is credited to
+    the run that finished it). Logged before `by_other_runs` existed, it reads as empty.
+    """
 
     run_id: str
     outcome: Literal["complete", "incomplete"]
     counts: dict[str, int]
+    by_other_runs: dict[str, int] = {}
 
 
 class RequestLost(Event, frozen=True, tag="RequestLost"):

@@ -151,8 +151,9 @@ class Progress:
 class RunResult:
     run_id: str
     outcome: str  # complete | incomplete | paused | interrupted | stopped
-    counts: dict[str, int]
+    counts: dict[str, int]  # states of the plugins this run finished or left unfinished
     selected: int
+    by_other_runs: dict[str, int] = field(default_factory=dict)  # of its plugins other runs finished
     invalid: list[tuple[str, str]] = field(default_factory=list)
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (plugin, state, reason)
     message: str | None = None
@@ -380,8 +381,9 @@ class Runner:
                      rate_limited=limited)
 
     def _finished(self, selection: list[str]) -> int:
-        counts, _ = self._counts(selection)
-        return sum(n for state, n in counts.items() if state in FINAL)
+        chosen = set(selection)
+        return sum(1 for plugin_id, state in self.journal.query("SELECT plugin_id, state FROM plugins")
+                   if plugin_id in chosen and state in FINAL)
 
     def _progress(self, stats: Stats, total: int, finished: int, *, eta: float | None = None,
                   paused_until: float | None = None, retrying: int = 0,
@@ -408,25 +410,34 @@ class Runner:
             eta = (self.clock() - started) / done_here * (total - finished)
         self.on_progress(self._progress(stats, total, finished, eta=eta, retrying=retrying, next_retry=next_retry))
 
-    def _counts(self, selection: list[str]) -> tuple[dict[str, int], list[tuple[str, str, str]]]:
+    def _counts(self, run_id: str, selection: list[str]) -> tuple[
+            dict[str, int], dict[str, int], list[tuple[str, str, str]]]:
+        """The states of run `run_id`'s plugins: those it finished or left unfinished, those
+        another run finished (a later run, or one that ran while this one was paused or
+        stopped: each plugin is credited to the run that finished it, so sums over runs
+        count it once), and the plugins that did not end done or skipped."""
         chosen = set(selection)
         counts: dict[str, int] = {}
+        others: dict[str, int] = {}
         problems = []
-        for plugin_id, state, reason in self.journal.query("SELECT plugin_id, state, reason FROM plugins"):
+        for plugin_id, state, reason, last_run in self.journal.query(
+                "SELECT plugin_id, state, reason, run_id FROM plugins"):
             if plugin_id not in chosen:
                 continue
-            counts[state] = counts.get(state, 0) + 1
+            credited = others if state in FINAL and last_run not in (None, run_id) else counts
+            credited[state] = credited.get(state, 0) + 1
             if state not in (State.DONE, State.SKIPPED):  # rejected ones are listed with their reasons
                 problems.append((plugin_id, state, reason or ""))
-        return counts, problems
+        return counts, others, problems
 
     def _finish(self, run_id: str, selection: list[str], options: RunOptions, outcome: str | None,
                 message: str | None = None, paused_until: str | None = None) -> RunResult:
-        counts, problems = self._counts(selection)
+        counts, others, problems = self._counts(run_id, selection)
         done_states = OK_END | ({State.PLANNED} if options.dry_run else set())
         if outcome is None:
-            outcome = "complete" if all(s in done_states for s in counts) else "incomplete"
-            self.journal.append(f"run:{run_id}", c.RunFinished(run_id=run_id, outcome=outcome, counts=counts))
+            outcome = "complete" if all(s in done_states for s in [*counts, *others]) else "incomplete"
+            self.journal.append(f"run:{run_id}", c.RunFinished(run_id=run_id, outcome=outcome, counts=counts,
+                                                               by_other_runs=others))
             self._finish_older_runs(run_id)
         if options.dry_run:
             problems = [p for p in problems if p[1] != State.PLANNED]
@@ -434,8 +445,8 @@ class Runner:
             "SELECT plugin_id, reason FROM plugins WHERE state = 'invalid' ORDER BY plugin_id")]
         if outcome != "paused":  # a pause was backed up when it began
             self._backup(options, f"run {outcome}")
-        return RunResult(run_id=run_id, outcome=outcome, counts=counts, selected=len(selection),
-                         invalid=invalid, problems=problems, message=message, paused_until=paused_until,
+        return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
+                         selected=len(selection), invalid=invalid, problems=problems, message=message, paused_until=paused_until,
                          backups=list(self._backups), backup_failed=self._backup_failed)
 
     def _finish_older_runs(self, run_id: str) -> None:
@@ -445,10 +456,12 @@ class Runner:
                 "SELECT r.run_id, json_extract(e.data, '$.selection') FROM runs r JOIN events e "
                 "ON e.stream = 'run:' || r.run_id AND e.type = 'RunStarted' "
                 f"WHERE r.run_id != ? AND r.status IN ({', '.join('?' * len(UNFINISHED))})", (run_id, *UNFINISHED)):
-            counts, _ = self._counts(msgspec.json.decode(selection))
-            if all(state in FINAL for state in counts):
-                outcome = "complete" if all(state in OK_END for state in counts) else "incomplete"
-                self.journal.append(f"run:{other}", c.RunFinished(run_id=other, outcome=outcome, counts=counts))
+            counts, others, _ = self._counts(other, msgspec.json.decode(selection))
+            states = [*counts, *others]
+            if all(state in FINAL for state in states):
+                outcome = "complete" if all(state in OK_END for state in states) else "incomplete"
+                self.journal.append(f"run:{other}", c.RunFinished(run_id=other, outcome=outcome, counts=counts,
+                                                                  by_other_runs=others))
 
     def _backup(self, options: RunOptions, why: str) -> None:
         """Off-site copy at the end of a run and when it pauses: an unattended night ends with one.
@@ -479,9 +492,10 @@ class Runner:
             with self.store.batch():
                 self._settle_lost()
                 self.journal.append(f"run:{run_id}", c.RunInterrupted(run_id=run_id, signal=self.signal or "stop"))
-            counts, problems = self._counts(selection)
+            counts, others, problems = self._counts(run_id, selection)
             self.journal.close()
-        return RunResult(run_id=run_id, outcome="interrupted", counts=counts, selected=len(selection),
+        return RunResult(run_id=run_id, outcome="interrupted", counts=counts, by_other_runs=others,
+                         selected=len(selection),
                          problems=problems, message=f"interrupted by {self.signal}")
 
 

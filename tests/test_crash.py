@@ -275,5 +275,9 @@ def test_status_shows_an_older_unfinished_run_and_a_run_that_finishes_its_plugin
         assert resumed.wait(timeout=60) == 0
 
     assert query(root, "SELECT run_id, status FROM runs ORDER BY started_at") == [(older, "complete"), (newer, "complete")]
+    # tool-03 is credited to the newer run that finished it, not to the older one too
+    assert query(root, "SELECT json_extract(data, '$.counts'), json_extract(data, '$.by_other_runs') FROM events "
+                       f"WHERE type = 'RunFinished' AND stream = 'run:{older}'") == [('{"done":3}', '{"done":1}')]
+    assert query(root, "SELECT run_id, done FROM run_summary ORDER BY started_at") == [(older, 3), (newer, 1)]
     assert status()["unfinished_runs"] == []
     assert cli("audit", "verify", str(root)).returncode == 0

@@ -160,3 +160,9 @@ def test_the_event_types_the_plugin_details_view_reads_have_no_older_schema():
     for cls in read_by_view:
         assert cls.schema_version == 1, f"{cls.__name__} changed: update the plugin_details view"
         assert not [k for k in c.UPCASTERS if k[0] == cls.__struct_config__.tag]
+
+
+def test_a_run_finished_logged_before_by_other_runs_existed_reads_as_none_by_other_runs():
+    old = b'{"type":"RunFinished","run_id":"r1","outcome":"complete","counts":{"done":2}}'
+    event = c.REGISTRY.decode("RunFinished", 1, old)
+    assert (event.counts, event.by_other_runs) == ({"done": 2}, {})

@@ -325,7 +325,12 @@ def test_a_paused_run_that_a_newer_run_finishes_is_finished_without_its_pause(on
     assert until
     newer = run(one, emu, "--rpd", "100", "--json")
     assert newer.exit_code == 0 and json.loads(newer.stdout)["outcome"] == "complete"
+    assert (json.loads(newer.stdout)["by_state"], json.loads(newer.stdout)["by_other_runs"]) == ({"done": 1}, {})
     assert query(one, "SELECT status, paused_until FROM runs WHERE run_id = ?", paused) == [("complete", None)]
+    # the plugin is credited to the run that finished it, once
+    assert query(one, "SELECT json_extract(data, '$.counts'), json_extract(data, '$.by_other_runs') FROM events "
+                      "WHERE type = 'RunFinished' AND stream = ?", f"run:{paused}") == [("{}", '{"done":1}')]
+    assert query(one, "SELECT run_id = ?, done FROM run_summary ORDER BY started_at", paused) == [(1, 0), (0, 1)]
     assert json.loads(overnight("status", one, "--json").stdout)["unfinished_runs"] == []
 
 
