@@ -8,7 +8,7 @@ import click
 
 from cli.config import config_option
 from cli.options import Number, common, marketplace_argument, stated_limits
-from cli.render import emit_json, plural
+from cli.render import duration, emit_json, plural
 
 price_options = [
     click.option("--price-input", type=Number(min=0), default=0.30, show_default=True,
@@ -81,10 +81,12 @@ def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, pric
     if run:
         line = (f"last run {run['run_id']}: {run['status']}, {run['finished']}/{run['selected']} finished, "
                 f"{plural(run['requests'], 'request')}")
+        line += f", wall time {duration(run['actual']['elapsed_s'])}"
         if run["eta_s"] is not None:
-            line += f", ETA {run['eta_s']} s"
+            line += f", ETA {duration(run['eta_s'])}"
         if run["estimate"]:
-            line += f" (estimated {plural(run['estimate']['requests'], 'request')})"
+            line += (f" (estimated {plural(run['estimate']['requests'], 'request')}, "
+                     f"{duration(run['estimate']['seconds'])})")
         click.echo(line)
 
 
@@ -142,15 +144,6 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
                f"{result.input_tokens:,} input and {result.output_tokens:,} output tokens, "
                f"about ${result.cost_usd:.2f}")
     click.echo(f"time at {limits.rpm} requests/min, {limits.rpd}/day, concurrency {limits.concurrency}: "
-               f"{_duration(result.seconds)}" + (f" ({plural(result.days, 'daily reset')})" if result.days else "")
+               f"{duration(result.seconds)}" + (f" ({plural(result.days, 'daily reset')})" if result.days else "")
                + (f"; {result.used_today} of today's {limits.rpd} already used" if result.used_today else ""))
     click.echo(f"basis: {result.basis}")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes = rest // 60
-    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours or days) + [f"{minutes}m"]
-    return " ".join(parts) if seconds >= 60 else f"{seconds}s"

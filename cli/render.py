@@ -4,6 +4,7 @@ it is, never read as rich markup or `:emoji:` codes), and rich for live progress
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,18 @@ def shown(text: str) -> str:
     from statemachine.discovery import one_line
 
     return one_line(text, limit=100_000)
+
+
+def duration(seconds: float) -> str:
+    """`45s`, `3m 5s`, `2h 10m`, `1d 4h` (seconds rounded up)."""
+    seconds = math.ceil(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m {seconds % 60}s"
+    return f"{seconds}s"
 
 
 def plural(count: int, noun: str) -> str:

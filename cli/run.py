@@ -15,7 +15,7 @@ import click
 from cli.config import config_option, source
 from cli.metrics import prices, quota_options
 from cli.options import EXIT_PROBLEMS, Number, common, marketplace_argument, stated_limits
-from cli.render import emit_json, interactive, plural, shown, stderr_console
+from cli.render import duration, emit_json, interactive, plural, shown, stderr_console
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -247,7 +247,7 @@ class _Display:
                 f"{progress.input_tokens:,} in / {progress.output_tokens:,} out tokens  "
                 f"{progress.rate_limited} rate-limited")
         if progress.eta is not None:
-            line += f"  ETA {_duration(progress.eta)}"
+            line += f"  ETA {duration(progress.eta)}"
         if progress.paused_until:
             line += f"  paused until {_moment(progress.paused_until)}"
         if self._live is not None:
@@ -272,11 +272,11 @@ def _plugin_lines(progress) -> list[str]:
         wait = progress.waiting.get(pid)
         if wait is not None:
             seconds, why = wait
-            phase += f", waits {_duration(seconds)} ({why})"
+            phase += f", waits {duration(seconds)} ({why})"
         lines.append(f"  {shown(pid)}  {phase}")
     if progress.retrying:
         lines.append(f"  {plural(progress.retrying, 'plugin')} waiting to retry, the first in "
-                     f"{_duration(progress.next_retry or 0)}")
+                     f"{duration(progress.next_retry or 0)}")
     return lines
 
 
@@ -290,14 +290,3 @@ def _moment(ts: float) -> str:
 
     local = datetime.fromtimestamp(ts).astimezone()
     return iso(ts) + (f" ({local:%Y-%m-%d %H:%M %Z} local time)" if local.utcoffset() else "")
-
-
-def _duration(seconds: float) -> str:
-    seconds = math.ceil(seconds)
-    if seconds >= 86400:
-        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m {seconds % 60}s"
-    return f"{seconds}s"

@@ -12,6 +12,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,14 +121,24 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     finished = sum(n for s, n in ended.items() if s in FINAL)
     requests = store.query("SELECT count(*), min(sent_at), max(sent_at) FROM quota_ledger WHERE run_id = ?",
                            (run_id,))[0]
-    elapsed = (requests[2] - requests[1]) if requests[0] > 1 else None
+    sending = (requests[2] - requests[1]) if requests[0] > 1 else None
     eta = None
-    if status == "running" and finished and elapsed and len(selection) > finished:
-        eta = round(elapsed / finished * (len(selection) - finished))
+    if status == "running" and finished and sending and len(selection) > finished:
+        eta = round(sending / finished * (len(selection) - finished))
+    # wall time, pauses included (as the estimate counts them): until the run ended, until now
+    # while a process runs it, else until its last event (a killed process records no end)
+    (last_at,) = store.query("SELECT e.at FROM runs r JOIN events e ON e.seq = r.last_seq WHERE r.run_id = ?",
+                             (run_id,))[0]
+    live = status == "running" or (held and status == "paused")  # held: a process waits out the pause
+    end = now if live else _unix(every_run[0]["ended_at"] or last_at)
     estimate = msgspec.json.decode(config).get("estimate")
     return {"run_id": run_id, "status": status, "started_at": started_at, "selected": len(selection),
             "finished": finished, "requests": requests[0], "eta_s": eta, "estimate": estimate,
-            "actual": {"requests": requests[0], "elapsed_s": round(elapsed) if elapsed else None}}
+            "actual": {"requests": requests[0], "elapsed_s": round(max(0.0, end - _unix(started_at)))}}
+
+
+def _unix(at: str) -> float:
+    return datetime.fromisoformat(at).timestamp()
 
 
 @dataclass

@@ -70,8 +70,26 @@ def test_metrics_report_requests_tokens_rate_limits_and_durations(market, emu):
     assert m["output_tokens"] > 0 and 0 < m["success_rate"] < 1
     assert m["phases"]["plan"]["answers"] == 4 and m["phases"]["skill"]["p95_s"] is not None
     assert m["run"]["estimate"]["requests"] == 8 and m["run"]["actual"]["requests"] == 10
+    (started, ended), = query(market, "SELECT started_at, ended_at FROM runs")
+    assert m["run"]["actual"]["elapsed_s"] == round(_unix(ended) - _unix(started))  # wall time
     human = overnight("metrics", market)
     assert human.exit_code == 0 and "requests 10 (1 rate-limited" in human.stdout
+    assert ", wall time " in human.stdout
+
+
+def _unix(at: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(at).timestamp()
+
+
+def test_metrics_give_a_paused_run_its_wall_time_until_the_pause(one, emu):
+    """One request sent: there is no span between requests, but the run took time."""
+    assert run(one, emu, "--rpd", "1", "--no-wait").exit_code == 0
+    (started, paused), = query(one, "SELECT r.started_at, e.at FROM runs r JOIN events e ON e.type = 'RunPaused'")
+    m = json.loads(overnight("metrics", one, "--json").stdout)["run"]
+    assert (m["status"], m["actual"]["requests"]) == ("paused", 1)
+    assert m["actual"]["elapsed_s"] == round(_unix(paused) - _unix(started))
 
 
 def test_estimate_counts_plugins_requests_tokens_days_and_cost(market, emu, monkeypatch):
