@@ -205,7 +205,8 @@ def test_counts_of_one_are_singular(one, emu):
     assert planned.stdout.startswith("run ") and "complete; 1 plugin selected (planned 1)" in planned.stdout
     assert overnight("status", one).stdout.startswith("1 plugin (planned 1); ")
     last_run = overnight("metrics", one).stdout.splitlines()[-1]
-    assert last_run.startswith("last run ") and last_run.endswith(" finished, 1 request (estimated 2 requests)")
+    assert last_run.startswith("last run ") and " finished, 1 request, wall time " in last_run
+    assert re.search(r" \(estimated 2 requests, \d+s\)$", last_run)
     assert overnight("estimate", one).stdout.startswith("1 plugin to process: 1 request, ")  # the SKILL.md
 
 
