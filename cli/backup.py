@@ -21,7 +21,7 @@ from cli.options import (
     marketplace_argument,
 )
 from cli.render import emit_json, plural, report_check
-from events.remote import display_url
+from events.remote import absolute_url, display_url
 from statemachine import backup as backup_service
 from statemachine.workspace import default_db, marketplace_root, open_log
 
@@ -38,7 +38,7 @@ def _url(url: str | None) -> str:
     if not url:
         click.echo(f"error: no backup URL: pass one, or set {' or '.join(URL_ENV)}", err=True)
         raise click.exceptions.Exit(EXIT_USAGE)
-    return url
+    return absolute_url(url)
 
 
 def url_option(name: str, help: str) -> Any:
@@ -117,12 +117,13 @@ def verify(url: str | None, read_data: float, as_json: bool) -> None:
 @debug_option
 def list_(url: str | None, as_json: bool) -> None:
     """Snapshots, oldest first: time, plugins, files, sizes."""
-    snapshots = backup_service.list_snapshots(_url(url), _token())
+    url = _url(url)
+    snapshots = backup_service.list_snapshots(url, _token())
     if as_json:
-        emit_json({"target": display_url(url or ""), "snapshots": [s.as_json() for s in snapshots]})
+        emit_json({"target": display_url(url), "snapshots": [s.as_json() for s in snapshots]})
         return
     if not snapshots:
-        click.echo(f"no snapshot at {display_url(url or '')} yet")
+        click.echo(f"no snapshot at {display_url(url)} yet")
     for s in snapshots:
         click.echo(f"{s.id}  {s.created_at}  {s.plugins:>4} plugins  {s.files:>6} files  "
                    f"{s.bytes:>12,} bytes  sent {s.bytes_sent:>12,}  seq {s.last_seq}")

@@ -98,12 +98,13 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
     from statemachine.scheduler import Limits
 
     if backup_to is not None:
-        from events.remote import RemoteError, check_url
+        from events.remote import RemoteError, absolute_url, check_url
 
         try:
             check_url(backup_to)
         except RemoteError as e:
             raise click.UsageError(f"--backup-to {e}") from e
+        backup_to = absolute_url(backup_to)  # recorded: resume, from any directory, backs up to the same file
     if dry_run and force:
         raise click.UsageError("--dry-run with --force would put finished plugins back to planned, and a later "
                                "run would generate them again; use one or the other")

@@ -47,12 +47,26 @@ class Remote(Protocol):
 
 
 def display_url(url: str) -> str:
-    """`url` without credentials (user info and query), for logs, events and messages."""
+    """`url` without credentials, for logs, events and messages: no user info, and of the
+    query only `tls` (libsql-client's one other parameter is `authToken`), which a recorded
+    URL needs to reach the same server again."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     if parts.port:
         host += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+    kept = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k == "tls"]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, urllib.parse.urlencode(kept), ""))
+
+
+def absolute_url(url: str) -> str:
+    """A `file:` URL with a relative path made absolute (from the current directory), so that
+    a URL recorded for later (`run --backup-to`, resumed elsewhere) names the same file; other
+    URLs unchanged."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "file" or parts.netloc or parts.path.startswith("/") or not parts.path:
+        return url
+    # the path as written: libsql-client opens the URL's path as it stands, unquoted
+    return urllib.parse.urlunsplit(("file", "", os.path.abspath(parts.path), parts.query, ""))
 
 
 _STATUS = re.compile(r"HTTP status (\d{3})")

@@ -477,6 +477,31 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
     assert len(listed) == 2
 
 
+def test_resume_backs_up_to_the_file_a_relative_url_named_and_keeps_tls_0(night, server, tmp_path, monkeypatch):
+    """A relative `file:` URL is resolved when given (resume may run from any directory), and
+    a recorded URL keeps `?tls=0` (only credentials are left out)."""
+    root, emu, env = night
+    given_in, elsewhere = tmp_path / "given-in", tmp_path / "elsewhere"
+    given_in.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(given_in)
+    plain_libsql = server.ws_url.replace("ws://", "libsql://") + "?tls=0"  # libsql:// is wss:// unless tls=0
+    for url, shown in (("file:offsite.db", f"file://{given_in / 'offsite.db'}"), (plain_libsql, plain_libsql)):
+        monkeypatch.chdir(given_in)
+        paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1", "--no-wait", "--force",
+                     "--backup-to", url, "--json", env=env)
+        assert json.loads(paused.stdout)["outcome"] == "paused", paused.output
+        assert json.loads(paused.stdout)["backups"][0].startswith(f"backup to {shown} (paused for quota): ")
+        monkeypatch.chdir(elsewhere)
+        resumed = run("resume", root, "--rpd", "1000", "--json", env=env)
+        summary = json.loads(resumed.stdout)
+        assert summary["outcome"] == "complete" and summary["backup_failed"] is False, resumed.output
+        assert summary["backups"][0].startswith(f"backup to {shown} (run complete): ")
+    assert list(elsewhere.iterdir()) == [] and (given_in / "offsite.db").is_file()
+    assert len(json.loads(run("backup", "list", "--from", server.url, "--json",
+                              ).stdout)["snapshots"]) == 2
+
+
 def test_a_runs_backup_repairs_damaged_blobs_on_the_remote_and_says_so(night, tmp_path):
     root, emu, env = night
     offsite = tmp_path / "offsite.db"
