@@ -45,7 +45,7 @@ def replay(path: Path, db: Path | None, apply: bool, as_json: bool) -> None:
 
     Exit 0 when they are equal (or --apply replaced them and the log itself is sound), 1 otherwise.
     """
-    with open_log(marketplace_root(path), db, writer=apply) as store:
+    with open_log(marketplace_root(path), db, writer=apply, create=False) as store:
         report = audit_service.replay(store, apply=apply)
     if as_json:
         emit_json({"ok": report.ok, "events": report.events, "rows": report.rows,

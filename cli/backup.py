@@ -23,7 +23,7 @@ from cli.options import (
 from cli.render import emit_json, plural, report_check
 from events.remote import absolute_url, display_url
 from statemachine import backup as backup_service
-from statemachine.workspace import default_db, marketplace_root, open_log
+from statemachine.workspace import marketplace_root, open_log
 
 URL_ENV = ["OVERNIGHT_BACKUP_URL", "TURSO_DATABASE_URL"]
 TOKEN_ENV = "TURSO_AUTH_TOKEN"
@@ -75,11 +75,7 @@ def backup_now(path: Path, db: Path | None, url: str | None, as_json: bool) -> N
     """Back up the marketplace at PATH and its log (which must exist: a backup never creates one)."""
     url = _url(url)
     root = marketplace_root(path)
-    log = db or default_db(root)
-    if not log.exists():
-        raise backup_service.BackupError(f"no event log at {log} (run `overnight scan` or `overnight run` "
-                                         "first, or pass --db)")
-    with open_log(root, db) as store:
+    with open_log(root, db, create=False) as store:
         report = backup_service.backup(store, root, url, _token())
     if as_json:
         emit_json(report.as_json())

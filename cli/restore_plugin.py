@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -28,7 +29,7 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
     from statemachine.workspace import marketplace_root, open_log
 
     root = marketplace_root(path)
-    with open_log(root, db, writer=not list_only) as store:
+    with open_log(root, db, writer=not list_only, create=False) as store:
         if list_only:
             shots = restore.snapshots_of(store, name)
             if as_json:
@@ -39,7 +40,8 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
                 default = next((s for s in shots if s.taken == restore.BEFORE_WRITE), None)
                 for s in shots:  # newest first
                     notes = (["the files a restore replaced: restoring this undoes that restore"]
-                             * (s.taken == restore.BEFORE_RESTORE) + ["latest: the default"] * (s is default)
+                             * (s.taken == restore.BEFORE_RESTORE)
+                             + ["the default: before overnight's latest write"] * (s is default)
                              + ["before overnight's first change"] * (s is shots[-1]))
                     click.echo(f"{s.id}  seq {s.seq}  {s.at}" + (f"  run {s.run_id}" if s.run_id else "")
                                + (f"  ({'; '.join(notes)})" if notes else ""))
@@ -50,5 +52,7 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
     else:
         click.echo(f"restored {shown(done.plugin_id)} to snapshot {done.snapshot} ({done.files} files)")
         if done.replaced:
+            undo = ["overnight", "restore-plugin", name, str(root), "--snapshot", done.replaced[:12]]
+            undo += ["--db", str(db.absolute())] if db is not None else []
             click.echo(f"the files it replaced are kept as snapshot {done.replaced}: "
-                       f"`overnight restore-plugin {shown(name)} --snapshot {done.replaced[:12]}` puts them back")
+                       f"`{shown(shlex.join(undo))}` puts them back")

@@ -39,9 +39,11 @@ def read_log(path: Path | str, db: Path | None) -> EventStore:
     return open_log(Path(path).resolve() if db else marketplace_root(path), db, writer=False)
 
 
-def open_log(root: Path, db: Path | None = None, *, writer: bool = True, clock: Clock = utc_now,
-             synchronous: str = "FULL") -> EventStore:
-    """The event log of the marketplace at `root` (`db` overrides the default location).
+def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create: bool = True,
+             clock: Clock = utc_now, synchronous: str = "FULL") -> EventStore:
+    """The event log of the marketplace at `root` (`db` overrides the default location). Only a
+    writer with `create` makes a new one: a command that repairs or copies a log (audit replay
+    --apply, restore-plugin, backup) refuses to start from none.
 
     At the default location nothing is followed out of the marketplace: a `.overnight` (or its
     log) that is a symlink, or that is not a directory, is refused with a pointer to --db.
@@ -55,7 +57,7 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, clock: 
                                      f"marketplace: {elsewhere}")
             if candidate.exists() and not (candidate.is_dir() if kind == "directory" else candidate.is_file()):
                 raise OvernightError(f"{candidate} is not a {kind}; {elsewhere}")
-    if not writer and not path.exists():
+    if not (writer and create) and not path.exists():
         first = "run `overnight scan` first" + (", or pass --db" if db is None else " with the same --db")
         raise OvernightError(f"no event log at {path} ({first})")
     try:

@@ -703,7 +703,7 @@ def test_backup_refuses_a_directory_without_an_event_log(tmp_path):
     result = run("backup", plain, "--to", f"file:{tmp_path / 'offsite.db'}")
     assert result.exit_code == 1
     assert result.output == (f"error: no event log at {plain.resolve()}/.overnight/overnight.db "
-                             "(run `overnight scan` or `overnight run` first, or pass --db)\n")
+                             "(run `overnight scan` first, or pass --db)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
     assert sorted(p.name for p in plain.iterdir()) == ["notes.md", "plugins"]
 

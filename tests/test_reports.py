@@ -131,6 +131,20 @@ def test_a_missing_log_given_with_db_is_not_answered_with_pass_db(one, tmp_path)
     assert not missing.parent.exists()
 
 
+def test_commands_that_repair_or_copy_a_log_never_create_one(one, tmp_path):
+    """Only scan and run start a log: replay --apply, restore-plugin and backup need one."""
+    for command in (["audit", "replay", "--apply"], ["restore-plugin", "widget"],
+                    ["backup", "--to", f"file:{tmp_path / 'offsite.db'}"]):
+        refused = overnight(*command, one)
+        assert (refused.exit_code, refused.stderr) == (
+            1, f"error: no event log at {one}/.overnight/overnight.db (run `overnight scan` first, or pass "
+               "--db)\n"), command
+        typo = tmp_path / "typo.db"
+        refused = overnight(*command, one, "--db", typo)
+        assert refused.exit_code == 1 and f"no event log at {typo} " in refused.stderr, command
+    assert not (one / ".overnight").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["one"]
+
+
 def test_restore_plugin_list_says_when_a_plugin_has_no_snapshot(one, emu):
     assert run(one, emu, "--dry-run").exit_code == 0
     listed = overnight("restore-plugin", "widget", one, "--list")

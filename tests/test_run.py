@@ -560,10 +560,12 @@ def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
     assert (target / "skills" / "deploy-checker" / "SKILL.md").exists()
     listed = overnight("restore-plugin", "deploy-checker", market, "--list")
     assert listed.exit_code == 0 and len(listed.stdout.splitlines()) == 1
-    assert listed.stdout.rstrip().endswith("(latest: the default; before overnight's first change)")
+    assert listed.stdout.rstrip().endswith(
+        "(the default: before overnight's latest write; before overnight's first change)")
     assert run(market, emu, "--plugin", "deploy-checker", "--force").exit_code == 0
     twice = overnight("restore-plugin", "deploy-checker", market, "--list").stdout.splitlines()
-    assert [line.split("  (")[-1] for line in twice] == ["latest: the default)", "before overnight's first change)"]
+    assert [line.split("  (")[-1] for line in twice] == ["the default: before overnight's latest write)",
+                                                          "before overnight's first change)"]
     first = twice[1].split()[0]
     restored = overnight("restore-plugin", "deploy-checker", market, "--snapshot", first[:10])
     assert restored.exit_code == 0, restored.output
@@ -612,10 +614,11 @@ def test_a_restore_keeps_the_files_it_replaces_so_it_can_be_undone(market, emu):
     assert not (target / "NOTES.md").exists() and not (target / "skills" / "deploy-checker").exists()
     kept = again.stdout.splitlines()[1]
     assert kept.startswith("the files it replaced are kept as snapshot ")
-    assert kept.endswith(" puts them back") and "`overnight restore-plugin deploy-checker --snapshot " in kept
+    assert kept.endswith(" puts them back")
+    assert f"`overnight restore-plugin deploy-checker {market} --snapshot " in kept  # runs from any directory
     listing = overnight("restore-plugin", "deploy-checker", market, "--list").stdout.splitlines()
     assert listing[0].endswith("(the files a restore replaced: restoring this undoes that restore)")
-    assert listing[-1].endswith("(latest: the default; before overnight's first change)")
+    assert listing[-1].endswith("(the default: before overnight's latest write; before overnight's first change)")
 
 
 def test_a_crash_between_the_write_and_done_is_finished_by_resume_not_rediscovered(one, emu, monkeypatch):
