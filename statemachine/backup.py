@@ -373,7 +373,7 @@ def _check_entry(entry: Any, seen: set[str]) -> str | None:
     if not isinstance(entry, dict):
         return "an entry is not an object"
     name = entry.get("name")
-    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\0"):
         return f"entry name {name!r} is not a single path component"
     if name in seen:
         return f"entry name {name!r} appears twice"

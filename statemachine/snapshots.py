@@ -163,7 +163,7 @@ def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
 
     Refuses, with SnapshotError and before changing anything: a missing or corrupt blob, a
     malformed manifest, an entry path with '..', '.', an absolute path, an empty or NUL
-    segment or a backslash, a plugin_dir that is the root itself, not inside it, or reached
+    segment, a plugin_dir that is the root itself, not inside it, or reached
     through a symlink.
     """
     manifest = _load(get_blob, tree_sha256)
@@ -238,7 +238,7 @@ def _validated(manifest: Manifest) -> list[tuple[Entry, list[str]]]:
     for entry in manifest.entries:
         shown = one_line(repr(entry.path))
         try:
-            parts = rel_parts(entry.path)
+            parts = rel_parts(entry.path, backslash=True)  # names read from disk
         except ValueError as e:
             raise SnapshotError(f"snapshot entry {shown} {e}; refusing to restore") from e
         if any(part in SKIP_DIRS for part in parts):

@@ -43,13 +43,15 @@ class WriteError(OvernightError):
 # ------------------------------------------------------------------ paths and descriptors
 
 
-def rel_parts(rel: str) -> list[str]:
-    """The segments of a safe relative posix path; ValueError saying why when it is not one."""
+def rel_parts(rel: str, *, backslash: bool = False) -> list[str]:
+    """The segments of a safe relative posix path; ValueError saying why when it is not one.
+    A backslash is refused unless `backslash`: in a path Gemini wrote it means a Windows
+    separator, while in a name read from disk (a snapshot's) it is an ordinary character."""
     if not isinstance(rel, str) or not rel:
         raise ValueError("is empty")
     if "\x00" in rel:
         raise ValueError("contains NUL")
-    if "\\" in rel:
+    if "\\" in rel and not backslash:
         raise ValueError("contains a backslash")
     if rel.startswith("/"):
         raise ValueError("is absolute")

@@ -143,6 +143,7 @@ def test_second_backup_sends_only_what_changed_and_is_an_event(market, server):
 
 
 def test_round_trip_through_a_file_url(market, tmp_path):
+    (market / "plugins" / "back\\slash.txt").write_text("a backslash is an ordinary character in a POSIX name\n")
     url = f"file:{tmp_path / 'offsite.db'}"
     backup_json(market, url)
     before = tree_hashes(market)

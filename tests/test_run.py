@@ -552,8 +552,9 @@ def test_a_maintainers_skill_that_already_passes_every_gate_is_left_alone(one, e
 
 
 def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
-    overnight("scan", market)
     target = market / "plugins" / "devops" / "deploy-checker"
+    (target / "notes\\2026.md").write_text("a backslash is an ordinary character in a POSIX name\n")
+    overnight("scan", market)
     before = {p.relative_to(target).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
               for p in target.rglob("*") if p.is_file()}
     assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0

@@ -158,7 +158,7 @@ def test_restore_refuses_missing_manifest(market: Path, store) -> None:
     assert listing(market) == before
 
 
-@pytest.mark.parametrize("bad", ["../evil", "/etc/evil", "a\\b", "a\x00b", "a//b", "./a", "a/.."])
+@pytest.mark.parametrize("bad", ["../evil", "/etc/evil", "a\x00b", "a//b", "./a", "a/.."])
 def test_restore_refuses_bad_entry_paths(market: Path, store, bad: str) -> None:
     data = b"evil"
     entries = [Entry(path=bad, kind="file", mode=0o644, size=4,
