@@ -158,21 +158,26 @@ def encode_node(entries: list[dict[str, Any]]) -> bytes:
                       separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def snapshot_tree(root: Path) -> Tree:
-    """Hash the marketplace at `root` into a Merkle tree, never following a symlink; a symlink
-    restore would refuse is left out, with a warning."""
+def snapshot_tree(root: Path, log: Path) -> Tree:
+    """Hash the marketplace at `root` into a Merkle tree, never following a symlink. Left out:
+    `.overnight/` and `.git/`, the event log `log` and its companion files wherever `--db`
+    put them (the log is shipped apart, event by event: a copy of an open database file is
+    no backup), and, with a warning, a symlink restore would refuse and what is no file,
+    directory or symlink (a fifo, a socket, a device)."""
     tree = Tree()
-    tree.root, _ = _walk_dir(tree, Path(root), Path(root))
+    log = Path(os.path.abspath(log))
+    skipped = {str(log) + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")}
+    tree.root, _ = _walk_dir(tree, Path(root), Path(root), skipped)
     return tree
 
 
-def _walk_dir(tree: Tree, top: Path, path: Path) -> tuple[str, int]:
+def _walk_dir(tree: Tree, top: Path, path: Path, skipped: set[str]) -> tuple[str, int]:
     entries = []
     total = 0
     with os.scandir(path) as it:
         items = sorted(it, key=lambda e: e.name)
     for item in items:
-        if item.name in EXCLUDED:
+        if item.name in EXCLUDED or os.path.abspath(item.path) in skipped:
             continue
         st = item.stat(follow_symlinks=False)
         mode = stat.S_IMODE(st.st_mode) & 0o777
@@ -186,7 +191,7 @@ def _walk_dir(tree: Tree, top: Path, path: Path) -> tuple[str, int]:
                 continue
             entry.update(kind="symlink", mode=0, target=target)
         elif stat.S_ISDIR(st.st_mode):
-            digest, size = _walk_dir(tree, top, Path(item.path))
+            digest, size = _walk_dir(tree, top, Path(item.path), skipped)
             entry.update(kind="dir", size=size, hash=digest)
         elif stat.S_ISREG(st.st_mode):
             with open(item.path, "rb") as f:
@@ -196,7 +201,9 @@ def _walk_dir(tree: Tree, top: Path, path: Path) -> tuple[str, int]:
             tree.file_count += 1
             tree.byte_count += st.st_size
         else:
-            continue  # sockets, fifos and devices are not marketplace content
+            kind = "a fifo" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+            tree.warnings.append(f"{os.path.relpath(item.path, top)}: {kind}, not a file; skipped")
+            continue
         total += entry["size"]
         entries.append(entry)
     if os.path.isfile(path / ".claude-plugin" / "plugin.json"):
@@ -253,7 +260,7 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
         last_seq = store.last_seq
         last_hash = store.query("SELECT hash FROM events WHERE seq = ?", (last_seq,))
         head = replication.check_head(store, remote, last_seq)
-        tree = snapshot_tree(root)
+        tree = snapshot_tree(root, store.path)
         writer = replication.Writer(remote)
         repaired, lost = _repair_blobs(store, tree, writer)
         replication.ship_blobs(store, writer)

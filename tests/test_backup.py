@@ -697,6 +697,23 @@ def test_backup_skips_the_symlinks_restore_would_refuse_and_says_so(market, tmp_
     assert links == {"here": "link:.", "plugins/devops/run-link": "link:../deploy-checker/run.sh"}
 
 
+def test_a_log_kept_inside_the_marketplace_is_not_copied_as_files_and_a_fifo_is_skipped_with_a_warning(
+        market, tmp_path):
+    log = market / "state" / "ov.db"
+    assert run("scan", market, "--db", log).exit_code == 0
+    os.mkfifo(market / "plugins" / "pipe")
+    url = f"file:{tmp_path / 'offsite.db'}"
+    result = run("backup", market, "--db", log, "--to", url, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["warnings"] == ["plugins/pipe: a fifo, not a file; skipped"]
+    dest = tmp_path / "again"
+    assert run("restore", "--from", url, "--to", dest).exit_code == 0
+    restored = tree_hashes(dest)
+    assert not [name for name in restored if name.startswith("state/")]  # ov.db, -wal, -shm, .lock
+    assert {k for k in tree_hashes(market) if not k.startswith(("state/", ".git/"))} == set(restored)
+    assert run("audit", "verify", dest).exit_code == 0  # the log, shipped event by event
+
+
 def test_backup_refuses_a_directory_without_an_event_log(tmp_path):
     plain = tmp_path / "plain"
     (plain / "plugins").mkdir(parents=True)  # a marketplace never scanned
