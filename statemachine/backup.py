@@ -483,7 +483,7 @@ def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = N
     goes away, the disk fills, an interrupt), the staging directory is removed.
 
     When `dest` is an empty directory in a parent this user cannot write (made for them by an
-    administrator), the staging directory is a hidden one inside `dest`: a good restore moves its
+    administrator), or a mount point (an empty disk), the staging directory is a hidden one inside `dest`: a good restore moves its
     entries up (renames within one directory), a damaged one stays in `<dest>/.incomplete`.
     """
     started = time.perf_counter()
@@ -520,19 +520,23 @@ def _os_reason(e: OSError) -> str:
 
 def _make_stage(dest: Path) -> Path:
     """An empty directory beside `dest` (same file system, so a rename puts it in place), or
-    inside `dest` when that is an existing directory whose parent this user cannot write."""
+    inside `dest` when that is an existing directory whose parent this user cannot write, or
+    a mount point (a fresh disk: beside it is another file system, where no rename reaches)."""
     name = f".{dest.name}.restoring-{secrets.token_hex(4)}"
     if os.path.lexists(dest.parent) and not dest.parent.is_dir():
         raise BackupError(f"cannot restore into {dest}: {dest.parent} is not a directory")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        stage = dest.parent / name
-        try:
-            os.mkdir(stage)
-        except PermissionError:
-            if not dest.is_dir():
-                raise
-            stage = dest / name
+        inside = dest.is_dir() and os.path.ismount(dest)
+        if not inside:
+            try:
+                os.mkdir(dest.parent / name)
+            except PermissionError:
+                if not dest.is_dir():
+                    raise
+                inside = True
+        stage = dest / name if inside else dest.parent / name
+        if inside:
             os.mkdir(stage)
         if dest.is_dir():
             os.chmod(stage, stat.S_IMODE(dest.stat().st_mode))

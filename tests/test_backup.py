@@ -739,6 +739,29 @@ def test_verify_counts_each_tree_once_however_many_snapshots_reach_it(market, tm
 
 
 @needs_permissions
+def test_restore_onto_an_empty_disk_builds_on_that_disk(market, tmp_path):
+    """A fresh disk mounted as the destination: a restore built beside it (on the parent's file
+    system) could not be renamed onto it, so it is built inside it."""
+    from tests.torture.test_disk_faults import can_mount
+
+    if not can_mount():
+        pytest.skip("mount -t tmpfs is not permitted here")
+    offsite = f"file:{tmp_path / 'offsite.db'}"
+    backup_json(market, offsite)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        result = run("restore", "--from", offsite, "--to", disk)
+        assert result.exit_code == 0, result.output
+        assert tree_hashes(disk) == {k: v for k, v in tree_hashes(market).items() if not k.startswith(".git/")}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "market", "offsite.db"]
+        assert not [p.name for p in disk.iterdir() if ".restoring-" in p.name]
+        assert run("audit", "verify", disk).exit_code == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 def test_restore_into_an_empty_directory_whose_parent_this_user_cannot_write(market, tmp_path):
     """An administrator made the empty destination for the user inside a directory the user
     cannot write: the restore is built inside it, then moved up; a damaged one stays in
