@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -19,8 +21,19 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 3
 EXIT_INTERNAL = 4
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports it
 
 _debug = False
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, like KeyboardInterrupt for SIGINT: cleanup code
+    runs (a restore removes its staging directory) and the command exits 143. `run` and
+    `resume` install their own handlers, which stop the run cleanly and record it."""
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise Terminated()
 
 
 def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -78,7 +91,13 @@ class OvernightGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         global _debug
         _debug = False
-        return super().main(*args, **kwargs)
+        if threading.current_thread() is not threading.main_thread():
+            return super().main(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:  # the root's own options (`overnight --bogus`)
@@ -97,6 +116,9 @@ class OvernightGroup(click.Group):
             # The reader went away (`overnight audit log | head`): not an error of ours.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise click.exceptions.Exit(0) from None
+        except (KeyboardInterrupt, Terminated) as e:  # click would say "Aborted!" and exit 1
+            name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+            _fail(e, EXIT_SIGNAL[name], f"interrupted by {name}")
         except StoreLocked as e:
             _fail(e, EXIT_LOCKED)
         except NotAMarketplace as e:

@@ -14,10 +14,9 @@ import click
 
 from cli.config import config_option, source
 from cli.metrics import prices, quota_options
-from cli.options import EXIT_PROBLEMS, Number, common, marketplace_argument, stated_limits
+from cli.options import EXIT_PROBLEMS, EXIT_SIGNAL, Number, common, marketplace_argument, stated_limits
 from cli.render import duration, emit_json, interactive, plural, shown, stderr_console
 
-EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:

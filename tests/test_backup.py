@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sqlite3
 import ssl
 import stat
@@ -431,6 +432,27 @@ def test_a_restore_cut_off_midway_leaves_nothing_behind(market, server, tmp_path
     server.fail_500 = 0
     assert run("restore", "--from", server.url, "--to", dest).exit_code == 0
     assert run("audit", "verify", dest).exit_code == 0
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_a_restore_and_leaves_nothing_behind(market, server, tmp_path, sig, code):
+    backup_json(market, server.url)
+    server.latency = 0.3  # each request to the remote takes a while: the restore is under way
+    dest = tmp_path / "restored"
+    env = {**os.environ, "TURSO_AUTH_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "restore", "--from", server.url, "--to", str(dest)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not [p for p in tmp_path.iterdir() if ".restoring-" in p.name]:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (code, f"error: interrupted by {signal.Signals(sig).name}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["market", "remote.db"]
 
 
 def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(night, server):
