@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,18 +68,21 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     state = store.query("SELECT state, path FROM plugins WHERE plugin_id = ?", (plugin_id,))[0]
     if state[0] == State.WRITING:
         raise OvernightError(f"{plugin_id} is in the middle of a write; run `overnight resume` first")
-    writes.cleanup_temp(root / state[1])  # a restore or write cut short earlier is finished first
-    try:
-        current = snapshots.take(root, root / state[1])
-    except snapshots.SnapshotError as e:
-        raise OvernightError(f"{plugin_id}: a restore first keeps a copy of the files it replaces, and "
-                             f"{e}; nothing was changed") from e
-    replaced = current.tree_sha256 if current.tree_sha256 != chosen.id else None
+    plugin_dir = root / state[1]
+    replaced = None
+    if os.path.lexists(plugin_dir):  # a deleted plugin directory is made again: there is nothing to keep
+        writes.cleanup_temp(plugin_dir)  # a restore or write cut short earlier is finished first
+        try:
+            current = snapshots.take(root, plugin_dir)
+        except snapshots.SnapshotError as e:
+            raise OvernightError(f"{plugin_id}: a restore first keeps a copy of the files it replaces, and "
+                                 f"{e}; nothing was changed") from e
+        replaced = current.tree_sha256 if current.tree_sha256 != chosen.id else None
     if replaced:
         with store.batch():
             for blob in current.blobs:
                 store.put_blob(blob)
-    snapshots.restore(store.get_blob, root, root / state[1], chosen.id)
+    snapshots.restore(store.get_blob, root, plugin_dir, chosen.id)
     lifecycle = Lifecycle(store)
     cursor = lifecycle.cursor(plugin_id)
     lifecycle.record(cursor, c.PluginRestored(tree_sha256=chosen.id, replaced_sha256=replaced))

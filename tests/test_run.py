@@ -591,6 +591,21 @@ def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
     assert unknown.exit_code == 1 and "has no snapshot" in unknown.stderr
 
 
+def test_restore_plugin_brings_back_a_plugin_whose_directory_was_deleted(market, emu):
+    target = market / "plugins" / "devops" / "deploy-checker"
+    overnight("scan", market)
+    before = {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0
+    shutil.rmtree(target)
+    assert overnight("scan", market).exit_code == 0  # the scan records it gone
+    restored = overnight("restore-plugin", "deploy-checker", market, "--json")
+    assert restored.exit_code == 0, restored.output
+    assert json.loads(restored.stdout)["replaced"] is None  # nothing was there to keep
+    assert {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert states(market)["plugins/devops/deploy-checker"] == "analyzed"
+    assert_healthy(market)
+
+
 def test_a_restore_keeps_the_files_it_replaces_so_it_can_be_undone(market, emu):
     """A file the maintainer added after overnight's write would be lost by a restore: the
     restore snapshots the plugin first, and restoring that snapshot puts the file back."""
