@@ -487,6 +487,11 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
     assert typo.exit_code == 2
     assert typo.output == ("error: --backup-to bogus://x: unsupported scheme 'bogus' "
                            "(use one of file, http, https, ws, wss, libsql)\n")
+    for command in (["backup", root, "--to"], ["backup", "list", "--from"], ["backup", "verify", "--from"],
+                    ["restore", "--to", tmp_path / "r", "--from"]):
+        refused = run(*command, "bogus://x")
+        assert (refused.exit_code, refused.output) == (2, "error: bogus://x: unsupported scheme 'bogus' "
+                                                          "(use one of file, http, https, ws, wss, libsql)\n")
     assert emu.requests == [] and not (root / ".overnight").exists()
     paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "2", "--no-wait",
                  "--backup-to", f"file:{offsite}", "--json", env=env)
