@@ -143,7 +143,8 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
     click.echo(f"{plural(result.plugins, 'plugin')} to process: {plural(result.requests, 'request')}, "
                f"{result.input_tokens:,} input and {result.output_tokens:,} output tokens, "
                f"about ${result.cost_usd:.2f}")
-    click.echo(f"time at {limits.rpm} requests/min, {limits.rpd}/day, concurrency {limits.concurrency}: "
+    click.echo(f"time at {limits.rpm} requests/min, {limits.tpm:,} input tokens/min, {limits.rpd}/day, "
+               f"concurrency {limits.concurrency}: "
                f"{duration(result.seconds)}" + (f" ({plural(result.days, 'daily reset')})" if result.days else "")
                + (f"; {result.used_today} of today's {limits.rpd} already used" if result.used_today else ""))
     click.echo(f"basis: {result.basis}")

@@ -21,7 +21,7 @@ EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 3
 EXIT_INTERNAL = 4
-EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports it
+EXIT_SIGNAL = {"SIGHUP": 129, "SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports it
 
 _debug = False
 

@@ -153,7 +153,7 @@ def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: i
         return replace(changed, explicit_limits=tuple(sorted(stated)))
 
     reason = "resume with " + ", ".join(_flag(k, v) for k, v in given.items()) if given else ""
-    _execute(path, db, json_log, as_json, lambda runner: runner.resume(overrides, reason))
+    _execute(path, db, json_log, as_json, lambda runner: runner.resume(overrides, reason), create=False)
 
 
 def _flag(name: str, value: object) -> str:
@@ -162,7 +162,9 @@ def _flag(name: str, value: object) -> str:
     return f"--{name.replace('_', '-')} {value}{origin}"
 
 
-def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: bool, call) -> None:
+def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: bool, call, *,
+             create: bool = True) -> None:
+    """`create`: False for resume, which needs a log holding a run (a failed resume makes none)."""
     from statemachine.gateway import backend_from_env
     from statemachine.runner import Runner
     from statemachine.workspace import marketplace_root, open_log
@@ -170,10 +172,12 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
     root = marketplace_root(path)
     backend = backend_from_env()
     display = _Display(enabled=interactive() and not as_json)
-    store = open_log(root, db)
+    store = open_log(root, db, create=create)
     runner = Runner(store, root, backend=backend, json_log=json_log, on_progress=display.update)
-    previous = {sig: signal.signal(sig, lambda s, _f: runner.interrupt(signal.Signals(s).name))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP (the terminal closed) stops the run cleanly too, unless it is ignored (nohup)
+    stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+                                                else ())
+    previous = {sig: signal.signal(sig, lambda s, _f: runner.interrupt(signal.Signals(s).name)) for sig in stops}
     try:
         with display:
             result = call(runner)

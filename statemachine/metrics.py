@@ -126,11 +126,18 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     if status == "running" and finished and sending and len(selection) > finished:
         eta = round(sending / finished * (len(selection) - finished))
     # wall time, pauses included (as the estimate counts them): until the run ended, until now
-    # while a process runs it, else until its last event (a killed process records no end)
-    (last_at,) = store.query("SELECT e.at FROM runs r JOIN events e ON e.seq = r.last_seq WHERE r.run_id = ?",
-                             (run_id,))[0]
+    # while a process runs it, else until its last event in any stream (a killed process
+    # records no end; its last events are its plugins' and its requests')
     live = status == "running" or (held and status == "paused")  # held: a process waits out the pause
-    end = now if live else _unix(every_run[0]["ended_at"] or last_at)
+    if live:
+        end = now
+    elif every_run[0]["ended_at"]:
+        end = _unix(every_run[0]["ended_at"])
+    else:
+        last_at, plugins_at = store.query(
+            "SELECT (SELECT e.at FROM runs r JOIN events e ON e.seq = r.last_seq WHERE r.run_id = ?1), "
+            "(SELECT max(updated_at) FROM plugins WHERE run_id = ?1)", (run_id,))[0]
+        end = max(_unix(last_at), _unix(plugins_at) if plugins_at else 0.0, requests[2] or 0.0)
     estimate = msgspec.json.decode(config).get("estimate")
     return {"run_id": run_id, "status": status, "started_at": started_at, "selected": len(selection),
             "finished": finished, "requests": requests[0], "eta_s": eta, "estimate": estimate,

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import apsw
@@ -40,7 +41,9 @@ def spawn(command: str, root: Path, url: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cli", command, str(root), "--base-url", url, *ARGS, *extra]
                             if command == "run" else
                             [sys.executable, "-m", "cli", command, str(root)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            # as from a terminal, even when the tests run under nohup (SIGHUP ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -120,7 +123,7 @@ def test_sigkill_at_random_instants_then_resume_loses_and_repeats_nothing(tmp_pa
         assert validate(skill.parent) == []
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_a_signal_stops_cleanly_records_the_interruption_and_resume_finishes(tmp_path, sig, code):
     root = tmp_path / "market"
     build_marketplace(root, 6)
@@ -156,6 +159,7 @@ def test_status_tells_a_run_that_died_from_one_that_runs(tmp_path):
             while not (has_run(root) and len(emu.requests) >= 2) and time.monotonic() < deadline:
                 time.sleep(0.05)
             live = json.loads(cli("status", str(root), "--json").stdout)["last_run"]
+            time.sleep(1.5)  # answers keep coming: the run's last event is well after its start
         finally:
             proc.kill()
             proc.wait()
@@ -166,6 +170,11 @@ def test_status_tells_a_run_that_died_from_one_that_runs(tmp_path):
         assert "no overnight process is running it: `overnight resume` continues it" in human
         measured = json.loads(cli("metrics", str(root), "--json").stdout)["run"]
         assert measured["status"] == "stopped" and measured["eta_s"] is None
+        # a killed run records no end: its wall time runs to its last event, a plugin's or a request's
+        (started, last), = query(root, "SELECT min(at), max(at) FROM events WHERE seq >= "
+                                       "(SELECT seq FROM events WHERE type = 'RunStarted')")
+        wall = (datetime.fromisoformat(last) - datetime.fromisoformat(started)).total_seconds()
+        assert measured["actual"]["elapsed_s"] == round(wall) >= 1
         resumed = spawn("resume", root, emu.url)
         assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()
     assert json.loads(cli("status", str(root), "--json").stdout)["last_run"]["status"] == "complete"

@@ -132,8 +132,8 @@ def test_a_missing_log_given_with_db_is_not_answered_with_pass_db(one, tmp_path)
 
 
 def test_commands_that_repair_or_copy_a_log_never_create_one(one, tmp_path):
-    """Only scan and run start a log: replay --apply, restore-plugin and backup need one."""
-    for command in (["audit", "replay", "--apply"], ["restore-plugin", "widget"],
+    """Only scan and run start a log: resume, replay --apply, restore-plugin and backup need one."""
+    for command in (["resume"], ["audit", "replay", "--apply"], ["restore-plugin", "widget"],
                     ["backup", "--to", f"file:{tmp_path / 'offsite.db'}"]):
         refused = overnight(*command, one)
         assert (refused.exit_code, refused.stderr) == (
