@@ -45,7 +45,7 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
         waiting = True
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""
-        note = item["reason"] or item["hint"]
+        note = "; ".join(n for n in (item["reason"], item["hint"]) if n)
         reason = f": {note}" if note else ""
         click.echo(f"  {item['state']:<11} {shown(item['plugin_id'])}{detail}{shown(reason)}")
     hidden = report.items_total - len(report.items)

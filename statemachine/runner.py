@@ -114,6 +114,11 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
                    if (pid in wanted or name in wanted) and state in (State.INVALID, State.GONE)]
         if blocked:
             raise OvernightError(f"cannot process what was asked for: {'; '.join(blocked)}")
+        finished = [f"{pid} is {state}" + (f" ({reason})" if reason else "") for pid, name, _, state, reason in rows
+                    if (pid in wanted or name in wanted) and state in FINAL and not options.force]
+        if finished:  # asked for by name, left out in silence, it would look like a run that did it
+            raise OvernightError(f"already finished: {'; '.join(finished)}; add --force to process "
+                                 f"{'it' if len(finished) == 1 else 'them'} again")
     categories = sorted({r[2] for r in rows})
     if options.category and options.category not in categories:
         raise OvernightError(f"no plugin in category {options.category!r} (categories: {', '.join(categories)})")

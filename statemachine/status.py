@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 
 from events import EventStore
@@ -15,6 +16,7 @@ _ATTENTION = (State.INVALID, State.FAILED, State.REJECTED)
 # A plugin in `writing` while no process holds the log: its write was cut short, and its files
 # may be half new; scan and restore-plugin leave it alone until `resume` settles it.
 _CUT_SHORT = "its write was cut short: `overnight resume` finishes it"
+_RETRY = "`overnight run --force --plugin {}` tries it again"
 
 
 @dataclass
@@ -95,7 +97,8 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
         raise UnknownPlugin(f"no plugin named or with id {plugin!r} in this log")
     items = [dict(zip(_ROW, r)) for r in rows]
     for item in items:
-        item["hint"] = _CUT_SHORT if item["state"] == State.WRITING and not running else None
+        item["hint"] = (_CUT_SHORT if item["state"] == State.WRITING and not running else
+                        _RETRY.format(shlex.quote(item["plugin_id"])) if item["state"] == State.FAILED else None)
     return StatusReport(
         plugins=sum(by_state.values()), by_state=by_state, events=store.last_seq, last_run=last_run,
         items=items, items_total=len(items) if total is None else total, unfinished_runs=other_unfinished,

@@ -551,6 +551,21 @@ def test_a_maintainers_skill_that_already_passes_every_gate_is_left_alone(one, e
     assert generate_requests(emu) == []
 
 
+def test_a_failed_plugin_named_again_is_refused_without_force_and_status_says_how_to_retry_it(one, emu):
+    emu.script("server_error", phase="skill")
+    failed = run(one, emu, "--max-attempts", "1")
+    assert failed.exit_code == 1 and states(one) == {"plugins/tools/widget": "failed"}
+    again = run(one, emu, "--plugin", "widget")  # not a run that selects nothing and says complete
+    assert again.exit_code == 1
+    assert again.stderr.startswith("error: already finished: plugins/tools/widget is failed (")
+    assert again.stderr.endswith("; add --force to process it again\n")
+    (item,) = json.loads(overnight("status", one, "--json").stdout)["items"]
+    assert item["hint"] == "`overnight run --force --plugin plugins/tools/widget` tries it again"
+    assert "; `overnight run --force --plugin plugins/tools/widget` tries it again" in overnight("status", one).stdout
+    assert run(one, emu, "--plugin", "widget", "--force").exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "done"}
+
+
 def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
     target = market / "plugins" / "devops" / "deploy-checker"
     (target / "notes\\2026.md").write_text("a backslash is an ordinary character in a POSIX name\n")
