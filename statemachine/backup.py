@@ -483,8 +483,9 @@ def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = N
     goes away, the disk fills, an interrupt), the staging directory is removed.
 
     When `dest` is an empty directory in a parent this user cannot write (made for them by an
-    administrator), or a mount point (an empty disk), the staging directory is a hidden one inside `dest`: a good restore moves its
-    entries up (renames within one directory), a damaged one stays in `<dest>/.incomplete`.
+    administrator), or a mount point (an empty disk), the staging directory is a hidden one
+    inside `dest`: a good restore moves its entries up (renames within one directory), a
+    damaged one stays in `<dest>/.incomplete`.
     """
     started = time.perf_counter()
     dest = Path(os.path.abspath(dest))
