@@ -16,12 +16,13 @@ from cli.options import (
     EXIT_PROBLEMS,
     EXIT_USAGE,
     Number,
+    backup_url,
     common,
     debug_option,
     marketplace_argument,
 )
 from cli.render import emit_json, plural, report_check
-from events.remote import RemoteError, absolute_url, check_url, display_url
+from events.remote import display_url
 from statemachine import backup as backup_service
 from statemachine.workspace import marketplace_root, open_log
 
@@ -38,11 +39,7 @@ def _url(url: str | None) -> str:
     if not url:
         click.echo(f"error: no backup URL: pass one, or set {' or '.join(URL_ENV)}", err=True)
         raise click.exceptions.Exit(EXIT_USAGE)
-    try:
-        check_url(url)
-    except RemoteError as e:  # wrong usage, as for `run --backup-to`
-        raise click.UsageError(str(e)) from e
-    return absolute_url(url)
+    return backup_url(url)
 
 
 def url_option(name: str, help: str) -> Any:

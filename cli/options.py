@@ -68,6 +68,19 @@ class Number(click.FloatRange):
         return number
 
 
+def backup_url(url: str, flag: str = "") -> str:
+    """A backup URL as given (`--backup-to`, `--to`, `--from`): an unknown scheme is wrong
+    usage; a relative `file:` path is made absolute, so a recorded URL names the same file
+    from any directory."""
+    from events.remote import RemoteError, absolute_url, check_url
+
+    try:
+        check_url(url)
+    except RemoteError as e:
+        raise click.UsageError(f"{flag} {e}" if flag else str(e)) from e
+    return absolute_url(url)
+
+
 def stated_limits(**limits: int | None) -> tuple[str, ...]:
     """The quota limits the user stated (a flag or the config file; None: not given): they
     override the ones learned from Gemini's 429 answers before now."""

@@ -14,7 +14,15 @@ import click
 
 from cli.config import config_option, source
 from cli.metrics import prices, quota_options
-from cli.options import EXIT_PROBLEMS, EXIT_SIGNAL, Number, common, marketplace_argument, stated_limits
+from cli.options import (
+    EXIT_PROBLEMS,
+    EXIT_SIGNAL,
+    Number,
+    backup_url,
+    common,
+    marketplace_argument,
+    stated_limits,
+)
 from cli.render import duration, emit_json, interactive, plural, shown, stderr_console
 
 
@@ -97,13 +105,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
     from statemachine.scheduler import Limits
 
     if backup_to is not None:
-        from events.remote import RemoteError, absolute_url, check_url
-
-        try:
-            check_url(backup_to)
-        except RemoteError as e:
-            raise click.UsageError(f"--backup-to {e}") from e
-        backup_to = absolute_url(backup_to)  # recorded: resume, from any directory, backs up to the same file
+        backup_to = backup_url(backup_to, "--backup-to")  # recorded: resume backs up to the same place
     if dry_run and force:
         raise click.UsageError("--dry-run with --force would put finished plugins back to planned, and a later "
                                "run would generate them again; use one or the other")
@@ -175,8 +177,8 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
     store = open_log(root, db, create=create)
     runner = Runner(store, root, backend=backend, json_log=json_log, on_progress=display.update)
     # SIGHUP (the terminal closed) stops the run cleanly too, unless it is ignored (nohup)
-    stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
-                                                else ())
+    hangup = signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+    stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hangup else ())
     previous = {sig: signal.signal(sig, lambda s, _f: runner.interrupt(signal.Signals(s).name)) for sig in stops}
     try:
         with display:

@@ -165,9 +165,9 @@ def snapshot_tree(root: Path, log: Path) -> Tree:
     no backup), and, with a warning, a symlink restore would refuse and what is no file,
     directory or symlink (a fifo, a socket, a device)."""
     tree = Tree()
-    log = Path(os.path.abspath(log))
-    skipped = {str(log) + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")}
-    tree.root, _ = _walk_dir(tree, Path(root), Path(root), skipped)
+    top = Path(os.path.realpath(root))  # real paths on both sides: entries are compared as paths
+    skipped = {os.path.realpath(log) + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")}
+    tree.root, _ = _walk_dir(tree, top, top, skipped)
     return tree
 
 
@@ -177,7 +177,7 @@ def _walk_dir(tree: Tree, top: Path, path: Path, skipped: set[str]) -> tuple[str
     with os.scandir(path) as it:
         items = sorted(it, key=lambda e: e.name)
     for item in items:
-        if item.name in EXCLUDED or os.path.abspath(item.path) in skipped:
+        if item.name in EXCLUDED or item.path in skipped:
             continue
         st = item.stat(follow_symlinks=False)
         mode = stat.S_IMODE(st.st_mode) & 0o777

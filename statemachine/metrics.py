@@ -12,7 +12,6 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from events import EventStore
 from statemachine import catalog as c
 from statemachine.gates import GateConfig
 from statemachine.lifecycle import FINAL
-from statemachine.projections import OUTPUT_TOKENS
+from statemachine.projections import OUTPUT_TOKENS, epoch
 from statemachine.prompts import (
     estimate_tokens,
     load_standards,
@@ -132,20 +131,16 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     if live:
         end = now
     elif every_run[0]["ended_at"]:
-        end = _unix(every_run[0]["ended_at"])
+        end = epoch(every_run[0]["ended_at"])
     else:
         last_at, plugins_at = store.query(
             "SELECT (SELECT e.at FROM runs r JOIN events e ON e.seq = r.last_seq WHERE r.run_id = ?1), "
             "(SELECT max(updated_at) FROM plugins WHERE run_id = ?1)", (run_id,))[0]
-        end = max(_unix(last_at), _unix(plugins_at) if plugins_at else 0.0, requests[2] or 0.0)
+        end = max(epoch(last_at), epoch(plugins_at) if plugins_at else 0.0, requests[2] or 0.0)
     estimate = msgspec.json.decode(config).get("estimate")
     return {"run_id": run_id, "status": status, "started_at": started_at, "selected": len(selection),
             "finished": finished, "requests": requests[0], "eta_s": eta, "estimate": estimate,
-            "actual": {"requests": requests[0], "elapsed_s": round(max(0.0, end - _unix(started_at)))}}
-
-
-def _unix(at: str) -> float:
-    return datetime.fromisoformat(at).timestamp()
+            "actual": {"requests": requests[0], "elapsed_s": round(max(0.0, end - epoch(started_at)))}}
 
 
 @dataclass
