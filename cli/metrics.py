@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.config import config_option
-from cli.options import Number, common, marketplace_argument, stated_limits
+from cli.options import Number, common, marketplace_argument, retry_option, stated_limits
 from cli.render import duration, emit_json, plural
 
 price_options = [
@@ -67,8 +67,9 @@ def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, pric
                    f"{plural(m['pending'], 'request')} without an answer: the process that sent them stopped; "
                    "the next run or resume records them as lost and sends them again")
     if m["retries"]:
-        click.echo("retries by kind: " + ", ".join(f"{k} {n}" for k, n in m["retries"].items())
-                   + f"; gate failures {m['gate_failures']}")
+        click.echo("retries by kind: " + ", ".join(f"{k} {n}" for k, n in m["retries"].items()))
+    if m["gate_failures"]:
+        click.echo(f"gate failures {m['gate_failures']} (drafts regenerated, or rejected at the last attempt)")
     for phase, d in m["phases"].items():
         if d["answers"]:
             click.echo(f"{phase}: {plural(d['answers'], 'answer')}, median {d['median_s']} s, p95 {d['p95_s']} s")
@@ -100,13 +101,14 @@ def _pct(value: float | None) -> str:
 @click.option("--category", help="Only plugins of this category.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many plugins.")
 @click.option("--force", is_flag=True, help="Count finished plugins too.")
+@retry_option
 @quota_limits
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @prices
 @config_option
 @common
 def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: str | None, limit: int | None,
-             force: bool, rpm: int | None, rpd: int | None, tpm: int | None, concurrency: int | None,
+             force: bool, retry: tuple[str, ...], rpm: int | None, rpd: int | None, tpm: int | None, concurrency: int | None,
              as_json: bool, price_input: float, price_output: float) -> None:
     """What a run would cost: plugins, requests, tokens, time (days when needed) and dollars.
 
@@ -127,7 +129,8 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
                                                     ("concurrency", concurrency)) if v is not None})
     with open_log(root, db) as store:
         scan(store, root)
-        chosen = select(store, RunOptions(plugins=plugins, category=category, limit=limit, force=force))
+        chosen = select(store, RunOptions(plugins=plugins, category=category, limit=limit, force=force,
+                                               retry=retry))
         stated = stated_limits(rpm=rpm, rpd=rpd, tpm=tpm)
         model = GeminiSettings().model
         limits = effective_limits(store, model, given, stated, format_at(store.clock()))

@@ -15,6 +15,7 @@ import click
 
 from events import EventStoreError, StoreLocked
 from statemachine.errors import NotAMarketplace, OvernightError
+from statemachine.lifecycle import RETRYABLE
 
 # Exit codes (documented in README.md).
 EXIT_PROBLEMS = 1
@@ -54,6 +55,10 @@ db_option = click.option(
 
 # Not checked by click: `marketplace_root` says "PATH is not a directory" (exit 2) for a
 # missing path and for a file alike.
+retry_option = click.option(
+    "--retry", "retry", multiple=True, type=click.Choice(sorted(s.value for s in RETRYABLE)),
+    help="Take plugins that ended in this state (failed or rejected) too; repeatable.")
+
 marketplace_argument = click.argument("path", type=click.Path(path_type=Path), default=".", required=False)
 
 

@@ -21,6 +21,7 @@ from cli.options import (
     backup_url,
     common,
     marketplace_argument,
+    retry_option,
     stated_limits,
 )
 from cli.render import duration, emit_json, interactive, plural, shown, stderr_console
@@ -77,6 +78,7 @@ def _override(base, **values):
 @click.option("--category", help="Only plugins of this category.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many plugins.")
 @click.option("--force", is_flag=True, help="Process plugins again even if done, skipped, rejected or failed.")
+@retry_option
 @click.option("--dry-run", is_flag=True, help="Analysis and plan only; nothing is written.")
 @click.option("--backup-to", help="libSQL/Turso URL to back up to when the run finishes or pauses "
                                   "(token from TURSO_AUTH_TOKEN).")
@@ -87,7 +89,7 @@ def _override(base, **values):
 def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: float,
         standards: Path | None, min_bytes: int, max_bytes: int, min_examples: int, gate_attempts: int,
         max_attempts: int, backoff: float, plugins: tuple[str, ...], category: str | None, limit: int | None,
-        force: bool, dry_run: bool, backup_to: str | None, rpm: int | None, rpd: int | None, tpm: int | None,
+        force: bool, retry: tuple[str, ...], dry_run: bool, backup_to: str | None, rpm: int | None, rpd: int | None, tpm: int | None,
         concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
         max_requests: int | None, max_tokens: int | None, max_cost: float | None, price_input: float,
         price_output: float) -> None:
@@ -106,9 +108,11 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
 
     if backup_to is not None:
         backup_to = backup_url(backup_to, "--backup-to")  # recorded: resume backs up to the same place
-    if dry_run and force:
-        raise click.UsageError("--dry-run with --force would put finished plugins back to planned, and a later "
-                               "run would generate them again; use one or the other")
+    if dry_run and (force or retry):
+        flag = "--force" if force else "--retry"
+        raise click.UsageError(f"--dry-run with {flag} would put finished plugins back to planned, and a later "
+                               f"run would generate them again; use one or the other (`overnight estimate {flag}` "
+                               "tells what it would cost)")
     if min_bytes > max_bytes:
         raise click.UsageError(f"{_flag('min_bytes', min_bytes)} is more than {_flag('max_bytes', max_bytes)}: "
                                "no SKILL.md could pass the size gate")
@@ -117,7 +121,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         limits=_override(Limits(), rpm=rpm, rpd=rpd, tpm=tpm, concurrency=concurrency),
         gates=GateConfig(min_bytes=min_bytes, max_bytes=max_bytes, min_code_blocks=min_examples),
         gate_attempts=gate_attempts, max_attempts=max_attempts, backoff_s=backoff, plugins=plugins, category=category,
-        limit=limit, force=force, dry_run=dry_run, standards=standards, wait=not no_wait,
+        limit=limit, force=force, retry=tuple(sorted(set(retry))), dry_run=dry_run, standards=standards, wait=not no_wait,
         budgets=_override(Budgets(), max_requests=max_requests, max_tokens=max_tokens,
                           max_cost=max_cost), prices=Prices(price_input, price_output), backup_to=backup_to,
         explicit_limits=stated_limits(rpm=rpm, rpd=rpd, tpm=tpm),

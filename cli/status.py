@@ -33,7 +33,10 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
     if report.last_run:
         r = report.last_run
         click.echo(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "
-                   f"{r['rejected']} rejected, {r['failed']} failed, {plural(r['requests'], 'request')}"
+                   f"{r['rejected']} rejected, {r['failed']} failed, "
+                   + (f"{r['planned']} planned, " if r["planned"] else "") + plural(r['requests'], 'request')
+                   + ("; a dry run: `overnight run` goes on from the plans" if r["planned"] and r["status"] == "complete"
+                      else "")
                    + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
                    + ("; no overnight process is running it: `overnight resume` continues it"
                       if r["status"] == "stopped" else ""))
@@ -52,3 +55,6 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
     if hidden:
         click.echo(f"  ... and {hidden} more not listed: `overnight status --state STATE` lists every "
                    "plugin in a state")
+    failed = report.by_state.get(State.FAILED, 0)
+    if failed and plugin is None and state is None:
+        click.echo(f"`overnight run --retry failed` tries the {plural(failed, 'failed plugin')} again")

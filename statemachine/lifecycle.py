@@ -43,6 +43,8 @@ S = State
 ALL = frozenset(State) - {S.NEW}
 # States a run leaves a plugin in for good (until its content changes).
 FINAL = frozenset({S.INVALID, S.GONE, S.SKIPPED, S.REJECTED, S.DONE, S.FAILED})
+# Final states whose plugins `run --retry STATE` processes again (without --force's done ones).
+RETRYABLE = frozenset({S.FAILED, S.REJECTED})
 # States with work under way; `fail` may come from any of them.
 ACTIVE = frozenset({S.ANALYZED, S.PLANNING, S.PLANNED, S.GENERATING, S.GENERATED, S.RETRYING,
                     S.VALIDATED, S.SNAPSHOTTED, S.WRITING, S.WRITTEN})

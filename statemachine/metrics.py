@@ -74,7 +74,8 @@ def metrics(store: EventStore, *, now: float | None = None, prices: Prices = Pri
                      "WHERE outcome = 'lost') GROUP BY kind ORDER BY 2 DESC, 1"))
     # Gemini's success rate: over the requests it answered, not those whose process stopped.
     answered = requests - lost - pending
-    gate_failures = q("SELECT count(*) FROM events WHERE type = 'SkillGateFailed'")[0][0]
+    # Drafts that failed a gate: those regenerated, and each rejected plugin's last one.
+    gate_failures = q("SELECT count(*) FROM events WHERE type IN ('SkillGateFailed', 'SkillRejected')")[0][0]
     by_state = dict(q("SELECT state, count(*) FROM plugins GROUP BY state"))
     phases = {}
     for phase in ("plan", "skill"):

@@ -360,7 +360,7 @@ VIEWS = {
         "(SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger q WHERE q.run_id = r.run_id) AS input_tokens, "
         f"(SELECT coalesce(sum({OUTPUT_TOKENS}), 0) FROM quota_ledger q "
         "WHERE q.run_id = r.run_id) AS output_tokens, "
-        + ", ".join(_final_count(state) for state in ("done", "skipped", "rejected", "failed"))
+        + ", ".join(_final_count(state) for state in ("done", "skipped", "rejected", "failed", "planned"))
         + " FROM runs r",
     "requests_per_minute":
         "SELECT model, strftime('%Y-%m-%d %H:%M', sent_at, 'unixepoch') AS minute, count(*) AS requests, "

@@ -33,7 +33,7 @@ from statemachine.metrics import Prices, estimate
 from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
-from statemachine.lifecycle import FINAL, State
+from statemachine.lifecycle import FINAL, RETRYABLE, State
 from statemachine.pipeline import (Context, Interrupted, RequestsClosed, RunStopped, Stats, StepSettings,
                                   advance)
 from statemachine.projections import OUTPUT_TOKENS
@@ -60,6 +60,7 @@ class RunOptions:
     category: str | None = None
     limit: int | None = None
     force: bool = False
+    retry: tuple[str, ...] = ()  # final states (RETRYABLE) whose plugins are processed again
     dry_run: bool = False
     standards: Path | None = None
     wait: bool = True
@@ -77,7 +78,7 @@ class RunOptions:
             "gates": dataclasses.asdict(self.gates),
             "gate_attempts": self.gate_attempts, "max_attempts": self.max_attempts,
             "backoff_s": self.backoff_s, "plugins": list(self.plugins), "category": self.category,
-            "limit": self.limit, "force": self.force, "dry_run": self.dry_run, "standards_sha256": standards.sha256,
+            "limit": self.limit, "force": self.force, "retry": list(self.retry), "dry_run": self.dry_run, "standards_sha256": standards.sha256,
             "wait": self.wait, "budgets": self.budgets.as_dict(),
             "prices": dataclasses.asdict(self.prices),
             "backup_to": display_url(self.backup_to) if self.backup_to else None,
@@ -94,7 +95,8 @@ def options_from_config(config: dict[str, Any]) -> RunOptions:
         limits=Limits(**config["limits"]), gates=GateConfig(**gates),
         gate_attempts=config["gate_attempts"], max_attempts=config["max_attempts"],
         backoff_s=config["backoff_s"], plugins=tuple(config["plugins"]), category=config["category"],
-        limit=config["limit"], force=config["force"], dry_run=config["dry_run"], wait=config["wait"],
+        limit=config["limit"], force=config["force"], retry=tuple(config.get("retry", ())),
+        dry_run=config["dry_run"], wait=config["wait"],
         budgets=Budgets(**config["budgets"]), prices=Prices(**config["prices"]),
         explicit_limits=tuple(config.get("explicit_limits", ())),
         backup_to=config.get("backup_to"),  # recorded without credentials: the token is TURSO_AUTH_TOKEN
@@ -114,10 +116,13 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
                    if (pid in wanted or name in wanted) and state in (State.INVALID, State.GONE)]
         if blocked:
             raise OvernightError(f"cannot process what was asked for: {'; '.join(blocked)}")
-        finished = [f"{pid} is {state}" + (f" ({reason})" if reason else "") for pid, name, _, state, reason in rows
-                    if (pid in wanted or name in wanted) and state in FINAL and not options.force]
+        finished = [(pid, state, reason) for pid, name, _, state, reason in rows
+                    if (pid in wanted or name in wanted) and _left_alone(state, options)]
         if finished:  # asked for by name, left out in silence, it would look like a run that did it
-            raise OvernightError(f"already finished: {'; '.join(finished)}; add --force to process "
+            found = {state for _, state, _ in finished}
+            flags = " ".join(f"--retry {s}" for s in sorted(found)) if found <= RETRYABLE else "--force"
+            named = "; ".join(f"{pid} is {state}" + (f" ({reason})" if reason else "") for pid, state, reason in finished)
+            raise OvernightError(f"already finished: {named}; add {flags} to process "
                                  f"{'it' if len(finished) == 1 else 'them'} again")
     categories = sorted({r[2] for r in rows})
     if options.category and options.category not in categories:
@@ -130,10 +135,15 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
             continue
         if state in (State.INVALID, State.GONE):
             continue
-        if state in FINAL and not options.force:
+        if _left_alone(state, options):
             continue
         chosen.append(plugin_id)
     return chosen[: options.limit] if options.limit is not None else chosen
+
+
+def _left_alone(state: str, options: RunOptions) -> bool:
+    """A finished plugin that these options do not process again."""
+    return state in FINAL and not options.force and state not in options.retry
 
 
 @dataclass
@@ -271,7 +281,7 @@ class Runner:
 
     def _select(self, options: RunOptions) -> list[str]:
         chosen = select(self.store, options)
-        if options.force:
+        if options.force or options.retry:
             self._reopen([p for p in chosen if self._state(p) in FINAL])
         return chosen
 
@@ -279,7 +289,7 @@ class Runner:
         return self.store.query("SELECT state FROM plugins WHERE plugin_id = ?", (plugin_id,))[0][0]
 
     def _reopen(self, plugin_ids: list[str]) -> None:
-        """--force: finished plugins are discovered and analyzed again (same facts: the scan
+        """--force and --retry: finished plugins are discovered and analyzed again (same facts: the scan
         just confirmed their content), which puts them back at the start of the pipeline."""
         for plugin_id in plugin_ids:
             row = self.store.query(

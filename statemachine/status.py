@@ -16,7 +16,7 @@ _ATTENTION = (State.INVALID, State.FAILED, State.REJECTED)
 # A plugin in `writing` while no process holds the log: its write was cut short, and its files
 # may be half new; scan and restore-plugin leave it alone until `resume` settles it.
 _CUT_SHORT = "its write was cut short: `overnight resume` finishes it"
-_RETRY = "`overnight run --force --plugin {}` tries it again"
+_RETRY = "`overnight run --retry failed --plugin {}` tries it again"
 
 
 @dataclass
@@ -39,7 +39,7 @@ class StatusReport:
 # as running that no process runs any more (it crashed, or stopped on an error).
 UNFINISHED = ("running", "paused", "interrupted", "budget_exhausted")
 _RUN = ("run_id", "command", "status", "started_at", "ended_at", "paused_until", "plugins", "requests",
-        "done", "skipped", "rejected", "failed")
+        "done", "skipped", "rejected", "failed", "planned")
 
 
 def runs(store: EventStore, held: bool) -> list[dict]:

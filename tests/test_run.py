@@ -467,6 +467,9 @@ def test_content_failing_the_gates_every_time_is_rejected_and_never_written(one,
     assert states(one) == {"plugins/tools/widget": "rejected"}
     assert "containment" in result.stdout or "escape" in result.stdout or ".." in result.stdout
     assert not (one / "plugins" / "tools" / "widget" / "skills").exists()
+    metrics = overnight("metrics", one)
+    assert json.loads(overnight("metrics", one, "--json").stdout)["gate_failures"] == 2  # the last draft too
+    assert "\ngate failures 2 (drafts regenerated, or rejected at the last attempt)\n" in metrics.stdout
 
 
 def test_prompt_injection_in_a_readme_stays_data(one, emu):
@@ -490,6 +493,10 @@ def test_dry_run_plans_and_writes_nothing(market, emu):
     assert set(states(market).values()) == {"planned"}
     assert {r.phase for r in generate_requests(emu)} == {"plan"}
     assert {p: hash_tree(market, market / p).content_hash for p in before} == before
+    last_run = overnight("status", market).stdout.splitlines()[1]
+    assert last_run.endswith(": complete, 0 done, 0 skipped, 0 rejected, 0 failed, 4 planned, 4 requests; "
+                             "a dry run: `overnight run` goes on from the plans")
+    assert json.loads(overnight("status", market, "--json").stdout)["last_run"]["planned"] == 4
     finish = run(market, emu)  # a real run later picks the plans up: skill requests only
     assert finish.exit_code == 0
     assert [r.phase for r in generate_requests(emu)].count("plan") == 4
@@ -551,19 +558,56 @@ def test_a_maintainers_skill_that_already_passes_every_gate_is_left_alone(one, e
     assert generate_requests(emu) == []
 
 
-def test_a_failed_plugin_named_again_is_refused_without_force_and_status_says_how_to_retry_it(one, emu):
+def test_a_failed_plugin_named_again_is_refused_without_retry_and_status_says_how_to_retry_it(one, emu):
     emu.script("server_error", phase="skill")
     failed = run(one, emu, "--max-attempts", "1")
     assert failed.exit_code == 1 and states(one) == {"plugins/tools/widget": "failed"}
     again = run(one, emu, "--plugin", "widget")  # not a run that selects nothing and says complete
     assert again.exit_code == 1
     assert again.stderr.startswith("error: already finished: plugins/tools/widget is failed (")
-    assert again.stderr.endswith("; add --force to process it again\n")
+    assert again.stderr.endswith("; add --retry failed to process it again\n")
     (item,) = json.loads(overnight("status", one, "--json").stdout)["items"]
-    assert item["hint"] == "`overnight run --force --plugin plugins/tools/widget` tries it again"
-    assert "; `overnight run --force --plugin plugins/tools/widget` tries it again" in overnight("status", one).stdout
-    assert run(one, emu, "--plugin", "widget", "--force").exit_code == 0
+    assert item["hint"] == "`overnight run --retry failed --plugin plugins/tools/widget` tries it again"
+    text = overnight("status", one).stdout
+    assert "; `overnight run --retry failed --plugin plugins/tools/widget` tries it again" in text
+    assert text.endswith("\n`overnight run --retry failed` tries the 1 failed plugin again\n")
+    assert run(one, emu, "--plugin", "widget", "--retry", "failed").exit_code == 0
     assert states(one) == {"plugins/tools/widget": "done"}
+    assert "--retry failed" not in overnight("status", one).stdout
+
+
+def test_retry_takes_the_failed_or_rejected_plugins_again_and_leaves_the_done_ones_alone(market, emu):
+    emu.script("server_error", phase="skill")  # the first plugin's SKILL.md request: failed
+    emu.script("gate_escape", phase="skill")  # the second's: rejected
+    first = run(market, emu, "--concurrency", "1", "--max-attempts", "1", "--gate-attempts", "1")
+    assert first.exit_code == 1
+    before = states(market)
+    (failed,) = [p for p, s in before.items() if s == "failed"]
+    (rejected,) = [p for p, s in before.items() if s == "rejected"]
+    assert sorted(before.values()).count("done") == 2
+    named = run(market, emu, "--plugin", failed, "--plugin", rejected)
+    assert named.exit_code == 1
+    assert named.stderr.endswith("; add --retry failed --retry rejected to process them again\n")
+    dry = run(market, emu, "--dry-run", "--retry", "failed")
+    assert dry.exit_code == 2 and "`overnight estimate --retry` tells what it would cost" in dry.stderr
+    estimate = json.loads(overnight("estimate", market, "--retry", "failed", "--json").stdout)
+    assert estimate["plugins"] == 1 and estimate["requests"] >= 2  # plan and SKILL.md, with the retry rate
+    assert json.loads(overnight("estimate", market, "--json").stdout)["plugins"] == 0
+    emu.clear()
+    retried = run(market, emu, "--retry", "failed", "--json")
+    assert retried.exit_code == 0, retried.output
+    assert json.loads(retried.stdout)["selected"] == 1
+    assert states(market) == before | {failed: "done"}
+    assert [r.phase for r in generate_requests(emu)] == ["plan", "skill"]
+    assert run(market, emu, "--retry", "rejected").exit_code == 0
+    assert set(states(market).values()) == {"done"}
+    assert run_config(market, "retry") == [["failed"], ["rejected"]]
+    assert_healthy(market)
+
+
+def run_config(root: Path, key: str) -> list:
+    return [json.loads(v) for (v,) in query(
+        root, f"SELECT json_extract(config, '$.{key}') FROM runs ORDER BY started_at")[1:]]
 
 
 def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
