@@ -34,7 +34,8 @@ def verify(store: EventStore) -> VerifyResult:
     events = store.query("SELECT count(*) FROM events")[0][0]
     newest = store.query("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
     head = {"seq": newest[0][0], "hash": newest[0][1]} if newest else {"seq": 0, "hash": ""}
-    return VerifyResult(events=events, problems=store.verify() + missing_blobs(store), head=head)
+    missing = [problem for _digest, problem in missing_blobs(store)]
+    return VerifyResult(events=events, problems=store.verify() + missing, head=head)
 
 
 _NAMES_BLOBS = tuple(t.__struct_config__.tag for t in (
@@ -55,11 +56,12 @@ def _named_blobs(event: c.Event) -> list[tuple[str, str]]:
     return []
 
 
-def missing_blobs(store: EventStore) -> list[str]:
-    """Blobs the log names but the store lacks: a draft, a file's content, a plugin snapshot,
-    or a file inside a snapshot. (Whether a present blob matches its hash is `store.verify`'s,
-    which has already read every blob: here the hashes are looked up once, in memory.)"""
-    problems: list[str] = []
+def missing_blobs(store: EventStore) -> list[tuple[str, str]]:
+    """(sha256, problem) of each blob the log names but the store lacks:
+    a draft, a file's content, a plugin snapshot, or a file inside a snapshot. (Whether a
+    present blob matches its hash is `store.verify`'s, which has already read every blob:
+    here the hashes are looked up once, in memory.)"""
+    problems: list[tuple[str, str]] = []
     stored = {digest for (digest,) in store.conn.execute("SELECT hash FROM blobs")}
     trees: dict[str, int] = {}
     marks = ", ".join("?" * len(_NAMES_BLOBS))
@@ -72,7 +74,7 @@ def missing_blobs(store: EventStore) -> list[str]:
             continue  # reported by verify's replay
         for digest, what in _named_blobs(event):
             if digest not in stored:
-                problems.append(f"seq {seq} ({tag}): blob {digest} ({what}) is missing from the store")
+                problems.append((digest, f"seq {seq} ({tag}): blob {digest} ({what}) is missing from the store"))
             elif isinstance(event, (c.PluginSnapshotted, c.PluginRestored)):
                 trees.setdefault(digest, seq)
     for tree, seq in trees.items():
@@ -80,12 +82,12 @@ def missing_blobs(store: EventStore) -> list[str]:
         try:
             files = snapshots.manifest_files(bytes(manifest))
         except SnapshotError as e:
-            problems.append(f"seq {seq}: plugin snapshot {tree}: {e}")
+            problems.append((tree, f"seq {seq}: plugin snapshot {tree}: {e}"))
             continue
         for path, digest in files:
             if digest not in stored:
-                problems.append(f"seq {seq}: plugin snapshot {tree} names {path}, whose blob {digest} "
-                                "is missing from the store")
+                problems.append((digest, f"seq {seq}: plugin snapshot {tree} names {path}, whose blob {digest} "
+                                         "is missing from the store"))
     return problems
 
 

@@ -262,8 +262,11 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
         head = replication.check_head(store, remote, last_seq)
         tree = snapshot_tree(root, store.path)
         writer = replication.Writer(remote)
-        repaired, lost = _repair_blobs(store, tree, writer)
-        replication.ship_blobs(store, writer)
+        warnings = tree.warnings
+        repaired = _repair_blobs(store, tree, writer, warnings)
+        _mend_missing_blobs(store, tree, warnings)
+        warnings += replication.ship_blobs(
+            store, writer, lambda digest, problem: _mend(store, tree, digest, problem, warnings))
         replication.ship_events(store, writer, head, last_seq)
         _ship_tree(tree, writer)
         created_at = format_at(store.clock())
@@ -282,7 +285,7 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
                                            blobs_sent=shipment.blobs, bytes_sent=shipment.bytes))
     return BackupReport(target, snapshot, shipment.events, shipment.blobs, shipment.bytes,
                         shipment.rows, shipment.batches, time.perf_counter() - started,
-                        blobs_repaired=repaired, warnings=tree.warnings + lost)
+                        blobs_repaired=repaired, warnings=warnings)
 
 
 def _tree_bytes(tree: Tree, digest: str) -> bytes:
@@ -295,23 +298,47 @@ def _tree_bytes(tree: Tree, digest: str) -> bytes:
     return data
 
 
-def _repair_blobs(store: EventStore, tree: Tree, writer: replication.Writer) -> tuple[int, list[str]]:
-    """Ship again every damaged blob on the remote that this log or `tree` has; (how many, a
+def _repair_blobs(store: EventStore, tree: Tree, writer: replication.Writer, warnings: list[str]) -> int:
+    """Ship again every damaged blob on the remote that this log or `tree` has; how many (a
     warning for each of the others)."""
-    repaired, lost = 0, []
+    repaired = 0
     for digest, problem in replication.damaged_blobs(writer.remote):
+        data = None
         if store.has_blob(digest):
-            data = store.get_blob(digest)
+            try:
+                data = store.get_blob(digest)
+            except EventStoreError as e:
+                data = _mend(store, tree, digest, str(e), warnings)
         elif digest in tree.nodes or digest in tree.files:
             data = _tree_bytes(tree, digest)
-        else:
-            lost.append(f"{problem}, and neither this log nor this marketplace has a copy to repair it "
-                        "from: older snapshots that need it cannot be fully restored")
+        if data is None:
+            warnings.append(f"{problem}, and neither this log nor this marketplace has a copy to repair it "
+                            "from: older snapshots that need it cannot be fully restored")
             continue
         writer.put_blob(digest, data, repair=True)
         repaired += 1
     writer.flush()
-    return repaired, lost
+    return repaired
+
+
+def _mend_missing_blobs(store: EventStore, tree: Tree, warnings: list[str]) -> None:
+    """Put back the blobs the log names and lacks, from marketplace files with that content;
+    a warning for each (so every backup warns of those it cannot put back)."""
+    for digest, problem in audit.missing_blobs(store):
+        if not store.has_blob(digest) and _mend(store, tree, digest, problem, warnings) is None:
+            warnings.append(f"this log: {problem}, and no file of this marketplace has its content: "
+                            "this backup lacks it too")
+
+
+def _mend(store: EventStore, tree: Tree, digest: str, problem: str, warnings: list[str]) -> bytes | None:
+    """The right bytes of this log's blob `digest` (missing, or damaged: `problem`) from a
+    marketplace file with that content, put back into the log (a warning says so); or None."""
+    if digest not in tree.files:
+        return None
+    data = _tree_bytes(tree, digest)
+    store.mend_blob(data)
+    warnings.append(f"this log: {problem}: mended from {tree.files[digest]}, which has that content")
+    return data
 
 
 def _ship_tree(tree: Tree, writer: replication.Writer) -> None:
