@@ -89,6 +89,8 @@ def backup_now(path: Path, db: Path | None, url: str | None, as_json: bool) -> N
         f"in {report.seconds:.2f} s")
     if report.blobs_repaired:
         click.echo(f"repaired {plural(report.blobs_repaired, 'damaged blob')} on the remote")
+    if report.events_repaired:
+        click.echo(f"shipped again {plural(report.events_repaired, 'event')} missing from the remote")
     for warning in report.warnings:
         click.echo(f"warning: {warning}")
 

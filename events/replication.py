@@ -218,6 +218,35 @@ def check_head(store: EventStore, remote: Remote, upto: int) -> tuple[int, str]:
     return seq, digest or GENESIS
 
 
+def refill_events(store: EventStore, writer: Writer, upto: int) -> int:
+    """Ship again, from this log, the events up to seq `upto` (the remote head) that the remote
+    lacks (deleted there: its seqs have gaps); how many. Each is checked against this log's
+    hash chain first."""
+    (count,) = writer.remote.execute("SELECT count(*) FROM events WHERE seq <= ?", (upto,))[0]
+    if count == upto:
+        return 0
+    gaps = writer.remote.execute(
+        "SELECT seq + 1, next - 1 FROM (SELECT seq, lead(seq, 1, ?) OVER (ORDER BY seq) AS next FROM "
+        "(SELECT 0 AS seq UNION ALL SELECT seq FROM events WHERE seq <= ?)) WHERE next > seq + 1",
+        (upto + 1, upto))
+    sent = 0
+    for first, last in gaps:
+        check = ChainCheck()
+        before = store.query("SELECT hash FROM events WHERE seq = ?", (first - 1,))
+        check.expected_seq, check.last_hash = first, before[0][0] if before else GENESIS
+        for row in store.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq BETWEEN ? AND ? "
+                                      "ORDER BY seq", (first, last)):
+            check.feed(*row)
+            if check.problems:
+                writer.flush()
+                raise EventStoreError(f"this log fails its hash chain at {check.problems[0]}; the remote lacks "
+                                      "that event and it cannot be shipped again (run `overnight audit verify`)")
+            writer.add(f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            sent += 1
+    writer.flush()
+    return sent
+
+
 def ship_events(store: EventStore, writer: Writer, head: tuple[int, str], upto: int) -> None:
     """Events after `head` (from `check_head`) up to `upto`, checking their hash chain from
     `head` on: at the first broken event, ship those before it and fail."""

@@ -91,6 +91,7 @@ class BackupReport:
     batches: int
     seconds: float
     blobs_repaired: int = 0  # damaged blobs on the remote shipped again (counted in blobs_sent too)
+    events_repaired: int = 0  # events deleted from the remote, shipped again (not in events_sent)
     warnings: list[str] = field(default_factory=list)  # skipped symlinks, damaged blobs left as they are
 
     def as_json(self) -> dict[str, Any]:
@@ -262,11 +263,12 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
         head = replication.check_head(store, remote, last_seq)
         tree = snapshot_tree(root, store.path)
         writer = replication.Writer(remote)
-        warnings = tree.warnings
+        warnings = tree.warnings + _lost_snapshot(store, remote, target)
         repaired = _repair_blobs(store, tree, writer, warnings)
         _mend_missing_blobs(store, tree, warnings)
         warnings += replication.ship_blobs(
             store, writer, lambda digest, problem: _mend(store, tree, digest, problem, warnings))
+        refilled = replication.refill_events(store, writer, head[0])
         replication.ship_events(store, writer, head, last_seq)
         _ship_tree(tree, writer)
         created_at = format_at(store.clock())
@@ -285,7 +287,17 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
                                            blobs_sent=shipment.blobs, bytes_sent=shipment.bytes))
     return BackupReport(target, snapshot, shipment.events, shipment.blobs, shipment.bytes,
                         shipment.rows, shipment.batches, time.perf_counter() - started,
-                        blobs_repaired=repaired, warnings=warnings)
+                        blobs_repaired=repaired, events_repaired=refilled, warnings=warnings)
+
+
+def _lost_snapshot(store: EventStore, remote: Remote, target: str) -> list[str]:
+    """A warning when the snapshot this log's latest backup to `target` made is not there."""
+    last = store.query("SELECT json_extract(data, '$.snapshot_id'), at FROM events WHERE stream = 'backup' "
+                       "AND json_extract(data, '$.target') = ? ORDER BY version DESC LIMIT 1", (target,))
+    if not last or remote.execute("SELECT 1 FROM snapshots WHERE id = ?", (last[0][0],)):
+        return []
+    return [f"snapshot {last[0][0]}, made by this log's last backup here ({last[0][1]}), is missing from the "
+            "remote: deleted there? This backup makes a new one"]
 
 
 def _tree_bytes(tree: Tree, digest: str) -> bytes:

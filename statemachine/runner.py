@@ -497,6 +497,8 @@ class Runner:
                              f"{report.bytes_sent:,} bytes sent")
         if report.blobs_repaired:
             self._backups.append(f"  damaged blobs on the remote repaired: {report.blobs_repaired:,}")
+        if report.events_repaired:
+            self._backups.append(f"  events missing from the remote shipped again: {report.events_repaired:,}")
         self._backups += [f"  warning: {warning}" for warning in report.warnings]
 
     def _interrupted(self, run_id: str, selection: list[str]) -> RunResult:

@@ -748,6 +748,31 @@ def test_backup_repairs_damaged_blobs_it_has_and_warns_of_the_others(market, tmp
     assert run("audit", "verify", dest).exit_code == 0
 
 
+@pytest.mark.parametrize("over", ["file", "http"])
+def test_backup_ships_again_events_deleted_from_the_remote_and_warns_of_its_deleted_snapshot(
+        market, tmp_path, request, over):
+    offsite = tmp_path / "remote.db"  # the server fixture's database
+    url = request.getfixturevalue("server").url if over == "http" else f"file:{offsite}"
+    backup_json(market, url)
+    second = backup_json(market, url)
+    head = second["snapshot"]["last_seq"]
+    sqlite_rows(offsite, "DELETE FROM events WHERE seq IN (1, 3, 4, ?)", (head - 1,))
+    sqlite_rows(offsite, "DELETE FROM snapshots WHERE id = ?", (second["snapshot"]["id"],))
+    assert run("backup", "verify", "--from", url).exit_code == 1
+    (at,) = sqlite_rows(market / ".overnight" / "overnight.db",
+                        "SELECT at FROM events WHERE stream = 'backup' ORDER BY seq DESC LIMIT 1")[0]
+
+    result = run("backup", market, "--to", url)
+    assert result.exit_code == 0, result.output
+    assert "\nshipped again 4 events missing from the remote\n" in result.output
+    assert result.output.endswith(f"\nwarning: snapshot {second['snapshot']['id']}, made by this log's last "
+                                  f"backup here ({at}), is missing from the remote: deleted there? This backup "
+                                  "makes a new one\n")
+    assert run("backup", "verify", "--from", url).exit_code == 0
+    again = backup_json(market, url)
+    assert (again["events_repaired"], again["warnings"]) == (0, [])
+
+
 def test_backup_skips_the_symlinks_restore_would_refuse_and_says_so(market, tmp_path):
     os.symlink("/etc/passwd", market / "plugins" / "x")
     os.symlink("../../etc", market / "plugins" / "y")
