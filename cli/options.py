@@ -28,13 +28,14 @@ _debug = False
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the main thread is, like KeyboardInterrupt for SIGINT: cleanup code
-    runs (a restore removes its staging directory) and the command exits 143. `run` and
+    """SIGTERM or SIGHUP (its name is the argument), raised where the main thread is, like
+    KeyboardInterrupt for SIGINT: cleanup code runs (a restore removes its staging directory)
+    and the command exits 143 or 129. SIGHUP is left alone when ignored (nohup). `run` and
     `resume` install their own handlers, which stop the run cleanly and record it."""
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:
-    raise Terminated()
+    raise Terminated(signal.Signals(signum).name)
 
 
 def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -111,11 +112,13 @@ class OvernightGroup(click.Group):
         _debug = False
         if threading.current_thread() is not threading.main_thread():
             return super().main(*args, **kwargs)
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        caught = [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else [])
+        previous = {signum: signal.signal(signum, _terminate) for signum in caught}
         try:
             return super().main(*args, **kwargs)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:  # the root's own options (`overnight --bogus`)
@@ -135,7 +138,7 @@ class OvernightGroup(click.Group):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise click.exceptions.Exit(0) from None
         except (KeyboardInterrupt, Terminated) as e:  # click would say "Aborted!" and exit 1
-            name = "SIGINT" if isinstance(e, KeyboardInterrupt) else "SIGTERM"
+            name = "SIGINT" if isinstance(e, KeyboardInterrupt) else e.args[0]
             _fail(e, EXIT_SIGNAL[name], f"interrupted by {name}")
         except StoreLocked as e:
             _fail(e, EXIT_LOCKED)

@@ -97,7 +97,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
 
     The key comes from GOOGLE_API_KEY or GEMINI_API_KEY (or Vertex AI: GOOGLE_GENAI_USE_VERTEXAI,
     GOOGLE_CLOUD_PROJECT, GOOGLE_CLOUD_LOCATION). Exit 0 when every selected plugin ended done,
-    skipped or rejected; 1 otherwise; 130/143 when stopped by SIGINT/SIGTERM.
+    skipped or rejected; 1 otherwise; 130/143/129 when stopped by SIGINT/SIGTERM/SIGHUP.
     """
     from statemachine.budget import Budgets
     from statemachine.metrics import Prices

@@ -434,14 +434,16 @@ def test_a_restore_cut_off_midway_leaves_nothing_behind(market, server, tmp_path
     assert run("audit", "verify", dest).exit_code == 0
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_a_signal_stops_a_restore_and_leaves_nothing_behind(market, server, tmp_path, sig, code):
     backup_json(market, server.url)
     server.latency = 0.3  # each request to the remote takes a while: the restore is under way
     dest = tmp_path / "restored"
     env = {**os.environ, "TURSO_AUTH_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "cli", "restore", "--from", server.url, "--to", str(dest)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal, even when the tests run under nohup (SIGHUP ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 30
         while not [p for p in tmp_path.iterdir() if ".restoring-" in p.name]:
