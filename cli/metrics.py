@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.config import config_option
-from cli.options import Number, common, marketplace_argument, retry_option, stated_limits
+from cli.options import Number, common, marketplace_argument, retry_option, retry_states, stated_limits
 from cli.render import duration, emit_json, plural
 
 price_options = [
@@ -124,6 +124,7 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
     from statemachine.scheduler import Limits, effective_limits
     from statemachine.workspace import marketplace_root, open_log
 
+    retry = retry_states(force, retry)
     root = marketplace_root(path)
     given = replace(Limits(), **{k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm),
                                                     ("concurrency", concurrency)) if v is not None})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -58,7 +59,23 @@ db_option = click.option(
 # missing path and for a file alike.
 retry_option = click.option(
     "--retry", "retry", multiple=True, type=click.Choice(sorted(s.value for s in RETRYABLE)),
-    help="Take plugins that ended in this state (failed or rejected) too; repeatable.")
+    help="Only the plugins that ended in this state (failed or rejected), processed again; repeatable.")
+
+
+
+def where(root: Path, db: Path | None) -> str:
+    """` PATH [--db LOG]`, shell-quoted: what a hint puts after `overnight COMMAND`, so the
+    command it names works from any directory."""
+    return " " + shlex.join([str(root)] + (["--db", str(db.absolute())] if db is not None else []))
+
+
+def retry_states(force: bool, retry: tuple[str, ...]) -> tuple[str, ...]:
+    """--retry's states, each once; wrong usage with --force, which takes every plugin."""
+    if force and retry:
+        raise click.UsageError("--force takes every plugin again, --retry only the failed or rejected ones; "
+                               "use one or the other")
+    return tuple(sorted(set(retry)))
+
 
 marketplace_argument = click.argument("path", type=click.Path(path_type=Path), default=".", required=False)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import common, marketplace_argument
+from cli.options import common, marketplace_argument, where
 from cli.render import emit_json, shown
 
 
@@ -52,7 +52,5 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
     else:
         click.echo(f"restored {shown(done.plugin_id)} to snapshot {done.snapshot} ({done.files} files)")
         if done.replaced:
-            undo = ["overnight", "restore-plugin", name, str(root), "--snapshot", done.replaced[:12]]
-            undo += ["--db", str(db.absolute())] if db is not None else []
-            click.echo(f"the files it replaced are kept as snapshot {done.replaced}: "
-                       f"`{shown(shlex.join(undo))}` puts them back")
+            undo = f"overnight restore-plugin {shlex.quote(name)}{where(root, db)} --snapshot {done.replaced[:12]}"
+            click.echo(f"the files it replaced are kept as snapshot {done.replaced}: `{shown(undo)}` puts them back")

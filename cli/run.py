@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shlex
 import signal
 import sys
 from datetime import datetime
@@ -22,7 +21,9 @@ from cli.options import (
     common,
     marketplace_argument,
     retry_option,
+    retry_states,
     stated_limits,
+    where,
 )
 from cli.render import duration, emit_json, interactive, plural, shown, stderr_console
 
@@ -108,11 +109,12 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
 
     if backup_to is not None:
         backup_to = backup_url(backup_to, "--backup-to")  # recorded: resume backs up to the same place
+    retry = retry_states(force, retry)
     if dry_run and (force or retry):
-        flag = "--force" if force else "--retry"
+        flag = "--force" if force else " ".join(f"--retry {state}" for state in retry)
         raise click.UsageError(f"--dry-run with {flag} would put finished plugins back to planned, and a later "
-                               f"run would generate them again; use one or the other (`overnight estimate {flag}` "
-                               "tells what it would cost)")
+                               "run would generate them again; use one or the other (`overnight estimate"
+                               f"{where(Path(path).resolve(), db)} {flag}` tells what it would cost)")
     if min_bytes > max_bytes:
         raise click.UsageError(f"{_flag('min_bytes', min_bytes)} is more than {_flag('max_bytes', max_bytes)}: "
                                "no SKILL.md could pass the size gate")
@@ -121,7 +123,7 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         limits=_override(Limits(), rpm=rpm, rpd=rpd, tpm=tpm, concurrency=concurrency),
         gates=GateConfig(min_bytes=min_bytes, max_bytes=max_bytes, min_code_blocks=min_examples),
         gate_attempts=gate_attempts, max_attempts=max_attempts, backoff_s=backoff, plugins=plugins, category=category,
-        limit=limit, force=force, retry=tuple(sorted(set(retry))), dry_run=dry_run, standards=standards, wait=not no_wait,
+        limit=limit, force=force, retry=retry, dry_run=dry_run, standards=standards, wait=not no_wait,
         budgets=_override(Budgets(), max_requests=max_requests, max_tokens=max_tokens,
                           max_cost=max_cost), prices=Prices(price_input, price_output), backup_to=backup_to,
         explicit_limits=stated_limits(rpm=rpm, rpd=rpd, tpm=tpm),
@@ -191,8 +193,7 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         store.close()
-    resume = ["overnight", "resume", str(root)] + (["--db", str(db.absolute())] if db is not None else [])
-    _render(result, as_json, shlex.join(resume))
+    _render(result, as_json, f"overnight resume{where(root, db)}")
     if result.outcome == "interrupted":
         raise click.exceptions.Exit(EXIT_SIGNAL.get(runner.signal or "", 130))
     if not result.ok or result.backup_failed:
@@ -217,7 +218,7 @@ def _render(result, as_json: bool, resume: str) -> None:
         click.echo(f"budget reached: {result.message}")
     if result.paused_until:
         click.echo(f"daily quota used up: resume after {result.paused_until} "
-                   f"with `overnight resume` (or `overnight resume --wait` now, to sleep until then)")
+                   f"with `{shown(resume)}` (or `{shown(resume)} --wait` now, to sleep until then)")
     if result.message and result.outcome != "budget_exhausted":
         click.echo(f"stopped: {result.message}", err=True)
     for plugin_id, state, reason in result.problems:

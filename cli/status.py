@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import common, marketplace_argument
+from cli.options import common, marketplace_argument, where
 from cli.render import emit_json, plural, shown
 from statemachine import status as status_service
 from statemachine.lifecycle import State
@@ -22,8 +22,9 @@ from statemachine.workspace import read_log
 @common
 def status(path: Path, db: Path | None, plugin: str | None, state: str | None, as_json: bool) -> None:
     """Where every plugin of the marketplace at PATH stands (read from the log)."""
+    here = where(Path(path).resolve(), db)
     with read_log(path, db) as store:
-        report = status_service.status(store, plugin=plugin, state=state)
+        report = status_service.status(store, plugin=plugin, state=state, place=here)
     if as_json:
         emit_json(report.as_json())
         return
@@ -35,16 +36,16 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
         click.echo(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "
                    f"{r['rejected']} rejected, {r['failed']} failed, "
                    + (f"{r['planned']} planned, " if r["planned"] else "") + plural(r['requests'], 'request')
-                   + ("; a dry run: `overnight run` goes on from the plans" if r["planned"] and r["status"] == "complete"
-                      else "")
+                   + ("; a dry run" if r["dry_run"] else "")
+                   + (f": `overnight run{here}` goes on from the plans" if r["dry_run"] and r["planned"] else "")
                    + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
-                   + ("; no overnight process is running it: `overnight resume` continues it"
+                   + (f"; no overnight process is running it: `overnight resume{here}` continues it"
                       if r["status"] == "stopped" else ""))
     waiting = bool(report.last_run) and report.last_run["status"] in status_service.UNFINISHED + ("stopped",)
     for r in report.unfinished_runs:
         click.echo(f"{'older ' if r['started_at'] < report.last_run['started_at'] else ''}run {r['run_id']} "
                    f"is unfinished: {r['status']}, {r['done']} done of {plural(r['plugins'], 'plugin')}; "
-                   "`overnight resume` continues it" + (" after the run above" if waiting else ""))
+                   f"`overnight resume{here}` continues it" + (" after the run above" if waiting else ""))
         waiting = True
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""
@@ -57,4 +58,4 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
                    "plugin in a state")
     failed = report.by_state.get(State.FAILED, 0)
     if failed and plugin is None and state is None:
-        click.echo(f"`overnight run --retry failed` tries the {plural(failed, 'failed plugin')} again")
+        click.echo(f"`overnight run{here} --retry failed` tries the {plural(failed, 'failed plugin')} again")

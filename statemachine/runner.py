@@ -116,14 +116,17 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
                    if (pid in wanted or name in wanted) and state in (State.INVALID, State.GONE)]
         if blocked:
             raise OvernightError(f"cannot process what was asked for: {'; '.join(blocked)}")
-        finished = [(pid, state, reason) for pid, name, _, state, reason in rows
-                    if (pid in wanted or name in wanted) and _left_alone(state, options)]
-        if finished:  # asked for by name, left out in silence, it would look like a run that did it
-            found = {state for _, state, _ in finished}
+        left = [(pid, state, reason) for pid, name, _, state, reason in rows
+                if (pid in wanted or name in wanted) and _left_alone(state, options)]
+        if left:  # asked for by name, left out in silence, it would look like a run that did it
+            named = "; ".join(f"{pid} is {state}" + (f" ({reason})" if reason else "") for pid, state, reason in left)
+            if options.retry:
+                raise OvernightError(f"not {' or '.join(options.retry)}: {named}; --retry takes only the plugins "
+                                     "in that state")
+            found = {state for _, state, _ in left}
             flags = " ".join(f"--retry {s}" for s in sorted(found)) if found <= RETRYABLE else "--force"
-            named = "; ".join(f"{pid} is {state}" + (f" ({reason})" if reason else "") for pid, state, reason in finished)
             raise OvernightError(f"already finished: {named}; add {flags} to process "
-                                 f"{'it' if len(finished) == 1 else 'them'} again")
+                                 f"{'it' if len(left) == 1 else 'them'} again")
     categories = sorted({r[2] for r in rows})
     if options.category and options.category not in categories:
         raise OvernightError(f"no plugin in category {options.category!r} (categories: {', '.join(categories)})")
@@ -138,12 +141,18 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
         if _left_alone(state, options):
             continue
         chosen.append(plugin_id)
+    if options.retry and not chosen:  # not a run of nothing that says complete
+        raise OvernightError(f"no plugin is {' or '.join(options.retry)}"
+                             + (f" in category {options.category!r}" if options.category else ""))
     return chosen[: options.limit] if options.limit is not None else chosen
 
 
 def _left_alone(state: str, options: RunOptions) -> bool:
-    """A finished plugin that these options do not process again."""
-    return state in FINAL and not options.force and state not in options.retry
+    """A plugin these options do not process: with --retry, each one in another state;
+    otherwise a finished one, unless --force."""
+    if options.retry:
+        return state not in options.retry
+    return state in FINAL and not options.force
 
 
 @dataclass

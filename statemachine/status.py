@@ -15,8 +15,8 @@ _ROW = ("plugin_id", "name", "category", "state", "step", "reason", "not_before"
 _ATTENTION = (State.INVALID, State.FAILED, State.REJECTED)
 # A plugin in `writing` while no process holds the log: its write was cut short, and its files
 # may be half new; scan and restore-plugin leave it alone until `resume` settles it.
-_CUT_SHORT = "its write was cut short: `overnight resume` finishes it"
-_RETRY = "`overnight run --retry failed --plugin {}` tries it again"
+_CUT_SHORT = "its write was cut short: `overnight resume{}` finishes it"
+_RETRY = "`overnight run{} --retry failed --plugin {}` tries it again"
 
 
 @dataclass
@@ -49,26 +49,29 @@ def runs(store: EventStore, held: bool) -> list[dict]:
     holds the log (`held`: `WriterLock(path).held()`); the others are `stopped`. Finished older
     runs are left out: `run_summary` counts each run's plugins, and a log gathers many runs."""
     marks = ", ".join("?" * len(UNFINISHED))
-    rows = store.query(f"SELECT {', '.join('s.' + c for c in _RUN)}, r.last_seq FROM run_summary s "
+    rows = store.query(f"SELECT {', '.join('s.' + c for c in _RUN)}, "
+                       "coalesce(json_extract(r.config, '$.dry_run'), 0), r.last_seq FROM run_summary s "
                        "JOIN runs r USING (run_id) WHERE r.status IN (" + marks + ") OR r.run_id = "
                        "(SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1) "
                        "ORDER BY s.started_at DESC, r.last_seq DESC", UNFINISHED)
-    found = [dict(zip(_RUN + ("last_seq",), row)) for row in rows]
+    found = [dict(zip(_RUN + ("dry_run", "last_seq"), row)) for row in rows]
     recorded_running = [r for r in found if r["status"] == "running"]
     active = max(recorded_running, key=lambda r: r["last_seq"]) if held and recorded_running else None
     for r in found:
         if r["status"] == "running" and r is not active:
             r["status"] = "stopped"
         del r["last_seq"]
+        r["dry_run"] = bool(r["dry_run"])
     return [active] + [r for r in found if r is not active] if active else found
 
 
 def status(store: EventStore, *, plugin: str | None = None, state: str | None = None,
-           attention_limit: int = 20) -> StatusReport:
+           attention_limit: int = 20, place: str = "") -> StatusReport:
     """Counts by state; `items` are the plugins matching the filters, or, with no filter,
     the first `attention_limit` plugins that need a person's attention (invalid, failed,
     rejected, and writing when no process holds the log). Each item has a `hint` (None, or
-    what finishes a write cut short)."""
+    the command that finishes a write cut short or retries a failed plugin, with `place`
+    (` PATH --db LOG`) after the command's name)."""
     if state is not None and state not in {s.value for s in State}:
         raise UnknownPlugin(f"unknown state {state!r}; states are: {', '.join(s.value for s in State)}")
     by_state = dict(store.query("SELECT state, count(*) FROM plugins GROUP BY state ORDER BY state"))
@@ -97,8 +100,9 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
         raise UnknownPlugin(f"no plugin named or with id {plugin!r} in this log")
     items = [dict(zip(_ROW, r)) for r in rows]
     for item in items:
-        item["hint"] = (_CUT_SHORT if item["state"] == State.WRITING and not running else
-                        _RETRY.format(shlex.quote(item["plugin_id"])) if item["state"] == State.FAILED else None)
+        item["hint"] = (_CUT_SHORT.format(place) if item["state"] == State.WRITING and not running else
+                        _RETRY.format(place, shlex.quote(item["plugin_id"])) if item["state"] == State.FAILED
+                        else None)
     return StatusReport(
         plugins=sum(by_state.values()), by_state=by_state, events=store.last_seq, last_run=last_run,
         items=items, items_total=len(items) if total is None else total, unfinished_runs=other_unfinished,

@@ -167,7 +167,7 @@ def test_status_tells_a_run_that_died_from_one_that_runs(tmp_path):
         dead = json.loads(cli("status", str(root), "--json").stdout)["last_run"]
         assert dead["status"] == "stopped" and dead["run_id"] == live["run_id"]
         human = cli("status", str(root)).stdout
-        assert "no overnight process is running it: `overnight resume` continues it" in human
+        assert f"no overnight process is running it: `overnight resume {root}` continues it" in human
         measured = json.loads(cli("metrics", str(root), "--json").stdout)["run"]
         assert measured["status"] == "stopped" and measured["eta_s"] is None
         # a killed run records no end: its wall time runs to its last event, a plugin's or a request's
@@ -268,11 +268,11 @@ def test_status_shows_an_older_unfinished_run_and_a_run_that_finishes_its_plugin
         assert newer != older and live["last_run"]["status"] == "running"
         # the killed run is recorded as running too, but the process holding the log runs the newer one
         assert [(r["run_id"], r["status"]) for r in live["unfinished_runs"]] == [(older, "stopped")]
-        assert "`overnight resume` continues it after the run above" in cli("status", str(root)).stdout
+        assert f"`overnight resume {root}` continues it after the run above" in cli("status", str(root)).stdout
         assert second.wait(timeout=30) == 0
         text = cli("status", str(root)).stdout
         assert (f"older run {older} is unfinished: stopped, 0 done of 4 plugins; "
-                "`overnight resume` continues it\n") in text
+                f"`overnight resume {root}` continues it\n") in text
         resumed = spawn("resume", root, emu.url)
         wait_for_posts(resumed, posts() + 1)
         # while resume runs the older run, that run is the current one, and no hint says to resume it

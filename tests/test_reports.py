@@ -60,7 +60,7 @@ def test_a_write_cut_short_needs_attention_until_resume_finishes_it(one, emu, mo
     monkeypatch.setitem(pipeline._STEPS, State.WRITING, crash)
     assert run(one, emu).exit_code == 4
     monkeypatch.undo()
-    hint = "its write was cut short: `overnight resume` finishes it"
+    hint = f"its write was cut short: `overnight resume {one}` finishes it"
     text = overnight("status", one)
     assert text.stdout.splitlines()[-1] == f"  writing     plugins/tools/widget [skill]: {hint}", text.stdout
     (item,) = json.loads(overnight("status", one, "--json").stdout)["items"]

@@ -226,6 +226,10 @@ def test_a_daily_quota_pauses_the_run_and_no_wait_says_when_to_resume(one, emu):
     assert states(one) == {"plugins/tools/widget": "retrying"}
     status = json.loads(overnight("status", one, "--json").stdout)
     assert status["last_run"]["status"] == "paused"
+    again = overnight("resume", one, "--no-wait")  # still the same Pacific day: paused again, said in words
+    assert again.exit_code == 0, again.output
+    assert (f"daily quota used up: resume after {until} with `overnight resume {one}` (or `overnight resume "
+            f"{one} --wait` now, to sleep until then)") in again.stdout
 
 
 def test_resume_with_a_larger_daily_limit_goes_on_at_once(market, emu):
@@ -495,7 +499,8 @@ def test_dry_run_plans_and_writes_nothing(market, emu):
     assert {p: hash_tree(market, market / p).content_hash for p in before} == before
     last_run = overnight("status", market).stdout.splitlines()[1]
     assert last_run.endswith(": complete, 0 done, 0 skipped, 0 rejected, 0 failed, 4 planned, 4 requests; "
-                             "a dry run: `overnight run` goes on from the plans")
+                             f"a dry run: `overnight run {market}` goes on from the plans")
+    assert json.loads(overnight("status", market, "--json").stdout)["last_run"]["dry_run"] is True
     assert json.loads(overnight("status", market, "--json").stdout)["last_run"]["planned"] == 4
     finish = run(market, emu)  # a real run later picks the plans up: skill requests only
     assert finish.exit_code == 0
@@ -567,41 +572,56 @@ def test_a_failed_plugin_named_again_is_refused_without_retry_and_status_says_ho
     assert again.stderr.startswith("error: already finished: plugins/tools/widget is failed (")
     assert again.stderr.endswith("; add --retry failed to process it again\n")
     (item,) = json.loads(overnight("status", one, "--json").stdout)["items"]
-    assert item["hint"] == "`overnight run --retry failed --plugin plugins/tools/widget` tries it again"
+    assert item["hint"] == f"`overnight run {one} --retry failed --plugin plugins/tools/widget` tries it again"
     text = overnight("status", one).stdout
-    assert "; `overnight run --retry failed --plugin plugins/tools/widget` tries it again" in text
-    assert text.endswith("\n`overnight run --retry failed` tries the 1 failed plugin again\n")
+    assert f"; `overnight run {one} --retry failed --plugin plugins/tools/widget` tries it again" in text
+    assert text.endswith(f"\n`overnight run {one} --retry failed` tries the 1 failed plugin again\n")
+    elsewhere = one.parent / "logs" / "widget log.db"  # a log kept apart: the hint names it, quoted
+    elsewhere.parent.mkdir()
+    shutil.copy(one / ".overnight" / "overnight.db", elsewhere)
+    text = overnight("status", one, "--db", elsewhere).stdout
+    assert text.endswith(f"\n`overnight run {one} --db '{elsewhere}' --retry failed` tries the 1 failed plugin again\n")
     assert run(one, emu, "--plugin", "widget", "--retry", "failed").exit_code == 0
     assert states(one) == {"plugins/tools/widget": "done"}
     assert "--retry failed" not in overnight("status", one).stdout
 
 
-def test_retry_takes_the_failed_or_rejected_plugins_again_and_leaves_the_done_ones_alone(market, emu):
+def test_retry_takes_only_the_failed_or_rejected_plugins_again(market, emu):
     emu.script("server_error", phase="skill")  # the first plugin's SKILL.md request: failed
     emu.script("gate_escape", phase="skill")  # the second's: rejected
-    first = run(market, emu, "--concurrency", "1", "--max-attempts", "1", "--gate-attempts", "1")
+    first = run(market, emu, "--concurrency", "1", "--max-attempts", "1", "--gate-attempts", "1", "--limit", "3")
     assert first.exit_code == 1
     before = states(market)
     (failed,) = [p for p, s in before.items() if s == "failed"]
     (rejected,) = [p for p, s in before.items() if s == "rejected"]
-    assert sorted(before.values()).count("done") == 2
+    assert sorted(before.values()) == ["analyzed", "done", "failed", "rejected"]  # one left for later
     named = run(market, emu, "--plugin", failed, "--plugin", rejected)
     assert named.exit_code == 1
     assert named.stderr.endswith("; add --retry failed --retry rejected to process them again\n")
+    not_failed = run(market, emu, "--plugin", rejected, "--retry", "failed")
+    assert not_failed.exit_code == 1
+    assert not_failed.stderr.startswith(f"error: not failed: {rejected} is rejected (")
+    assert not_failed.stderr.endswith("; --retry takes only the plugins in that state\n")
     dry = run(market, emu, "--dry-run", "--retry", "failed")
-    assert dry.exit_code == 2 and "`overnight estimate --retry` tells what it would cost" in dry.stderr
+    assert dry.exit_code == 2
+    assert f"(`overnight estimate {market} --retry failed` tells what it would cost)" in dry.stderr
+    both = run(market, emu, "--force", "--retry", "failed")
+    assert both.exit_code == 2 and "use one or the other" in both.stderr
     estimate = json.loads(overnight("estimate", market, "--retry", "failed", "--json").stdout)
     assert estimate["plugins"] == 1 and estimate["requests"] >= 2  # plan and SKILL.md, with the retry rate
-    assert json.loads(overnight("estimate", market, "--json").stdout)["plugins"] == 0
     emu.clear()
     retried = run(market, emu, "--retry", "failed", "--json")
     assert retried.exit_code == 0, retried.output
     assert json.loads(retried.stdout)["selected"] == 1
-    assert states(market) == before | {failed: "done"}
+    assert states(market) == before | {failed: "done"}  # the plugin never processed is left for a plain run
     assert [r.phase for r in generate_requests(emu)] == ["plan", "skill"]
     assert run(market, emu, "--retry", "rejected").exit_code == 0
-    assert set(states(market).values()) == {"done"}
+    assert sorted(states(market).values()) == ["analyzed", "done", "done", "done"]
     assert run_config(market, "retry") == [["failed"], ["rejected"]]
+    runs = query(market, "SELECT count(*) FROM runs")
+    nothing = run(market, emu, "--retry", "failed")  # not a recorded run of nothing that says complete
+    assert (nothing.exit_code, nothing.stderr) == (1, "error: no plugin is failed\n")
+    assert query(market, "SELECT count(*) FROM runs") == runs
     assert_healthy(market)
 
 
