@@ -156,6 +156,8 @@ def restore(url: str | None, dest: Path, snapshot_id: str | None, as_json: bool)
         else:
             click.echo(f"snapshot {report.snapshot} is damaged ({len(report.problems)} problems below): nothing "
                        f"was put in {dest}; what could be restored and verified is in {report.path}: {counts}")
+        for warning in report.warnings:
+            click.echo(f"warning: {warning}")
         for problem in report.problems:
             click.echo(f"problem: {problem}")
     if not report.ok:

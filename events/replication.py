@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import apsw
 
@@ -178,29 +178,18 @@ def remote_head(remote: Remote) -> tuple[int, str | None]:
     return (rows[0][0], rows[0][1]) if rows else (0, None)
 
 
-def ship_blobs(store: EventStore, writer: Writer, mend: Callable[[str, str], bytes | None]) -> list[str]:
-    """Every local blob the remote log does not have yet (content shared with trees is reused).
-    For a blob whose bytes no longer match its hash, `mend(hash, problem)` gives the right
-    bytes or None; without them it is not shipped (nor marked shipped): a warning for each."""
-    local = [r[0] for r in store.query("SELECT hash FROM blobs ORDER BY hash")]
+def ship_blobs(store: EventStore, writer: Writer, skip: set[str]) -> None:
+    """Every local blob the remote log does not have yet (content shared with trees is reused),
+    but those in `skip` (damaged here: never shipped, nor marked shipped)."""
+    local = [r[0] for r in store.query("SELECT hash FROM blobs ORDER BY hash") if r[0] not in skip]
     shipped = present(writer.remote, "log_blobs", local)
     todo = [h for h in local if h not in shipped]
     stored = present(writer.remote, "blobs", todo)
-    warnings = []
     for digest in todo:
         if digest not in stored:
-            try:
-                data = store.get_blob(digest)
-            except EventStoreError as e:
-                data = mend(digest, str(e))
-                if data is None:
-                    warnings.append(f"this log: {e}, and no copy of it is at hand: not backed up "
-                                    "(`overnight audit verify` names the events that need it)")
-                    continue
-            writer.put_blob(digest, data)
+            writer.put_blob(digest, store.get_blob(digest))
         writer.add("INSERT OR IGNORE INTO log_blobs (hash) VALUES (?)", (digest,))
     writer.flush()
-    return warnings
 
 
 def check_head(store: EventStore, remote: Remote, upto: int) -> tuple[int, str]:

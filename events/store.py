@@ -456,11 +456,13 @@ class EventStore:
     def verify(self) -> list[str]:
         """Every problem found in the log, its blobs and its projections; empty when healthy."""
         report = self.replay(apply=False)
-        problems = list(report.problems)
-        for digest, size, data in self.conn.execute("SELECT hash, size, data FROM blobs"):
-            if blob_hash(bytes(data)) != digest or size != len(data):
-                problems.append(f"blob {digest}: content does not match its hash")
-        return problems
+        return list(report.problems) + [problem for _digest, problem in self.damaged_blobs()]
+
+    def damaged_blobs(self) -> list[tuple[str, str]]:
+        """(hash, problem) of each stored blob whose bytes no longer match its hash (every blob read)."""
+        return [(digest, f"blob {digest}: content does not match its hash")
+                for digest, size, data in self.conn.execute("SELECT hash, size, data FROM blobs")
+                if blob_hash(bytes(data)) != digest or size != len(data)]
 
     def replay(self, *, apply: bool = False, only: Sequence[str] | None = None,
                parallel_threshold: int = PARALLEL_CHAIN_CHECK) -> ReplayReport:

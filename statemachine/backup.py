@@ -15,6 +15,12 @@ What must always hold:
 - Every backup looks for structurally damaged blobs on the remote (`replication.damaged_blobs`,
   the check `backup verify` makes) and re-ships each one this log or this marketplace still
   has; those nobody here has are warnings of its report.
+- So does every blob of this log: one the log names but lacks, or whose bytes no longer match
+  its hash, is put back into the log from a marketplace file with that content or from the
+  remote; the others are warnings of every backup's report, and a damaged one is never shipped.
+  A restore warns of the log blobs the remote never had (the log lacked them already).
+- Events deleted from the remote below its head are shipped again, and the loss of the
+  snapshot this log's last backup to the same URL made is a warning.
 - A snapshot holds no symlink restore would refuse: `snapshot_tree` skips, with a warning,
   each one `symlink_refusal` refuses, the same rule restore applies.
 - The auth token is passed to the transport only; it is in no event, row or message.
@@ -133,6 +139,7 @@ class RestoreReport(_Checked):
     seconds: float = 0.0
     path: str = ""  # where the result is: the destination, or `<dest>.incomplete` after problems
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # blobs the log backed up lacked already
 
 
 # ------------------------------------------------------------------ tree snapshot
@@ -264,10 +271,9 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
         tree = snapshot_tree(root, store.path)
         writer = replication.Writer(remote)
         warnings = tree.warnings + _lost_snapshot(store, remote, target)
-        repaired = _repair_blobs(store, tree, writer, warnings)
-        _mend_missing_blobs(store, tree, warnings)
-        warnings += replication.ship_blobs(
-            store, writer, lambda digest, problem: _mend(store, tree, digest, problem, warnings))
+        damaged = _mend_log_blobs(store, tree, remote, target, warnings)
+        repaired = _repair_blobs(store, tree, writer, damaged, warnings)
+        replication.ship_blobs(store, writer, damaged)
         refilled = replication.refill_events(store, writer, head[0])
         replication.ship_events(store, writer, head, last_seq)
         _ship_tree(tree, writer)
@@ -310,20 +316,46 @@ def _tree_bytes(tree: Tree, digest: str) -> bytes:
     return data
 
 
-def _repair_blobs(store: EventStore, tree: Tree, writer: replication.Writer, warnings: list[str]) -> int:
-    """Ship again every damaged blob on the remote that this log or `tree` has; how many (a
-    warning for each of the others)."""
+def _mend_log_blobs(store: EventStore, tree: Tree, remote: Remote, target: str, warnings: list[str]) -> set[str]:
+    """Put back into this log each blob it names but lacks, or holds with bytes that no longer
+    match its hash, from a marketplace file with that content or else from the backup at
+    `target`; a warning for each (every backup warns of those it cannot put back). Returns the
+    damaged ones left as they are: they are not shipped."""
+    problems = dict(store.damaged_blobs())
+    for digest, problem in audit.missing_blobs(store):  # named by several events: told once, the first
+        if not store.has_blob(digest):
+            problems.setdefault(digest, problem)
+    if not problems:
+        return set()
+    fetched = {digest: data for digest, data, problem in
+               replication.fetch_blobs(remote, [d for d in problems if d not in tree.files]) if not problem}
+    left = set()
+    for digest, problem in sorted(problems.items()):
+        if digest in tree.files:
+            data, source = _tree_bytes(tree, digest), str(tree.files[digest])
+        elif digest in fetched:
+            data, source = fetched[digest], f"the backup at {target}"  # type: ignore[assignment]
+        else:
+            warnings.append(f"this log: {problem}, and neither this marketplace nor the backup at {target} has "
+                            "its content: a restore of this log lacks it")
+            left.add(digest)
+            continue
+        store.mend_blob(data)
+        warnings.append(f"this log: {problem}: mended from {source}, which has that content")
+    return {digest for digest in left if store.has_blob(digest)}
+
+
+def _repair_blobs(store: EventStore, tree: Tree, writer: replication.Writer, damaged: set[str],
+                  warnings: list[str]) -> int:
+    """Ship again every damaged blob on the remote that this log (but its `damaged` blobs) or
+    `tree` has; how many (a warning for each of the others)."""
     repaired = 0
     for digest, problem in replication.damaged_blobs(writer.remote):
-        data = None
-        if store.has_blob(digest):
-            try:
-                data = store.get_blob(digest)
-            except EventStoreError as e:
-                data = _mend(store, tree, digest, str(e), warnings)
+        if store.has_blob(digest) and digest not in damaged:
+            data = store.get_blob(digest)
         elif digest in tree.nodes or digest in tree.files:
             data = _tree_bytes(tree, digest)
-        if data is None:
+        else:
             warnings.append(f"{problem}, and neither this log nor this marketplace has a copy to repair it "
                             "from: older snapshots that need it cannot be fully restored")
             continue
@@ -331,26 +363,6 @@ def _repair_blobs(store: EventStore, tree: Tree, writer: replication.Writer, war
         repaired += 1
     writer.flush()
     return repaired
-
-
-def _mend_missing_blobs(store: EventStore, tree: Tree, warnings: list[str]) -> None:
-    """Put back the blobs the log names and lacks, from marketplace files with that content;
-    a warning for each (so every backup warns of those it cannot put back)."""
-    for digest, problem in audit.missing_blobs(store):
-        if not store.has_blob(digest) and _mend(store, tree, digest, problem, warnings) is None:
-            warnings.append(f"this log: {problem}, and no file of this marketplace has its content: "
-                            "this backup lacks it too")
-
-
-def _mend(store: EventStore, tree: Tree, digest: str, problem: str, warnings: list[str]) -> bytes | None:
-    """The right bytes of this log's blob `digest` (missing, or damaged: `problem`) from a
-    marketplace file with that content, put back into the log (a warning says so); or None."""
-    if digest not in tree.files:
-        return None
-    data = _tree_bytes(tree, digest)
-    store.mend_blob(data)
-    warnings.append(f"this log: {problem}: mended from {tree.files[digest]}, which has that content")
-    return data
 
 
 def _ship_tree(tree: Tree, writer: replication.Writer) -> None:
@@ -742,4 +754,10 @@ def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: Restore
             report.problems.append(
                 f"restored log ends at seq {seq} (hash {digest[:12] or 'none'}), but the snapshot was "
                 f"taken at seq {snapshot.last_seq} (hash {snapshot.last_hash[:12] or 'none'})")
-        report.problems += [f"restored log: {p}" for p in audit.verify(store).problems]
+        report.problems += [f"restored log: {p}" for p in store.verify()]
+        shipped = set(log_blobs)
+        for digest, problem in audit.missing_blobs(store):
+            if digest in shipped:
+                report.problems.append(f"restored log: {problem}")
+            else:  # each backup of that log warned of it: the restore is as whole as the log was
+                report.warnings.append(f"restored log: {problem}, as it was from the log backed up")

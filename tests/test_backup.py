@@ -550,50 +550,57 @@ def test_a_runs_backup_repairs_damaged_blobs_on_the_remote_and_says_so(night, tm
     assert run("backup", "verify", "--from", f"file:{offsite}").exit_code == 0
 
 
-def test_backup_mends_damaged_or_missing_log_blobs_from_the_marketplace_and_warns_of_the_others(night, tmp_path):
+def test_backup_mends_damaged_or_missing_log_blobs_from_the_marketplace_or_the_backup(night, tmp_path):
     root, emu, env = night
     assert run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", env=env).exit_code == 0
     log = root / ".overnight" / "overnight.db"
     skill = root / "plugins" / "devops" / "deploy-checker" / "skills" / "deploy-checker" / "SKILL.md"
     readme = root / "plugins" / "productivity" / "meeting-notes" / "README.md"
     written, original = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (skill, readme))
-    lost, damaged = [h for (h,) in sqlite_rows(
-        log, "SELECT json_extract(data, '$.draft_sha256') FROM events WHERE type = 'SkillReceived' ORDER BY seq")][:2]
+    drafts = [h for (h,) in sqlite_rows(
+        log, "SELECT json_extract(data, '$.draft_sha256') FROM events WHERE type = 'SkillReceived' ORDER BY seq")]
+    lost, damaged, later = drafts[:3]
     sqlite_rows(log, "UPDATE blobs SET data = x'00' WHERE hash IN (?, ?)", (written, damaged))
     sqlite_rows(log, "DELETE FROM blobs WHERE hash IN (?, ?)", (original, lost))
-    url = f"file:{tmp_path / 'offsite.db'}"
-
     ((snapshot_seq, snapshot),) = sqlite_rows(
         log, "SELECT seq, json_extract(data, '$.tree_sha256') FROM events WHERE type = 'PluginSnapshotted' "
              "AND stream = 'plugin:plugins/productivity/meeting-notes'")
     ((draft_seq,),) = sqlite_rows(log, "SELECT seq FROM events WHERE json_extract(data, '$.draft_sha256') = ?",
                                   (lost,))
+    offsite = tmp_path / "offsite.db"
+    url = f"file:{offsite}"
 
     first = backup_json(root, url)
-    mended = [w for w in first["warnings"] if ": mended from " in w]
-    assert mended == [
+    gone = f"neither this marketplace nor the backup at file://{offsite} has its content: a restore of this log lacks it"
+    assert sorted(first["warnings"]) == sorted([
         f"this log: seq {snapshot_seq}: plugin snapshot {snapshot} names README.md, whose blob {original} is "
         f"missing from the store: mended from {readme}, which has that content",
-        f"this log: blob {written} is corrupt (its bytes no longer match its hash): mended from {skill}, "
-        "which has that content"]
-    unmendable = [w for w in first["warnings"] if w not in mended]
-    assert len(unmendable) == 2
-    assert unmendable[0].startswith(f"this log: seq {draft_seq} (SkillReceived): blob {lost} "
-                                    "(its draft) is missing from the store, and no file of this marketplace")
-    assert unmendable[1] == (f"this log: blob {damaged} is corrupt (its bytes no longer match its hash), and no "
-                             "copy of it is at hand: not backed up (`overnight audit verify` names the events "
-                             "that need it)")
+        f"this log: blob {written}: content does not match its hash: mended from {skill}, which has that content",
+        f"this log: seq {draft_seq} (SkillReceived): blob {lost} (its draft) is missing from the store, and {gone}",
+        f"this log: blob {damaged}: content does not match its hash, and {gone}"])  # each told once
+    unmendable = [w for w in first["warnings"] if w.endswith(gone)]
     problems = json.loads(run("audit", "verify", root, "--json").stdout)["problems"]
-    assert len(problems) == 2 and lost in problems[1] and damaged in problems[0]  # the mended two are whole again
+    assert sorted(problems) == sorted([  # the mended two are whole again
+        f"blob {damaged}: content does not match its hash",
+        f"seq {draft_seq} (SkillReceived): blob {lost} (its draft) is missing from the store"])
 
-    again = backup_json(root, url)  # each backup warns of what it still cannot put back
-    assert again["warnings"] == unmendable
+    # damaged after it was backed up: the backup has it
+    sqlite_rows(log, "UPDATE blobs SET data = x'00' WHERE hash = ?", (later,))
+    again = backup_json(root, url)
+    assert sorted(again["warnings"]) == sorted(unmendable + [
+        f"this log: blob {later}: content does not match its hash: mended from the backup at file://{offsite}, "
+        "which has that content"])
+    assert len(json.loads(run("audit", "verify", root, "--json").stdout)["problems"]) == 2
+
     dest = tmp_path / "restored"
-    assert run("restore", "--from", url, "--to", dest).exit_code == 1  # the log it restores lacks two drafts
-    restored = dest.parent / "restored.incomplete"
-    assert (restored / skill.relative_to(root)).read_bytes() == skill.read_bytes()
-    problems = json.loads(run("audit", "verify", restored, "--json").stdout)["problems"]
-    assert [p for p in problems if written in p or original in p] == []
+    restored = run("restore", "--from", url, "--to", dest)
+    assert restored.exit_code == 0, restored.output  # whole but for what the log backed up lacked already
+    assert [line for line in restored.output.splitlines() if line.startswith("warning: ")] == [
+        f"warning: restored log: seq {seq} (SkillReceived): blob {draft} (its draft) is missing from the store, "
+        "as it was from the log backed up" for seq, draft in sqlite_rows(
+            log, "SELECT seq, json_extract(data, '$.draft_sha256') FROM events WHERE type = 'SkillReceived' "
+                 "AND json_extract(data, '$.draft_sha256') IN (?, ?) ORDER BY seq", (lost, damaged))]
+    assert (dest / skill.relative_to(root)).read_bytes() == skill.read_bytes()
 
 
 def test_restore_fsyncs_every_file_and_directory_it_creates(market, tmp_path, monkeypatch):
