@@ -166,9 +166,10 @@ class Estimate:
 
 def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limits, *, model: str, now: float,
              gates: GateConfig | None = None, prices: Prices | None = None,
-             standards_path: Path | None = None) -> Estimate:
+             standards_path: Path | None = None, plan_only: bool = False) -> Estimate:
     """Requests, tokens, time and cost to process `plugin_ids` from where each one stands,
-    starting at `now` with the requests `model` already sent this Pacific day."""
+    starting at `now` with the requests `model` already sent this Pacific day (`plan_only`:
+    up to the plan, as a dry run)."""
     gates = gates or GateConfig()
     prices = prices or Prices()
     standards = load_standards(standards_path)
@@ -202,6 +203,8 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
             requests += overhead
             input_tokens += overhead * estimate_tokens(system, plan_prompt(data, skill_name))
             output_tokens += plan_out
+        if plan_only:
+            continue
         skill_in = estimate_tokens(system, skill_prompt(data, skill_name, empty_plan, gates, [])) + PLAN_JSON_CHARS // 4
         requests += overhead
         input_tokens += overhead * skill_in

@@ -501,6 +501,7 @@ def test_dry_run_plans_and_writes_nothing(market, emu):
     assert last_run.endswith(": complete, 0 done, 0 skipped, 0 rejected, 0 failed, 4 planned, 4 requests; "
                              f"a dry run: `overnight run {market}` goes on from the plans")
     assert json.loads(overnight("status", market, "--json").stdout)["last_run"]["dry_run"] is True
+    assert query(market, "SELECT json_extract(config, '$.estimate.requests') FROM runs") == [(4,)]  # plans only
     assert json.loads(overnight("status", market, "--json").stdout)["last_run"]["planned"] == 4
     finish = run(market, emu)  # a real run later picks the plans up: skill requests only
     assert finish.exit_code == 0
