@@ -108,8 +108,8 @@ def _pct(value: float | None) -> str:
 @config_option
 @common
 def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: str | None, limit: int | None,
-             force: bool, retry: tuple[str, ...], rpm: int | None, rpd: int | None, tpm: int | None, concurrency: int | None,
-             as_json: bool, price_input: float, price_output: float) -> None:
+             force: bool, retry: tuple[str, ...], rpm: int | None, rpd: int | None, tpm: int | None,
+             concurrency: int | None, as_json: bool, price_input: float, price_output: float) -> None:
     """What a run would cost: plugins, requests, tokens, time (days when needed) and dollars.
 
     Scans first (recording only changes), then builds each plugin's real prompts.

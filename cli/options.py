@@ -55,12 +55,9 @@ db_option = click.option(
     help="Event log file. Default: <marketplace>/.overnight/overnight.db.",
 )
 
-# Not checked by click: `marketplace_root` says "PATH is not a directory" (exit 2) for a
-# missing path and for a file alike.
 retry_option = click.option(
     "--retry", "retry", multiple=True, type=click.Choice(sorted(s.value for s in RETRYABLE)),
     help="Only the plugins that ended in this state (failed or rejected), processed again; repeatable.")
-
 
 
 def where(root: Path, db: Path | None) -> str:
@@ -77,6 +74,8 @@ def retry_states(force: bool, retry: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(set(retry)))
 
 
+# Not checked by click: `marketplace_root` says "PATH is not a directory" (exit 2) for a
+# missing path and for a file alike.
 marketplace_argument = click.argument("path", type=click.Path(path_type=Path), default=".", required=False)
 
 

@@ -220,39 +220,36 @@ def refill_events(store: EventStore, writer: Writer, upto: int) -> int:
         (upto + 1, upto))
     sent = 0
     for first, last in gaps:
-        check = ChainCheck()
         before = store.query("SELECT hash FROM events WHERE seq = ?", (first - 1,))
-        check.expected_seq, check.last_hash = first, before[0][0] if before else GENESIS
-        for row in store.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq BETWEEN ? AND ? "
-                                      "ORDER BY seq", (first, last)):
-            check.feed(*row)
-            if check.problems:
-                writer.flush()
-                raise EventStoreError(f"this log fails its hash chain at {check.problems[0]}; the remote lacks "
-                                      "that event and it cannot be shipped again (run `overnight audit verify`)")
-            writer.add(f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-            sent += 1
-    writer.flush()
+        sent += _ship_range(store, writer, (first - 1, before[0][0] if before else GENESIS), last,
+                            "the remote lacks that event and it cannot be shipped again")
     return sent
 
 
 def ship_events(store: EventStore, writer: Writer, head: tuple[int, str], upto: int) -> None:
     """Events after `head` (from `check_head`) up to `upto`, checking their hash chain from
     `head` on: at the first broken event, ship those before it and fail."""
-    shipped = head[0]
+    writer.shipment.events += _ship_range(store, writer, head, upto, "nothing after seq {seq} was shipped")
+
+
+def _ship_range(store: EventStore, writer: Writer, after: tuple[int, str], upto: int, lost: str) -> int:
+    """Ship this log's events after `after` (seq, hash) up to seq `upto`, checking their hash
+    chain from `after` on; how many. At the first broken event, ship those before it and fail,
+    saying `lost` (where `{seq}` is the last event shipped)."""
+    shipped = after[0]
     check = ChainCheck()
-    check.expected_seq, check.last_hash = shipped + 1, head[1]
+    check.expected_seq, check.last_hash = shipped + 1, after[1]
     for row in store.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? "
                                   "ORDER BY seq", (shipped, upto)):
         check.feed(*row)
         if check.problems:
             writer.flush()
-            raise EventStoreError(f"this log fails its hash chain at {check.problems[0]}; nothing after "
-                                  f"seq {shipped} was shipped (run `overnight audit verify`)")
+            raise EventStoreError(f"this log fails its hash chain at {check.problems[0]}; "
+                                  f"{lost.format(seq=shipped)} (run `overnight audit verify`)")
         shipped = row[0]
         writer.add(f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-        writer.shipment.events += 1
     writer.flush()
+    return shipped - after[0]
 
 
 def read_events(remote: Remote, upto: int | None = None) -> Iterator[tuple]:

@@ -571,7 +571,8 @@ def test_backup_mends_damaged_or_missing_log_blobs_from_the_marketplace_or_the_b
     url = f"file:{offsite}"
 
     first = backup_json(root, url)
-    gone = f"neither this marketplace nor the backup at file://{offsite} has its content: a restore of this log lacks it"
+    gone = (f"neither this marketplace nor the backup at file://{offsite} has its content: "
+            "a restore of this log lacks it")
     assert sorted(first["warnings"]) == sorted([
         f"this log: seq {snapshot_seq}: plugin snapshot {snapshot} names README.md, whose blob {original} is "
         f"missing from the store: mended from {readme}, which has that content",

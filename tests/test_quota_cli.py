@@ -206,7 +206,7 @@ def test_counts_of_one_are_singular(one, emu):
     assert overnight("status", one).stdout.startswith("1 plugin (planned 1); ")
     last_run = overnight("metrics", one).stdout.splitlines()[-1]
     assert last_run.startswith("last run ") and " finished, 1 request, wall time " in last_run
-    assert re.search(r" \(estimated 2 requests, \d+s\)$", last_run)
+    assert re.search(r" \(estimated 1 request, \d+s\)$", last_run)  # a dry run sends the plan request only
     assert overnight("estimate", one).stdout.startswith("1 plugin to process: 1 request, ")  # the SKILL.md
 
 
@@ -323,7 +323,7 @@ def test_resume_wait_sleeps_through_a_pause_that_run_no_wait_left(one, emu, monk
     monkeypatch.setattr(scheduler, "next_day_start", lambda now: now + 3.0)  # the pause ends 3 s later
     emu.script("rate_limit_day", retry_delay="0s", phase="skill")
     paused = run(one, emu, "--no-wait")
-    assert paused.exit_code == 0 and "or `overnight resume --wait` now, to sleep until then" in paused.stdout
+    assert paused.exit_code == 0 and f"or `overnight resume {one} --wait` now, to sleep until then" in paused.stdout
     resumed = overnight("resume", one, "--wait", "--json")
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["outcome"] == "complete"
