@@ -70,7 +70,9 @@ def migrated(root: Path) -> bool:
 
 
 def has_run(root: Path) -> bool:
-    return migrated(root) and bool(query(root, "SELECT 1 FROM runs LIMIT 1"))
+    # the projection tables are created just after the migrations, in a transaction of their own
+    return (migrated(root) and bool(query(root, "SELECT 1 FROM sqlite_schema WHERE name = 'runs'"))
+            and bool(query(root, "SELECT 1 FROM runs LIMIT 1")))
 
 
 def test_sigkill_at_random_instants_then_resume_loses_and_repeats_nothing(tmp_path):
