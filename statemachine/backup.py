@@ -18,7 +18,8 @@ What must always hold:
 - So does every blob of this log: one the log names but lacks, or whose bytes no longer match
   its hash, is put back into the log from a marketplace file with that content or from the
   remote; the others are warnings of every backup's report, and a damaged one is never shipped.
-  A restore warns of the log blobs the remote never had (the log lacked them already).
+  A restore warns of each log blob it cannot give back (the log lacked it, or the remote lost
+  it: `backup verify` tells the latter); files and events are all or nothing.
 - Events deleted from the remote below its head are shipped again, and the loss of the
   snapshot this log's last backup to the same URL made is a warning.
 - A snapshot holds no symlink restore would refuse: `snapshot_tree` skips, with a warning,
@@ -49,7 +50,7 @@ from typing import Any
 from events import EventStore, EventStoreError, replication
 from events.chain import EVENT_COLUMNS
 from events.remote import Remote, display_url, open_remote
-from events.store import format_at
+from events.store import blob_hash, format_at
 from statemachine import audit
 from statemachine.catalog import BackupCompleted
 from statemachine.errors import OvernightError
@@ -139,7 +140,7 @@ class RestoreReport(_Checked):
     seconds: float = 0.0
     path: str = ""  # where the result is: the destination, or `<dest>.incomplete` after problems
     problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)  # blobs the log backed up lacked already
+    warnings: list[str] = field(default_factory=list)  # log blobs it could not give back
 
 
 # ------------------------------------------------------------------ tree snapshot
@@ -331,7 +332,10 @@ def _mend_log_blobs(store: EventStore, tree: Tree, remote: Remote, target: str, 
                replication.fetch_blobs(remote, [d for d in problems if d not in tree.files]) if not problem}
     left = set()
     for digest, problem in sorted(problems.items()):
-        if digest in tree.files:
+        own = store.query("SELECT data FROM blobs WHERE hash = ?", (digest,))
+        if own and blob_hash(bytes(own[0][0])) == digest:
+            data, source = bytes(own[0][0]), "its own bytes (only its recorded size was wrong)"
+        elif digest in tree.files:
             data, source = _tree_bytes(tree, digest), str(tree.files[digest])
         elif digest in fetched:
             data, source = fetched[digest], f"the backup at {target}"  # type: ignore[assignment]
@@ -733,8 +737,11 @@ def _restore_links(dest: Path, links: list[tuple[Path, str]], report: RestoreRep
 
 def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: RestoreReport) -> None:
     """Insert the shipped rows as they are, rebuild the projections, and check the result as
-    `overnight audit verify` does; it must end at the event the snapshot was taken at."""
+    `overnight audit verify` does; it must end at the event the snapshot was taken at. A log
+    blob it cannot give back is a warning: the log backed up may have lacked it already, and
+    nobody has it any more (`backup verify` tells remote damage)."""
     log_blobs = [r[0] for r in remote.execute("SELECT hash FROM log_blobs")]
+    lost: dict[str, str] = {}
     with open_log(dest) as store:
         with store.batch():
             for row in replication.read_events(remote, snapshot.last_seq):
@@ -742,11 +749,20 @@ def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: Restore
                 report.events += 1
             for digest, data, problem in replication.fetch_blobs(remote, log_blobs):
                 if problem:
-                    report.problems.append(f"log {problem}")
+                    lost[digest] = problem
                 else:
                     store.put_blob(data)  # type: ignore[arg-type]
                     report.blobs += 1
     with open_log(dest) as store:
+        missing: dict[str, str] = {}
+        for digest, problem in audit.missing_blobs(store):  # named by several events: told once, the first
+            missing.setdefault(digest, problem)
+        # a blob the events name that the index does not list: the remote may hold it all the same
+        for digest, data, problem in replication.fetch_blobs(remote, [d for d in missing if d not in lost]):
+            if not problem:
+                store.put_blob(data)  # type: ignore[arg-type]
+                report.blobs += 1
+                del missing[digest]
         store.replay(apply=True)  # its report compares with the empty tables; verify is the check
         head = store.query("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
         seq, digest = head[0] if head else (0, "")
@@ -755,9 +771,8 @@ def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: Restore
                 f"restored log ends at seq {seq} (hash {digest[:12] or 'none'}), but the snapshot was "
                 f"taken at seq {snapshot.last_seq} (hash {snapshot.last_hash[:12] or 'none'})")
         report.problems += [f"restored log: {p}" for p in store.verify()]
-        shipped = set(log_blobs)
-        for digest, problem in audit.missing_blobs(store):
-            if digest in shipped:
-                report.problems.append(f"restored log: {problem}")
-            else:  # each backup of that log warned of it: the restore is as whole as the log was
-                report.warnings.append(f"restored log: {problem}, as it was from the log backed up")
+    for digest, problem in missing.items():
+        report.warnings.append(f"restored log: {problem}: " + (lost[digest] if digest in lost else
+                               "the backup does not have it (the log backed up lacked it, or it was deleted "
+                               "from the backup)"))
+    report.warnings += [f"log {problem}: not restored" for digest, problem in lost.items() if digest not in missing]

@@ -593,15 +593,32 @@ def test_backup_mends_damaged_or_missing_log_blobs_from_the_marketplace_or_the_b
         "which has that content"])
     assert len(json.loads(run("audit", "verify", root, "--json").stdout)["problems"]) == 2
 
+    # bytes intact, only the recorded size wrong: mended from its own bytes
+    sqlite_rows(log, "UPDATE blobs SET size = size + 1 WHERE hash = ?", (later,))
+    third = backup_json(root, url)
+    assert f"this log: blob {later}: content does not match its hash: mended from its own bytes (only its " \
+           "recorded size was wrong), which has that content" in third["warnings"]
+
+    # the backup loses a blob the log lost too, and the index row of another one
+    gone_everywhere, unlisted = drafts[3], snapshot
+    sqlite_rows(log, "DELETE FROM blobs WHERE hash = ?", (gone_everywhere,))
+    sqlite_rows(offsite, "DELETE FROM blob_chunks WHERE hash = ?", (gone_everywhere,))
+    sqlite_rows(offsite, "DELETE FROM blobs WHERE hash = ?", (gone_everywhere,))
+    sqlite_rows(offsite, "DELETE FROM log_blobs WHERE hash = ?", (unlisted,))
     dest = tmp_path / "restored"
     restored = run("restore", "--from", url, "--to", dest)
-    assert restored.exit_code == 0, restored.output  # whole but for what the log backed up lacked already
+    assert restored.exit_code == 0, restored.output  # files and events whole: lost drafts are warnings
+    why = {lost: "the backup does not have it (the log backed up lacked it, or it was deleted from the backup)",
+           damaged: "the backup does not have it (the log backed up lacked it, or it was deleted from the backup)",
+           gone_everywhere: f"blob {gone_everywhere} is missing from the remote"}
     assert [line for line in restored.output.splitlines() if line.startswith("warning: ")] == [
-        f"warning: restored log: seq {seq} (SkillReceived): blob {draft} (its draft) is missing from the store, "
-        "as it was from the log backed up" for seq, draft in sqlite_rows(
+        f"warning: restored log: seq {seq} (SkillReceived): blob {draft} (its draft) is missing from the store: "
+        f"{why[draft]}" for seq, draft in sqlite_rows(
             log, "SELECT seq, json_extract(data, '$.draft_sha256') FROM events WHERE type = 'SkillReceived' "
-                 "AND json_extract(data, '$.draft_sha256') IN (?, ?) ORDER BY seq", (lost, damaged))]
+                 "AND json_extract(data, '$.draft_sha256') IN (?, ?, ?) ORDER BY seq", tuple(why))]
     assert (dest / skill.relative_to(root)).read_bytes() == skill.read_bytes()
+    assert sqlite_rows(dest / ".overnight" / "overnight.db", "SELECT count(*) FROM blobs WHERE hash = ?",
+                       (unlisted,)) == [(1,)]  # the remote held it: restored
 
 
 def test_restore_fsyncs_every_file_and_directory_it_creates(market, tmp_path, monkeypatch):
