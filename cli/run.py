@@ -194,7 +194,7 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
             signal.signal(sig, handler)
         store.close()
     _render(result, as_json, f"overnight resume{where(root, db)}")
-    if result.outcome == "interrupted":
+    if result.outcome == "interrupted" or runner.signal:  # also a signal that stopped the closing backup
         raise click.exceptions.Exit(EXIT_SIGNAL.get(runner.signal or "", 130))
     if not result.ok or result.backup_failed:
         raise click.exceptions.Exit(EXIT_PROBLEMS)

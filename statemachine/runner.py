@@ -48,6 +48,10 @@ OK_END = frozenset({State.DONE, State.SKIPPED, State.REJECTED})
 WINDOW_MARGIN = 0.5
 
 
+class _BackupStopped(BaseException):
+    """Raised by the signal handler into a run's backup: it stops there (safe at any point)."""
+
+
 @dataclass(frozen=True)
 class RunOptions:
     gemini: GeminiSettings = field(default_factory=GeminiSettings)
@@ -214,6 +218,7 @@ class Runner:
         self.signal: str | None = None
         self._backups: list[str] = []
         self._backup_failed = False
+        self._backing_up = False
 
     # ------------------------------------------------------------------ entry points
 
@@ -280,9 +285,13 @@ class Runner:
         return self._execute(run_id, options, standards, gateway, selection, lifted=lifted)
 
     def interrupt(self, signal_name: str) -> None:
-        """Called from a signal handler: stop taking work; `_execute` records the interruption."""
+        """Called from a signal handler: stop taking work; `_execute` records the interruption.
+        A backup under way (the run has ended or paused) is stopped where it is: the next
+        backup goes on from there."""
         self.signal = signal_name
         self.stopping.set()
+        if self._backing_up:
+            raise _BackupStopped(signal_name)
 
     # -------------------------------------------------------------------- internals
 
@@ -495,13 +504,21 @@ class Runner:
             return
         from statemachine.backup import backup
 
+        self._backing_up = True
         try:
             with self.journal.lock:
                 report = backup(self.store, self.root, options.backup_to, os.environ.get("TURSO_AUTH_TOKEN"))
+        except _BackupStopped as e:
+            self._backup_failed = True
+            self._backups.append(f"backup to {display_url(options.backup_to)} ({why}) stopped by {e.args[0]}; "
+                                 "the next backup goes on from where it stopped")
+            return
         except (OvernightError, EventStoreError) as e:
             self._backup_failed = True
             self._backups.append(f"backup to {display_url(options.backup_to)} ({why}) failed: {e}")
             return
+        finally:
+            self._backing_up = False
         self._backups.append(f"backup to {report.target} ({why}): snapshot {report.snapshot.id[:12]}, "
                              f"{report.events_sent} events, {report.blobs_sent} blobs, "
                              f"{report.bytes_sent:,} bytes sent")

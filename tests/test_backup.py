@@ -482,6 +482,37 @@ def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(night, serve
     assert TOKEN not in (root / ".overnight" / "overnight.db").read_bytes().decode("latin-1")
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_signal_stops_the_backup_that_ends_a_run(night, server, sig, code):
+    root, emu, env = night
+    server.latency = 0.3  # each request to the remote takes a while: the backup is under way
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    child_env.update(GOOGLE_API_KEY=env["GOOGLE_API_KEY"], TURSO_AUTH_TOKEN=TOKEN)
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(root), "--base-url", emu.url, "--rpm", "1000",
+                             "--rpd", "1000", "--backup-to", server.url], cwd=REPO, env=child_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    log = root / ".overnight" / "overnight.db"
+    try:
+        deadline = time.monotonic() + 60
+        while not (server.requests and log.exists() and sqlite_rows(
+                log, "SELECT count(*) FROM sqlite_schema WHERE name = 'events'")[0][0] and sqlite_rows(
+                log, "SELECT count(*) FROM events WHERE type = 'RunFinished'")[0][0]):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, out + err
+    name = signal.Signals(sig).name
+    assert f"(run complete) stopped by {name}; the next backup goes on from where it stopped" in err
+    assert sqlite_rows(log, "SELECT count(*) FROM events WHERE type = 'BackupCompleted'") == [(0,)]
+    server.latency = 0
+    assert run("backup", root, "--to", server.url).exit_code == 0
+    assert run("backup", "verify", "--from", server.url).exit_code == 0
+
+
 def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_run(night, tmp_path):
     root, emu, env = night
     offsite = tmp_path / "offsite.db"
