@@ -60,10 +60,11 @@ retry_option = click.option(
     help="Only the plugins that ended in this state (failed or rejected), processed again; repeatable.")
 
 
-def where(root: Path, db: Path | None) -> str:
+def where(root: Path | None, db: Path | None) -> str:
     """` PATH [--db LOG]`, shell-quoted: what a hint puts after `overnight COMMAND`, so the
-    command it names works from any directory."""
-    return " " + shlex.join([str(root)] + (["--db", str(db.absolute())] if db is not None else []))
+    command it names works from any directory (`MARKETPLACE` when the root is not known)."""
+    return " " + shlex.join([str(root) if root else "MARKETPLACE"]
+                            + (["--db", str(db.absolute())] if db is not None else []))
 
 
 def retry_states(force: bool, retry: tuple[str, ...]) -> tuple[str, ...]:

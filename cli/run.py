@@ -204,7 +204,7 @@ def _render(result, as_json: bool, resume: str) -> None:
     if as_json:
         emit_json({"run_id": result.run_id, "outcome": result.outcome, "selected": result.selected,
                    "by_state": result.counts, "by_other_runs": result.by_other_runs,
-                   "paused_until": result.paused_until,
+                   "budget": result.budget, "paused_until": result.paused_until,
                    "message": result.message,
                    "problems": [{"plugin": p, "state": s, "reason": r} for p, s, r in result.problems],
                    "invalid": [{"plugin": p, "reason": r} for p, r in result.invalid],
@@ -215,7 +215,7 @@ def _render(result, as_json: bool, resume: str) -> None:
     click.echo(f"run {result.run_id}: {result.outcome}; {plural(result.selected, 'plugin')} selected "
                f"({counts or 'none'})" + (f"; finished by other runs: {others}" if others else ""))
     if result.outcome == "budget_exhausted":
-        click.echo(f"budget reached: {result.message}")
+        click.echo(f"{result.message}: `{shown(resume)} --max-{result.budget} N` goes on with a larger budget")
     if result.paused_until:
         click.echo(f"daily quota used up: resume after {result.paused_until} "
                    f"with `{shown(resume)}` (or `{shown(resume)} --wait` now, to sleep until then)")

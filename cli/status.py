@@ -10,7 +10,8 @@ from cli.options import common, marketplace_argument, where
 from cli.render import emit_json, plural, shown
 from statemachine import status as status_service
 from statemachine.lifecycle import State
-from statemachine.workspace import read_log
+from statemachine.errors import NotAMarketplace
+from statemachine.workspace import marketplace_root, read_log
 
 
 @click.command()
@@ -22,7 +23,10 @@ from statemachine.workspace import read_log
 @common
 def status(path: Path, db: Path | None, plugin: str | None, state: str | None, as_json: bool) -> None:
     """Where every plugin of the marketplace at PATH stands (read from the log)."""
-    here = where(Path(path).resolve(), db)
+    try:
+        here = where(marketplace_root(path), db)
+    except NotAMarketplace:  # a log read with --db from elsewhere: which marketplace, it cannot tell
+        here = where(None, db)
     with read_log(path, db) as store:
         report = status_service.status(store, plugin=plugin, state=state, place=here)
     if as_json:
@@ -40,7 +44,9 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
                    + (f": `overnight run{here}` goes on from the plans" if r["dry_run"] and r["planned"] else "")
                    + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
                    + (f"; no overnight process is running it: `overnight resume{here}` continues it"
-                      if r["status"] == "stopped" else ""))
+                      if r["status"] == "stopped" else "")
+                   + (f"; `overnight resume{here}` with a larger --max-requests, --max-tokens or --max-cost "
+                      "continues it" if r["status"] == "budget_exhausted" else ""))
     waiting = bool(report.last_run) and report.last_run["status"] in status_service.UNFINISHED + ("stopped",)
     for r in report.unfinished_runs:
         click.echo(f"{'older ' if r['started_at'] < report.last_run['started_at'] else ''}run {r['run_id']} "

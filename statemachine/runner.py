@@ -186,6 +186,7 @@ class RunResult:
     invalid: list[tuple[str, str]] = field(default_factory=list)
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (plugin, state, reason)
     message: str | None = None
+    budget: str | None = None  # the budget that stopped the run: requests, tokens or cost
     paused_until: str | None = None
     backups: list[str] = field(default_factory=list)  # one line per backup made or failed
     backup_failed: bool = False
@@ -360,8 +361,7 @@ class Runner:
                 b = spending.reached(outcome.budget.budget, outcome.budget.limit)
                 self.journal.append(f"run:{run_id}", c.BudgetExhausted(
                     run_id=run_id, budget=b.budget, limit=float(b.limit), used=float(b.used)))
-                return self._finish(run_id, selection, options, "budget_exhausted",
-                                    message=f"{b}; resume with a larger budget (overnight resume --max-{b.budget} N)")
+                return self._finish(run_id, selection, options, "budget_exhausted", message=str(b), budget=b.budget)
             if outcome.paused is None:
                 return self._finish(run_id, selection, options, None)
             until = outcome.paused
@@ -465,7 +465,8 @@ class Runner:
         return counts, others, problems
 
     def _finish(self, run_id: str, selection: list[str], options: RunOptions, outcome: str | None,
-                message: str | None = None, paused_until: str | None = None) -> RunResult:
+                message: str | None = None, paused_until: str | None = None,
+                budget: str | None = None) -> RunResult:
         counts, others, problems = self._counts(run_id, selection)
         done_states = OK_END | ({State.PLANNED} if options.dry_run else set())
         if outcome is None:
@@ -481,7 +482,7 @@ class Runner:
             self._backup(options, f"run {outcome}")
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
                          selected=len(selection), invalid=invalid, problems=problems, message=message,
-                         paused_until=paused_until, backups=list(self._backups), backup_failed=self._backup_failed)
+                         budget=budget, paused_until=paused_until, backups=list(self._backups), backup_failed=self._backup_failed)
 
     def _finish_older_runs(self, run_id: str) -> None:
         """An older unfinished run whose every plugin this run finished is finished too, so

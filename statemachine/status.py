@@ -16,7 +16,8 @@ _ATTENTION = (State.INVALID, State.FAILED, State.REJECTED)
 # A plugin in `writing` while no process holds the log: its write was cut short, and its files
 # may be half new; scan and restore-plugin leave it alone until `resume` settles it.
 _CUT_SHORT = "its write was cut short: `overnight resume{}` finishes it"
-_RETRY = "`overnight run{} --retry failed --plugin {}` tries it again"
+_RETRY = {State.FAILED: "`overnight run{} --retry failed --plugin {}` tries it again",
+          State.REJECTED: "`overnight run{} --retry rejected --plugin {}` generates it again"}
 
 
 @dataclass
@@ -70,7 +71,7 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
     """Counts by state; `items` are the plugins matching the filters, or, with no filter,
     the first `attention_limit` plugins that need a person's attention (invalid, failed,
     rejected, and writing when no process holds the log). Each item has a `hint` (None, or
-    the command that finishes a write cut short or retries a failed plugin, with `place`
+    the command that finishes a write cut short or retries a failed or rejected plugin, with `place`
     (` PATH --db LOG`) after the command's name)."""
     if state is not None and state not in {s.value for s in State}:
         raise UnknownPlugin(f"unknown state {state!r}; states are: {', '.join(s.value for s in State)}")
@@ -101,8 +102,8 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
     items = [dict(zip(_ROW, r)) for r in rows]
     for item in items:
         item["hint"] = (_CUT_SHORT.format(place) if item["state"] == State.WRITING and not running else
-                        _RETRY.format(place, shlex.quote(item["plugin_id"])) if item["state"] == State.FAILED
-                        else None)
+                        _RETRY[item["state"]].format(place, shlex.quote(item["plugin_id"]))
+                        if item["state"] in _RETRY else None)
     return StatusReport(
         plugins=sum(by_state.values()), by_state=by_state, events=store.last_seq, last_run=last_run,
         items=items, items_total=len(items) if total is None else total, unfinished_runs=other_unfinished,

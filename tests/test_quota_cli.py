@@ -30,8 +30,13 @@ def test_a_request_budget_stops_cleanly_and_resume_with_a_larger_one_finishes(ma
     assert query(market, "SELECT json_extract(data, '$.budget'), json_extract(data, '$.used') "
                          "FROM events WHERE type = 'BudgetExhausted'") == [("requests", 3.0)]
     assert query(market, "SELECT status FROM runs") == [("budget_exhausted",)]
+    assert (f"; `overnight resume {market}` with a larger --max-requests, --max-tokens or --max-cost continues it\n"
+            in overnight("status", market).stdout)
     again = overnight("resume", market, "--max-requests", "2")
-    assert again.exit_code == 0 and "budget reached" in again.stdout  # 3 spent already: nothing sent
+    assert again.exit_code == 0  # 3 spent already: nothing sent
+    assert (f"\nrequests budget reached: 3 of 2: `overnight resume {market} --max-requests N` goes on with a "
+            "larger budget\n") in again.stdout
+    assert summary["budget"] == "requests"
     assert len([r for r in emu.requests if r.method == "POST"]) == 3
     finished = overnight("resume", market, "--max-requests", "100", "--json")
     assert finished.exit_code == 0, finished.output

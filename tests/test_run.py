@@ -582,6 +582,9 @@ def test_a_failed_plugin_named_again_is_refused_without_retry_and_status_says_ho
     shutil.copy(one / ".overnight" / "overnight.db", elsewhere)
     text = overnight("status", one, "--db", elsewhere).stdout
     assert text.endswith(f"\n`overnight run {one} --db '{elsewhere}' --retry failed` tries the 1 failed plugin again\n")
+    text = overnight("status", one.parent, "--db", elsewhere).stdout  # read from elsewhere: no marketplace known
+    assert text.endswith(f"\n`overnight run MARKETPLACE --db '{elsewhere}' --retry failed` tries the 1 failed plugin "
+                         "again\n")
     assert run(one, emu, "--plugin", "widget", "--retry", "failed").exit_code == 0
     assert states(one) == {"plugins/tools/widget": "done"}
     assert "--retry failed" not in overnight("status", one).stdout
@@ -596,6 +599,8 @@ def test_retry_takes_only_the_failed_or_rejected_plugins_again(market, emu):
     (failed,) = [p for p, s in before.items() if s == "failed"]
     (rejected,) = [p for p, s in before.items() if s == "rejected"]
     assert sorted(before.values()) == ["analyzed", "done", "failed", "rejected"]  # one left for later
+    hints = {i["plugin_id"]: i["hint"] for i in json.loads(overnight("status", market, "--json").stdout)["items"]}
+    assert hints[rejected] == f"`overnight run {market} --retry rejected --plugin {rejected}` generates it again"
     named = run(market, emu, "--plugin", failed, "--plugin", rejected)
     assert named.exit_code == 1
     assert named.stderr.endswith("; add --retry failed --retry rejected to process them again\n")
