@@ -91,6 +91,24 @@ def night(tmp_path):
         yield root, emu, {"GOOGLE_API_KEY": key, "GEMINI_API_KEY": None, "GOOGLE_GENAI_USE_VERTEXAI": None}
 
 
+def signalled(args: list[str], env: dict, ready, sig: int, wait: float = 30) -> subprocess.CompletedProcess:
+    """Run `overnight ARGS`, send it `sig` once `ready()`, and return how it ended. SIGHUP is at
+    its default in the child, as from a terminal, even when the tests run under nohup."""
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + wait
+        while not ready():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
 def backup_json(root: Path, url: str, **env) -> dict:
     result = run("backup", root, "--to", url, "--json", env=env)
     assert result.exit_code == 0, result.output
@@ -439,21 +457,9 @@ def test_a_signal_stops_a_restore_and_leaves_nothing_behind(market, server, tmp_
     backup_json(market, server.url)
     server.latency = 0.3  # each request to the remote takes a while: the restore is under way
     dest = tmp_path / "restored"
-    env = {**os.environ, "TURSO_AUTH_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "restore", "--from", server.url, "--to", str(dest)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # as from a terminal, even when the tests run under nohup (SIGHUP ignored)
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 30
-        while not [p for p in tmp_path.iterdir() if ".restoring-" in p.name]:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert (proc.returncode, err) == (code, f"error: interrupted by {signal.Signals(sig).name}\n")
+    ended = signalled(["restore", "--from", server.url, "--to", str(dest)], {**os.environ, "TURSO_AUTH_TOKEN": TOKEN},
+                      lambda: any(".restoring-" in p.name for p in tmp_path.iterdir()), sig)
+    assert (ended.returncode, ended.stderr) == (code, f"error: interrupted by {signal.Signals(sig).name}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["market", "remote.db"]
 
 
@@ -488,25 +494,15 @@ def test_a_signal_stops_the_backup_that_ends_a_run(night, server, sig, code):
     server.latency = 0.3  # each request to the remote takes a while: the backup is under way
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
     child_env.update(GOOGLE_API_KEY=env["GOOGLE_API_KEY"], TURSO_AUTH_TOKEN=TOKEN)
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(root), "--base-url", emu.url, "--rpm", "1000",
-                             "--rpd", "1000", "--backup-to", server.url], cwd=REPO, env=child_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     log = root / ".overnight" / "overnight.db"
-    try:
-        deadline = time.monotonic() + 60
-        while not (server.requests and log.exists() and sqlite_rows(
-                log, "SELECT count(*) FROM sqlite_schema WHERE name = 'events'")[0][0] and sqlite_rows(
-                log, "SELECT count(*) FROM events WHERE type = 'RunFinished'")[0][0]):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == code, out + err
+    ended = signalled(["run", str(root), "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", "--backup-to",
+                       server.url], child_env, lambda: bool(
+        server.requests and log.exists()
+        and sqlite_rows(log, "SELECT count(*) FROM sqlite_schema WHERE name = 'events'")[0][0]
+        and sqlite_rows(log, "SELECT count(*) FROM events WHERE type = 'RunFinished'")[0][0]), sig, wait=60)
+    assert ended.returncode == code, ended.stdout + ended.stderr
     name = signal.Signals(sig).name
-    assert f"(run complete) stopped by {name}; the next backup goes on from where it stopped" in err
+    assert f"(run complete) stopped by {name}; the next backup goes on from where it stopped" in ended.stderr
     assert sqlite_rows(log, "SELECT count(*) FROM events WHERE type = 'BackupCompleted'") == [(0,)]
     server.latency = 0
     assert run("backup", root, "--to", server.url).exit_code == 0
