@@ -51,8 +51,9 @@ def test_secrets_never_leave_the_environment(tmp_path):
         out, err = proc.communicate()
         outputs["sigkill stdout/stderr"] = out.decode(errors="replace") + err.decode(errors="replace")
         # a clean interruption, then resume to the end
+        sent = len(posts(emu))
         proc = spawn("resume", root, "--debug", **env)
-        time.sleep(1.0)
+        wait_for_requests(emu, proc, sent + 1)  # under way, with most of its requests still to send
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate()
         outputs["sigterm output"] = out.decode(errors="replace") + err.decode(errors="replace")
