@@ -91,7 +91,8 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
         standards: Path | None, min_bytes: int, max_bytes: int, min_examples: int, gate_attempts: int,
         max_attempts: int, backoff: float, plugins: tuple[str, ...], category: str | None, limit: int | None,
         force: bool, retry: tuple[str, ...], dry_run: bool, backup_to: str | None, rpm: int | None,
-        rpd: int | None, tpm: int | None, concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
+        rpd: int | None, tpm: int | None, concurrency: int | None, no_wait: bool | None,
+        json_log: IO[str] | None, as_json: bool,
         max_requests: int | None, max_tokens: int | None, max_cost: float | None, price_input: float,
         price_output: float) -> None:
     """Enhance every plugin of the marketplace at PATH with Gemini (plan, SKILL.md, gates, write).

@@ -775,4 +775,5 @@ def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: Restore
         report.warnings.append(f"restored log: {problem}: " + (lost[digest] if digest in lost else
                                "the backup does not have it (the log backed up lacked it, or it was deleted "
                                "from the backup)"))
-    report.warnings += [f"log {problem}: not restored" for digest, problem in lost.items() if digest not in missing]
+    report.warnings += [f"log {problem}: not restored" for digest, problem in lost.items()
+                        if digest not in missing]

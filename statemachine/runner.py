@@ -482,7 +482,8 @@ class Runner:
             self._backup(options, f"run {outcome}")
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
                          selected=len(selection), invalid=invalid, problems=problems, message=message,
-                         budget=budget, paused_until=paused_until, backups=list(self._backups), backup_failed=self._backup_failed)
+                         budget=budget, paused_until=paused_until, backups=list(self._backups),
+                         backup_failed=self._backup_failed)
 
     def _finish_older_runs(self, run_id: str) -> None:
         """An older unfinished run whose every plugin this run finished is finished too, so
