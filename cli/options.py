@@ -93,8 +93,8 @@ class Number(click.FloatRange):
 
 def backup_url(url: str, flag: str = "") -> str:
     """A backup URL as given (`--backup-to`, `--to`, `--from`): an unknown scheme is wrong
-    usage; a relative `file:` path is made absolute, so a recorded URL names the same file
-    from any directory."""
+    usage; a `file:` path is made absolute and normal, so a recorded URL names the same file
+    from any directory, written one way."""
     from events.remote import RemoteError, absolute_url, check_url
 
     try:

@@ -59,11 +59,11 @@ def display_url(url: str) -> str:
 
 
 def absolute_url(url: str) -> str:
-    """A `file:` URL with a relative path made absolute (from the current directory), so that
-    a URL recorded for later (`run --backup-to`, resumed elsewhere) names the same file; other
-    URLs unchanged."""
+    """A `file:` URL with its path made absolute (from the current directory) and normal (no
+    `..`), so that a URL recorded for later (`run --backup-to`, resumed elsewhere) names the
+    same file, written one way; other URLs unchanged."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "file" or parts.netloc or parts.path.startswith("/") or not parts.path:
+    if parts.scheme != "file" or parts.netloc or not parts.path:
         return url
     # the path as written: libsql-client opens the URL's path as it stands, unquoted
     return urllib.parse.urlunsplit(("file", "", os.path.abspath(parts.path), parts.query, ""))

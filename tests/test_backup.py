@@ -808,7 +808,7 @@ def test_backup_ships_again_events_deleted_from_the_remote_and_warns_of_its_dele
     offsite = tmp_path / "remote.db"  # the server fixture's database
     url = request.getfixturevalue("server").url if over == "http" else f"file:{offsite}"
     backup_json(market, url)
-    second = backup_json(market, url)
+    second = backup_json(market, url if over == "http" else f"file:{tmp_path}/market/../remote.db")  # the same file
     head = second["snapshot"]["last_seq"]
     sqlite_rows(offsite, "DELETE FROM events WHERE seq IN (1, 3, 4, ?)", (head - 1,))
     sqlite_rows(offsite, "DELETE FROM snapshots WHERE id = ?", (second["snapshot"]["id"],))
