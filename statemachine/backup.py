@@ -322,19 +322,20 @@ def _mend_log_blobs(store: EventStore, tree: Tree, remote: Remote, target: str, 
     match its hash, from a marketplace file with that content or else from the backup at
     `target`; a warning for each (every backup warns of those it cannot put back). Returns the
     damaged ones left as they are: they are not shipped."""
-    problems = dict(store.damaged_blobs())
-    for digest, problem in audit.missing_blobs(store):  # named by several events: told once, the first
-        if not store.has_blob(digest):
-            problems.setdefault(digest, problem)
+    problems = dict(store.damaged_blobs()) | _absent_blobs(store)
     if not problems:
         return set()
-    fetched = {digest: data for digest, data, problem in
-               replication.fetch_blobs(remote, [d for d in problems if d not in tree.files]) if not problem}
+    intact = {}  # stored bytes that still match: only the recorded size is wrong
+    for digest in problems:
+        row = store.query("SELECT data FROM blobs WHERE hash = ?", (digest,))
+        if row and blob_hash(bytes(row[0][0])) == digest:
+            intact[digest] = bytes(row[0][0])
+    fetched = {digest: data for digest, data, problem in replication.fetch_blobs(
+        remote, [d for d in problems if d not in intact and d not in tree.files]) if not problem}
     left = set()
     for digest, problem in sorted(problems.items()):
-        own = store.query("SELECT data FROM blobs WHERE hash = ?", (digest,))
-        if own and blob_hash(bytes(own[0][0])) == digest:
-            data, source = bytes(own[0][0]), "its own bytes (only its recorded size was wrong)"
+        if digest in intact:
+            data, source = intact[digest], "its own bytes (only its recorded size was wrong)"
         elif digest in tree.files:
             data, source = _tree_bytes(tree, digest), str(tree.files[digest])
         elif digest in fetched:
@@ -347,6 +348,15 @@ def _mend_log_blobs(store: EventStore, tree: Tree, remote: Remote, target: str, 
         store.mend_blob(data)
         warnings.append(f"this log: {problem}: mended from {source}, which has that content")
     return {digest for digest in left if store.has_blob(digest)}
+
+
+def _absent_blobs(store: EventStore) -> dict[str, str]:
+    """The blobs the log names and lacks, each with the problem of the first event naming it."""
+    absent: dict[str, str] = {}
+    for digest, problem in audit.missing_blobs(store):
+        if not store.has_blob(digest):  # (an unreadable snapshot manifest is there, but damaged)
+            absent.setdefault(digest, problem)
+    return absent
 
 
 def _repair_blobs(store: EventStore, tree: Tree, writer: replication.Writer, damaged: set[str],
@@ -754,9 +764,7 @@ def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: Restore
                     store.put_blob(data)  # type: ignore[arg-type]
                     report.blobs += 1
     with open_log(dest) as store:
-        missing: dict[str, str] = {}
-        for digest, problem in audit.missing_blobs(store):  # named by several events: told once, the first
-            missing.setdefault(digest, problem)
+        missing = _absent_blobs(store)
         # a blob the events name that the index does not list: the remote may hold it all the same
         for digest, data, problem in replication.fetch_blobs(remote, [d for d in missing if d not in lost]):
             if not problem:
