@@ -265,16 +265,6 @@ def read_events(remote: Remote, upto: int | None = None) -> Iterator[tuple]:
         after = rows[-1][0]
 
 
-def verify_chain(remote: Remote, upto: int | None = None) -> tuple[int, list[str]]:
-    """(events read, problems of the shipped hash chain: gaps, broken links, altered rows)."""
-    check = ChainCheck()
-    count = 0
-    for row in read_events(remote, upto):
-        check.feed(*row)
-        count += 1
-    return count, [f"remote {p}" for p in check.problems]
-
-
 def fetch_blobs(remote: Remote, hashes: Iterable[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
     """(hash, bytes, problem) for each hash: bytes None with a problem when missing or corrupt.
 
@@ -334,18 +324,19 @@ def damaged_blobs(remote: Remote) -> list[tuple[str, str]]:
     return damaged
 
 
-def verify_blobs(remote: Remote, read_share: float, rng: random.Random | None = None) -> tuple[int, list[str]]:
-    """(blobs re-hashed, problems): structure of every blob (`damaged_blobs`), then the data
-    of a share of them: `read_share` (0..1) of the blobs, read and re-hashed.
+def verify_blobs(remote: Remote, read_share: float,
+                 rng: random.Random | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """(blobs re-hashed, (hash, problem) pairs): structure of every blob (`damaged_blobs`),
+    then the data of a share of them: `read_share` (0..1) of the blobs, read and re-hashed.
     """
-    problems = [problem for _digest, problem in damaged_blobs(remote)]
+    problems = damaged_blobs(remote)
     if read_share <= 0:
         return 0, problems
     hashes = [r[0] for r in remote.execute("SELECT hash FROM blobs")]
     rng = rng or random.Random()
     sample = hashes if read_share >= 1 else rng.sample(hashes, max(1, round(len(hashes) * read_share))
                                                        if hashes else 0)
-    for _digest, _data, problem in fetch_blobs(remote, sample):
+    for digest, _data, problem in fetch_blobs(remote, sample):
         if problem:
-            problems.append(problem)
+            problems.append((digest, problem))
     return len(sample), problems

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import msgspec
 
-from events import EventStore, ReplayReport
+from events import EventStore, Registry, ReplayReport
 from events.errors import UndecodableEvent
 from statemachine import catalog as c
 from statemachine import snapshots
@@ -38,7 +38,7 @@ def verify(store: EventStore) -> VerifyResult:
     return VerifyResult(events=events, problems=store.verify() + missing, head=head)
 
 
-_NAMES_BLOBS = tuple(t.__struct_config__.tag for t in (
+NAMES_BLOBS = tuple(t.__struct_config__.tag for t in (
     c.SkillReceived, c.SkillValidated, c.WriteIntended, c.PluginSnapshotted, c.PluginRestored))
 
 
@@ -56,39 +56,59 @@ def _named_blobs(event: c.Event) -> list[tuple[str, str]]:
     return []
 
 
-def missing_blobs(store: EventStore) -> list[tuple[str, str]]:
-    """(sha256, problem) of each blob the log names but the store lacks:
-    a draft, a file's content, a plugin snapshot, or a file inside a snapshot. (Whether a
-    present blob matches its hash is `store.verify`'s, which has already read every blob:
-    here the hashes are looked up once, in memory.)"""
-    problems: list[tuple[str, str]] = []
-    stored = {digest for (digest,) in store.conn.execute("SELECT hash FROM blobs")}
+Present = Callable[[set[str]], set[str]]
+Manifests = Callable[[list[str]], Iterable[tuple[str, "bytes | None", "str | None"]]]
+
+
+def absent_named_blobs(rows: Iterable[tuple[int, str, int, str]], registry: Registry, present: Present,
+                       manifests: Manifests, where: str) -> list[tuple[str, str]]:
+    """(sha256, problem) of each blob that the events in `rows` (seq, type, schema_version,
+    data: those of a type in `NAMES_BLOBS`, in seq order) name and that is not in `where`: a
+    draft, a file's content, a plugin snapshot, or a file inside a snapshot. `present(hashes)`
+    gives those of `hashes` that are there; `manifests(trees)` gives (hash, bytes, None) or
+    (hash, None, problem) for snapshots that are there. Undecodable events are left to verify's
+    replay."""
+    named: list[tuple[str, int, str, str]] = []
     trees: dict[str, int] = {}
-    marks = ", ".join("?" * len(_NAMES_BLOBS))
-    for seq, tag, sv, data in store.conn.execute(
-            f"SELECT seq, type, schema_version, data FROM events WHERE type IN ({marks}) ORDER BY seq",
-            _NAMES_BLOBS):
+    for seq, tag, sv, data in rows:
         try:
-            event = store.registry.decode(tag, sv, data)
+            event = registry.decode(tag, sv, data)
         except UndecodableEvent:
-            continue  # reported by verify's replay
-        for digest, what in _named_blobs(event):
-            if digest not in stored:
-                problems.append((digest, f"seq {seq} ({tag}): blob {digest} ({what}) is missing from the store"))
-            elif isinstance(event, (c.PluginSnapshotted, c.PluginRestored)):
-                trees.setdefault(digest, seq)
-    for tree, seq in trees.items():
-        (manifest,) = store.query("SELECT data FROM blobs WHERE hash = ?", (tree,))[0]
-        try:
-            files = snapshots.manifest_files(bytes(manifest))
-        except SnapshotError as e:
-            problems.append((tree, f"seq {seq}: plugin snapshot {tree}: {e}"))
             continue
-        for path, digest in files:
-            if digest not in stored:
-                problems.append((digest, f"seq {seq}: plugin snapshot {tree} names {path}, whose blob {digest} "
-                                         "is missing from the store"))
+        for digest, what in _named_blobs(event):
+            named.append((digest, seq, tag, what))
+            if isinstance(event, (c.PluginSnapshotted, c.PluginRestored)):
+                trees.setdefault(digest, seq)
+    there = present({digest for digest, *_ in named})
+    problems = [(digest, f"seq {seq} ({tag}): blob {digest} ({what}) is missing from {where}")
+                for digest, seq, tag, what in named if digest not in there]
+    inside: list[tuple[str, str, str]] = []
+    for tree, manifest, problem in manifests([tree for tree in trees if tree in there]):
+        try:
+            if manifest is None:
+                raise SnapshotError(problem or "unreadable")
+            inside += [(tree, path, digest) for path, digest in snapshots.manifest_files(manifest)]
+        except SnapshotError as e:
+            problems.append((tree, f"seq {trees[tree]}: plugin snapshot {tree}: {e}"))
+    there = present({digest for _tree, _path, digest in inside})
+    problems += [(digest, f"seq {trees[tree]}: plugin snapshot {tree} names {path}, whose blob {digest} "
+                          f"is missing from {where}") for tree, path, digest in inside if digest not in there]
     return problems
+
+
+def missing_blobs(store: EventStore) -> list[tuple[str, str]]:
+    """(sha256, problem) of each blob the log names but the store lacks (see
+    `absent_named_blobs`). Whether a present blob matches its hash is `store.verify`'s, which
+    has already read every blob: here the hashes are looked up once, in memory."""
+    stored = {digest for (digest,) in store.conn.execute("SELECT hash FROM blobs")}
+    marks = ", ".join("?" * len(NAMES_BLOBS))
+    rows = store.conn.execute(
+        f"SELECT seq, type, schema_version, data FROM events WHERE type IN ({marks}) ORDER BY seq", NAMES_BLOBS)
+    return absent_named_blobs(
+        rows, store.registry, lambda hashes: hashes & stored,
+        lambda trees: ((tree, bytes(store.query("SELECT data FROM blobs WHERE hash = ?", (tree,))[0][0]), None)
+                       for tree in trees),
+        "the store")
 
 
 def replay(store: EventStore, *, apply: bool) -> ReplayReport:

@@ -19,7 +19,7 @@ What must always hold:
   its hash, is put back into the log from a marketplace file with that content or from the
   remote; the others are warnings of every backup's report, and a damaged one is never shipped.
   A restore warns of each log blob it cannot give back (the log lacked it, or the remote lost
-  it: `backup verify` tells the latter); files and events are all or nothing.
+  it); `backup verify` reports each as a problem. Files and events are all or nothing.
 - Events deleted from the remote below its head are shipped again, and the loss of the
   snapshot this log's last backup to the same URL made is a warning.
 - A snapshot holds no symlink restore would refuse: `snapshot_tree` skips, with a warning,
@@ -45,14 +45,14 @@ import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from events import EventStore, EventStoreError, replication
-from events.chain import EVENT_COLUMNS
+from events.chain import EVENT_COLUMNS, ChainCheck
 from events.remote import Remote, display_url, open_remote
 from events.store import blob_hash, format_at
 from statemachine import audit
-from statemachine.catalog import BackupCompleted
+from statemachine.catalog import REGISTRY, BackupCompleted
 from statemachine.errors import OvernightError
 from statemachine.workspace import STATE_DIR, open_log
 
@@ -503,7 +503,8 @@ def _read_trees(remote: Remote, root: str) -> tuple[dict[str, list[dict]], list[
 
 def verify(url: str, token: str | None, read_share: float = 0.0,
            rng: random.Random | None = None) -> VerifyReport:
-    """Structure (snapshots, trees, blobs, the shipped chain) and the data of a share of blobs."""
+    """Structure (snapshots, trees, blobs, the shipped chain, the log blobs its events name) and
+    the data of a share of blobs."""
     report = VerifyReport(display_url(url))
     remote = open_remote(url, token, must_exist=True)
     try:
@@ -512,10 +513,12 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
         if not snapshots:
             report.problems.append("no snapshot at this URL")
             return report
-        report.events, chain = replication.verify_chain(remote)
+        chain, named = _check_shipped_log(remote, report)
         report.problems += chain
-        report.blobs_read, blobs = replication.verify_blobs(remote, read_share, rng)
-        report.problems += blobs
+        report.blobs_read, damaged = replication.verify_blobs(remote, read_share, rng)
+        report.problems += [problem for _digest, problem in damaged]
+        told = {digest for digest, _problem in damaged}
+        report.problems += [f"remote log: {problem}" for digest, problem in named if digest not in told]
         files: set[str] = set()
         trees: set[str] = set()
         for snapshot in snapshots:
@@ -533,6 +536,26 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
     finally:
         remote.close()
     return report
+
+
+def _check_shipped_log(remote: Remote, report: VerifyReport) -> tuple[list[str], list[tuple[str, str]]]:
+    """In one read of the events on the remote (counted in `report`): the problems of their
+    chain (gaps, broken links, altered rows), and (hash, problem) of each log blob they name
+    (a draft, a file's content, a plugin snapshot and the files in it) that the remote lacks
+    or cannot give back."""
+    chain = ChainCheck()
+
+    def naming_blobs() -> Iterator[tuple[int, str, int, str]]:
+        for row in replication.read_events(remote):
+            chain.feed(*row)
+            report.events += 1
+            if row[3] in audit.NAMES_BLOBS:
+                yield row[0], row[3], row[4], row[6]
+
+    absent = audit.absent_named_blobs(
+        naming_blobs(), REGISTRY, lambda hashes: replication.present(remote, "blobs", hashes),
+        lambda trees: replication.fetch_blobs(remote, trees), "the remote")
+    return [f"remote {problem}" for problem in chain.problems], absent
 
 
 # ------------------------------------------------------------------ restore

@@ -647,6 +647,15 @@ def test_backup_mends_damaged_or_missing_log_blobs_from_the_marketplace_or_the_b
     assert sqlite_rows(dest / ".overnight" / "overnight.db", "SELECT count(*) FROM blobs WHERE hash = ?",
                        (unlisted,)) == [(1,)]  # the remote held it: restored
 
+    # backup verify tells every log blob the backup cannot give back, also those no index row lists
+    verified = run("backup", "verify", "--from", url, "--json")
+    assert verified.exit_code == 1, verified.output
+    assert sorted(json.loads(verified.stdout)["problems"]) == sorted(
+        [f"log blob {gone_everywhere} is missing from the remote"] + [
+            f"remote log: seq {seq} (SkillReceived): blob {draft} (its draft) is missing from the remote"
+            for seq, draft in sqlite_rows(log, "SELECT seq, json_extract(data, '$.draft_sha256') FROM events "
+                                               "WHERE json_extract(data, '$.draft_sha256') IN (?, ?)", (lost, damaged))])
+
 
 def test_restore_fsyncs_every_file_and_directory_it_creates(market, tmp_path, monkeypatch):
     frozen = market / "plugins" / "devops" / "frozen"
