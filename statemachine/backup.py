@@ -647,7 +647,8 @@ def _remove_stage(stage: Path) -> None:
 
 def _put_in_place(stage: Path, dest: Path, ok: bool) -> Path:
     """Rename the checked stage onto `dest` (replacing it if it is an empty directory), or keep
-    a damaged restore at `<dest>.incomplete`; either way one rename, then fsync the parent.
+    a damaged restore at `<dest>.incomplete` (`-2`, `-3`... when taken); either way one rename,
+    then fsync the parent.
     A stage inside `dest` has its entries moved up instead, or becomes `<dest>/.incomplete`."""
     inside = stage.parent == dest
     if inside and ok:
@@ -660,17 +661,26 @@ def _put_in_place(stage: Path, dest: Path, ok: bool) -> Path:
                               f"failed: {_os_reason(e)}; move the rest of it yourself") from e
         _fsync_dir(dest)
         return dest
-    target = (dest / ".incomplete") if inside else dest if ok else dest.with_name(dest.name + ".incomplete")
-    if ok or not os.path.lexists(target):
-        try:
-            os.rename(stage, target)
-        except OSError as e:
-            raise BackupError(f"the restore is complete in {stage} but cannot be renamed to {target}: "
-                              f"{_os_reason(e)}; move it yourself") from e
-    else:
-        target = stage
+    if ok:
+        target = dest
+    else:  # an earlier attempt's is left alone: this one is `-2`, `-3`, ...
+        target = _unused(dest / ".incomplete" if inside else dest.with_name(dest.name + ".incomplete"))
+    try:
+        os.rename(stage, target)
+    except OSError as e:
+        raise BackupError(f"the restore is complete in {stage} but cannot be renamed to {target}: "
+                          f"{_os_reason(e)}; move it yourself") from e
     _fsync_dir(target.parent)
     return target
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or the first of `path-2`, `path-3`, ... that does not exist."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def _restore_tree(remote: Remote, snapshot: Snapshot, dest: Path,

@@ -335,6 +335,11 @@ def test_a_tampered_remote_blob_is_reported_and_refused(market, server, tmp_path
     assert [p.name for p in tmp_path.iterdir() if ".restoring-" in p.name] == []
     # what is kept passed every check: the files it has, and its log
     assert run("audit", "verify", kept).exit_code == 0
+    # tried again: the first attempt's stays as it is, this one is beside it, nothing is hidden
+    again = run("restore", "--from", server.url, "--to", dest)
+    assert again.exit_code == 1 and f"is in {tmp_path / 'restored.incomplete-2'}" in again.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".restored", "restored"))) == [
+        "restored", "restored.incomplete", "restored.incomplete-2"]
 
 
 def crafted_remote(url: str, root_entries: list[dict], extra: dict[str, list[dict]]) -> None:
