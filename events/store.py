@@ -214,6 +214,14 @@ class EventStore:
             lock.acquire()
         elif not path.exists():
             raise EventStoreError(f"no event log at {path}")
+        def unready(reason: str) -> EventStoreError:
+            """A refusal to read a log that is not (yet) readable, which the writer at work may
+            be creating or upgrading at this very moment."""
+            if not writer and WriterLock(path).held():
+                reason += ("; an overnight process is writing it now: if it is creating or upgrading the log, "
+                           "try again in a moment")
+            return EventStoreError(reason)
+
         try:
             conn = apsw.Connection(str(path))
             conn.setbusytimeout(5000)
@@ -221,7 +229,7 @@ class EventStore:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] if version == 0 else 0
             if version == 0 and (tables or not writer):
-                raise EventStoreError(
+                raise unready(
                     f"{path} is not an overnight event log " + (
                         "(its tables are not overnight's)" if tables else
                         f"(it is empty; a copy of a log in use needs its {path.name}-wal file copied beside it)"))
@@ -234,7 +242,7 @@ class EventStore:
                 conn.execute("PRAGMA journal_mode = WAL")
                 migrate(conn)
             elif version < LATEST:
-                raise EventStoreError(
+                raise unready(
                     f"{path} has schema version {version}, this program expects {LATEST}; "
                     "open it once with a writing command (scan or run) to upgrade it"
                 )
@@ -242,7 +250,11 @@ class EventStore:
             if writer:
                 store._ensure_projections(views or {})
             else:
-                store._check_projections()
+                stale = sorted(p.name for p in store._stale_projections())
+                if stale:
+                    raise unready(
+                        f"{path}: the tables {', '.join(stale)} were built by another version of overnight; rebuild "
+                        "them from the log with `overnight audit replay --apply` (or any writing command)")
             return store
         except apsw.Error as e:
             if lock:
@@ -283,15 +295,6 @@ class EventStore:
         return [p for p in self.projections
                 if versions.get(p.name) != p.version or tables.get(p.name) != p.create_sql()]
 
-    def _check_projections(self) -> None:
-        """A reader cannot rebuild projections; it refuses ones built by another version."""
-        stale = sorted(p.name for p in self._stale_projections())
-        if stale:
-            raise EventStoreError(
-                f"{self.path}: the tables {', '.join(stale)} were built by another version of overnight; "
-                "rebuild them from the log with `overnight audit replay --apply` (or any writing command)"
-            )
-
     def _ensure_projections(self, views: Mapping[str, str]) -> None:
         """Bring the derived schema up to date: drop projections no longer defined, rebuild
         those whose definition changed, and recreate the views (`views`: name -> SELECT) whose
@@ -301,19 +304,7 @@ class EventStore:
                    if name not in defined]
         stale = self._stale_projections()
         if stale or retired:
-            with self._transaction():
-                for name in retired:
-                    self.conn.execute(f"DROP TABLE IF EXISTS main.{name}")
-                    self.conn.execute("DELETE FROM projection_versions WHERE name = ?", (name,))
-                for p in stale:
-                    self.conn.execute(f"DROP TABLE IF EXISTS main.{p.name}")
-                    self.conn.execute(p.create_sql())
-                    self.conn.execute(
-                        "INSERT OR REPLACE INTO projection_versions (name, version) VALUES (?, ?)",
-                        (p.name, p.version),
-                    )
-            if stale and self._seq:
-                self.replay(apply=True, only=[p.name for p in stale])
+            self._rebuild(stale, retired)
         existing = dict(self.conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'view'"))
         changed = {name: f"CREATE VIEW {name} AS {select}" for name, select in views.items()
                    if existing.get(name) != f"CREATE VIEW {name} AS {select}"}
@@ -322,6 +313,31 @@ class EventStore:
                 for name, statement in changed.items():
                     self.conn.execute(f"DROP VIEW IF EXISTS main.{name}")
                     self.conn.execute(statement)
+
+    def _rebuild(self, stale: Sequence[Projection], retired: Sequence[str]) -> None:
+        """Build the `stale` projections from the log into fresh tables, then, in one
+        transaction, put them in place of the stored ones and drop the `retired` tables: a
+        reader sees the old tables or the new ones, whole, never an empty one."""
+        self.conn.execute("ATTACH DATABASE ':memory:' AS replay")
+        try:
+            if self._seq:
+                tables, _report = self._fold_projections(stale, None)
+                self._fill_replay(stale, tables)
+            with self._transaction():
+                for name in retired:
+                    self.conn.execute(f"DROP TABLE IF EXISTS main.{name}")
+                    self.conn.execute("DELETE FROM projection_versions WHERE name = ?", (name,))
+                for p in stale:
+                    self.conn.execute(f"DROP TABLE IF EXISTS main.{p.name}")
+                    self.conn.execute(p.create_sql())
+                    if self._seq:
+                        self.conn.execute(f"INSERT INTO main.{p.name} SELECT * FROM replay.{p.name}")
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO projection_versions (name, version) VALUES (?, ?)",
+                        (p.name, p.version),
+                    )
+        finally:
+            self.conn.execute("DETACH DATABASE replay")
 
     # ---------------------------------------------------------------- writing
 
@@ -473,12 +489,6 @@ class EventStore:
         With `apply=True` the rebuilt tables replace the live ones (the log is the truth).
         """
         targets = [p for p in self.projections if only is None or p.name in only]
-        by_tag: dict[str, list[Projection]] = {}
-        for p in targets:
-            for tag in p.handles:
-                by_tag.setdefault(tag, []).append(p)
-        tables: dict[str, dict[tuple, Row]] = {p.name: {} for p in targets}
-        report = ReplayReport()
         self.conn.execute("ATTACH DATABASE ':memory:' AS replay")
         try:
             # A reader takes one read transaction, so a concurrent writer cannot make the log
@@ -494,12 +504,13 @@ class EventStore:
                     context = multiprocessing.get_context("spawn")
                     with ProcessPoolExecutor(1, mp_context=context) as pool:
                         chain = pool.submit(check_file, str(self.path), last)
-                        self._fold_log(by_tag, tables, report, None)
+                        tables, report = self._fold_projections(targets, None)
                         report.problems[:0] = chain.result()
                 else:
                     check = ChainCheck()
-                    self._fold_log(by_tag, tables, report, check)
+                    tables, report = self._fold_projections(targets, check)
                     report.problems[:0] = check.problems
+                self._fill_replay(targets, tables)
                 self._compare(targets, tables, report)
             finally:
                 if snapshot:
@@ -511,8 +522,16 @@ class EventStore:
             self.conn.execute("DETACH DATABASE replay")
         return report
 
-    def _fold_log(self, by_tag: dict[str, list[Projection]], tables: dict[str, dict[tuple, Row]],
-                  report: ReplayReport, chain: ChainCheck | None) -> None:
+    def _fold_projections(self, targets: Sequence[Projection],
+                          chain: ChainCheck | None) -> tuple[dict[str, dict[tuple, Row]], ReplayReport]:
+        """The rows of `targets` folded from the whole log in memory, and what was found on the
+        way (fed to `chain` too, when given)."""
+        by_tag: dict[str, list[Projection]] = {}
+        for p in targets:
+            for tag in p.handles:
+                by_tag.setdefault(tag, []).append(p)
+        tables: dict[str, dict[tuple, Row]] = {p.name: {} for p in targets}
+        report = ReplayReport()
         problems = report.problems
         decode = self.registry.decode
         feed = chain.feed if chain is not None else None
@@ -546,14 +565,18 @@ class EventStore:
                     continue
                 if new is not None:
                     rows[key] = new
+        return tables, report
+
+    def _fill_replay(self, targets: Sequence[Projection], tables: dict[str, dict[tuple, Row]]) -> None:
+        """Write the folded rows into fresh tables of the attached `replay` database."""
+        for p in targets:
+            self.conn.execute(p.create_sql("replay"))
+            self.conn.executemany(p.upsert_sql("replay"), (p.as_tuple(r) for r in tables[p.name].values()))
 
     def _compare(self, targets: Sequence[Projection], tables: dict[str, dict[tuple, Row]],
                  report: ReplayReport) -> None:
         for p in targets:
-            self.conn.execute(p.create_sql("replay"))
-            rows = tables[p.name]
-            self.conn.executemany(p.upsert_sql("replay"), (p.as_tuple(r) for r in rows.values()))
-            report.rows[p.name] = len(rows)
+            report.rows[p.name] = len(tables[p.name])
             cols = ", ".join(p.column_names)
             missing = self.conn.execute(
                 f"SELECT count(*) FROM (SELECT {cols} FROM replay.{p.name} EXCEPT SELECT {cols} FROM main.{p.name})"

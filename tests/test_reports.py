@@ -121,6 +121,31 @@ def test_a_copy_of_a_log_in_use_without_its_wal_file_is_refused_with_the_wal_nam
         store.close()
 
 
+def test_a_log_not_readable_while_a_writer_is_at_work_says_to_try_again_in_a_moment(one, tmp_path):
+    """A reader can open a log in the moment its writer is creating it (an empty file) or
+    upgrading it (tables of another version): then it says so."""
+    creating = tmp_path / "new.db"
+    creating.touch()
+    with open_log(one) as store:
+        scan(store, one)
+    log = one / ".overnight" / "overnight.db"
+    conn = apsw.Connection(str(log))
+    conn.execute("UPDATE projection_versions SET version = version - 1 WHERE name = 'plugins'")
+    conn.close()
+    later = "; an overnight process is writing it now: if it is creating or upgrading the log, try again in a moment"
+    for db, reason in ((creating, f"{creating} is not an overnight event log (it is empty; a copy of a log in use "
+                                  "needs its new.db-wal file copied beside it)"),
+                       (log, f"{log}: the tables plugins were built by another version of overnight; rebuild them "
+                             "from the log with `overnight audit replay --apply` (or any writing command)")):
+        assert overnight("status", one, "--db", db).stderr == f"error: {reason}\n"
+        lock = WriterLock(db)  # as the overnight creating or upgrading it holds it
+        lock.acquire()
+        try:
+            assert overnight("status", one, "--db", db).stderr == f"error: {reason}{later}\n"
+        finally:
+            lock.release()
+
+
 def test_a_missing_log_given_with_db_is_not_answered_with_pass_db(one, tmp_path):
     missing = tmp_path / "nowhere" / "x.db"
     given = overnight("status", one, "--db", missing)

@@ -357,6 +357,25 @@ def test_a_reader_refuses_projections_built_by_another_version_and_a_writer_rebu
         assert store.verify() == []
 
 
+def test_a_reader_during_a_rebuild_sees_the_old_tables_whole_never_empty_ones(db):
+    _three_accounts(db)
+    seen = []
+
+    def fold(row, rec):  # the rebuild is under way: what does another process's reader see?
+        if not seen:
+            reader = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+            seen.append(reader.execute("SELECT (SELECT count(*) FROM accounts), "
+                                       "(SELECT version FROM projection_versions WHERE name = 'accounts')").fetchone())
+            reader.close()
+        return _fold_account(row, rec)
+
+    v2 = Projection(**{**{f: getattr(ACCOUNTS, f) for f in ("name", "columns", "key_len", "handles", "key")},
+                       "fold": fold, "version": 2})
+    with EventStore.open(db, registry=REGISTRY, projections=[v2]) as store:
+        assert store.query("SELECT count(*) FROM accounts") == [(3,)]
+    assert seen == [(3, 1)]
+
+
 def test_a_projection_no_longer_defined_is_dropped_and_views_follow_their_definition(db):
     _three_accounts(db)
     summary = {"balances": "SELECT account, balance FROM accounts"}
