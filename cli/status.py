@@ -55,9 +55,11 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
         waiting = True
     for item in report.items:
         detail = f" [{item['step']}]" if item["step"] else ""
-        note = "; ".join(n for n in (item["reason"], item["hint"]) if n)
-        reason = f": {note}" if note else ""
-        click.echo(f"  {item['state']:<11} {shown(item['plugin_id'])}{detail}{shown(reason)}")
+        reason, hint = item["reason"], item["hint"]
+        if reason and hint:
+            reason = reason.removesuffix(".")  # "...later.; `overnight run ...`" reads badly
+        note = "; ".join(n for n in (reason, hint) if n)
+        click.echo(f"  {item['state']:<11} {shown(item['plugin_id'])}{detail}{shown(f': {note}' if note else '')}")
     hidden = report.items_total - len(report.items)
     if hidden:
         click.echo(f"  ... and {hidden} more not listed: `overnight status --state STATE` lists every "

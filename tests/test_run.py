@@ -565,7 +565,7 @@ def test_a_maintainers_skill_that_already_passes_every_gate_is_left_alone(one, e
 
 
 def test_a_failed_plugin_named_again_is_refused_without_retry_and_status_says_how_to_retry_it(one, emu):
-    emu.script("server_error", phase="skill")
+    emu.script("server_error", phase="skill", message="Internal error. Please retry later.")
     failed = run(one, emu, "--max-attempts", "1")
     assert failed.exit_code == 1 and states(one) == {"plugins/tools/widget": "failed"}
     again = run(one, emu, "--plugin", "widget")  # not a run that selects nothing and says complete
@@ -575,7 +575,8 @@ def test_a_failed_plugin_named_again_is_refused_without_retry_and_status_says_ho
     (item,) = json.loads(overnight("status", one, "--json").stdout)["items"]
     assert item["hint"] == f"`overnight run {one} --retry failed --plugin plugins/tools/widget` tries it again"
     text = overnight("status", one).stdout
-    assert f"; `overnight run {one} --retry failed --plugin plugins/tools/widget` tries it again" in text
+    assert f"Please retry later; `overnight run {one} --retry failed --plugin plugins/tools/widget` tries it again" \
+        in text  # the reason's own full stop does not run into the hint
     assert text.endswith(f"\n`overnight run {one} --retry failed` tries the 1 failed plugin again\n")
     elsewhere = one.parent / "logs" / "widget log.db"  # a log kept apart: the hint names it, quoted
     elsewhere.parent.mkdir()
