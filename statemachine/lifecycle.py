@@ -77,7 +77,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     _t("vanish", ALL - {S.GONE, S.WRITING}, S.GONE, c.PluginVanished,
        "no longer in the marketplace"),
     _t("skip", {S.ANALYZED}, S.SKIPPED, c.PluginSkipped,
-       "already passes every gate and is unchanged since it was done"),
+       "already passes every gate and is unchanged since it was done, or a person edited what overnight wrote"),
     _t("request_plan", {S.ANALYZED, S.PLANNING, S.RETRYING}, S.PLANNING, c.PlanRequested,
        "plan request recorded, then sent"),
     _t("receive_plan", {S.PLANNING}, S.PLANNED, c.PlanReceived,

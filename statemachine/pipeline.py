@@ -221,20 +221,26 @@ def _ts(at: str | None) -> float:
 
 def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     if not ctx.settings.force:
-        reason = _already_good(ctx, row)
+        reason = _already_good(ctx, cursor, row)
         if reason:
             ctx.journal.record(cursor, c.PluginSkipped(run_id=ctx.run_id, reason=reason))
             return
     _request(ctx, cursor, row, "plan")
 
 
-def _already_good(ctx: Context, row: dict) -> str | None:
+def _already_good(ctx: Context, cursor: PluginCursor, row: dict) -> str | None:
     """The reason to skip a plugin whose SKILL.md already passes every gate, or None.
 
     Skipped: unchanged since overnight last finished it, or never processed by overnight (a
     maintainer's own skill that meets the bar is left alone). A plugin that changed since it
-    was done is processed again."""
+    was done is processed again, unless the change is a person's edit of a file overnight
+    wrote: that edit is kept (--force writes over it, keeping it in the snapshot)."""
     if row["done_hash"] is not None and row["done_hash"] != row["content_hash"]:
+        edited = _edited_by_hand(ctx, cursor, row)
+        if edited:
+            return (f"edited by hand after overnight wrote {'it' if len(edited) == 1 else 'them'}: "
+                    f"{', '.join(edited)}; left as {'it is' if len(edited) == 1 else 'they are'} "
+                    "(--force generates the skill again, and restore-plugin can bring the edit back)")
         return None
     skill_dir = ctx.root / row["path"] / "skills" / row["skill_name"]
     target = skill_dir / "SKILL.md"
@@ -250,6 +256,27 @@ def _already_good(ctx: Context, row: dict) -> str | None:
     if row["done_hash"] is not None:
         return "unchanged since it was done, and its SKILL.md passes every gate"
     return f"skills/{row['skill_name']}/SKILL.md already passes every gate"
+
+
+def _edited_by_hand(ctx: Context, cursor: PluginCursor, row: dict) -> list[str]:
+    """The files overnight wrote when it last finished this plugin whose content someone has
+    changed since (one removed since is not: writing it again takes nothing from anybody)."""
+    found = ctx.journal.query(
+        "SELECT type, schema_version, data FROM events WHERE stream = ? AND type = 'WriteIntended' AND version < "
+        "(SELECT max(version) FROM events WHERE stream = ? AND type = 'PluginDone') ORDER BY version DESC LIMIT 1",
+        (cursor.stream, cursor.stream))
+    if not found:
+        return []
+    intent: c.WriteIntended = c.REGISTRY.decode(*found[0])  # type: ignore[assignment]
+    edited = []
+    for write in intent.writes:
+        target = ctx.root / row["path"] / write.path
+        try:
+            if not target.is_symlink() and hashlib.sha256(target.read_bytes()).hexdigest() != write.sha256:
+                edited.append(write.path)
+        except OSError:
+            continue  # removed (or unreadable: the write step says so)
+    return edited
 
 
 def _retry_step(ctx: Context, cursor: PluginCursor, row: dict) -> None:

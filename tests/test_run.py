@@ -545,6 +545,38 @@ def test_skip_force_and_a_changed_plugin(one, emu):
     assert reason == "unchanged since it was done, and its SKILL.md passes every gate"
 
 
+def test_a_hand_edit_of_a_file_overnight_wrote_is_kept_until_force(one, emu):
+    assert run(one, emu).exit_code == 0
+    widget = one / "plugins" / "tools" / "widget"
+    skill = widget / "skills" / "widget" / "SKILL.md"
+    edited = skill.read_text() + "\nTeam note: always lint before merging.\n"
+    skill.write_text(edited)
+    requests = len(generate_requests(emu))
+    for change in ("none", "readme"):  # the plugin's own files changing too: the edit still wins
+        if change == "readme":
+            (widget / "README.md").write_text((widget / "README.md").read_text() + "\nNew section.\n")
+        assert run(one, emu).exit_code == 0
+        assert states(one) == {"plugins/tools/widget": "skipped"} and skill.read_text() == edited
+        assert len(generate_requests(emu)) == requests
+    reason = ("edited by hand after overnight wrote it: skills/widget/SKILL.md; left as it is (--force generates "
+              "the skill again, and restore-plugin can bring the edit back)")
+    assert query(one, "SELECT reason FROM plugins") == [(reason,)]
+    assert f"skipped     plugins/tools/widget: {reason}" in overnight("status", one, "--state", "skipped").stdout
+    assert run(one, emu, "--force").exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "done"} and "Team note" not in skill.read_text()
+    assert overnight("restore-plugin", "widget", one).exit_code == 0  # as it was before that write
+    assert skill.read_text() == edited
+    assert_healthy(one)
+
+
+def test_a_removed_file_overnight_wrote_is_written_again(one, emu):
+    assert run(one, emu).exit_code == 0
+    skill = one / "plugins" / "tools" / "widget" / "skills" / "widget" / "SKILL.md"
+    skill.unlink()
+    assert run(one, emu).exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "done"} and skill.is_file()
+
+
 def test_a_maintainers_skill_that_already_passes_every_gate_is_left_alone(one, emu):
     from statemachine.skillmd import compose
     from statemachine.catalog import SkillDraft, DraftFile
