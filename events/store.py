@@ -10,7 +10,8 @@ What must always hold:
   failing projection rolls the append back. Replaying the log from seq 1 into empty tables
   yields exactly the stored projections.
 - Blobs are content-addressed (sha256 of their bytes) and written before, or in the same
-  transaction as, the event that references them.
+  transaction as, the event that references them; putting a blob again replaces a stored
+  copy whose bytes no longer match its hash.
 - Only the process holding the writer lock appends; readers never block on it (WAL).
 """
 
@@ -409,20 +410,17 @@ class EventStore:
         with self._transaction():
             return self._put_blob(data)
 
-    def mend_blob(self, data: bytes) -> str:
-        """Store `data` under its hash, also over a stored copy whose bytes no longer match it
-        (content-addressed: the right bytes for that hash can only be these)."""
-        digest = blob_hash(data)
-        with self._transaction():
-            self._cursor.execute("INSERT OR REPLACE INTO blobs (hash, size, data) VALUES (?, ?, ?)",
-                                 (digest, len(data), data))
-        return digest
-
     def _put_blob(self, data: bytes) -> str:
+        """Store `data` under its hash. A stored copy of the same hash is checked, and one whose
+        bytes no longer match is replaced: an event must never name damaged bytes while the
+        good ones were at hand (a snapshot is taken so its files can be deleted)."""
         digest = blob_hash(data)
-        self._cursor.execute(
-            "INSERT OR IGNORE INTO blobs (hash, size, data) VALUES (?, ?, ?)", (digest, len(data), data)
-        )
+        cur = self._cursor
+        cur.execute("INSERT OR IGNORE INTO blobs (hash, size, data) VALUES (?, ?, ?)", (digest, len(data), data))
+        if not self.conn.changes():
+            stored = cur.execute("SELECT size, data FROM blobs WHERE hash = ?", (digest,)).fetchone()
+            if stored[0] != len(data) or blob_hash(bytes(stored[1])) != digest:
+                cur.execute("UPDATE blobs SET size = ?, data = ? WHERE hash = ?", (len(data), data, digest))
         return digest
 
     # ---------------------------------------------------------------- reading

@@ -345,7 +345,7 @@ def _mend_log_blobs(store: EventStore, tree: Tree, remote: Remote, target: str, 
                             "its content: a restore of this log lacks it")
             left.add(digest)
             continue
-        store.mend_blob(data)
+        store.put_blob(data)  # (over the damaged copy)
         warnings.append(f"this log: {problem}: mended from {source}, which has that content")
     return {digest for digest in left if store.has_blob(digest)}
 

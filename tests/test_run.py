@@ -755,6 +755,25 @@ def test_a_restore_keeps_the_files_it_replaces_so_it_can_be_undone(market, emu):
     assert listing[-1].endswith("(the default: before overnight's latest write; before overnight's first change)")
 
 
+def test_a_snapshot_never_names_a_damaged_stored_copy_of_a_file_it_reads(market, emu):
+    """A restore deletes files its snapshot says it keeps: a damaged copy of a file's bytes
+    already in the log is replaced by the good bytes the snapshot reads, not reused."""
+    target = market / "plugins" / "devops" / "deploy-checker"
+    assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0
+    skill = target / "skills" / "deploy-checker" / "SKILL.md"
+    written = skill.read_bytes()
+    conn = db(market)
+    conn.execute("UPDATE blobs SET data = x'00' WHERE hash = ?", (hashlib.sha256(written).hexdigest(),))
+    conn.close()
+    restored = overnight("restore-plugin", "deploy-checker", market, "--json")  # back to before the write
+    assert restored.exit_code == 0, restored.output
+    assert not skill.exists()
+    undo = overnight("restore-plugin", "deploy-checker", market, "--snapshot", json.loads(restored.stdout)["replaced"])
+    assert undo.exit_code == 0, undo.output
+    assert skill.read_bytes() == written
+    assert_healthy(market)
+
+
 def test_a_crash_between_the_write_and_done_is_finished_by_resume_not_rediscovered(one, emu, monkeypatch):
     """Found by the torture kill loop: the scan on resume saw overnight's own write as a change."""
     from statemachine import pipeline
