@@ -69,6 +69,12 @@ def absolute_url(url: str) -> str:
     return urllib.parse.urlunsplit(("file", "", os.path.abspath(parts.path), parts.query, ""))
 
 
+def file_path(url: str) -> str | None:
+    """The local file a `file:` URL names (as libsql-client opens it), or None for another URL."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.unquote(parts.path) if parts.scheme == "file" else None
+
+
 _STATUS = re.compile(r"HTTP status (\d{3})")
 
 
@@ -188,7 +194,7 @@ def open_remote(url: str, token: str | None = None, *, must_exist: bool = False,
     create an empty database there).
     """
     check_url(url)
-    parts = urllib.parse.urlsplit(url)
-    if must_exist and parts.scheme == "file" and not os.path.isfile(urllib.parse.unquote(parts.path)):
+    path = file_path(url)
+    if must_exist and path is not None and not os.path.isfile(path):
         raise RemoteError(f"{display_url(url)}: no backup there (the file does not exist)")
     return LibsqlRemote(url, token, **options)

@@ -880,6 +880,18 @@ def test_a_log_kept_inside_the_marketplace_is_not_copied_as_files_and_a_fifo_is_
     assert run("audit", "verify", dest).exit_code == 0  # the log, shipped event by event
 
 
+def test_a_backup_file_inside_the_marketplace_is_left_out_of_its_snapshots(market, tmp_path, monkeypatch):
+    files = backup_json(market, f"file:{tmp_path / 'elsewhere.db'}")["snapshot"]["files"]
+    monkeypatch.chdir(market)  # PATH defaults to here: `overnight backup --to file:backup.db`
+    for _ in range(3):
+        result = run("backup", "--to", "file:backup.db", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["snapshot"]["files"] == files
+    dest = tmp_path / "restored"
+    assert run("restore", "--from", f"file:{market / 'backup.db'}", "--to", dest).exit_code == 0
+    assert not list(dest.glob("backup.db*"))
+
+
 def test_backup_refuses_a_directory_without_an_event_log(tmp_path):
     plain = tmp_path / "plain"
     (plain / "plugins").mkdir(parents=True)  # a marketplace never scanned
