@@ -197,13 +197,15 @@ def check_head(store: EventStore, remote: Remote, upto: int) -> tuple[int, str]:
     event at that seq and not past `upto`: call it before shipping anything."""
     seq, digest = remote_head(remote)
     if seq > upto:
-        raise RemoteError(f"{_name(remote)} holds {seq} events but this log only {upto}: either this log "
-                          "has lost its newest events or the remote belongs to another log")
+        raise RemoteError(f"{_name(remote)} holds {seq} events but this log only {upto}: this log has lost "
+                          f"its newest events, or it was restored from an older snapshot there (back it up to "
+                          "another URL), or the remote belongs to another log")
     if seq:
         local = store.query("SELECT hash FROM events WHERE seq = ?", (seq,))
         if not local or local[0][0] != digest:
-            raise RemoteError(f"{_name(remote)}: its event {seq} differs from this log's: the remote "
-                              "belongs to another log")
+            raise RemoteError(f"{_name(remote)}: its event {seq} differs from this log's: the remote belongs to "
+                              "another log, or this log was restored from an older snapshot there and went on "
+                              "(back it up to another URL)")
     return seq, digest or GENESIS
 
 

@@ -22,6 +22,8 @@ What must always hold:
   it); `backup verify` reports each as a problem. Files and events are all or nothing.
 - Events deleted from the remote below its head are shipped again, and the loss of the
   snapshot this log's last backup to the same URL made is a warning.
+- A restore of the newest snapshot also restores the events a backup cut short shipped past
+  it, as far as their hash chain holds (a warning): the restored log goes on backing up there.
 - A snapshot holds no symlink restore would refuse: `snapshot_tree` skips, with a warning,
   each one `symlink_refusal` refuses, the same rule restore applies.
 - The auth token is passed to the transport only; it is in no event, row or message.
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from events import EventStore, EventStoreError, replication
-from events.chain import EVENT_COLUMNS, ChainCheck
+from events.chain import EVENT_COLUMNS, GENESIS, ChainCheck
 from events.remote import Remote, display_url, file_path, open_remote
 from events.store import blob_hash, format_at
 from statemachine import audit
@@ -431,16 +433,17 @@ def list_snapshots(url: str, token: str | None) -> list[Snapshot]:
         remote.close()
 
 
-def _find_snapshot(remote: Remote, wanted: str | None) -> Snapshot:
+def _find_snapshot(remote: Remote, wanted: str | None) -> tuple[Snapshot, bool]:
+    """The snapshot `wanted` (an id or its prefix; None: the newest), and whether it is the newest."""
     snapshots = _snapshots(remote)
     if not snapshots:
         raise BackupError("no snapshot at this URL (run `overnight backup` first)")
     if wanted is None:
-        return snapshots[-1]
+        return snapshots[-1], True
     found = [s for s in snapshots if s.id.startswith(wanted)]
     if len(found) != 1:
         raise BackupError(f"snapshot {wanted!r} " + ("is ambiguous" if found else "not found"))
-    return found[0]
+    return found[0], found[0] is snapshots[-1]
 
 
 def _check_entry(entry: Any, seen: set[str]) -> str | None:
@@ -586,12 +589,12 @@ def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = N
         raise BackupError(f"{dest} is not an empty directory; restore only into an empty one")
     remote = open_remote(url, token, must_exist=True)
     try:
-        snapshot = _find_snapshot(remote, snapshot_id)
+        snapshot, newest = _find_snapshot(remote, snapshot_id)
         report = RestoreReport(snapshot.id)
         stage = _make_stage(dest)
         try:
             dirs = _restore_tree(remote, snapshot, stage, report)
-            _restore_log(remote, snapshot, stage, report)
+            _restore_log(remote, snapshot, newest, stage, report)
             _settle_tree(stage, dirs)
         except BaseException as e:
             _remove_stage(stage)
@@ -781,16 +784,30 @@ def _restore_links(dest: Path, links: list[tuple[Path, str]], report: RestoreRep
             report.symlinks += 1
 
 
-def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: RestoreReport) -> None:
+def _restore_log(remote: Remote, snapshot: Snapshot, newest: bool, dest: Path, report: RestoreReport) -> None:
     """Insert the shipped rows as they are, rebuild the projections, and check the result as
-    `overnight audit verify` does; it must end at the event the snapshot was taken at. A log
-    blob it cannot give back is a warning: the log backed up may have lacked it already, and
-    nobody has it any more (`backup verify` tells remote damage)."""
+    `overnight audit verify` does; it must end at the event the snapshot was taken at.
+
+    Past the newest snapshot, the remote may hold events a backup shipped before it was cut
+    short: they are restored too (as far as their hash chain holds, with a warning), so the
+    restored log goes on backing up there instead of being refused as one that lost its newest
+    events. A log blob it cannot give back is a warning: the log backed up may have lacked it
+    already, and nobody has it any more (`backup verify` tells remote damage)."""
     log_blobs = [r[0] for r in remote.execute("SELECT hash FROM log_blobs")]
     lost: dict[str, str] = {}
+    tail = ChainCheck()  # the events past the snapshot, which no snapshot vouches for
+    tail.expected_seq, tail.last_hash = snapshot.last_seq + 1, snapshot.last_hash or GENESIS
+    extra = 0
     with open_log(dest) as store:
         with store.batch():
-            for row in replication.read_events(remote, snapshot.last_seq):
+            for row in replication.read_events(remote, None if newest else snapshot.last_seq):
+                if row[0] > snapshot.last_seq:
+                    tail.feed(*row)
+                    if tail.problems:
+                        report.warnings.append(f"the remote's events past seq {snapshot.last_seq + extra} are not "
+                                               f"restored: {tail.problems[0]}")
+                        break
+                    extra += 1
                 store.conn.execute(f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
                 report.events += 1
             for digest, data, problem in replication.fetch_blobs(remote, log_blobs):
@@ -808,13 +825,20 @@ def _restore_log(remote: Remote, snapshot: Snapshot, dest: Path, report: Restore
                 report.blobs += 1
                 del missing[digest]
         store.replay(apply=True)  # its report compares with the empty tables; verify is the check
-        head = store.query("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
-        seq, digest = head[0] if head else (0, "")
+        found = store.query("SELECT seq, hash FROM events WHERE seq <= ? ORDER BY seq DESC LIMIT 1",
+                            (snapshot.last_seq,))
+        seq, digest = found[0] if found else (0, "")
         if seq != snapshot.last_seq or (seq and digest != snapshot.last_hash):
             report.problems.append(
                 f"restored log ends at seq {seq} (hash {digest[:12] or 'none'}), but the snapshot was "
                 f"taken at seq {snapshot.last_seq} (hash {snapshot.last_hash[:12] or 'none'})")
         report.problems += [f"restored log: {p}" for p in store.verify()]
+    if extra:
+        first, last = snapshot.last_seq + 1, snapshot.last_seq + extra
+        report.warnings.append(
+            f"the remote holds {extra} events past this snapshot (seq {first}-{last}), shipped by a backup that "
+            "did not finish: restored too, so this log goes on from there; the files are as of seq "
+            f"{snapshot.last_seq}, and the next run does again the work those events record")
     for digest, problem in missing.items():
         report.warnings.append(f"restored log: {problem}: " + (lost[digest] if digest in lost else
                                "the backup does not have it (the log backed up lacked it, or it was deleted "

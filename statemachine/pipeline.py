@@ -25,6 +25,7 @@ from typing import Callable
 
 import msgspec
 
+from events import EventStoreError
 from events.store import format_at
 
 from statemachine import catalog as c
@@ -260,22 +261,34 @@ def _already_good(ctx: Context, cursor: PluginCursor, row: dict) -> str | None:
 
 def _edited_by_hand(ctx: Context, cursor: PluginCursor, row: dict) -> list[str]:
     """The files overnight wrote when it last finished this plugin whose content someone has
-    changed since (one removed since is not: writing it again takes nothing from anybody)."""
+    changed since: neither what overnight wrote nor what was there before it wrote (a file put
+    back as it was, by a restore or by hand, is overnight's to write again, and so is one
+    removed since: writing it takes nothing from anybody)."""
     found = ctx.journal.query(
-        "SELECT type, schema_version, data FROM events WHERE stream = ? AND type = 'WriteIntended' AND version < "
-        "(SELECT max(version) FROM events WHERE stream = ? AND type = 'PluginDone') ORDER BY version DESC LIMIT 1",
-        (cursor.stream, cursor.stream))
-    if not found:
+        "SELECT type, schema_version, data FROM events WHERE stream = ? AND type IN ('PluginSnapshotted', "
+        "'WriteIntended') AND version < (SELECT max(version) FROM events WHERE stream = ? AND type = 'PluginDone') "
+        "ORDER BY version DESC LIMIT 2", (cursor.stream, cursor.stream))
+    events = [c.REGISTRY.decode(*found_row) for found_row in found]
+    intent = next((e for e in events[:1] if isinstance(e, c.WriteIntended)), None)
+    if intent is None:
         return []
-    intent: c.WriteIntended = c.REGISTRY.decode(*found[0])  # type: ignore[assignment]
+    before: dict[str, str] = {}
+    if isinstance(events[-1], c.PluginSnapshotted):
+        try:
+            before = dict(snapshots.manifest_files(ctx.journal.blob(events[-1].tree_sha256)))
+        except (EventStoreError, snapshots.SnapshotError):
+            pass  # without it, a file put back as it was counts as edited: kept, the safe side
     edited = []
     for write in intent.writes:
         target = ctx.root / row["path"] / write.path
         try:
-            if not target.is_symlink() and hashlib.sha256(target.read_bytes()).hexdigest() != write.sha256:
-                edited.append(write.path)
+            if target.is_symlink():
+                continue
+            content = hashlib.sha256(target.read_bytes()).hexdigest()
         except OSError:
             continue  # removed (or unreadable: the write step says so)
+        if content not in (write.sha256, before.get(write.path)):
+            edited.append(write.path)
     return edited
 
 

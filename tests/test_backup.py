@@ -758,8 +758,43 @@ def test_a_log_that_lost_its_newest_events_is_told_so_with_both_counts(market, t
     result = run("backup", market, "--db", older, "--to", url)
     assert result.exit_code == 1
     assert result.output == (f"error: file://{tmp_path / 'offsite.db'} holds {remote} events but this log "
-                             f"only {local}: either this log has lost its newest events or the remote "
-                             "belongs to another log\n")
+                             f"only {local}: this log has lost its newest events, or it was restored from an "
+                             "older snapshot there (back it up to another URL), or the remote belongs to another "
+                             "log\n")
+
+
+def test_a_restore_after_a_backup_cut_short_keeps_its_events_and_goes_on_backing_up_there(night, tmp_path):
+    """A backup ships blobs and events before its snapshot row: cut short, the remote holds
+    events past its newest snapshot. A restore gives them back too, so the restored log can
+    go on backing up to the same remote."""
+    root, emu, env = night
+    url = f"file:{tmp_path / 'offsite.db'}"
+    assert run("scan", root).exit_code == 0
+    first = backup_json(root, url)
+    assert run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", env=env).exit_code == 0
+    cut = backup_json(root, url)  # as if cut short before its snapshot row:
+    sqlite_rows(tmp_path / "offsite.db", "DELETE FROM snapshots WHERE id = ?", (cut["snapshot"]["id"],))
+    shipped = cut["snapshot"]["last_seq"]
+    past = shipped - first["snapshot"]["last_seq"]
+    dest = tmp_path / "restored"
+    restored = run("restore", "--from", url, "--to", dest, "--json")
+    assert restored.exit_code == 0, restored.output
+    report = json.loads(restored.stdout)
+    assert report["events"] == shipped
+    assert report["warnings"] == [
+        f"the remote holds {past} events past this snapshot (seq {first['snapshot']['last_seq'] + 1}-{shipped}), "
+        "shipped by a backup that did not finish: restored too, so this log goes on from there; the files are as "
+        f"of seq {first['snapshot']['last_seq']}, and the next run does again the work those events record"]
+    assert run("audit", "verify", dest).exit_code == 0
+    assert run("run", dest, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", env=env).exit_code == 0
+    assert json.loads(run("status", dest, "--json").stdout)["by_state"] == \
+        json.loads(run("status", root, "--json").stdout)["by_state"]  # the work done again
+    again = run("backup", dest, "--to", url)
+    assert again.exit_code == 0, again.output
+    # an older snapshot is restored as it was: its own events only
+    older = run("restore", "--from", url, "--to", tmp_path / "older", "--snapshot", first["snapshot"]["id"],
+                "--json")
+    assert older.exit_code == 0 and json.loads(older.stdout)["events"] == first["snapshot"]["last_seq"]
 
 
 def test_backup_ships_no_event_past_a_break_in_the_local_hash_chain(market, tmp_path):
