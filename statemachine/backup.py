@@ -37,6 +37,7 @@ What must always hold:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -585,26 +586,34 @@ def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = N
     dest = Path(os.path.abspath(dest))
     if dest.is_symlink():
         raise BackupError(f"{dest} is a symlink; restore into the directory itself")
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    leftovers = _killed_stages(dest)
+    if dest.exists() and (not dest.is_dir() or any(p not in leftovers for p in dest.iterdir())):
         raise BackupError(f"{dest} is not an empty directory; restore only into an empty one")
     remote = open_remote(url, token, must_exist=True)
     try:
         snapshot, newest = _find_snapshot(remote, snapshot_id)
         report = RestoreReport(snapshot.id)
-        stage = _make_stage(dest)
+        for leftover in leftovers:
+            _remove_stage(leftover)
+            report.warnings.append(f"removed {leftover}, left behind by a restore that was killed")
+        stage, lock = _make_stage(dest)
         try:
             dirs = _restore_tree(remote, snapshot, stage, report)
             _restore_log(remote, snapshot, newest, stage, report)
             _settle_tree(stage, dirs)
         except BaseException as e:
             _remove_stage(stage)
+            os.close(lock)
             if isinstance(e, (OSError, EventStoreError, OvernightError)):
                 reason = _os_reason(e) if isinstance(e, OSError) else str(e)
                 raise BackupError(f"restore abandoned, nothing was put in {dest}: {reason}") from e
             raise
     finally:
         remote.close()
-    report.path = str(_put_in_place(stage, dest, report.ok))
+    try:
+        report.path = str(_put_in_place(stage, dest, report.ok))
+    finally:
+        os.close(lock)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -613,11 +622,41 @@ def _os_reason(e: OSError) -> str:
     return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
 
 
-def _make_stage(dest: Path) -> Path:
+def _stage_prefix(dest: Path) -> str:
+    return f".{dest.name}.restoring-"
+
+
+def _killed_stages(dest: Path) -> list[Path]:
+    """The staging directories of restores into `dest` that were killed (SIGKILL, a power
+    cut: nothing could remove them), beside it or inside it: those whose lock no process holds."""
+    found = []
+    for parent in (dest.parent, dest):
+        try:
+            names = sorted(os.listdir(parent))
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(_stage_prefix(dest)):
+                try:
+                    fd = os.open(parent / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    found.append(parent / name)
+                except OSError:
+                    pass  # a restore at work holds it
+                finally:
+                    os.close(fd)
+    return found
+
+
+def _make_stage(dest: Path) -> tuple[Path, int]:
     """An empty directory beside `dest` (same file system, so a rename puts it in place), or
     inside `dest` when that is an existing directory whose parent this user cannot write, or
-    a mount point (a fresh disk: beside it is another file system, where no rename reaches)."""
-    name = f".{dest.name}.restoring-{secrets.token_hex(4)}"
+    a mount point (a fresh disk: beside it is another file system, where no rename reaches);
+    with an open descriptor holding its lock (`_killed_stages`) until the caller closes it."""
+    name = _stage_prefix(dest) + secrets.token_hex(4)
     if os.path.lexists(dest.parent) and not dest.parent.is_dir():
         raise BackupError(f"cannot restore into {dest}: {dest.parent} is not a directory")
     try:
@@ -635,10 +674,12 @@ def _make_stage(dest: Path) -> Path:
             os.mkdir(stage)
         if dest.is_dir():
             os.chmod(stage, stat.S_IMODE(dest.stat().st_mode))
+        lock = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(lock, fcntl.LOCK_EX)
     except OSError as e:
         raise BackupError(f"cannot restore into {dest}: {_os_reason(e)} (a restore is built in a new "
                           f"directory beside its destination, or inside it when it exists)") from e
-    return stage
+    return stage, lock
 
 
 def _remove_stage(stage: Path) -> None:

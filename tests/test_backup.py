@@ -3,6 +3,7 @@ WebSocket and TLS (https://, wss://, libsql://)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -466,6 +467,30 @@ def test_a_signal_stops_a_restore_and_leaves_nothing_behind(market, server, tmp_
                       lambda: any(".restoring-" in p.name for p in tmp_path.iterdir()), sig)
     assert (ended.returncode, ended.stderr) == (code, f"error: interrupted by {signal.Signals(sig).name}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["market", "remote.db"]
+
+
+def test_a_killed_restores_leftovers_are_removed_by_the_next_restore_there(market, server, tmp_path):
+    backup_json(market, server.url)
+    server.latency = 0.3
+    dest = tmp_path / "restored"
+    env = {**os.environ, "TURSO_AUTH_TOKEN": TOKEN}
+    killed = signalled(["restore", "--from", server.url, "--to", str(dest)], env,
+                       lambda: any(".restoring-" in p.name for p in tmp_path.iterdir()), signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    (leftover,) = [p for p in tmp_path.iterdir() if ".restoring-" in p.name]  # nothing could remove it
+    # a restore at work keeps its own: another one into the same place leaves it alone
+    server.latency = 0.0
+    busy = tmp_path / ".restored.restoring-0busy000"
+    busy.mkdir()
+    lock = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = run("restore", "--from", server.url, "--to", dest)
+    finally:
+        os.close(lock)
+    assert result.exit_code == 0, result.output
+    assert f"warning: removed {leftover}, left behind by a restore that was killed" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "market", "remote.db", "restored"]
 
 
 def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(night, server):
