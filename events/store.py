@@ -215,6 +215,7 @@ class EventStore:
             lock.acquire()
         elif not path.exists():
             raise EventStoreError(f"no event log at {path}")
+
         def unready(reason: str) -> EventStoreError:
             """A refusal to read a log that is not (yet) readable, which the writer at work may
             be creating or upgrading at this very moment."""

@@ -207,8 +207,8 @@ def _file_failure(ctx: Context, cursor: PluginCursor, row: dict, e: BaseExceptio
     reason, and the batch goes on."""
     reason = str(e) if not isinstance(e, OSError) else f"{e.filename or row['path']}: {e.strerror or e}"
     if row["state"] == State.WRITING and hash_tree(ctx.root, ctx.root / row["path"]).content_hash != row["content_hash"]:
-        reason += (f"; the files written before it stay: `overnight restore-plugin {shlex.quote(row['name'])}` puts "
-                   "the plugin back as it was before overnight")
+        reason += (f"; the files written before it stay: `overnight restore-plugin {shlex.quote(row['name'])}` "
+                   "puts the plugin back as it was before overnight")
     step = row["step"] if row["state"] == State.RETRYING else _STEP_OF.get(row["state"], row["state"])
     ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step or "plan", reason=ctx.scrub(reason)))
 
