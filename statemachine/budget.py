@@ -2,7 +2,8 @@
 
 Spending starts from the run's totals in the quota ledger (so a resumed run remembers it)
 and adds what this process spends; the check happens before a request is recorded, so a run never
-sends the request that would go over a request budget.
+sends the request that would go over a request budget, nor one that could go over a token or
+cost budget, counting what the requests in flight are expected to take.
 """
 
 from __future__ import annotations
@@ -26,41 +27,70 @@ class Budgets:
 
 class BudgetReached(Exception):
     def __init__(self, budget: str, limit: float, used: float) -> None:
-        super().__init__(f"{budget} budget reached: {used:g} of {limit:g}")
+        super().__init__(f"{budget} budget reached: {used:g} of {limit:g}"
+                         + ("; the next request could take it past that" if used < limit else ""))
         self.budget = budget
         self.limit = limit
         self.used = used
 
 
+Hold = tuple[int, int]  # the (input, output) tokens a request in flight is expected to take
+
+
 class Spending:
-    """Thread-safe running totals of one run, checked against its budgets."""
+    """Thread-safe running totals of one run, checked against its budgets.
+
+    A request goes only if what was spent, what the requests in flight are expected to take and
+    what it is expected to take all fit in the token and cost budgets: however many requests
+    are under way at once, a run goes past one only by what the estimates missed (the estimate
+    is the prompt's tokens and the average answer this log has seen)."""
 
     def __init__(self, budgets: Budgets, prices: Prices, *, requests: int, input_tokens: int,
-                 output_tokens: int) -> None:
-        """The counts start at what the run spent before (its ledger rows)."""
+                 output_tokens: int, expected_output: dict[str, int]) -> None:
+        """The counts start at what the run spent before (its ledger rows); `expected_output`
+        is the output tokens of an answer per phase (plan, skill)."""
         self.budgets = budgets
         self.prices = prices
+        self.expected_output = expected_output
         self._lock = threading.Lock()
         self.requests, self.input_tokens, self.output_tokens = requests, input_tokens, output_tokens
+        self._held_input = self._held_output = 0
 
-    def before_request(self) -> None:
-        """Raise BudgetReached if one more request would go over a budget; else count it."""
+    def before_request(self, phase: str, est_input: int) -> Hold:
+        """Count one more request and hold what it is expected to take until `settle` (or
+        `release`); raise BudgetReached if it could take the run past a budget."""
+        hold = (est_input, self.expected_output[phase])
         with self._lock:
             b = self.budgets
             if b.max_requests is not None and self.requests + 1 > b.max_requests:
                 raise BudgetReached("requests", b.max_requests, self.requests)
-            tokens = self.input_tokens + self.output_tokens
-            if b.max_tokens is not None and tokens >= b.max_tokens:
-                raise BudgetReached("tokens", b.max_tokens, tokens)
-            cost = self.prices.cost(self.input_tokens, self.output_tokens)
-            if b.max_cost is not None and cost >= b.max_cost:
-                raise BudgetReached("cost", b.max_cost, round(cost, 4))
+            tokens_in = self.input_tokens + self._held_input + hold[0]
+            tokens_out = self.output_tokens + self._held_output + hold[1]
+            if b.max_tokens is not None and tokens_in + tokens_out > b.max_tokens:
+                raise BudgetReached("tokens", b.max_tokens, self.input_tokens + self.output_tokens)
+            if b.max_cost is not None and self.prices.cost(tokens_in, tokens_out) > b.max_cost:
+                spent = self.prices.cost(self.input_tokens, self.output_tokens)
+                raise BudgetReached("cost", b.max_cost, round(spent, 4))
             self.requests += 1
+            self._held_input += hold[0]
+            self._held_output += hold[1]
+        return hold
 
-    def release(self) -> None:
+    def release(self, hold: Hold) -> None:
         """Un-count a request `before_request` counted but that was never sent."""
         with self._lock:
             self.requests -= 1
+            self._held_input -= hold[0]
+            self._held_output -= hold[1]
+
+    def settle(self, hold: Hold, usage: Usage | None) -> None:
+        """A sent request's answer (or failure) came: what it took replaces what it held."""
+        with self._lock:
+            self._held_input -= hold[0]
+            self._held_output -= hold[1]
+            if usage is not None:
+                self.input_tokens += usage.input_tokens
+                self.output_tokens += usage.output_tokens + usage.thoughts_tokens
 
     def reached(self, budget: str, limit: float) -> BudgetReached:
         """`budget`'s stop as it stands now that the workers are done (sent requests only)."""
@@ -68,9 +98,3 @@ class Spending:
             used = {"requests": self.requests, "tokens": self.input_tokens + self.output_tokens,
                     "cost": round(self.prices.cost(self.input_tokens, self.output_tokens), 4)}[budget]
         return BudgetReached(budget, limit, used)
-
-    def add(self, usage: Usage | None) -> None:
-        if usage is not None:
-            with self._lock:
-                self.input_tokens += usage.input_tokens
-                self.output_tokens += usage.output_tokens + usage.thoughts_tokens

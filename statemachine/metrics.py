@@ -164,6 +164,15 @@ class Estimate:
                 "latency_s": round(self.latency_s, 3)}
 
 
+def expected_output(store: EventStore) -> dict[str, int]:
+    """The output tokens (thinking included) a plan and a skill answer take: the average of
+    this log's answers, or a default before there is any."""
+    measured = {phase: avg for phase, avg, n in store.query(
+        f"SELECT phase, avg({OUTPUT_TOKENS}), count(*) FROM quota_ledger WHERE outcome = 'ok' GROUP BY phase") if n}
+    return {"plan": int(measured.get("plan") or DEFAULT_PLAN_OUTPUT),
+            "skill": int(measured.get("skill") or DEFAULT_SKILL_OUTPUT)}
+
+
 def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limits, *, model: str, now: float,
              gates: GateConfig | None = None, prices: Prices | None = None,
              standards_path: Path | None = None, plan_only: bool = False) -> Estimate:
@@ -174,12 +183,8 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     prices = prices or Prices()
     standards = load_standards(standards_path)
     system = system_instruction(standards)
-    history = store.query(
-        f"SELECT phase, avg({OUTPUT_TOKENS}), count(*) FROM quota_ledger "
-        "WHERE outcome = 'ok' GROUP BY phase")
-    measured = {phase: avg for phase, avg, n in history if n}
-    plan_out = int(measured.get("plan") or DEFAULT_PLAN_OUTPUT)
-    skill_out = int(measured.get("skill") or DEFAULT_SKILL_OUTPUT)
+    output = expected_output(store)
+    plan_out, skill_out = output["plan"], output["skill"]
     # Requests Gemini answered (well or not) per useful answer: retries included, requests
     # whose process stopped before the answer (lost, pending) left out: they say nothing of Gemini.
     settled, answers, latency = store.query(

@@ -312,13 +312,12 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         feedback = msgspec.json.decode(details["feedback"]) if details["feedback"] else []
         prompt, schema = skill_prompt(data, row["skill_name"], plan, ctx.settings.gates, feedback), c.SkillDraft
     est = estimate_tokens(system, prompt)
-    if ctx.spending is not None:
-        ctx.spending.before_request()
+    hold = ctx.spending.before_request(step, est) if ctx.spending is not None else None
     try:
         slot = _admit(ctx, cursor.plugin_id, est)
     except BaseException:
-        if ctx.spending is not None:
-            ctx.spending.release()  # never sent: the budget must not count it
+        if ctx.spending is not None and hold is not None:
+            ctx.spending.release(hold)  # never sent: the budget must not count it
         raise
     request_id = uuid.uuid4().hex
     attempt = (row["plan_attempts"] if step == "plan" else row["skill_attempts"]) + 1
@@ -334,14 +333,14 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
     try:
         answer = ctx.gateway.generate(system, prompt, schema)
     except GatewayError as e:
-        if ctx.spending is not None:
-            ctx.spending.add(e.usage)
+        if ctx.spending is not None and hold is not None:
+            ctx.spending.settle(hold, e.usage)
         _failed(ctx, cursor, row, step, request_id, e)
         ctx.scheduler.settle(slot, e.usage.input_tokens if e.usage else None)
         return
     ctx.scheduler.succeeded()
-    if ctx.spending is not None:
-        ctx.spending.add(answer.usage)
+    if ctx.spending is not None and hold is not None:
+        ctx.spending.settle(hold, answer.usage)
     ctx.scheduler.settle(slot, answer.usage.input_tokens)
     ctx.stats.add(answer.usage)
     if step == "plan":

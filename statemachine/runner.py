@@ -29,7 +29,7 @@ from events.remote import display_url
 from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
 from statemachine.errors import OvernightError
-from statemachine.metrics import Prices, estimate
+from statemachine.metrics import Prices, estimate, expected_output
 from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
@@ -339,7 +339,8 @@ class Runner:
                               margin=WINDOW_MARGIN)
         stats = self._stats(run_id)
         spending = Spending(options.budgets, options.prices, requests=stats.requests,
-                            input_tokens=stats.input_tokens, output_tokens=stats.output_tokens)
+                            input_tokens=stats.input_tokens, output_tokens=stats.output_tokens,
+                            expected_output=expected_output(self.store))
         ctx = Context(
             run_id=run_id, root=self.root, journal=self.journal, gateway=gateway, scheduler=scheduler,
             settings=StepSettings(model=options.gemini.model, gates=options.gates,

@@ -312,16 +312,32 @@ def test_a_budget_or_quota_stop_sends_no_more_requests_but_finishes_what_needs_n
 
 
 def test_a_cost_budget_counts_at_the_prices_given_to_run(market, emu):
-    """At the default prices one plan request costs less than $0.001; at $1,000 per million
-    tokens the first request spends the budget, and the run stops before a second one."""
-    result = run(market, emu, "--concurrency", "1", "--max-cost", "0.001",
+    """At the default prices one plan request costs less than $0.01; at $1,000 per million
+    tokens not even the first one fits in it, and the run stops before sending any."""
+    result = run(market, emu, "--concurrency", "1", "--max-cost", "0.01",
                  "--price-input", "1000", "--price-output", "1000", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["outcome"] == "budget_exhausted" and "cost budget reached" in summary["message"]
-    assert len([r for r in emu.requests if r.method == "POST"]) == 1
+    assert summary["outcome"] == "budget_exhausted"
+    assert summary["message"] == "cost budget reached: 0 of 0.01; the next request could take it past that"
+    assert [r for r in emu.requests if r.method == "POST"] == []
     config = json.loads(query(market, "SELECT config FROM runs")[0][0])
     assert config["prices"] == {"input_per_million": 1000.0, "output_per_million": 1000.0}
+
+
+@pytest.mark.parametrize("budget", [["--max-tokens", "12000"], ["--max-cost", "0.0036", "--price-input", "0.3",
+                                                                   "--price-output", "0.3"]])
+def test_token_and_cost_budgets_hold_however_many_requests_are_under_way(market, budget):
+    """Each request holds what it is expected to take until its answer comes: eight at once
+    cannot all slip under a budget that only what was already spent is checked against."""
+    with Emulator(api_key=KEY, latency=(0.3, 0.4), seed=3) as slow:
+        result = overnight("run", market, "--base-url", slow.url, "--rpm", "1000", "--concurrency", "8",
+                           *budget, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outcome"] == "budget_exhausted"
+    ((tokens, requests),) = query(market, "SELECT sum(input_tokens + output_tokens + coalesce(thoughts_tokens, 0)), "
+                                          "count(*) FROM quota_ledger")
+    assert requests >= 2 and tokens <= 12000  # $0.0036 at $0.30 per million tokens is 12,000 tokens
 
 
 def test_resume_wait_sleeps_through_a_pause_that_run_no_wait_left(one, emu, monkeypatch):
