@@ -43,6 +43,8 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
                    + ("; a dry run" if r["dry_run"] else "")
                    + (f": `overnight run{here}` goes on from the plans" if r["dry_run"] and r["planned"] else "")
                    + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
+                   + (f"; no overnight process is waiting for it: `overnight resume{here} --wait` sleeps until "
+                      "then and goes on" if r["status"] == "paused" and not r["waiting"] else "")
                    + (f"; no overnight process is running it: `overnight resume{here}` continues it"
                       if r["status"] == "stopped" else "")
                    + (f"; `overnight resume{here}` with a larger --max-requests, --max-tokens or --max-cost "

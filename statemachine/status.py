@@ -47,7 +47,8 @@ def runs(store: EventStore, held: bool) -> list[dict]:
     """The newest run and every unfinished one, with their live status: the current one first
     (the run a process is running, else the newest), then the others newest first. Of the runs
     recorded as running, only the most recently active one is running, and only while a process
-    holds the log (`held`: `WriterLock(path).held()`); the others are `stopped`. Finished older
+    holds the log (`held`: `WriterLock(path).held()`); the others are `stopped`. A paused run is
+    `waiting` when a process holding the log sleeps out its pause. Finished older
     runs are left out: `run_summary` counts each run's plugins, and a log gathers many runs."""
     marks = ", ".join("?" * len(UNFINISHED))
     rows = store.query(f"SELECT {', '.join('s.' + c for c in _RUN)}, "
@@ -58,9 +59,12 @@ def runs(store: EventStore, held: bool) -> list[dict]:
     found = [dict(zip(_RUN + ("dry_run", "last_seq"), row)) for row in rows]
     recorded_running = [r for r in found if r["status"] == "running"]
     active = max(recorded_running, key=lambda r: r["last_seq"]) if held and recorded_running else None
+    paused = [r for r in found if r["status"] == "paused"]
+    waited = paused[0] if held and active is None and paused else None  # the newest paused one
     for r in found:
         if r["status"] == "running" and r is not active:
             r["status"] = "stopped"
+        r["waiting"] = r is waited  # a process sleeps out its quota pause (else: none will wake up)
         del r["last_seq"]
         r["dry_run"] = bool(r["dry_run"])
     return [active] + [r for r in found if r is not active] if active else found

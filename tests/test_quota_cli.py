@@ -351,6 +351,23 @@ def test_resume_wait_sleeps_through_a_pause_that_run_no_wait_left(one, emu, monk
     assert "paused for the quota until " in resumed.stderr and "quota pause over: going on" in resumed.stderr
 
 
+def test_status_tells_a_paused_run_no_process_waits_for_from_one_a_process_sleeps_through(one, emu):
+    from events.lock import WriterLock
+    emu.script("rate_limit_day", retry_delay="0s", phase="skill")
+    assert run(one, emu, "--no-wait").exit_code == 0  # or a run that waited, killed: nothing wakes up
+    hint = f"; no overnight process is waiting for it: `overnight resume {one} --wait` sleeps until then and goes on"
+    text = overnight("status", one).stdout
+    assert "; paused until " in text and hint in text
+    assert json.loads(overnight("status", one, "--json").stdout)["last_run"]["waiting"] is False
+    lock = WriterLock(one / ".overnight" / "overnight.db")  # as the run sleeping out its pause holds it
+    lock.acquire()
+    try:
+        assert hint not in overnight("status", one).stdout
+        assert json.loads(overnight("status", one, "--json").stdout)["last_run"]["waiting"] is True
+    finally:
+        lock.release()
+
+
 def test_dry_run_with_force_is_refused_before_anything_happens(market, emu):
     assert run(market, emu).exit_code == 0
     before = query(market, "SELECT count(*) FROM events")
