@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
+import urllib.parse
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,11 +108,31 @@ def _translate(e: apsw.Error, path: Path) -> EventStoreError:
     if isinstance(e, apsw.IOError):
         return EventStoreError(f"{path}: {e or 'disk I/O error'} (the disk failed; check it, then run the "
                                "command again: `overnight resume` continues a run)")
+    if isinstance(e, apsw.ReadOnlyError):
+        return EventStoreError(f"{path}: cannot write it: its directory or disk is read-only here (the commands "
+                               "that only read it, such as status, metrics and audit verify, can)")
     if isinstance(e, (apsw.CorruptError, apsw.NotADBError)):
         return EventStoreError(f"{path}: {e}")
     if isinstance(e, apsw.CantOpenError):
         return EventStoreError(f"{path}: cannot open the database file")
     return EventStoreError(f"{path}: {e}")
+
+
+def _reader(path: Path) -> apsw.Connection:
+    """A connection for a reader of the log at `path` (it writes only its own attached
+    in-memory tables). On a read-only disk, or in a directory this user cannot write, SQLite
+    cannot make the `-shm` file a reader of a WAL log needs; a log closed cleanly there (no
+    `-wal` file) cannot change, so it is opened as immutable."""
+    conn = apsw.Connection(str(path))
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except (apsw.ReadOnlyError, apsw.CantOpenError):
+        conn.close()
+        if os.path.lexists(f"{path}-wal"):
+            raise
+    return apsw.Connection(f"file:{urllib.parse.quote(os.path.abspath(path))}?immutable=1",
+                           flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_URI)
 
 
 class _Transaction:
@@ -225,7 +247,7 @@ class EventStore:
             return EventStoreError(reason)
 
         try:
-            conn = apsw.Connection(str(path))
+            conn = apsw.Connection(str(path)) if writer else _reader(path)
             conn.setbusytimeout(5000)
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]

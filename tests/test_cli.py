@@ -417,6 +417,28 @@ def test_a_read_only_marketplace_says_where_the_log_can_go(market, tmp_path):
                              "denied; pass --db FILE (or set OVERNIGHT_DB) to keep the log elsewhere\n")
 
 
+@needs_permissions
+def test_a_log_in_a_directory_this_user_cannot_write_can_still_be_read(market):
+    """A reader of a WAL log needs a -shm file beside it, which SQLite cannot make there."""
+    assert run("scan", market).exit_code == 0
+    state = market / ".overnight"
+    state.chmod(0o555)
+    try:
+        ended = {command: subprocess.run([*unprivileged(), sys.executable, "-m", "cli", *command.split(), str(market)],
+                                         cwd=REPO, capture_output=True, text=True, timeout=60)
+                 for command in ("status", "metrics", "audit verify", "audit replay", "audit log", "scan")}
+    finally:
+        state.chmod(0o755)
+    for command, result in ended.items():
+        if command != "scan":
+            assert (command, result.returncode, result.stderr) == (command, 0, "")
+    assert "4 plugins (analyzed 4)" in ended["status"].stdout
+    assert ended["scan"].returncode == 1 and ended["scan"].stderr == (
+        f"error: {state / 'overnight.db'}: cannot write it: its directory or disk is read-only here (the commands "
+        "that only read it, such as status, metrics and audit verify, can)\n")
+    assert sorted(p.name for p in state.iterdir()) == ["overnight.db", "overnight.db.lock"]
+
+
 def test_control_characters_in_directory_names_reach_the_terminal_escaped(tmp_path):
     root = tmp_path / "market"
     plugin(root, "plugins/x/evil\x1b[2J\nname", "evil", description="Clears screens.")
