@@ -9,7 +9,8 @@ Invariants:
   opened file is regular), so no content can hang or loop discovery.
 - `plugin_id` is stable across runs: the normalized posix path of the plugin directory
   relative to the marketplace root.
-- Among candidates, skill names are unique: a later duplicate gets a problem and no skill name.
+- Among candidates, skill names are unique: a duplicate gets a problem and no skill name (the
+  plugin that held the name before keeps it, else the first by plugin_id).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import posixpath
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from statemachine.names import InvalidName, skill_name
 
@@ -365,11 +366,13 @@ def _category_from_path(plugin_id: str) -> str:
 # ------------------------------------------------------------------ discovery
 
 
-def discover(root: Path) -> Discovery:
+def discover(root: Path, holders: Mapping[str, str] | None = None) -> Discovery:
     """Every plugin of the marketplace at root, sorted by plugin_id. Never raises for bad content.
 
     Candidates are the manifest's entries united with every plugin directory under plugins/;
-    the manifest wins for name and category.
+    the manifest wins for name and category. Of plugins sharing a name, the one that held it
+    before keeps it (`holders`: plugin_id -> its name, from the log), else the first by
+    plugin_id: a plugin added with a name already taken is the duplicate.
     """
     root = Path(root)
     root_real = os.path.realpath(root)
@@ -379,7 +382,8 @@ def discover(root: Path) -> Discovery:
     ids = set(entries) | set(dirs)
     candidates = [_candidate(root, root_real, plugin_id, entries.get(plugin_id))
                   for plugin_id in sorted(ids)]
-    return Discovery(candidates=_mark_duplicates(_mark_aliases(root, candidates)), warnings=warnings)
+    return Discovery(candidates=_mark_duplicates(_mark_aliases(root, candidates), holders or {}),
+                     warnings=warnings)
 
 
 def _mark_aliases(root: Path, candidates: list[Candidate]) -> list[Candidate]:
@@ -458,16 +462,24 @@ def _read_plugin_json(root: Path, root_real: str, plugin_id: str,
     return name, None
 
 
-def _mark_duplicates(candidates: list[Candidate]) -> list[Candidate]:
-    """The first candidate by plugin_id keeps a name; later ones get a problem and no skill name."""
+def _mark_duplicates(candidates: list[Candidate], holders: Mapping[str, str]) -> list[Candidate]:
+    """Of the candidates sharing a name, one keeps it (the one `holders` says held that name,
+    else the first by plugin_id); the others get a problem and no skill name."""
     owners: dict[str, str] = {}
+    for cand in candidates:  # (sorted by plugin_id)
+        key = cand.skill_name or cand.name
+        if key is None:
+            continue
+        owner = owners.get(key)
+        if owner is None or (holders.get(cand.plugin_id) == key and holders.get(owner) != key):
+            owners[key] = cand.plugin_id
     result = []
     for cand in candidates:
         key = cand.skill_name or cand.name
         if key is None:
             result.append(cand)
             continue
-        owner = owners.setdefault(key, cand.plugin_id)
+        owner = owners[key]
         if owner == cand.plugin_id:
             result.append(cand)
             continue

@@ -44,8 +44,6 @@ Progress = Callable[[int, int, str], None]
 
 def scan(store: EventStore, root: Path, progress: Progress | None = None) -> ScanReport:
     report = ScanReport()
-    found = discover(root)
-    report.warnings.extend(found.warnings)
     known = {
         row[0]: dict(zip(("plugin_id", "name", "category", "path", "listed", "skill_name",
                           "state", "content_hash", "reason"), row))
@@ -54,6 +52,9 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None) -> Sca
             "FROM plugins"
         )
     }
+    found = discover(root, holders={plugin_id: row["skill_name"] or row["name"] for plugin_id, row in known.items()
+                                    if row["state"] not in (State.INVALID, State.GONE)})
+    report.warnings.extend(found.warnings)
     lifecycle = Lifecycle(store)
     first_seq = store.last_seq
     candidates = found.candidates

@@ -126,6 +126,12 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
     looped = as_json(run("status", root, "--json", "--plugin", "plugins/b/looped"))["items"][0]
     assert looped["state"] == "analyzed"
     assert "do not read" not in db_of(root).read_bytes().decode("latin-1")
+    # a plugin added later under a name taken is the duplicate, not the plugin that had it
+    plugin(root, "plugins/a/copy", "looped")
+    again = as_json(run("scan", root, "--json"))
+    assert {p["plugin"]: p["reason"] for p in again["problems"]}["plugins/a/copy"] == (
+        "duplicate plugin name 'looped' (also used by plugins/b/looped)")
+    assert as_json(run("status", root, "--json", "--plugin", "plugins/b/looped"))["items"][0]["state"] == "analyzed"
 
 
 def test_status_json_contract_and_filters(market):
