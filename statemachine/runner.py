@@ -338,9 +338,15 @@ class Runner:
         scheduler = Scheduler(self._effective_limits(run_id, options), self.clock, self._history(options.gemini.model),
                               margin=WINDOW_MARGIN)
         stats = self._stats(run_id)
+        expected = expected_output(self.store)
+        # A request whose process stopped before its answer (lost) may well have been billed:
+        # the budgets count it at its estimate (the run's totals for people count what is known).
+        lost_in, lost_out = self.store.query(
+            "SELECT coalesce(sum(est_input_tokens), 0), coalesce(sum(CASE phase WHEN 'plan' THEN ? ELSE ? END), 0) "
+            "FROM quota_ledger WHERE run_id = ? AND outcome = 'lost'", (expected["plan"], expected["skill"], run_id))[0]
         spending = Spending(options.budgets, options.prices, requests=stats.requests,
-                            input_tokens=stats.input_tokens, output_tokens=stats.output_tokens,
-                            expected_output=expected_output(self.store))
+                            input_tokens=stats.input_tokens + lost_in, output_tokens=stats.output_tokens + lost_out,
+                            expected_output=expected)
         ctx = Context(
             run_id=run_id, root=self.root, journal=self.journal, gateway=gateway, scheduler=scheduler,
             settings=StepSettings(model=options.gemini.model, gates=options.gates,

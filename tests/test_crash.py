@@ -241,6 +241,28 @@ def test_requests_in_flight_at_a_kill_are_recorded_as_lost_by_resume_and_counted
     assert cli("audit", "replay", str(root)).returncode == 0
 
 
+def test_budgets_count_the_requests_a_killed_run_left_unanswered_at_their_estimate(tmp_path):
+    """Gemini may well have billed a request whose answer its killed process never got."""
+    root = tmp_path / "market"
+    build_marketplace(root, 4)
+    with Emulator(api_key=KEY, latency=(1.5, 1.5), seed=9) as emu:
+        proc = spawn("run", root, emu.url)
+        deadline = time.monotonic() + 30
+        while len([r for r in emu.requests if r.method == "POST"]) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+        resumed = subprocess.run([sys.executable, "-m", "cli", "resume", str(root), "--max-tokens", "100", "--json"],
+                                 cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY}, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["outcome"] == "budget_exhausted"
+    ((estimated,),) = query(root, "SELECT sum(est_input_tokens) FROM quota_ledger WHERE outcome = 'lost'")
+    assert query(root, "SELECT json_extract(data, '$.used') FROM events WHERE type = 'BudgetExhausted'") == [
+        (estimated + 2 * 900,)]  # two plans: their prompts, and the default answer before any was seen
+
+
 def test_status_shows_an_older_unfinished_run_and_a_run_that_finishes_its_plugins_finishes_it(tmp_path):
     root = tmp_path / "market"
     build_marketplace(root, 4)
