@@ -123,12 +123,14 @@ def _reader(path: Path) -> apsw.Connection:
     in-memory tables). On a read-only disk, or in a directory this user cannot write, SQLite
     cannot make the `-shm` file a reader of a WAL log needs; a log closed cleanly there (no
     `-wal` file) cannot change, so it is opened as immutable."""
-    conn = apsw.Connection(str(path))
+    conn = None
     try:
+        conn = apsw.Connection(str(path))
         conn.execute("PRAGMA user_version").fetchone()
         return conn
     except (apsw.ReadOnlyError, apsw.CantOpenError):
-        conn.close()
+        if conn is not None:
+            conn.close()
         if os.path.lexists(f"{path}-wal"):
             raise
     return apsw.Connection(f"file:{urllib.parse.quote(os.path.abspath(path))}?immutable=1",
