@@ -10,8 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import apsw
 import pytest
@@ -205,7 +207,10 @@ def test_a_signal_ends_a_quota_pause_at_once(tmp_path):
     assert query(root, "SELECT status FROM runs")[0][0] == "interrupted"
 
 
-def test_requests_in_flight_at_a_kill_are_recorded_as_lost_by_resume_and_counted_apart(tmp_path):
+@contextmanager
+def killed_with_two_requests_in_flight(tmp_path: Path) -> Iterator[tuple[Path, Emulator]]:
+    """A run of four plugins killed (SIGKILL) while two requests wait for their answers; the
+    emulator stays up inside the block."""
     root = tmp_path / "market"
     build_marketplace(root, 4)
     with Emulator(api_key=KEY, latency=(1.5, 1.5), seed=9) as emu:
@@ -216,6 +221,11 @@ def test_requests_in_flight_at_a_kill_are_recorded_as_lost_by_resume_and_counted
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        yield root, emu
+
+
+def test_requests_in_flight_at_a_kill_are_recorded_as_lost_by_resume_and_counted_apart(tmp_path):
+    with killed_with_two_requests_in_flight(tmp_path) as (root, emu):
         in_flight = query(root, "SELECT run_id, request_id FROM quota_ledger WHERE outcome = 'pending'")
         assert len(in_flight) == 2
         before = cli("metrics", str(root))
@@ -243,16 +253,7 @@ def test_requests_in_flight_at_a_kill_are_recorded_as_lost_by_resume_and_counted
 
 def test_budgets_count_the_requests_a_killed_run_left_unanswered_at_their_estimate(tmp_path):
     """Gemini may well have billed a request whose answer its killed process never got."""
-    root = tmp_path / "market"
-    build_marketplace(root, 4)
-    with Emulator(api_key=KEY, latency=(1.5, 1.5), seed=9) as emu:
-        proc = spawn("run", root, emu.url)
-        deadline = time.monotonic() + 30
-        while len([r for r in emu.requests if r.method == "POST"]) < 2:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    with killed_with_two_requests_in_flight(tmp_path) as (root, _emu):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
         resumed = subprocess.run([sys.executable, "-m", "cli", "resume", str(root), "--max-tokens", "100", "--json"],
                                  cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY}, capture_output=True, text=True)
