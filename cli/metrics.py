@@ -137,12 +137,13 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
         limits = effective_limits(store, model, given, stated, format_at(store.clock()))
         result = compute(store, root, chosen, limits, model=model, now=store.clock().timestamp(),
                          prices=Prices(price_input, price_output))
+    learned = [k for k in ("rpm", "rpd", "tpm") if getattr(limits, k) != getattr(given, k)]
     if as_json:
-        emit_json(result.as_json() | {"limits": limits.as_dict()})
+        emit_json(result.as_json() | {"limits": limits.as_dict(), "learned_limits": learned})
         return
-    learned = [f"{k} {getattr(limits, k)}" for k in ("rpm", "rpd", "tpm") if getattr(limits, k) != getattr(given, k)]
     if learned:
-        click.echo(f"limits learned from Gemini's 429 answers: {', '.join(learned)} "
+        click.echo("limits learned from Gemini's 429 answers: "
+                   f"{', '.join(f'{k} {getattr(limits, k)}' for k in learned)} "
                    "(state a limit with its flag to override it)")
     click.echo(f"{plural(result.plugins, 'plugin')} to process: {plural(result.requests, 'request')}, "
                f"{result.input_tokens:,} input and {result.output_tokens:,} output tokens, "
