@@ -46,7 +46,7 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
                     click.echo(f"{s.id}  seq {s.seq}  {s.at}" + (f"  run {s.run_id}" if s.run_id else "")
                                + (f"  ({'; '.join(notes)})" if notes else ""))
             return
-        done = restore.restore_plugin(store, root, name, snapshot_id)
+        done = restore.restore_plugin(store, root, name, snapshot_id, place=where(root, db))
     if as_json:
         emit_json(done._asdict())
     else:

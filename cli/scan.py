@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import common, marketplace_argument
+from cli.options import common, marketplace_argument, where
 from cli.render import emit_json, interactive, plural, shown, stderr_console
 from statemachine.workspace import marketplace_root, open_log
 
@@ -35,9 +35,10 @@ def scan(path: Path, db: Path | None, as_json: bool) -> None:
                 report = scan_service.scan(
                     store, root,
                     progress=lambda i, n, pid: bar.update(task, completed=i, total=n, description=shown(pid)),
+                    place=where(root, db),
                 )
         else:
-            report = scan_service.scan(store, root)
+            report = scan_service.scan(store, root, place=where(root, db))
     if as_json:
         emit_json({
             "plugins": report.plugins, "new": report.new, "changed": report.changed,

@@ -51,7 +51,8 @@ def snapshots_of(store: EventStore, plugin: str) -> list[SnapshotInfo]:
     return found
 
 
-def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str | None) -> Restored:
+def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str | None,
+                   place: str = "") -> Restored:
     plugin_id = resolve_plugin(store, plugin)
     shots = snapshots_of(store, plugin_id)
     if not shots:
@@ -67,7 +68,7 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
         chosen = matches[0]
     state = store.query("SELECT state, path FROM plugins WHERE plugin_id = ?", (plugin_id,))[0]
     if state[0] == State.WRITING:
-        raise OvernightError(f"{plugin_id} is in the middle of a write; run `overnight resume` first")
+        raise OvernightError(f"{plugin_id} is in the middle of a write; run `overnight resume{place}` first")
     plugin_dir = root / state[1]
     replaced = None
     if os.path.lexists(plugin_dir):  # a deleted plugin directory is made again: there is nothing to keep

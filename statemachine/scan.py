@@ -42,7 +42,9 @@ class ScanReport:
 Progress = Callable[[int, int, str], None]
 
 
-def scan(store: EventStore, root: Path, progress: Progress | None = None) -> ScanReport:
+def scan(store: EventStore, root: Path, progress: Progress | None = None, place: str = "") -> ScanReport:
+    """Discover and analyze the marketplace at `root` into the log (`place`: what a hint puts
+    after `overnight resume`, the CLI's PATH and --db)."""
     report = ScanReport()
     known = {
         row[0]: dict(zip(("plugin_id", "name", "category", "path", "listed", "skill_name",
@@ -65,7 +67,7 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None) -> Sca
                 if progress:
                     progress(i, len(candidates), candidate.plugin_id)
                 _scan_one(store, lifecycle, root, candidate, known.pop(candidate.plugin_id, None),
-                          report)
+                          report, place)
     with store.batch():
         for plugin_id, row in sorted(known.items()):
             if row["state"] == State.GONE or row["state"] in _MID_WRITE:
@@ -91,7 +93,7 @@ def _target_problem(plugin_dir: Path, skill: str | None) -> str | None:
 
 
 def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Candidate,
-              row: dict | None, report: ScanReport) -> None:
+              row: dict | None, report: ScanReport, place: str) -> None:
     discovered = c.PluginDiscovered(
         plugin_id=candidate.plugin_id, name=candidate.name or "", category=candidate.category,
         path=candidate.path, listed=candidate.listed, skill_name=candidate.skill_name,
@@ -124,7 +126,7 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
             # new content hash as done; rediscovering it here would lose that.
             report.warnings.append(
                 f"{candidate.plugin_id}: changed during a write by overnight; "
-                "run `overnight resume` to finish it first"
+                f"run `overnight resume{place}` to finish it first"
             )
             return
     if row is None:

@@ -65,6 +65,14 @@ def test_a_write_cut_short_needs_attention_until_resume_finishes_it(one, emu, mo
     assert text.stdout.splitlines()[-1] == f"  writing     plugins/tools/widget [skill]: {hint}", text.stdout
     (item,) = json.loads(overnight("status", one, "--json").stdout)["items"]
     assert (item["state"], item["hint"]) == ("writing", hint)
+    # what cannot go on before the write is finished names the command that finishes it
+    refused = overnight("restore-plugin", "widget", one)
+    assert (refused.exit_code, refused.stderr) == (1, "error: plugins/tools/widget is in the middle of a write; "
+                                                      f"run `overnight resume {one}` first\n")
+    readme = one / "plugins" / "tools" / "widget" / "README.md"
+    readme.write_text(readme.read_text() + "\nchanged meanwhile\n")
+    assert (f"  warning  plugins/tools/widget: changed during a write by overnight; run `overnight resume {one}` "
+            "to finish it first") in overnight("scan", one).output
     lock = WriterLock(one / ".overnight" / "overnight.db")  # as a running overnight holds it
     lock.acquire()
     try:
