@@ -43,7 +43,8 @@ class Spending:
     A request goes only if what was spent, what the requests in flight are expected to take and
     what it is expected to take all fit in the token and cost budgets: however many requests
     are under way at once, a run goes past one only by what the estimates missed (the estimate
-    is the prompt's tokens and the average answer this log has seen)."""
+    is the prompt's tokens and the average answer this log has seen). One that fits only once
+    those under way have settled waits for them; one that does not fit even then stops the run."""
 
     def __init__(self, budgets: Budgets, prices: Prices, *, requests: int, input_tokens: int,
                  output_tokens: int, expected_output: dict[str, int]) -> None:
@@ -53,44 +54,58 @@ class Spending:
         self.prices = prices
         self.expected_output = expected_output
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
         self.requests, self.input_tokens, self.output_tokens = requests, input_tokens, output_tokens
         self._held_input = self._held_output = 0
 
-    def before_request(self, phase: str, est_input: int) -> Hold:
+    def before_request(self, phase: str, est_input: int) -> Hold | None:
         """Count one more request and hold what it is expected to take until `settle` (or
-        `release`); raise BudgetReached if it could take the run past a budget."""
+        `release`). None: it fits only once requests under way have settled (`wait` for that);
+        BudgetReached: it could take the run past a budget even then."""
         hold = (est_input, self.expected_output[phase])
         with self._lock:
             b = self.budgets
             if b.max_requests is not None and self.requests + 1 > b.max_requests:
                 raise BudgetReached("requests", b.max_requests, self.requests)
-            tokens_in = self.input_tokens + self._held_input + hold[0]
-            tokens_out = self.output_tokens + self._held_output + hold[1]
-            if b.max_tokens is not None and tokens_in + tokens_out > b.max_tokens:
-                raise BudgetReached("tokens", b.max_tokens, self.input_tokens + self.output_tokens)
-            if b.max_cost is not None and self.prices.cost(tokens_in, tokens_out) > b.max_cost:
-                spent = self.prices.cost(self.input_tokens, self.output_tokens)
-                raise BudgetReached("cost", b.max_cost, round(spent, 4))
+            for held in (False, True):
+                tokens_in = self.input_tokens + hold[0] + (self._held_input if held else 0)
+                tokens_out = self.output_tokens + hold[1] + (self._held_output if held else 0)
+                if b.max_tokens is not None and tokens_in + tokens_out > b.max_tokens:
+                    if held:
+                        return None
+                    raise BudgetReached("tokens", b.max_tokens, self.input_tokens + self.output_tokens)
+                if b.max_cost is not None and self.prices.cost(tokens_in, tokens_out) > b.max_cost:
+                    if held:
+                        return None
+                    raise BudgetReached("cost", b.max_cost,
+                                        round(self.prices.cost(self.input_tokens, self.output_tokens), 4))
             self.requests += 1
             self._held_input += hold[0]
             self._held_output += hold[1]
         return hold
 
+    def wait(self, timeout: float) -> None:
+        """Until a request under way settles, or `timeout` seconds."""
+        with self._settled:
+            self._settled.wait(timeout)
+
     def release(self, hold: Hold) -> None:
         """Un-count a request `before_request` counted but that was never sent."""
-        with self._lock:
+        with self._settled:
             self.requests -= 1
             self._held_input -= hold[0]
             self._held_output -= hold[1]
+            self._settled.notify_all()
 
     def settle(self, hold: Hold, usage: Usage | None) -> None:
         """A sent request's answer (or failure) came: what it took replaces what it held."""
-        with self._lock:
+        with self._settled:
             self._held_input -= hold[0]
             self._held_output -= hold[1]
             if usage is not None:
                 self.input_tokens += usage.input_tokens
                 self.output_tokens += usage.output_tokens + usage.thoughts_tokens
+            self._settled.notify_all()
 
     def reached(self, budget: str, limit: float) -> BudgetReached:
         """`budget`'s stop as it stands now that the workers are done (sent requests only)."""

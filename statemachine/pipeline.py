@@ -31,7 +31,7 @@ from events.store import format_at
 from statemachine import catalog as c
 from statemachine import gates, skillmd, snapshots, writes
 from statemachine.analysis import hash_tree
-from statemachine.budget import Spending
+from statemachine.budget import Hold, Spending
 from statemachine.gateway import (
     AccessDenied,
     Gateway,
@@ -312,7 +312,7 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         feedback = msgspec.json.decode(details["feedback"]) if details["feedback"] else []
         prompt, schema = skill_prompt(data, row["skill_name"], plan, ctx.settings.gates, feedback), c.SkillDraft
     est = estimate_tokens(system, prompt)
-    hold = ctx.spending.before_request(step, est) if ctx.spending is not None else None
+    hold = _hold(ctx, cursor.plugin_id, step, est)
     try:
         slot = _admit(ctx, cursor.plugin_id, est)
     except BaseException:
@@ -351,6 +351,24 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         ctx.journal.record(cursor, c.SkillReceived(run_id=ctx.run_id, request_id=request_id,
                                                    draft_sha256=_sha(draft), usage=answer.usage),
                            blobs=[draft])
+
+
+def _hold(ctx: Context, plugin_id: str, step: str, est: int) -> Hold | None:
+    """The budgets' hold for this request (None without a budget to hold against), once it
+    fits beside the requests under way; BudgetReached when it cannot fit at all."""
+    if ctx.spending is None:
+        return None
+    try:
+        while (hold := ctx.spending.before_request(step, est)) is None:
+            if ctx.should_stop():
+                raise Interrupted()
+            if ctx.closed.is_set():
+                raise RequestsClosed()
+            ctx.stats.waiting(plugin_id, ctx.clock() + 1.0, "the budget: the answers under way tell what is left")
+            ctx.spending.wait(1.0)
+        return hold
+    finally:
+        ctx.stats.waiting(plugin_id, None)
 
 
 def _admit(ctx: Context, plugin_id: str, est: int):

@@ -335,9 +335,12 @@ def test_token_and_cost_budgets_hold_however_many_requests_are_under_way(market,
                            *budget, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["outcome"] == "budget_exhausted"
-    ((tokens, requests),) = query(market, "SELECT sum(input_tokens + output_tokens + coalesce(thoughts_tokens, 0)), "
-                                          "count(*) FROM quota_ledger")
+    ((tokens, requests, largest),) = query(
+        market, "SELECT sum(input_tokens + output_tokens + coalesce(thoughts_tokens, 0)), count(*), "
+                "max(est_input_tokens) FROM quota_ledger")
     assert requests >= 2 and tokens <= 12000  # $0.0036 at $0.30 per million tokens is 12,000 tokens
+    # and it stopped only when the next request could not fit even once those under way had settled
+    assert 12000 - tokens < largest + 3600  # its prompt and an answer of the size expected
 
 
 def test_resume_wait_sleeps_through_a_pause_that_run_no_wait_left(one, emu, monkeypatch):
