@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import random
 import shlex
 import threading
@@ -472,9 +473,20 @@ def _existing(skill_dir: Path) -> set[str]:
     found: set[str] = set()
     if not skill_dir.is_dir() or skill_dir.is_symlink():
         return found
-    for path in skill_dir.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            found.add(path.relative_to(skill_dir).as_posix())
+    stack = [""]  # no recursion: a tree however deep
+    while stack:
+        prefix = stack.pop()
+        try:
+            with os.scandir(skill_dir / prefix if prefix else skill_dir) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            rel = f"{prefix}/{entry.name}" if prefix else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(rel)
+            elif entry.is_file(follow_symlinks=False):
+                found.add(rel)
     return found
 
 

@@ -20,7 +20,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import stat
 from pathlib import Path
 from typing import Sequence
@@ -446,7 +445,8 @@ def _rename_into(src: int, name: str, dst: int) -> None:
 
 def remove_tree(parent_fd: int, name: str) -> None:
     """Remove parent_fd/name and everything below it without following symlinks, first making
-    its directories writable by their owner (a restored read-only directory must still go)."""
+    its directories writable by their owner (a restored read-only directory must still go).
+    No recursion and one descriptor at a time: a tree however deep or wide."""
     try:
         st = _lstat(parent_fd, name)
         if st is None:
@@ -455,21 +455,29 @@ def remove_tree(parent_fd: int, name: str) -> None:
             os.unlink(name, dir_fd=parent_fd)
             return
         _grant_owner(parent_fd, name, st)
-        # One descriptor at a time: a tree of many directories must not exhaust them.
+        emptied: list[tuple[str, ...]] = []  # directories, each before those below it
         stack: list[tuple[str, ...]] = [(name,)]
         while stack:
             parts = stack.pop()
+            emptied.append(parts)
             fd = open_dir(parent_fd, parts)
             try:
                 with os.scandir(fd) as it:
-                    subdirs = [(e.name, e.stat(follow_symlinks=False)) for e in it
-                               if e.is_dir(follow_symlinks=False)]
-                for sub, sub_st in subdirs:
-                    _grant_owner(fd, sub, sub_st)
-                    stack.append((*parts, sub))
+                    entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+                for entry, entry_st in entries:
+                    if stat.S_ISDIR(entry_st.st_mode):
+                        _grant_owner(fd, entry, entry_st)
+                        stack.append((*parts, entry))
+                    else:
+                        os.unlink(entry, dir_fd=fd)
             finally:
                 os.close(fd)
-        shutil.rmtree(name, dir_fd=parent_fd)
+        for parts in reversed(emptied):  # the deepest first
+            fd = open_dir(parent_fd, parts[:-1])
+            try:
+                os.rmdir(parts[-1], dir_fd=fd)
+            finally:
+                os.close(fd)
     except OSError as e:
         raise WriteError(f"cannot remove {one_line(name)}: {e.strerror}") from e
 
