@@ -247,11 +247,16 @@ class PluginDone(Event, frozen=True, tag="PluginDone"):
 
 
 class PluginFailed(Event, frozen=True, tag="PluginFailed"):
+    """The plugin stops here; after a request, that request's failure (`request_id`,
+    `status_code`, `kind` as in RequestFailed, and the tokens it used)."""
+
     run_id: str
     step: str
     reason: str
     request_id: str | None = None
     status_code: int | None = None
+    kind: str | None = None
+    usage: Usage | None = None
 
 
 class PluginRestored(Event, frozen=True, tag="PluginRestored"):

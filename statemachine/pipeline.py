@@ -428,7 +428,8 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
         reason = message if isinstance(e, Refused) else (
             f"{step} failed {row['failures'] + 1} times; last: {e.kind}: {message}")
         ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=reason,
-                                                  request_id=request_id, status_code=e.status_code))
+                                                  request_id=request_id, status_code=e.status_code,
+                                                  kind=e.kind, usage=e.usage))
         return
     delay = min(600.0, ctx.settings.backoff_s * 2 ** row["failures"])
     delay = delay / 2 + ctx.rng.uniform(0, delay / 2)

@@ -201,11 +201,9 @@ def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
         new["outcome"] = "ok"
     elif isinstance(ev, c.RequestLost):
         new["outcome"] = "lost"
-    elif isinstance(ev, c.RequestFailed):
-        new.update(outcome="rate_limited" if ev.kind.startswith("rate_limited") else ev.kind,
-                   status_code=ev.status_code)
-    else:
-        new.update(outcome="error", status_code=ev.status_code)
+    else:  # RequestFailed, or a last attempt's PluginFailed (one recorded without a kind: error)
+        kind = ev.kind or "error"
+        new.update(outcome="rate_limited" if kind.startswith("rate_limited") else kind, status_code=ev.status_code)
     return new
 
 

@@ -598,6 +598,17 @@ def test_a_maintainers_skill_that_already_passes_every_gate_is_left_alone(one, e
     assert generate_requests(emu) == []
 
 
+def test_a_last_failed_attempt_is_in_the_ledger_like_the_others_with_its_kind_and_tokens(one, emu):
+    emu.script("invalid_json", times=3, phase="plan")
+    assert run(one, emu, "--max-attempts", "3").exit_code == 1
+    assert states(one) == {"plugins/tools/widget": "failed"}
+    rows = query(one, "SELECT attempt, outcome, input_tokens > 0 FROM quota_ledger ORDER BY attempt")
+    assert rows == [(1, "invalid_answer", 1), (2, "invalid_answer", 1), (3, "invalid_answer", 1)]
+    m = json.loads(overnight("metrics", one, "--json").stdout)
+    assert m["input_tokens"] == query(one, "SELECT sum(input_tokens) FROM quota_ledger")[0][0]
+    assert m["retries"] == {"invalid_answer": 2}
+
+
 def test_a_failed_plugin_named_again_is_refused_without_retry_and_status_says_how_to_retry_it(one, emu):
     emu.script("server_error", phase="skill", message="Internal error. Please retry later.")
     failed = run(one, emu, "--max-attempts", "1")
