@@ -351,7 +351,10 @@ class Runner:
             run_id=run_id, root=self.root, journal=self.journal, gateway=gateway, scheduler=scheduler,
             settings=StepSettings(model=options.gemini.model, gates=options.gates,
                                   gate_attempts=options.gate_attempts, max_attempts=options.max_attempts,
-                                  backoff_s=options.backoff_s, dry_run=options.dry_run, force=options.force),
+                                  backoff_s=options.backoff_s, dry_run=options.dry_run,
+                                  # a plugin taken again by --retry is processed, as with --force,
+                                  # even when the SKILL.md it has (from before it failed) passes
+                                  force=options.force or bool(options.retry)),
             standards=standards, clock=self.clock, stopping=self.stopping, stats=stats,
             secrets=(self.backend.api_key or "",), sleep=self.sleep,
             spending=spending, lifted_until=lifted,

@@ -598,6 +598,16 @@ def test_a_maintainers_skill_that_already_passes_every_gate_is_left_alone(one, e
     assert generate_requests(emu) == []
 
 
+def test_retry_processes_a_plugin_that_failed_in_a_forced_run_although_its_older_skill_passes(one, emu):
+    assert run(one, emu).exit_code == 0
+    emu.script("server_error", phase="plan")
+    assert run(one, emu, "--force", "--max-attempts", "1").exit_code == 1
+    assert states(one) == {"plugins/tools/widget": "failed"}
+    sent = len(generate_requests(emu))
+    assert run(one, emu, "--retry", "failed").exit_code == 0  # as status's hint promises: tried again
+    assert states(one) == {"plugins/tools/widget": "done"} and len(generate_requests(emu)) == sent + 2
+
+
 def test_a_last_failed_attempt_is_in_the_ledger_like_the_others_with_its_kind_and_tokens(one, emu):
     emu.script("invalid_json", times=3, phase="plan")
     assert run(one, emu, "--max-attempts", "3").exit_code == 1
