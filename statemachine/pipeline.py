@@ -282,9 +282,10 @@ def _edited_by_hand(ctx: Context, cursor: PluginCursor, row: dict) -> list[str]:
     edited = []
     for write in intent.writes:
         target = ctx.root / row["path"] / write.path
+        if target.is_symlink():  # a person put it there: overnight never writes one
+            edited.append(write.path)
+            continue
         try:
-            if target.is_symlink():
-                continue
             content = hashlib.sha256(target.read_bytes()).hexdigest()
         except OSError:
             continue  # removed (or unreadable: the write step says so)

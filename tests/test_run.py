@@ -568,6 +568,13 @@ def test_a_hand_edit_of_a_file_overnight_wrote_is_kept_until_force(one, emu):
     assert states(one) == {"plugins/tools/widget": "done"} and "Team note" not in skill.read_text()
     assert overnight("restore-plugin", "widget", one).exit_code == 0  # as it was before that write
     assert skill.read_text() == edited
+    assert run(one, emu, "--force").exit_code == 0
+    # a symlink a person put in place of a file overnight wrote is an edit too
+    (skill.parent / "MINE.md").write_text(edited)
+    skill.unlink()
+    skill.symlink_to("MINE.md")
+    assert run(one, emu).exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "skipped"} and skill.is_symlink()
     assert_healthy(one)
 
 
