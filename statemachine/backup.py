@@ -37,6 +37,7 @@ What must always hold:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -715,6 +716,10 @@ def _put_in_place(stage: Path, dest: Path, ok: bool) -> Path:
     try:
         os.rename(stage, target)
     except OSError as e:
+        if ok and e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            _remove_stage(stage)  # another restore (or something else) filled it meanwhile
+            raise BackupError(f"{dest} is no longer empty: something else (another restore?) put files there "
+                              "during this restore, which was removed and changed nothing there") from e
         raise BackupError(f"the restore is complete in {stage} but cannot be renamed to {target}: "
                           f"{_os_reason(e)}; move it yourself") from e
     _fsync_dir(target.parent)

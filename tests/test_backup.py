@@ -493,6 +493,30 @@ def test_a_killed_restores_leftovers_are_removed_by_the_next_restore_there(marke
     assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "market", "remote.db", "restored"]
 
 
+def test_a_restore_whose_destination_is_filled_meanwhile_removes_itself_and_says_so(market, server, tmp_path):
+    backup_json(market, server.url)
+    server.latency = 0.2
+    dest = tmp_path / "restored"
+    dest.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "restore", "--from", server.url, "--to", str(dest)],
+                            cwd=REPO, env={**os.environ, "TURSO_AUTH_TOKEN": TOKEN}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(".restoring-" in p.name for p in tmp_path.iterdir()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        (dest / "theirs.txt").write_text("another restore got here first\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out + err
+    assert err == (f"error: {dest} is no longer empty: something else (another restore?) put files there during "
+                   "this restore, which was removed and changed nothing there\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["market", "remote.db", "restored"]
+    assert [p.name for p in dest.iterdir()] == ["theirs.txt"]
+
+
 def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(night, server):
     root, emu, env = night
     os.symlink("/etc/passwd", root / "plugins" / "x")
