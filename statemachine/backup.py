@@ -601,7 +601,7 @@ def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = N
         try:
             dirs = _restore_tree(remote, snapshot, stage, report)
             _restore_log(remote, snapshot, newest, stage, report)
-            _settle_tree(stage, dirs)
+            top_modes = _settle_tree(stage, dirs)
         except BaseException as e:
             _remove_stage(stage)
             os.close(lock)
@@ -612,7 +612,10 @@ def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = N
     finally:
         remote.close()
     try:
-        report.path = str(_put_in_place(stage, dest, report.ok))
+        placed = _put_in_place(stage, dest, report.ok)
+        for name, mode in top_modes:
+            os.chmod(placed / name, mode)
+        report.path = str(placed)
     finally:
         os.close(lock)
     report.seconds = time.perf_counter() - started
@@ -773,15 +776,19 @@ def _restore_tree(remote: Remote, snapshot: Snapshot, dest: Path,
     return dirs
 
 
-def _settle_tree(stage: Path, dirs: list[tuple[Path, int]]) -> None:
+def _settle_tree(stage: Path, dirs: list[tuple[Path, int]]) -> list[tuple[str, int]]:
     """Each file was fsynced before its rename; fsync the directories, which hold the names
-    (the log's included). Modes last, so a read-only directory still took its entries."""
+    (the log's included). Modes last, so a read-only directory still took its entries; those
+    of the top directories are returned, for after the move into place (moving a directory to
+    another parent needs it writable)."""
     for dirpath, _dirnames, _files in os.walk(stage / STATE_DIR):
         _fsync_dir(Path(dirpath))
     for path in [p for p, _ in reversed(dirs)] + [stage]:
         _fsync_dir(path)
     for path, mode in reversed(dirs):
-        os.chmod(path, mode & 0o777)
+        if path.parent != stage:
+            os.chmod(path, mode & 0o777)
+    return [(path.name, mode & 0o777) for path, mode in dirs if path.parent == stage]
 
 
 def _fsync_dir(path: Path) -> None:

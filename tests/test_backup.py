@@ -1028,9 +1028,14 @@ def test_restore_onto_an_empty_disk_builds_on_that_disk(market, tmp_path):
 def test_restore_into_an_empty_directory_whose_parent_this_user_cannot_write(market, tmp_path):
     """An administrator made the empty destination for the user inside a directory the user
     cannot write: the restore is built inside it, then moved up; a damaged one stays in
-    DEST/.incomplete, and the destination holds nothing else."""
+    DEST/.incomplete, and the destination holds nothing else. A read-only directory of the
+    backup is moved up too (moving it needs it writable: its mode comes after)."""
     offsite = tmp_path / "offsite.db"
-    backup_json(market, f"file:{offsite}")
+    (market / "plugins").chmod(0o555)
+    try:
+        backup_json(market, f"file:{offsite}")
+    finally:
+        (market / "plugins").chmod(0o755)
     before = tree_hashes(market)
     parent = tmp_path / "srv"
     dest, damaged = parent / "market", parent / "other"
@@ -1048,6 +1053,7 @@ def test_restore_into_an_empty_directory_whose_parent_this_user_cannot_write(mar
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"restored snapshot ") and f" into {dest}: " in result.stdout
         assert tree_hashes(dest) == {k: v for k, v in before.items() if not k.startswith(".git/")}
+        assert stat.S_IMODE((dest / "plugins").stat().st_mode) == 0o555
         assert not [p.name for p in dest.iterdir() if ".restoring-" in p.name]
         assert sorted(p.name for p in parent.iterdir()) == ["market", "other"]
         assert run("audit", "verify", dest).exit_code == 0
