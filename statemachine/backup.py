@@ -524,9 +524,9 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
         chain, named = _check_shipped_log(remote, report)
         report.problems += chain
         report.blobs_read, damaged = replication.verify_blobs(remote, read_share, rng)
-        report.problems += [problem for _digest, problem in damaged]
-        told = {digest for digest, _problem in damaged}
-        report.problems += [f"remote log: {problem}" for digest, problem in named if digest not in told]
+        needed = {digest for digest, _problem in named}  # told with the event that needs it
+        report.problems += [problem for digest, problem in damaged if digest not in needed]
+        report.problems += [f"remote log: {problem}" for _digest, problem in named]
         files: set[str] = set()
         trees: set[str] = set()
         for snapshot in snapshots:

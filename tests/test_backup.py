@@ -705,11 +705,10 @@ def test_backup_mends_damaged_or_missing_log_blobs_from_the_marketplace_or_the_b
     verified = run("backup", "verify", "--from", url, "--json")
     assert verified.exit_code == 1, verified.output
     assert sorted(json.loads(verified.stdout)["problems"]) == sorted(
-        [f"log blob {gone_everywhere} is missing from the remote"] + [
-            f"remote log: seq {seq} (SkillReceived): blob {draft} (its draft) is missing from the remote"
-            for seq, draft in sqlite_rows(
-                log, "SELECT seq, json_extract(data, '$.draft_sha256') FROM events "
-                     "WHERE json_extract(data, '$.draft_sha256') IN (?, ?)", (lost, damaged))])
+        f"remote log: seq {seq} (SkillReceived): blob {draft} (its draft) is missing from the remote"
+        for seq, draft in sqlite_rows(
+            log, "SELECT seq, json_extract(data, '$.draft_sha256') FROM events "
+                 "WHERE json_extract(data, '$.draft_sha256') IN (?, ?, ?)", (lost, damaged, gone_everywhere)))
 
 
 def test_restore_fsyncs_every_file_and_directory_it_creates(market, tmp_path, monkeypatch):
