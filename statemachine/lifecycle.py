@@ -76,8 +76,9 @@ TRANSITIONS: tuple[Transition, ...] = (
        "bad input (manifest, name, path); waits for the plugin to change"),
     _t("vanish", ALL - {S.GONE, S.WRITING}, S.GONE, c.PluginVanished,
        "no longer in the marketplace"),
-    _t("skip", {S.ANALYZED}, S.SKIPPED, c.PluginSkipped,
-       "already passes every gate and is unchanged since it was done, or a person edited what overnight wrote"),
+    _t("skip", {S.ANALYZED, S.VALIDATED}, S.SKIPPED, c.PluginSkipped,
+       "already passes every gate and is unchanged since it was done, or a person edited what overnight "
+       "wrote (found at analysis, or just before the snapshot when edited while the plugin was under way)"),
     _t("request_plan", {S.ANALYZED, S.PLANNING, S.RETRYING}, S.PLANNING, c.PlanRequested,
        "plan request recorded, then sent"),
     _t("receive_plan", {S.PLANNING}, S.PLANNED, c.PlanReceived,

@@ -239,11 +239,7 @@ def _already_good(ctx: Context, cursor: PluginCursor, row: dict) -> str | None:
     wrote: that edit is kept (--force writes over it, keeping it in the snapshot)."""
     if row["done_hash"] is not None and row["done_hash"] != row["content_hash"]:
         edited = _edited_by_hand(ctx, cursor, row)
-        if edited:
-            return (f"edited by hand after overnight wrote {'it' if len(edited) == 1 else 'them'}: "
-                    f"{', '.join(edited)}; left as {'it is' if len(edited) == 1 else 'they are'} "
-                    "(--force generates the skill again, and restore-plugin can bring the edit back)")
-        return None
+        return _kept(edited) if edited else None
     skill_dir = ctx.root / row["path"] / "skills" / row["skill_name"]
     target = skill_dir / "SKILL.md"
     if not target.is_file() or target.is_symlink():
@@ -258,6 +254,13 @@ def _already_good(ctx: Context, cursor: PluginCursor, row: dict) -> str | None:
     if row["done_hash"] is not None:
         return "unchanged since it was done, and its SKILL.md passes every gate"
     return f"skills/{row['skill_name']}/SKILL.md already passes every gate"
+
+
+def _kept(edited: list[str]) -> str:
+    """The reason a plugin is skipped: files overnight wrote that a person has edited since."""
+    return (f"edited by hand after overnight wrote {'it' if len(edited) == 1 else 'them'}: "
+            f"{', '.join(edited)}; left as {'it is' if len(edited) == 1 else 'they are'} "
+            "(--force generates the skill again, and restore-plugin can bring the edit back)")
 
 
 def _edited_by_hand(ctx: Context, cursor: PluginCursor, row: dict) -> list[str]:
@@ -504,6 +507,11 @@ def _legacy_dir(plugin_dir: Path, name: str) -> Path | None:
 
 
 def _validated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
+    if not ctx.settings.force and row["done_hash"] is not None:
+        edited = _edited_by_hand(ctx, cursor, row)  # again: a person may have edited while it was under way
+        if edited:
+            ctx.journal.record(cursor, c.PluginSkipped(run_id=ctx.run_id, reason=_kept(edited)))
+            return
     snap = snapshots.take(ctx.root, ctx.root / row["path"])
     ctx.journal.record(cursor, c.PluginSnapshotted(run_id=ctx.run_id, tree_sha256=snap.tree_sha256),
                        blobs=snap.blobs)

@@ -578,6 +578,27 @@ def test_a_hand_edit_of_a_file_overnight_wrote_is_kept_until_force(one, emu):
     assert_healthy(one)
 
 
+def test_a_hand_edit_made_while_its_plugin_is_under_way_is_kept(one, emu, monkeypatch):
+    from statemachine import pipeline
+    from statemachine.lifecycle import State
+    assert run(one, emu).exit_code == 0
+    widget = one / "plugins" / "tools" / "widget"
+    skill = widget / "skills" / "widget" / "SKILL.md"
+    (widget / "README.md").write_text((widget / "README.md").read_text() + "\nNew section.\n")  # processed again
+    validated = pipeline._STEPS[State.VALIDATED]
+
+    def edit_meanwhile(ctx, cursor, row):  # the answers came; a person edits the skill before the write
+        skill.write_text(skill.read_text() + "\nTeam note.\n")
+        validated(ctx, cursor, row)
+    monkeypatch.setitem(pipeline._STEPS, State.VALIDATED, edit_meanwhile)
+    edited = skill.read_text() + "\nTeam note.\n"
+    assert run(one, emu).exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "skipped"} and skill.read_text() == edited
+    assert query(one, "SELECT reason FROM plugins")[0][0].startswith(
+        "edited by hand after overnight wrote it: skills/widget/SKILL.md; left as it is")
+    assert_healthy(one)
+
+
 def test_a_removed_file_overnight_wrote_is_written_again(one, emu):
     assert run(one, emu).exit_code == 0
     skill = one / "plugins" / "tools" / "widget" / "skills" / "widget" / "SKILL.md"
