@@ -46,7 +46,7 @@ class Tree:
 # ------------------------------------------------------------------ the tree
 
 
-def _walk(start: str, problems: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+def walk(start: str, problems: list[str]) -> Iterator[tuple[str, os.stat_result]]:
     """(relative posix path, lstat) of every entry below `start`, directories included.
 
     Symlinks are reported, not followed; SKIP_DIRS and plugins nested inside are left out
@@ -104,7 +104,7 @@ def hash_tree(root: Path, plugin_dir: Path) -> Tree:
     entries: list[tuple[str, str, int, str]] = []  # (path, kind, size, digest)
     files = total = 0
     too_large = None
-    for rel, st in _walk(start, problems):
+    for rel, st in walk(start, problems):
         mode = st.st_mode
         if not is_utf8(rel):
             problems.append(f"the name {one_line(rel)} is not UTF-8")
@@ -362,6 +362,6 @@ def _skill(root_real: str, skill_dir: Path) -> SkillFact:
 def _scripts(plugin: Path) -> int:
     """Regular files below any directory named scripts/ in the plugin."""
     return sum(
-        1 for rel, st in _walk(str(plugin), [])
+        1 for rel, st in walk(str(plugin), [])
         if stat.S_ISREG(st.st_mode) and "scripts" in rel.split("/")[:-1]
     )

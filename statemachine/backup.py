@@ -171,16 +171,16 @@ def encode_node(entries: list[dict[str, Any]]) -> bytes:
                       separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def snapshot_tree(root: Path, *databases: str | Path) -> Tree:
+def snapshot_tree(root: Path, *databases: str | Path | None) -> Tree:
     """Hash the marketplace at `root` into a Merkle tree, never following a symlink. Left out:
     `.overnight/` and `.git/`, the `databases` (the event log, wherever `--db` put it, and a
-    `file:` backup) and their companion files (the log is shipped apart, event by event: a
+    `file:` backup; None is none) and their companion files (the log is shipped apart, event by event: a
     copy of an open database file is no backup; a backup inside the marketplace would hold
     itself), and, with a warning, a symlink restore would refuse and what is no file,
     directory or symlink (a fifo, a socket, a device)."""
     tree = Tree()
     top = Path(os.path.realpath(root))  # real paths on both sides: entries are compared as paths
-    skipped = {os.path.realpath(db) + suffix for db in databases
+    skipped = {os.path.realpath(db) + suffix for db in databases if db is not None
                for suffix in ("", "-wal", "-shm", "-journal", ".lock")}
     tree.root, _ = _walk_dir(tree, top, top, skipped)
     return tree
@@ -275,8 +275,7 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
         last_seq = store.last_seq
         last_hash = store.query("SELECT hash FROM events WHERE seq = ?", (last_seq,))
         head = replication.check_head(store, remote, last_seq)
-        backup_file = file_path(url)  # a backup kept inside the marketplace is no part of it
-        tree = snapshot_tree(root, store.path, *([backup_file] if backup_file else []))
+        tree = snapshot_tree(root, store.path, file_path(url))  # a backup kept inside is no part of it
         writer = replication.Writer(remote)
         warnings = tree.warnings + _lost_snapshot(store, remote, target)
         damaged = _mend_log_blobs(store, tree, remote, target, warnings)

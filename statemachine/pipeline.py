@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import random
 import shlex
+import stat
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ from events.store import format_at
 
 from statemachine import catalog as c
 from statemachine import gates, skillmd, snapshots, writes
-from statemachine.analysis import hash_tree
+from statemachine.analysis import hash_tree, walk
 from statemachine.budget import Hold, Spending
 from statemachine.gateway import (
     AccessDenied,
@@ -475,24 +475,9 @@ def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
 
 def _existing(skill_dir: Path) -> set[str]:
     """Files already in a skill directory, relative to it (never following symlinks)."""
-    found: set[str] = set()
     if not skill_dir.is_dir() or skill_dir.is_symlink():
-        return found
-    stack = [""]  # no recursion: a tree however deep
-    while stack:
-        prefix = stack.pop()
-        try:
-            with os.scandir(skill_dir / prefix if prefix else skill_dir) as it:
-                entries = list(it)
-        except OSError:
-            continue
-        for entry in entries:
-            rel = f"{prefix}/{entry.name}" if prefix else entry.name
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(rel)
-            elif entry.is_file(follow_symlinks=False):
-                found.add(rel)
-    return found
+        return set()
+    return {rel for rel, st in walk(str(skill_dir), []) if stat.S_ISREG(st.st_mode)}
 
 
 def _legacy_dir(plugin_dir: Path, name: str) -> Path | None:

@@ -28,7 +28,7 @@ from typing import Annotated, Callable, Literal, NamedTuple
 import msgspec
 
 from events import EventStoreError
-from statemachine.analysis import MAX_BYTES, MAX_ENTRIES, _walk
+from statemachine.analysis import MAX_BYTES, MAX_ENTRIES, walk
 from statemachine.discovery import SKIP_DIRS, is_inside, one_line
 from statemachine.errors import OvernightError
 from statemachine.writes import (
@@ -91,7 +91,7 @@ def take(root: Path, plugin_dir: Path) -> Snapshot:
     entries: list[Entry] = []
     blobs: dict[str, bytes] = {}
     total = 0
-    for rel, st in _walk(start, problems):
+    for rel, st in walk(start, problems):
         _require_utf8(rel, "name")
         mode = stat.S_IMODE(st.st_mode) & ~_STRIP
         if stat.S_ISDIR(st.st_mode):
