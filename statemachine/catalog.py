@@ -148,6 +148,10 @@ class PluginSkipped(Event, frozen=True, tag="PluginSkipped"):
     reason: str
 
 
+# How the reason of a plugin skipped to keep a person's edit begins (status lists those plugins).
+KEPT_EDIT = "edited by hand after overnight wrote"
+
+
 class PlanRequested(Event, frozen=True, tag="PlanRequested"):
     """Recorded before the Gemini call is sent; the quota ledger counts it at once."""
 

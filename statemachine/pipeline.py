@@ -258,7 +258,7 @@ def _already_good(ctx: Context, cursor: PluginCursor, row: dict) -> str | None:
 
 def _kept(edited: list[str]) -> str:
     """The reason a plugin is skipped: files overnight wrote that a person has edited since."""
-    return (f"edited by hand after overnight wrote {'it' if len(edited) == 1 else 'them'}: "
+    return (f"{c.KEPT_EDIT} {'it' if len(edited) == 1 else 'them'}: "
             f"{', '.join(edited)}; left as {'it is' if len(edited) == 1 else 'they are'} "
             "(--force generates the skill again, and restore-plugin can bring the edit back)")
 

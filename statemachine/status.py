@@ -9,10 +9,13 @@ from events import EventStore
 from events.lock import WriterLock
 from statemachine.errors import UnknownPlugin
 from statemachine.lifecycle import State
+from statemachine.catalog import KEPT_EDIT
 
 _ROW = ("plugin_id", "name", "category", "state", "step", "reason", "not_before", "updated_at")
 # Plugins that wait for a person: for their content to change, or to be looked at.
 _ATTENTION = (State.INVALID, State.FAILED, State.REJECTED)
+# ... and plugins skipped because a person edited what overnight wrote: kept until --force.
+_KEPT = f"(state = '{State.SKIPPED.value}' AND reason LIKE '{KEPT_EDIT}%')"
 # A plugin in `writing` while no process holds the log: its write was cut short, and its files
 # may be half new; scan and restore-plugin leave it alone until `resume` settles it.
 _CUT_SHORT = "its write was cut short: `overnight resume{}` finishes it"
@@ -74,7 +77,7 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
            attention_limit: int = 20, place: str = "") -> StatusReport:
     """Counts by state; `items` are the plugins matching the filters, or, with no filter,
     the first `attention_limit` plugins that need a person's attention (invalid, failed,
-    rejected, and writing when no process holds the log). Each item has a `hint` (None, or
+    rejected, skipped to keep a person's edit, and writing when no process holds the log). Each item has a `hint` (None, or
     the command that finishes a write cut short or retries a failed or rejected plugin, with
     `place` (` PATH --db LOG`) after the command's name)."""
     if state is not None and state not in {s.value for s in State}:
@@ -96,10 +99,11 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
     total = None
     if not where:
         attention = _ATTENTION + (() if running else (State.WRITING,))
-        where.append(f"state IN ({', '.join('?' * len(attention))})")
+        where.append(f"(state IN ({', '.join('?' * len(attention))}) OR {_KEPT})")
         params += attention
         limit = f" LIMIT {int(attention_limit)}"
-        total = sum(by_state.get(s, 0) for s in attention)
+        total = sum(by_state.get(s, 0) for s in attention) + store.query(
+            f"SELECT count(*) FROM plugins WHERE {_KEPT}")[0][0]
     rows = store.query(f"{sql} WHERE {' AND '.join(where)} ORDER BY plugin_id{limit}", params)
     if plugin is not None and not rows and state is None:
         raise UnknownPlugin(f"no plugin named or with id {plugin!r} in this log")

@@ -545,6 +545,7 @@ def test_skip_force_and_a_changed_plugin(one, emu):
     assert len(generate_requests(emu)) == requests
     reason = query(one, "SELECT reason FROM plugins")[0][0]
     assert reason == "unchanged since it was done, and its SKILL.md passes every gate"
+    assert json.loads(overnight("status", one, "--json").stdout)["items"] == []  # nothing to look at
 
 
 def test_a_hand_edit_of_a_file_overnight_wrote_is_kept_until_force(one, emu):
@@ -564,6 +565,9 @@ def test_a_hand_edit_of_a_file_overnight_wrote_is_kept_until_force(one, emu):
               "the skill again, and restore-plugin can bring the edit back)")
     assert query(one, "SELECT reason FROM plugins") == [(reason,)]
     assert f"skipped     plugins/tools/widget: {reason}" in overnight("status", one, "--state", "skipped").stdout
+    assert f"skipped     plugins/tools/widget: {reason}" in overnight("status", one).stdout  # needs a look
+    report = json.loads(overnight("status", one, "--json").stdout)
+    assert [i["plugin_id"] for i in report["items"]] == ["plugins/tools/widget"] and report["items_total"] == 1
     assert run(one, emu, "--force").exit_code == 0
     assert states(one) == {"plugins/tools/widget": "done"} and "Team note" not in skill.read_text()
     assert overnight("restore-plugin", "widget", one).exit_code == 0  # as it was before that write
