@@ -51,6 +51,9 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
         emit_json(done._asdict())
     else:
         click.echo(f"restored {shown(done.plugin_id)} to snapshot {done.snapshot} ({done.files} files)")
+        if done.removed:
+            click.echo(f"warning: removed {shown(', '.join(done.removed))}, which no snapshot holds: the snapshot "
+                       "has another file or directory of that name", err=True)
         if done.replaced:
             undo = f"overnight restore-plugin {shlex.quote(name)}{where(root, db)} --snapshot {done.replaced[:12]}"
             click.echo(f"the files it replaced are kept as snapshot {done.replaced}: `{shown(undo)}` puts them back")

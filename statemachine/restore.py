@@ -34,6 +34,7 @@ class Restored(NamedTuple):
     snapshot: str
     files: int
     replaced: str | None  # the snapshot of the files it replaced: restoring it undoes this restore
+    removed: list[str]  # what no snapshot holds, removed because the snapshot has another entry there
 
 
 def snapshots_of(store: EventStore, plugin: str) -> list[SnapshotInfo]:
@@ -83,7 +84,7 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
         with store.batch():
             for blob in current.blobs:
                 store.put_blob(blob)
-    snapshots.restore(store.get_blob, root, plugin_dir, chosen.id)
+    removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id)
     lifecycle = Lifecycle(store)
     cursor = lifecycle.cursor(plugin_id)
     lifecycle.record(cursor, c.PluginRestored(tree_sha256=chosen.id, replaced_sha256=replaced))
@@ -91,7 +92,7 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     scan(store, root)
     manifest = msgspec.json.decode(store.get_blob(chosen.id))
     files = sum(1 for e in _entries(manifest) if e.get("kind") == "file")
-    return Restored(plugin_id, chosen.id, files, replaced)
+    return Restored(plugin_id, chosen.id, files, replaced, removed)
 
 
 def _entries(manifest: object) -> list[dict]:

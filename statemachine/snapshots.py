@@ -13,8 +13,9 @@ What must always hold:
 - Restored files and directories never carry setuid/setgid bits. A symlink comes back with
   exactly the text it had, wherever it points (the plugin had it before overnight changed
   anything); nothing is ever written through one, because every directory on the way is
-  opened with O_NOFOLLOW. The plugin's `.git`, `node_modules` and `.overnight` and the
-  plugins nested in it (never part of its snapshot) are carried over from the replaced tree.
+  opened with O_NOFOLLOW. The plugin's `.git`, `node_modules` and `.overnight`, the plugins
+  nested in it and its FIFOs, sockets and devices (never part of its snapshot) are carried
+  over from the replaced tree.
 """
 
 from __future__ import annotations
@@ -158,8 +159,10 @@ def _read(start: str, rel: str) -> bytes:
 
 
 def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
-            tree_sha256: str) -> None:
-    """Make plugin_dir exactly the snapshot `tree_sha256` (created when missing).
+            tree_sha256: str) -> list[str]:
+    """Make plugin_dir exactly the snapshot `tree_sha256` (created when missing), keeping what
+    no snapshot holds (see `writes.swap_dir`); returns the paths of those that had to go,
+    because the snapshot has something else of that name.
 
     Refuses, with SnapshotError and before changing anything: a missing or corrupt blob, a
     malformed manifest, an entry path with '..', '.', an absolute path, an empty or NUL
@@ -183,7 +186,7 @@ def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
         os.mkdir(built, 0o700, dir_fd=parent_fd)
         try:
             _build(get_blob, parent_fd, built, manifest, entries)
-            swap_dir(parent_fd, name, built)
+            return swap_dir(parent_fd, name, built)
         except BaseException:
             try:
                 remove_tree(parent_fd, built)

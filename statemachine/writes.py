@@ -352,19 +352,20 @@ def _sha256(plugin_dir: Path, parts: list[str]) -> str | None:
 # ------------------------------------------------------------------ directory swap and recovery
 
 
-def swap_dir(parent_fd: int, name: str, built: str) -> None:
+def swap_dir(parent_fd: int, name: str, built: str) -> list[str]:
     """Replace directory `name` by the complete directory `built`, both in parent_fd.
 
-    `name` is renamed to `.<name>.old-<hex>`, `built` to `name`, the parent fsynced; then the
-    SKIP_DIRS entries of the old tree (.git, node_modules, .overnight: never part of a
-    snapshot) are moved into the new one and the old tree is removed. When `name` does not
-    exist, `built` is simply renamed to it.
+    `name` is renamed to `.<name>.old-<hex>`, `built` to `name`, the parent fsynced; then what
+    no snapshot holds (.git, node_modules, .overnight, nested plugins, FIFOs, sockets, devices)
+    is moved from the old tree into the new one, and the old tree is removed. Returns the paths
+    (below `name`) that could not be moved because the new tree has something else there. When
+    `name` does not exist, `built` is simply renamed to it.
     """
     st = _lstat(parent_fd, name)
     if st is None:
         os.rename(built, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         os.fsync(parent_fd)
-        return
+        return []
     old = temp_name(name, "old")
     os.rename(name, old, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
     try:
@@ -373,31 +374,37 @@ def swap_dir(parent_fd: int, name: str, built: str) -> None:
         os.rename(old, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         raise
     os.fsync(parent_fd)
-    _retire(parent_fd, old, name)
+    return _retire(parent_fd, old, name)
 
 
-def _retire(parent_fd: int, old: str, name: str) -> None:
-    """Finish a swap: carry the old tree's skipped directories over, then remove the old tree."""
+def _retire(parent_fd: int, old: str, name: str) -> list[str]:
+    """Finish a swap: carry over what the old tree holds that no snapshot does, then remove the
+    old tree; the paths that could not be carried over (and are removed with it)."""
     old_fd = os.open(old, _O_DIR, dir_fd=parent_fd)
+    left: list[str] = []
     try:
         new_fd = os.open(name, _O_DIR, dir_fd=parent_fd)
     except OSError:
         new_fd = -1
     try:
         if new_fd >= 0:
-            _carry_skipped(old_fd, new_fd)
+            left = _carry_skipped(old_fd, new_fd)
     finally:
         os.close(old_fd)
         if new_fd >= 0:
             os.close(new_fd)
     remove_tree(parent_fd, old)
     os.fsync(parent_fd)
+    return left
 
 
-def _carry_skipped(old_fd: int, new_fd: int) -> None:
-    """Move every SKIP_DIRS entry and nested plugin of the old tree (never part of a snapshot)
-    to the same place in the new tree, when that place's parent is a real directory there and
-    the name is free."""
+def _carry_skipped(old_fd: int, new_fd: int) -> list[str]:
+    """Move what a snapshot never holds (SKIP_DIRS entries, nested plugins, FIFOs, sockets and
+    devices) from the old tree to the same place in the new one, making the directories on the
+    way that the new tree lacks. Returns the paths it could not move, because the new tree has
+    something of that name there or no directory can be made on the way: they go with the old
+    tree."""
+    left: list[str] = []
     stack: list[tuple[str, ...]] = [()]
     while stack:
         parts = stack.pop()
@@ -406,28 +413,40 @@ def _carry_skipped(old_fd: int, new_fd: int) -> None:
         except WriteError:
             continue
         try:
-            try:
-                dst = open_dir(new_fd, parts)
-            except WriteError:
-                continue
-            try:
-                moved = False
-                with os.scandir(src) as it:
-                    entries = list(it)
-                for entry in entries:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                    if entry.name in SKIP_DIRS or (is_dir and holds_plugin(entry.name, dir_fd=src)):
-                        if _lstat(dst, entry.name) is None:
-                            _rename_into(src, entry.name, dst)
-                            moved = True
-                    elif is_dir:
-                        stack.append((*parts, entry.name))
-                if moved:
-                    os.fsync(dst)
-            finally:
-                os.close(dst)
+            with os.scandir(src) as it:
+                entries = list(it)
+            carried = []
+            for entry in entries:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if (entry.name in SKIP_DIRS or (is_dir and holds_plugin(entry.name, dir_fd=src))
+                        or not (is_dir or entry.is_file(follow_symlinks=False) or entry.is_symlink())):
+                    carried.append(entry.name)
+                elif is_dir:
+                    stack.append((*parts, entry.name))
+            if carried:
+                left += _carry_into(src, carried, new_fd, parts)
         finally:
             os.close(src)
+    return left
+
+
+def _carry_into(src: int, names: list[str], new_fd: int, parts: tuple[str, ...]) -> list[str]:
+    """Move src/name for each of `names` to new_fd/parts/name; the paths it could not move."""
+    try:
+        dst = open_dir(new_fd, parts, create=True)
+    except WriteError:
+        return ["/".join((*parts, name)) for name in names]
+    left = []
+    try:
+        for name in names:
+            if _lstat(dst, name) is None:
+                _rename_into(src, name, dst)
+            else:
+                left.append("/".join((*parts, name)))
+        os.fsync(dst)
+    finally:
+        os.close(dst)
+    return left
 
 
 def _rename_into(src: int, name: str, dst: int) -> None:

@@ -846,6 +846,34 @@ def test_a_restore_keeps_the_files_it_replaces_so_it_can_be_undone(market, emu):
     assert listing[-1].endswith("(the default: before overnight's latest write; before overnight's first change)")
 
 
+def test_a_restore_keeps_what_no_snapshot_holds_and_names_what_it_could_not(market, emu):
+    """FIFOs, a .git and nested plugins are never in a snapshot: a restore carries them over,
+    making the directories on the way that its snapshot lacks (the nested plugin here was lost
+    with them). One whose name the snapshot gives to a file of its own goes, with a warning."""
+    target = market / "plugins" / "devops" / "deploy-checker"
+    assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0
+    os.mkfifo(target / "pipe")
+    (target / "later" / ".git").mkdir(parents=True)
+    (target / "later" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    inner = target / "later" / "inner"
+    (inner / ".claude-plugin").mkdir(parents=True)
+    (inner / ".claude-plugin" / "plugin.json").write_text('{"name": "inner", "description": "Nested."}')
+    (inner / "README.md").write_text("# inner\n")
+    (target / "README.md").unlink()
+    os.mkfifo(target / "README.md")  # the snapshot has a README.md file
+    restored = overnight("restore-plugin", "deploy-checker", market)
+    assert restored.exit_code == 0, restored.output
+    assert stat.S_ISFIFO((target / "pipe").lstat().st_mode)
+    assert (target / "later" / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (inner / "README.md").read_text() == "# inner\n"
+    assert (target / "README.md").is_file() and not (target / "skills" / "deploy-checker").exists()
+    assert ("warning: removed README.md, which no snapshot holds: the snapshot has another file or directory "
+            "of that name") in restored.stderr
+    assert states(market)["plugins/devops/deploy-checker/later/inner"] == "analyzed"
+    assert [p.name for p in target.parent.iterdir()] == ["deploy-checker"]  # no leftover beside it
+    assert overnight("audit", "verify", market).exit_code == 0
+
+
 def test_a_snapshot_never_names_a_damaged_stored_copy_of_a_file_it_reads(market, emu):
     """A restore deletes files its snapshot says it keeps: a damaged copy of a file's bytes
     already in the log is replaced by the good bytes the snapshot reads, not reused."""
