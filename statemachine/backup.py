@@ -44,7 +44,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import stat
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,6 +58,7 @@ from statemachine import audit
 from statemachine.catalog import REGISTRY, BackupCompleted
 from statemachine.errors import OvernightError
 from statemachine.workspace import STATE_DIR, open_log
+from statemachine.writes import WriteError, remove_tree
 
 EXCLUDED = frozenset({STATE_DIR, ".git"})
 KINDS = ("file", "dir", "symlink")
@@ -182,21 +182,46 @@ def snapshot_tree(root: Path, *databases: str | Path | None) -> Tree:
     top = Path(os.path.realpath(root))  # real paths on both sides: entries are compared as paths
     skipped = {os.path.realpath(db) + suffix for db in databases if db is not None
                for suffix in ("", "-wal", "-shm", "-journal", ".lock")}
-    tree.root, _ = _walk_dir(tree, top, top, skipped)
+    tree.root = _walk(tree, top, skipped)
     return tree
 
 
-def _walk_dir(tree: Tree, top: Path, path: Path, skipped: set[str]) -> tuple[str, int]:
-    entries = []
-    total = 0
-    with os.scandir(path) as it:
-        items = sorted(it, key=lambda e: e.name)
-    for item in items:
+@dataclass
+class _Dir:
+    """A directory being hashed: its items, how far through them, and its entries so far."""
+
+    path: Path
+    entry: dict[str, Any]  # its own entry in its parent (the top's is never used)
+    items: list[os.DirEntry] = field(default_factory=list)
+    done: int = 0
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    total: int = 0
+
+
+def _walk(tree: Tree, top: Path, skipped: set[str]) -> str:
+    """Hash every directory below `top` after its children, with a stack of the directories
+    on the way down instead of recursion (a tree however deep); the root node's hash."""
+    stack = [_dir(top, {})]
+    while True:
+        here = stack[-1]
+        if here.done == len(here.items):
+            stack.pop()
+            digest = _node(tree, here)
+            if not stack:
+                return digest
+            here.entry.update(kind="dir", size=here.total, hash=digest)
+            stack[-1].entries.append(here.entry)
+            stack[-1].total += here.total
+            continue
+        item = here.items[here.done]
+        here.done += 1
         if item.name in EXCLUDED or item.path in skipped:
             continue
         st = item.stat(follow_symlinks=False)
-        mode = stat.S_IMODE(st.st_mode) & 0o777
-        entry = {"name": item.name, "mode": mode, "size": 0, "hash": "", "target": ""}
+        entry = {"name": item.name, "mode": stat.S_IMODE(st.st_mode) & 0o777, "size": 0, "hash": "", "target": ""}
+        if stat.S_ISDIR(st.st_mode):
+            stack.append(_dir(Path(item.path), entry))
+            continue
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(item.path)
             why = symlink_refusal(top, Path(item.path), target)
@@ -205,9 +230,6 @@ def _walk_dir(tree: Tree, top: Path, path: Path, skipped: set[str]) -> tuple[str
                                      "skipped: restore would refuse it")
                 continue
             entry.update(kind="symlink", mode=0, target=target)
-        elif stat.S_ISDIR(st.st_mode):
-            digest, size = _walk_dir(tree, top, Path(item.path), skipped)
-            entry.update(kind="dir", size=size, hash=digest)
         elif stat.S_ISREG(st.st_mode):
             with open(item.path, "rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
@@ -219,15 +241,24 @@ def _walk_dir(tree: Tree, top: Path, path: Path, skipped: set[str]) -> tuple[str
             kind = "a fifo" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
             tree.warnings.append(f"{os.path.relpath(item.path, top)}: {kind}, not a file; skipped")
             continue
-        total += entry["size"]
-        entries.append(entry)
-    if os.path.isfile(path / ".claude-plugin" / "plugin.json"):
+        here.total += entry["size"]
+        here.entries.append(entry)
+
+
+def _dir(path: Path, entry: dict[str, Any]) -> _Dir:
+    with os.scandir(path) as it:
+        return _Dir(path, entry, sorted(it, key=lambda e: e.name))
+
+
+def _node(tree: Tree, here: _Dir) -> str:
+    """Record a directory whose entries are all known; its hash."""
+    if os.path.isfile(here.path / ".claude-plugin" / "plugin.json"):
         tree.plugins += 1
-    node = encode_node(entries)
+    node = encode_node(here.entries)
     digest = hashlib.sha256(node).hexdigest()
     tree.nodes[digest] = node
-    tree.children[digest] = [e["hash"] for e in entries if e["kind"] in ("file", "dir")]
-    return digest, total
+    tree.children[digest] = [e["hash"] for e in here.entries if e["kind"] in ("file", "dir")]
+    return digest
 
 
 def _target_refusal(target: Any) -> str | None:
@@ -398,16 +429,18 @@ def _ship_tree(tree: Tree, writer: replication.Writer) -> None:
     for digest in sorted(missing - tree.nodes.keys()):
         writer.put_blob(digest, _tree_bytes(tree, digest))
     done: set[str] = set()
-
-    def post_order(digest: str) -> None:
-        for child in tree.children[digest]:
-            if child in tree.nodes and child in missing and child not in done:
-                post_order(child)
-        done.add(digest)
-        writer.put_blob(digest, tree.nodes[digest])
-
-    if tree.root in missing:
-        post_order(tree.root)
+    stack = [(tree.root, False)] if tree.root in missing else []
+    while stack:  # post-order without recursion: a tree however deep
+        digest, children_sent = stack.pop()
+        if digest in done:
+            continue
+        if children_sent:
+            done.add(digest)
+            writer.put_blob(digest, tree.nodes[digest])
+            continue
+        stack.append((digest, True))
+        stack.extend((child, False) for child in reversed(tree.children[digest])
+                     if child in tree.nodes and child in missing and child not in done)
     writer.flush()
 
 
@@ -686,13 +719,17 @@ def _make_stage(dest: Path) -> tuple[Path, int]:
 
 
 def _remove_stage(stage: Path) -> None:
-    """Remove a staging directory, read-only subdirectories included."""
-    for dirpath, dirnames, _files in os.walk(stage):
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o700)
-    shutil.rmtree(stage, ignore_errors=True)
+    """Remove a staging directory, read-only subdirectories included, however deep."""
+    try:
+        fd = os.open(stage.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        remove_tree(fd, stage.name)
+    except WriteError:
+        pass  # the next restore into the same place removes what is left
+    finally:
+        os.close(fd)
 
 
 def _put_in_place(stage: Path, dest: Path, ok: bool) -> Path:

@@ -29,6 +29,7 @@ from events.remote import RemoteError, open_remote
 from statemachine import backup as backup_service
 from statemachine.workspace import open_log
 from tests.libsql_server import LibsqlServer
+from tests.marketplace_builder import bottom, deep_tree, remove_deep
 from tests.privileges import needs_permissions, unprivileged
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1022,6 +1023,19 @@ def test_restore_onto_an_empty_disk_builds_on_that_disk(market, tmp_path):
         assert run("audit", "verify", disk).exit_code == 0
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_plugin_nested_deeper_than_pythons_recursion_limit_is_backed_up_and_restored(market, tmp_path, request):
+    """Walking the marketplace recursed once per directory level: 1,200 levels stopped every backup."""
+    dest = tmp_path / "restored"
+    request.addfinalizer(lambda: [remove_deep(p) for p in (market, dest) if p.exists()])  # pytest's recurses
+    deep_tree(market / "plugins" / "devops" / "deploy-checker", 1200)
+    offsite = f"file:{tmp_path / 'offsite.db'}"
+    assert backup_json(market, offsite)["snapshot"]["files"] > 0
+    restored = run("restore", "--from", offsite, "--to", dest)
+    assert restored.exit_code == 0, restored.output
+    assert bottom(dest / "plugins" / "devops" / "deploy-checker", 1200) == "at the bottom\n"
+    assert run("backup", "verify", "--from", offsite).exit_code == 0
 
 
 def test_restore_into_an_empty_directory_whose_parent_this_user_cannot_write(market, tmp_path):

@@ -21,7 +21,7 @@ from skills_ref.validator import validate
 from cli.main import main
 from statemachine.analysis import hash_tree
 from tests.emulator import Emulator
-from tests.marketplace_builder import manifest, plugin
+from tests.marketplace_builder import deep_tree, manifest, plugin, remove_deep
 from tests.privileges import needs_permissions, unprivileged
 
 KEY = "fake-key-OVERNIGHT-7f3a9c"
@@ -764,31 +764,12 @@ def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
     assert unknown.exit_code == 1 and "has no snapshot" in unknown.stderr
 
 
-def remove_deep(root: Path) -> None:
-    from statemachine.writes import remove_tree
-    fd = os.open(root.parent, os.O_RDONLY)
-    try:
-        remove_tree(fd, root.name)
-    finally:
-        os.close(fd)
-
-
 def test_a_plugin_nested_deeper_than_pythons_recursion_limit_is_restored_and_written_again(market, emu, request):
     """shutil.rmtree recurses once per level: 1,200 levels raised RecursionError, left the old
     tree inside the marketplace, and stopped every later run of the plugin."""
     target = market / "plugins" / "devops" / "deploy-checker"
     request.addfinalizer(lambda: remove_deep(market))  # pytest's own clean-up of tmp_path recurses too
-    deep = os.open(target, os.O_RDONLY)
-    try:
-        for _ in range(1200):  # relative to a descriptor: the path soon outgrows PATH_MAX
-            os.mkdir("d", dir_fd=deep)
-            inner = os.open("d", os.O_RDONLY, dir_fd=deep)
-            os.close(deep)
-            deep = inner
-        with open(os.open("f.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=deep), "w") as f:
-            f.write("at the bottom\n")
-    finally:
-        os.close(deep)
+    deep_tree(target, 1200)
     assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0
     restored = overnight("restore-plugin", "deploy-checker", market)
     assert restored.exit_code == 0, restored.output
