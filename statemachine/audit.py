@@ -61,13 +61,15 @@ Manifests = Callable[[list[str]], Iterable[tuple[str, "bytes | None", "str | Non
 
 
 def absent_named_blobs(rows: Iterable[tuple[int, str, int, str]], registry: Registry, present: Present,
-                       manifests: Manifests, where: str) -> list[tuple[str, str]]:
+                       manifests: Manifests, where: str,
+                       naming: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(sha256, problem) of each blob that the events in `rows` (seq, type, schema_version,
     data: those of a type in `NAMES_BLOBS`, in seq order) name and that is not in `where`: a
     draft, a file's content, a plugin snapshot, or a file inside a snapshot. `present(hashes)`
     gives those of `hashes` that are there; `manifests(trees)` gives (hash, bytes, None) or
     (hash, None, problem) for snapshots that are there. Undecodable events are left to verify's
-    replay."""
+    replay. `naming`, when given, is filled with who first names each blob that is there (a
+    problem found with such a blob later can say which event needs it)."""
     named: list[tuple[str, int, str, str]] = []
     trees: dict[str, int] = {}
     for seq, tag, sv, data in rows:
@@ -82,6 +84,9 @@ def absent_named_blobs(rows: Iterable[tuple[int, str, int, str]], registry: Regi
     there = present({digest for digest, *_ in named})
     problems = [(digest, f"seq {seq} ({tag}): blob {digest} ({what}) is missing from {where}")
                 for digest, seq, tag, what in named if digest not in there]
+    if naming is not None:
+        for digest, seq, tag, what in reversed(named):
+            naming[digest] = f"seq {seq} ({tag}): {what}"
     inside: list[tuple[str, str, str]] = []
     for tree, manifest, problem in manifests([tree for tree in trees if tree in there]):
         try:
@@ -93,6 +98,9 @@ def absent_named_blobs(rows: Iterable[tuple[int, str, int, str]], registry: Regi
     there = present({digest for _tree, _path, digest in inside})
     problems += [(digest, f"seq {trees[tree]}: plugin snapshot {tree} names {path}, whose blob {digest} "
                           f"is missing from {where}") for tree, path, digest in inside if digest not in there]
+    if naming is not None:
+        for tree, path, digest in reversed(inside):
+            naming.setdefault(digest, f"seq {trees[tree]}: plugin snapshot {tree} names {path}")
     return problems
 
 

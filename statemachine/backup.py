@@ -553,11 +553,13 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
         if not snapshots:
             report.problems.append("no snapshot at this URL")
             return report
-        chain, named = _check_shipped_log(remote, report)
+        naming: dict[str, str] = {}
+        chain, named = _check_shipped_log(remote, report, naming)
         report.problems += chain
         report.blobs_read, damaged = replication.verify_blobs(remote, read_share, rng)
         needed = {digest for digest, _problem in named}  # told with the event that needs it
-        report.problems += [problem for digest, problem in damaged if digest not in needed]
+        report.problems += [f"remote log: {naming[digest]}: {problem}" if digest in naming else problem
+                            for digest, problem in damaged if digest not in needed]
         report.problems += [f"remote log: {problem}" for _digest, problem in named]
         files: set[str] = set()
         trees: set[str] = set()
@@ -578,11 +580,12 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
     return report
 
 
-def _check_shipped_log(remote: Remote, report: VerifyReport) -> tuple[list[str], list[tuple[str, str]]]:
+def _check_shipped_log(remote: Remote, report: VerifyReport,
+                       naming: dict[str, str]) -> tuple[list[str], list[tuple[str, str]]]:
     """In one read of the events on the remote (counted in `report`): the problems of their
     chain (gaps, broken links, altered rows), and (hash, problem) of each log blob they name
     (a draft, a file's content, a plugin snapshot and the files in it) that the remote lacks
-    or cannot give back."""
+    or cannot give back; `naming` gets who names each of those it has."""
     chain = ChainCheck()
 
     def naming_blobs() -> Iterator[tuple[int, str, int, str]]:
@@ -594,7 +597,7 @@ def _check_shipped_log(remote: Remote, report: VerifyReport) -> tuple[list[str],
 
     absent = audit.absent_named_blobs(
         naming_blobs(), REGISTRY, lambda hashes: replication.present(remote, "blobs", hashes),
-        lambda trees: replication.fetch_blobs(remote, trees), "the remote")
+        lambda trees: replication.fetch_blobs(remote, trees), "the remote", naming)
     return [f"remote {problem}" for problem in chain.problems], absent
 
 

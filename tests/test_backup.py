@@ -624,7 +624,15 @@ def test_a_runs_backup_repairs_damaged_blobs_on_the_remote_and_says_so(night, tm
     readme = root / "plugins" / "devops" / "deploy-checker" / "README.md"
     sqlite_rows(offsite, "UPDATE blobs SET size = size + 1 WHERE hash = ?",
                 (hashlib.sha256(readme.read_bytes()).hexdigest(),))
-    assert run("backup", "verify", "--from", f"file:{offsite}").exit_code == 1
+    verified = run("backup", "verify", "--from", f"file:{offsite}", "--json")
+    assert verified.exit_code == 1
+    ((snapshot_seq, snapshot),) = sqlite_rows(
+        root / ".overnight" / "overnight.db", "SELECT seq, json_extract(data, '$.tree_sha256') FROM events "
+        "WHERE type = 'PluginSnapshotted' AND stream = 'plugin:plugins/devops/deploy-checker'")
+    digest = hashlib.sha256(readme.read_bytes()).hexdigest()
+    assert json.loads(verified.stdout)["problems"] == [  # with the event that needs it
+        f"remote log: seq {snapshot_seq}: plugin snapshot {snapshot} names README.md: blob {digest} is incomplete "
+        f"on the remote (1 of 1 chunks, {readme.stat().st_size} bytes of {readme.stat().st_size + 1})"]
     second = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "1000", "--force",
                  "--plugin", "meeting-notes", "--backup-to", f"file:{offsite}", env=env)
     assert second.exit_code == 0, second.output
