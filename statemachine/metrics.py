@@ -224,7 +224,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
         rate = min(rate, limits.tpm / (input_tokens / max(1, n)))
     used_today = store.query("SELECT count(*) FROM quota_ledger WHERE model = ? AND sent_at >= ?",
                              (model, day_start(now)))[0][0]
-    seconds, resets = _time_to_send(n, rate, limits.rpd, used_today, now)
+    seconds, resets = time_to_send(n, rate, limits.rpd, used_today, now)
     basis = (f"measured averages from {answers} answer{'s' * (answers != 1)} ({latency:.1f} s each)" if answers
              else f"defaults (no run measured yet; {DEFAULT_LATENCY_S:.0f} s an answer)")
     return Estimate(plugins=len(plugin_ids), requests=n, input_tokens=int(input_tokens),
@@ -233,7 +233,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
                     latency_s=latency)
 
 
-def _time_to_send(n: int, per_minute: float, rpd: int, used_today: int, now: float) -> tuple[float, int]:
+def time_to_send(n: int, per_minute: float, rpd: int, used_today: int, now: float) -> tuple[float, int]:
     """Seconds from `now` until `n` requests are sent at `per_minute` under `rpd` a Pacific
     day, `used_today` of today's being spent already; and the daily resets waited for."""
     if not rpd:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import os
 import threading
 import time
@@ -29,7 +30,7 @@ from events.remote import display_url
 from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
 from statemachine.errors import OvernightError
-from statemachine.metrics import Prices, estimate, expected_output
+from statemachine.metrics import Prices, estimate, expected_output, time_to_send
 from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
@@ -362,7 +363,7 @@ class Runner:
         while True:
             started, already = self.clock(), self._finished(selection)
             outcome = _Batch(ctx, selection, options.limits.concurrency).run(
-                lambda batch: self._report(stats, len(selection), batch, started, already))
+                lambda batch: self._report(stats, len(selection), batch, started, already, options.dry_run))
             if self.stopping.is_set() and self.signal:
                 return self._interrupted(run_id, selection)
             if outcome.stopped is not None:
@@ -441,7 +442,8 @@ class Runner:
                             waiting={pid: (max(0.0, until - now), why) for pid, (until, why) in stats.waits.items()},
                             retrying=retrying, next_retry=None if next_retry is None else max(0.0, next_retry - now))
 
-    def _report(self, stats: Stats, total: int, batch: "_Batch", started: float, already: int) -> None:
+    def _report(self, stats: Stats, total: int, batch: "_Batch", started: float, already: int,
+                dry_run: bool) -> None:
         """`already`: plugins that were finished when this stretch began (a resume passes them
         at once, so they say nothing about the pace)."""
         if not self.on_progress:
@@ -451,8 +453,24 @@ class Runner:
         done_here = finished - already
         eta = None
         if done_here > 0 and finished < total:
-            eta = (self.clock() - started) / done_here * (total - finished)
+            eta = max((self.clock() - started) / done_here * (total - finished),
+                      self._quota_time(batch.ctx.scheduler, stats, total - finished, finished, dry_run))
         self.on_progress(self._progress(stats, total, finished, eta=eta, retrying=retrying, next_retry=next_retry))
+
+    def _quota_time(self, scheduler: Scheduler, stats: Stats, remaining: int, finished: int, dry_run: bool) -> float:
+        """The least time the quota gives the `remaining` plugins' requests, at this run's
+        requests per plugin (at most a plan and a skill each). The first plugins go out in a
+        burst, before the per-minute limit binds: their pace alone promises far too early an end."""
+        with stats.lock:
+            requests, tokens = stats.requests, stats.input_tokens
+        most = 1.0 if dry_run else 2.0
+        per_plugin = min(most, requests / finished) if finished else most
+        limits = scheduler.limits
+        rate = float(limits.rpm)
+        if requests and tokens and limits.tpm:
+            rate = min(rate, limits.tpm / (tokens / requests))
+        return time_to_send(math.ceil(remaining * per_plugin), rate, limits.rpd, scheduler.used()["day_requests"],
+                            self.clock())[0]
 
     def _counts(self, run_id: str, selection: list[str]) -> tuple[
             dict[str, int], dict[str, int], list[tuple[str, str, str]]]:

@@ -203,6 +203,22 @@ def test_a_quota_pause_is_told_on_stderr_when_it_begins_and_when_it_ends(one, em
     assert lines[3].startswith("1/1 plugin  3 requests  ") and "1 rate-limited" in lines[3]
 
 
+def test_the_eta_counts_the_time_the_per_minute_quota_takes(market, emu):
+    """The first plugin is done in a fraction of a second, well inside the minute's quota; its
+    pace alone promised the other five in a second or two. At 4 requests a minute their ten
+    requests take about two and a half minutes."""
+    from tests.marketplace_builder import plugin
+
+    for n in (1, 2):
+        plugin(market, f"plugins/tools/extra-{n}", f"extra-{n}", description=f"Extra plugin {n}.",
+               files={"README.md": f"# Extra {n}\n\nDoes extra thing {n}.\n"})
+    result = run(market, emu, "--rpm", "4", "--concurrency", "1", "--max-requests", "3")
+    assert result.exit_code == 0, result.output
+    first = next(line for line in result.stderr.splitlines() if line.startswith("1/6 plugins  "))
+    minutes, seconds = map(int, re.search(r"  ETA (\d+)m (\d+)s$", first).groups())
+    assert 120 <= minutes * 60 + seconds <= 151, first
+
+
 def test_counts_of_one_are_singular(one, emu):
     planned = run(one, emu, "--dry-run")
     assert planned.exit_code == 0, planned.output
