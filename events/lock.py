@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 
-from events.errors import StoreLocked
+from events.errors import EventStoreError, StoreLocked
 
 _ATTEMPTS = 5
+# The lock file may sit in a directory anybody's checkout fills (`.overnight/` of a cloned
+# marketplace): never follow a symlink there (truncating its target), never block on a FIFO.
+_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class WriterLock:
@@ -24,7 +28,7 @@ class WriterLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise StoreLocked. A few short retries ride out a `held()` probe."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open(os.O_RDWR | os.O_CREAT)
         for attempt in range(_ATTEMPTS):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -47,7 +51,7 @@ class WriterLock:
         """Whether a live process holds this lock (a reader's question: is a run going on?).
         Probed with a shared lock that is dropped at once; `acquire` retries past it."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = self._open(os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -57,6 +61,19 @@ class WriterLock:
         finally:
             os.close(fd)
         return False
+
+    def _open(self, flags: int) -> int:
+        """The lock file's descriptor; EventStoreError when it is anything but a regular file."""
+        try:
+            fd = os.open(self.path, flags | _FLAGS, 0o644)
+        except OSError as e:
+            if os.path.islink(self.path):
+                raise EventStoreError(f"{self.path} is a symlink; overnight never follows one: remove it") from e
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise EventStoreError(f"{self.path} is not a regular file: remove it (overnight makes its lock file)")
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:

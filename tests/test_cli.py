@@ -410,6 +410,30 @@ def test_a_state_directory_overnight_cannot_use_is_one_clear_error(market, tmp_p
     assert run("scan", market, "--db", tmp_path / "elsewhere.db").exit_code == 0
 
 
+def test_a_lock_file_that_is_a_symlink_or_a_fifo_is_refused_untouched(market, tmp_path):
+    """A cloned marketplace can ship `.overnight/overnight.db.lock` as anything: a symlink's
+    target was truncated, and a FIFO hung every command."""
+    assert run("scan", market).exit_code == 0
+    lock = market / ".overnight" / "overnight.db.lock"
+    victim = write(tmp_path / "outside" / "rc", "export IMPORTANT=1\n")
+    lock.unlink()
+    lock.symlink_to(victim)
+    for command in (("scan",), ("status",)):
+        result = run(*command, market)
+        assert result.exit_code == 1, result.output
+        assert result.output == f"error: {lock} is a symlink; overnight never follows one: remove it\n"
+    assert victim.read_text() == "export IMPORTANT=1\n"
+    lock.unlink()
+    os.mkfifo(lock)
+    for command in ("scan", "status"):
+        result = subprocess.run([sys.executable, "-m", "cli", command, str(market)], cwd=REPO, capture_output=True,
+                                text=True, timeout=60)  # a blocking open of the FIFO never returned
+        assert result.returncode == 1, result.stderr
+        assert result.stderr == f"error: {lock} is not a regular file: remove it (overnight makes its lock file)\n"
+    lock.unlink()
+    assert run("status", market).exit_code == 0 and run("scan", market).exit_code == 0
+
+
 @needs_permissions
 def test_a_read_only_marketplace_says_where_the_log_can_go(market, tmp_path):
     market.chmod(0o555)
