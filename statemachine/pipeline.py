@@ -508,7 +508,8 @@ def _snapshotted(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     plugin_dir = ctx.root / row["path"]
     legacy = _legacy_dir(plugin_dir, row["skill_name"])
     moves = [c.Move(src=f"skills/{legacy.name}", dst=f"skills/{row['skill_name']}")] if legacy else []
-    writes.plan_targets(plugin_dir, f"skills/{row['skill_name']}", {f.path: b"" for f in files})
+    with writes.opened(ctx.root, plugin_dir) as at:
+        writes.plan_targets(at, f"skills/{row['skill_name']}", {f.path: b"" for f in files})
     ctx.journal.record(cursor, c.WriteIntended(run_id=ctx.run_id, writes=files, moves=moves))
 
 
@@ -518,12 +519,13 @@ def _writing(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     files = {w["path"]: w["sha256"] for w in intent["writes"]}
     moves = [(m["src"], m["dst"]) for m in intent["moves"]]
     plugin_dir = ctx.root / row["path"]
-    if writes.settled(plugin_dir, files, moves):
-        ctx.journal.record(cursor, c.WriteCompleted(run_id=ctx.run_id, settled_by="hash-check"))
-        return
-    writes.cleanup_temp(plugin_dir)
-    contents = {path: ctx.journal.blob(digest) for path, digest in files.items()}
-    writes.apply(plugin_dir, contents, moves)
+    with writes.opened(ctx.root, plugin_dir) as at:
+        if writes.settled(at, files, moves):
+            ctx.journal.record(cursor, c.WriteCompleted(run_id=ctx.run_id, settled_by="hash-check"))
+            return
+        writes.cleanup_temp(ctx.root, plugin_dir)
+        contents = {path: ctx.journal.blob(digest) for path, digest in files.items()}
+        writes.apply(at, contents, moves)
     ctx.journal.record(cursor, c.WriteCompleted(run_id=ctx.run_id, settled_by="rename"))
 
 

@@ -73,7 +73,7 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     plugin_dir = root / state[1]
     replaced = None
     if os.path.lexists(plugin_dir):  # a deleted plugin directory is made again: there is nothing to keep
-        writes.cleanup_temp(plugin_dir)  # a restore or write cut short earlier is finished first
+        writes.cleanup_temp(root, plugin_dir)  # a restore or write cut short earlier is finished first
         try:
             current = snapshots.take(root, plugin_dir)
         except snapshots.SnapshotError as e:

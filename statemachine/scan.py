@@ -80,13 +80,14 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
     return report
 
 
-def _target_problem(plugin_dir: Path, skill: str | None) -> str | None:
+def _target_problem(root: Path, plugin_dir: Path, skill: str | None) -> str | None:
     """Why the SKILL.md could never be written (a symlink or a file on its way, a directory in
     its place), found before any request is spent; the write step checks again."""
     if skill is None:
         return None
     try:
-        writes.plan_targets(plugin_dir, f"skills/{skill}", {f"skills/{skill}/SKILL.md": b""})
+        with writes.opened(root, plugin_dir) as at:
+            writes.plan_targets(at, f"skills/{skill}", {f"skills/{skill}/SKILL.md": b""})
     except writes.WriteError as e:
         return f"its SKILL.md cannot be written: {e}"
     return None
@@ -102,7 +103,7 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
     tree = None
     if problem is None:
         tree = hash_tree(root, root / candidate.path)
-        problem = tree.problem or _target_problem(root / candidate.path, candidate.skill_name)
+        problem = tree.problem or _target_problem(root, root / candidate.path, candidate.skill_name)
     if problem is not None:
         report.invalid += 1
         report.problems.append((candidate.plugin_id, problem))

@@ -5,7 +5,7 @@ What must always hold:
   '..', '.', empty segments, backslashes or NUL, and every directory on the way is opened with
   O_NOFOLLOW | O_DIRECTORY relative to its parent's descriptor, so no symlink is ever followed.
 - A target file holds either its old bytes or its complete new bytes, never a mix: data goes to
-  `.<name>.tmp-<hex>` in the same directory, is fsynced, renamed over the target, and the
+  `.<name>.overnight-tmp-<hex>` in the same directory, is fsynced, renamed over the target, and the
   directory is fsynced. A crash leaves at most a temp file, which `cleanup_temp` removes.
 - `apply` and `move_dir` are idempotent, so re-running them after a crash at any point finishes
   the job; `settled` tells, by hashing, whether a recorded write intent already took effect.
@@ -21,8 +21,9 @@ import os
 import re
 import secrets
 import stat
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from statemachine.discovery import SKIP_DIRS, holds_plugin, one_line
 from statemachine.errors import OvernightError
@@ -32,7 +33,8 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW | _O_CLOEXEC
 _CHUNK = 1024 * 1024
 # Leftovers of this module and of snapshot restore: `.<name>.<kind>-<16 hex>`.
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|restore|old)-[0-9a-f]{16}")
+# "overnight" in the name: a person's own `.notes.tmp-0123456789abcdef` is never taken for one.
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.overnight-(?P<kind>tmp|restore|old)-[0-9a-f]{16}")
 
 
 class WriteError(OvernightError):
@@ -64,8 +66,8 @@ def rel_parts(rel: str, *, backslash: bool = False) -> list[str]:
 
 
 def temp_name(name: str, kind: str) -> str:
-    """`.<name>.<kind>-<16 hex>`: the only names `cleanup_temp` removes."""
-    return f".{name}.{kind}-{secrets.token_hex(8)}"
+    """`.<name>.overnight-<kind>-<16 hex>`: the only names `cleanup_temp` removes."""
+    return f".{name}.overnight-{kind}-{secrets.token_hex(8)}"
 
 
 def open_dir(base: Path | int, parts: Sequence[str], *, create: bool = False) -> int:
@@ -146,7 +148,25 @@ def _checked(rel: str) -> list[str]:
 # ------------------------------------------------------------------ writes
 
 
-def plan_targets(plugin_dir: Path, skill_dir_rel: str, files: dict[str, bytes]) -> None:
+@contextmanager
+def opened(root: Path, plugin_dir: Path) -> Iterator[int]:
+    """A descriptor of `plugin_dir`, opened from `root` one directory at a time without
+    following a symlink: a category directory swapped for a symlink must not lead a write out
+    of the marketplace. The functions below take it (or, in tests, a path) as `plugin_dir`."""
+    fd = open_dir(root, _below(root, plugin_dir))
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _below(root: Path, plugin_dir: Path) -> list[str]:
+    """plugin_dir's segments below root, compared lexically (a plugin at the root has none)."""
+    rel = os.path.relpath(os.path.abspath(plugin_dir), os.path.abspath(root))
+    return [] if rel == "." else _checked(rel.replace(os.sep, "/"))
+
+
+def plan_targets(plugin_dir: Path | int, skill_dir_rel: str, files: dict[str, bytes]) -> None:
     """Validate every target before anything is written; raise WriteError naming a bad path.
 
     Each key must lie strictly under `skill_dir_rel`; no existing component on the way may be a
@@ -197,7 +217,7 @@ def _check_existing(base: int, rel: str, parts: list[str]) -> None:
         os.close(fd)
 
 
-def write_atomic(plugin_dir: Path, rel: str, data: bytes) -> None:
+def write_atomic(plugin_dir: Path | int, rel: str, data: bytes) -> None:
     """Write `data` to plugin_dir/rel so a crash leaves the old or the new bytes. The mode is
     0o755 for a script (its bytes start with `#!`), else 0o644.
 
@@ -237,7 +257,7 @@ def write_atomic(plugin_dir: Path, rel: str, data: bytes) -> None:
         os.close(fd)
 
 
-def move_dir(plugin_dir: Path, src_rel: str, dst_rel: str) -> None:
+def move_dir(plugin_dir: Path | int, src_rel: str, dst_rel: str) -> None:
     """Rename directory src_rel to dst_rel inside plugin_dir (parents of dst are created).
 
     src must be a real directory and dst must not exist. Idempotent: when src is gone and dst
@@ -275,7 +295,7 @@ def move_dir(plugin_dir: Path, src_rel: str, dst_rel: str) -> None:
                 os.close(fd)
 
 
-def _open_parent(plugin_dir: Path, parts: list[str]) -> int:
+def _open_parent(plugin_dir: Path | int, parts: list[str]) -> int:
     """The parent directory's descriptor, or -1 when some directory on the way is missing."""
     try:
         return open_dir(plugin_dir, parts[:-1])
@@ -285,7 +305,7 @@ def _open_parent(plugin_dir: Path, parts: list[str]) -> int:
         raise
 
 
-def apply(plugin_dir: Path, files: dict[str, bytes], moves: list[tuple[str, str]]) -> None:
+def apply(plugin_dir: Path | int, files: dict[str, bytes], moves: list[tuple[str, str]]) -> None:
     """Moves first, then every file through write_atomic; re-running after a crash finishes it."""
     for src, dst in moves:
         move_dir(plugin_dir, src, dst)
@@ -293,7 +313,7 @@ def apply(plugin_dir: Path, files: dict[str, bytes], moves: list[tuple[str, str]
         write_atomic(plugin_dir, rel, files[rel])
 
 
-def settled(plugin_dir: Path, files: dict[str, str], moves: list[tuple[str, str]]) -> bool:
+def settled(plugin_dir: Path | int, files: dict[str, str], moves: list[tuple[str, str]]) -> bool:
     """True when every move is done (src absent, dst a directory) and every file's sha256 is
     the expected hex; a symlink or a non-file at a target is not settled."""
     for src_rel, dst_rel in moves:
@@ -306,7 +326,7 @@ def settled(plugin_dir: Path, files: dict[str, str], moves: list[tuple[str, str]
     return True
 
 
-def _parent_or_none(plugin_dir: Path, parts: list[str]) -> int | None:
+def _parent_or_none(plugin_dir: Path | int, parts: list[str]) -> int | None:
     """The parent directory's descriptor, or None when it is missing or refused (for checks)."""
     try:
         fd = _open_parent(plugin_dir, parts)
@@ -315,7 +335,7 @@ def _parent_or_none(plugin_dir: Path, parts: list[str]) -> int | None:
     return fd if fd >= 0 else None
 
 
-def _kind(plugin_dir: Path, parts: list[str]) -> int | None:
+def _kind(plugin_dir: Path | int, parts: list[str]) -> int | None:
     fd = _parent_or_none(plugin_dir, parts)
     if fd is None:
         return None
@@ -326,7 +346,7 @@ def _kind(plugin_dir: Path, parts: list[str]) -> int | None:
         os.close(fd)
 
 
-def _sha256(plugin_dir: Path, parts: list[str]) -> str | None:
+def _sha256(plugin_dir: Path | int, parts: list[str]) -> str | None:
     fd = _parent_or_none(plugin_dir, parts)
     if fd is None:
         return None
@@ -355,7 +375,7 @@ def _sha256(plugin_dir: Path, parts: list[str]) -> str | None:
 def swap_dir(parent_fd: int, name: str, built: str) -> list[str]:
     """Replace directory `name` by the complete directory `built`, both in parent_fd.
 
-    `name` is renamed to `.<name>.old-<hex>`, `built` to `name`, the parent fsynced; then what
+    `name` is renamed to `.<name>.overnight-old-<hex>`, `built` to `name`, the parent fsynced; then what
     no snapshot holds (.git, node_modules, .overnight, nested plugins, FIFOs, sockets, devices)
     is moved from the old tree into the new one, and the old tree is removed. Returns the paths
     (below `name`) that could not be moved because the new tree has something else there. When
@@ -508,24 +528,25 @@ def _grant_owner(parent_fd: int, name: str, st: os.stat_result) -> None:
         os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=parent_fd)
 
 
-def cleanup_temp(plugin_dir: Path) -> int:
+def cleanup_temp(root: Path, plugin_dir: Path) -> int:
     """Remove crash leftovers of this module and of snapshot restore; return how many.
 
     In plugin_dir's parent only `.<plugin name>.…` leftovers are considered; below plugin_dir
     every one is (SKIP_DIRS are not entered). An interrupted swap is recovered first: when
-    `<name>` is missing, its newest `.<name>.old-*` tree is renamed back (the restore can then
+    `<name>` is missing, its newest `.<name>.overnight-old-*` tree is renamed back (the restore can then
     simply run again); otherwise old trees are finished (skipped directories carried over,
-    then removed). `.restore-*` trees and `.tmp-*` files are removed. Symlinks are never followed.
+    then removed). `.overnight-restore-*` trees and `.overnight-tmp-*` files are removed. Symlinks are never followed.
     """
-    plugin_dir = Path(plugin_dir)
+    below = _below(root, plugin_dir)
+    try:
+        parent_fd = open_dir(root, below[:-1])  # the root itself for a plugin at the root
+    except WriteError:
+        return 0
     count = 0
     try:
-        parent_fd = os.open(plugin_dir.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        count += _clean_dir(parent_fd, only=plugin_dir.name)
-        stack: list[tuple[str, ...]] = [(plugin_dir.name,)]
+        if below:
+            count += _clean_dir(parent_fd, only=below[-1])
+        stack: list[tuple[str, ...]] = [tuple(below[-1:])]
         while stack:
             parts = stack.pop()
             try:

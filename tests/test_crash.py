@@ -100,7 +100,7 @@ def test_sigkill_at_random_instants_then_resume_loses_and_repeats_nothing(tmp_pa
             assert cli("audit", "verify", str(root)).returncode == 0
             recorded = {digest for (digest,) in query(root, "SELECT hash FROM blobs")}
             for rel, digest in tree_hashes(root).items():
-                if ".tmp-" in rel:
+                if "overnight-tmp-" in rel:
                     continue  # an unfinished temp file: never a target, removed on resume
                 assert digest in recorded or original.get(rel) == digest, f"partial or unknown file {rel}"
         final = spawn("resume" if has_run(root) else "run", root, emu.url)
@@ -118,7 +118,7 @@ def test_sigkill_at_random_instants_then_resume_loses_and_repeats_nothing(tmp_pa
     assert query(root, "SELECT count(*) FROM quota_ledger")[0][0] == len(sent)
     # every request a killed process left without an answer was recorded as lost by the next one
     assert query(root, "SELECT count(*) FROM quota_ledger WHERE outcome = 'pending'") == [(0,)]
-    assert not [p for p in root.rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in root.rglob("*") if "overnight-tmp-" in p.name]
     assert cli("audit", "verify", str(root)).returncode == 0
     assert cli("audit", "replay", str(root)).returncode == 0
     for skill in root.glob("plugins/*/*/skills/*/SKILL.md"):

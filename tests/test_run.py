@@ -93,7 +93,7 @@ def assert_healthy(root: Path) -> None:
     verify = overnight("audit", "verify", root, "--json")
     assert verify.exit_code == 0, verify.stdout
     assert overnight("audit", "replay", root).exit_code == 0
-    leftovers = [p for p in root.rglob("*") if ".tmp-" in p.name or ".restore-" in p.name or ".old-" in p.name]
+    leftovers = [p for p in root.rglob("*") if "overnight-tmp-" in p.name or "overnight-restore-" in p.name or "overnight-old-" in p.name]
     assert leftovers == []
 
 
@@ -601,6 +601,41 @@ def test_a_hand_edit_made_while_its_plugin_is_under_way_is_kept(one, emu, monkey
     assert query(one, "SELECT reason FROM plugins")[0][0].startswith(
         "edited by hand after overnight wrote it: skills/widget/SKILL.md; left as it is")
     assert_healthy(one)
+
+
+def test_finishing_a_write_never_follows_a_category_directory_swapped_for_a_symlink(one, emu, monkeypatch, tmp_path):
+    """Only the plugin directory itself was opened without following a symlink: a category
+    directory moved out of the marketplace and linked back took resume's write with it."""
+    from statemachine import pipeline
+    from statemachine.lifecycle import State
+
+    def crash(ctx, cursor, row):
+        raise RuntimeError("simulated crash right after WriteIntended")
+    monkeypatch.setitem(pipeline._STEPS, State.WRITING, crash)
+    assert run(one, emu).exit_code == 4
+    monkeypatch.undo()
+    tools, outside = one / "plugins" / "tools", tmp_path / "outside"
+    outside.mkdir()
+    tools.rename(outside / "tools")
+    tools.symlink_to(outside / "tools")
+    before = sorted(p.relative_to(outside) for p in outside.rglob("*"))
+    resumed = overnight("resume", one)
+    assert sorted(p.relative_to(outside) for p in outside.rglob("*")) == before  # nothing written there
+    assert states(one) == {"plugins/tools/widget": "failed"}, resumed.output
+    assert f"{tools} is a symlink; refusing to follow it" in query(one, "SELECT reason FROM plugins")[0][0]
+    assert overnight("audit", "verify", one).exit_code == 0
+
+
+def test_a_persons_files_named_like_overnights_temporary_files_are_left_alone(one, emu):
+    widget = one / "plugins" / "tools" / "widget"
+    mine = [widget / ".notes.tmp-0123456789abcdef", widget / ".drafts.old-0123456789abcdef" / "keep.md",
+            widget.parent / ".widget.tmp-fedcba9876543210", widget / ".x.restore-0123456789abcdef" / "a.md"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"mine: {path.name}\n")
+    assert run(one, emu).exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "done"}
+    assert [p.read_text() for p in mine] == [f"mine: {p.name}\n" for p in mine]
 
 
 def test_a_removed_file_overnight_wrote_is_written_again(one, emu):

@@ -85,7 +85,7 @@ def put_manifest(store, entries: list[Entry]) -> str:
 
 
 def leftovers(directory: Path) -> list[str]:
-    return [p.name for p in directory.rglob("*") if any(k in p.name for k in (".tmp-", ".restore-", ".old-"))]
+    return [p.name for p in directory.rglob("*") if any(k in p.name for k in ("overnight-tmp-", "overnight-restore-", "overnight-old-"))]
 
 
 # ------------------------------------------------------------------ snapshots
@@ -326,21 +326,21 @@ def test_cleanup_temp_recovers_an_interrupted_swap(tmp_path: Path) -> None:
     plugins = tmp_path / "plugins"
     plugin = plugins / "p"
     write(plugin / "README.md", "new tree")
-    write(plugin / "deep" / f".x.md.tmp-{HEX}", "partial")
-    write(plugins / f".p.old-{HEX}" / "README.md", "old tree")
-    write(plugins / f".p.old-{HEX}" / ".git" / "HEAD", "git")
-    write(plugins / f".p.restore-{HEX}" / "README.md", "half built")
-    write(plugins / f".q.restore-{HEX}" / "README.md", "another plugin's")
-    assert cleanup_temp(plugin) == 3
+    write(plugin / "deep" / f".x.md.overnight-tmp-{HEX}", "partial")
+    write(plugins / f".p.overnight-old-{HEX}" / "README.md", "old tree")
+    write(plugins / f".p.overnight-old-{HEX}" / ".git" / "HEAD", "git")
+    write(plugins / f".p.overnight-restore-{HEX}" / "README.md", "half built")
+    write(plugins / f".q.overnight-restore-{HEX}" / "README.md", "another plugin's")
+    assert cleanup_temp(plugin.parent, plugin) == 3
     assert (plugin / ".git" / "HEAD").read_text() == "git"  # carried over, not deleted
     assert (plugin / "README.md").read_text() == "new tree"
-    assert sorted(p.name for p in plugins.iterdir()) == [f".q.restore-{HEX}", "p"]
+    assert sorted(p.name for p in plugins.iterdir()) == [f".q.overnight-restore-{HEX}", "p"]
     assert leftovers(plugin) == []
 
     # Killed between the two renames of the swap: the old tree comes back.
-    os.rename(plugin, plugins / f".p.old-{HEX}")
-    write(plugins / f".p.restore-{'f' * 16}" / "README.md", "complete but not swapped in")
-    assert cleanup_temp(plugin) == 2
+    os.rename(plugin, plugins / f".p.overnight-old-{HEX}")
+    write(plugins / f".p.overnight-restore-{'f' * 16}" / "README.md", "complete but not swapped in")
+    assert cleanup_temp(plugin.parent, plugin) == 2
     assert (plugin / "README.md").read_text() == "new tree"
 
 
@@ -424,7 +424,7 @@ def test_apply_killed_at_any_point_then_rerun_gives_exact_tree(tmp_path: Path, m
         for rel, text in files.items():  # each target holds its old bytes or all the new ones
             path = plugin / rel
             assert not path.exists() or path.read_text() in (text, moved_old.get(rel)), point
-        cleanup_temp(plugin)
+        cleanup_temp(plugin.parent, plugin)
         apply(plugin, {k: v.encode() for k, v in files.items()}, moves)
         assert listing(plugin) == expected, point
         assert settled(plugin, {k: sha(v.encode()) for k, v in files.items()}, moves)
@@ -462,7 +462,7 @@ def test_restore_killed_at_any_point_leaves_old_or_new_tree(market: Path, tmp_pa
     for point in crash_points(job, reset, renames=[1, 2, 3]):
         reset()
         run_child(job, point)
-        cleanup_temp(plugin)
+        cleanup_temp(plugin.parent, plugin)
         now = listing(plugin)
         assert now in (old, new), point
         outcomes.append(now == new)

@@ -47,7 +47,7 @@ def healthy(root: Path) -> None:
     verify = overnight("audit", "verify", root, "--json")
     assert verify.exit_code == 0, verify.stdout
     assert overnight("audit", "replay", root).exit_code == 0
-    assert not [p for p in root.rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in root.rglob("*") if "overnight-tmp-" in p.name]
     for path in db(root).parent.iterdir():
         assert KEY.encode() not in path.read_bytes()
 

@@ -43,7 +43,7 @@ def check_after_kill(root: Path, original: dict[str, str], problems: list[str], 
         problems.append(f"{label}: replay differs from the live projections: {replay.stdout[-500:]}")
     recorded = {h for (h,) in query(db, "SELECT hash FROM blobs")}
     for rel, digest in tree_hashes(root).items():
-        if rel.endswith("/") or ".tmp-" in rel:
+        if rel.endswith("/") or "overnight-tmp-" in rel:
             continue  # directories; an unfinished temp file is never a target (removed on resume)
         if original.get(rel) != digest and digest not in recorded:
             problems.append(f"{label}: partial or unknown file {rel}")
@@ -120,7 +120,7 @@ def test_kill_loop(tmp_path):
             # zero requests for answers already recorded
             assert sent <= 2 * selectable + round_kills * CONCURRENCY + retries, (sent, selectable, round_kills, retries)
             assert sent <= ledger, "a request reached the API without a request event"
-            assert not [p for p in root.rglob("*") if ".tmp-" in p.name], "temp files left after resume"
+            assert not [p for p in root.rglob("*") if "overnight-tmp-" in p.name], "temp files left after resume"
             check_after_kill(root, original, problems, f"round {rounds} final")
             for model, peak in quota_windows(db).items():
                 record("kill_loop", peak_requests_in_60s=max(peak, 0))
