@@ -77,9 +77,9 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
            attention_limit: int = 20, place: str = "") -> StatusReport:
     """Counts by state; `items` are the plugins matching the filters, or, with no filter,
     the first `attention_limit` plugins that need a person's attention (invalid, failed,
-    rejected, skipped to keep a person's edit, and writing when no process holds the log). Each item has a `hint` (None, or
-    the command that finishes a write cut short or retries a failed or rejected plugin, with
-    `place` (` PATH --db LOG`) after the command's name)."""
+    rejected, skipped to keep a person's edit, and writing when no process holds the log).
+    Each item has a `hint` (None, or the command that finishes a write cut short or retries a
+    failed or rejected plugin, with `place` (` PATH --db LOG`) after the command's name)."""
     if state is not None and state not in {s.value for s in State}:
         raise UnknownPlugin(f"unknown state {state!r}; states are: {', '.join(s.value for s in State)}")
     by_state = dict(store.query("SELECT state, count(*) FROM plugins GROUP BY state ORDER BY state"))

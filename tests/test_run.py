@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -93,7 +94,7 @@ def assert_healthy(root: Path) -> None:
     verify = overnight("audit", "verify", root, "--json")
     assert verify.exit_code == 0, verify.stdout
     assert overnight("audit", "replay", root).exit_code == 0
-    leftovers = [p for p in root.rglob("*") if "overnight-tmp-" in p.name or "overnight-restore-" in p.name or "overnight-old-" in p.name]
+    leftovers = [p for p in root.rglob("*") if re.search(r"\.overnight-(tmp|restore|old)-", p.name)]
     assert leftovers == []
 
 

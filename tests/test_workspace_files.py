@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -85,7 +86,7 @@ def put_manifest(store, entries: list[Entry]) -> str:
 
 
 def leftovers(directory: Path) -> list[str]:
-    return [p.name for p in directory.rglob("*") if any(k in p.name for k in ("overnight-tmp-", "overnight-restore-", "overnight-old-"))]
+    return [p.name for p in directory.rglob("*") if re.search(r"\.overnight-(tmp|restore|old)-", p.name)]
 
 
 # ------------------------------------------------------------------ snapshots

@@ -122,7 +122,8 @@ def test_no_space_left(tmp_path, tmpfs, where):
         healthy(root, db)
         recorded = {h for (h,) in query(db, "SELECT hash FROM blobs")}
         for rel, digest in tree_hashes(root).items():
-            assert rel.endswith("/") or "overnight-tmp-" in rel or original.get(rel) == digest or digest in recorded, rel
+            assert (rel.endswith("/") or "overnight-tmp-" in rel or original.get(rel) == digest
+                    or digest in recorded), rel
         filler.unlink()  # space returns
         resume_to_the_end(root, db, emu)
     assert not [p for p in root.rglob("*") if "overnight-tmp-" in p.name]
