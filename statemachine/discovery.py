@@ -284,6 +284,10 @@ def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
 # ------------------------------------------------------------------ directories
 
 
+# The skill directory older marketplace tooling made: a write moves it to skills/<name>/.
+LEGACY_SKILL_DIR = "skill-adapter"
+
+
 def holds_plugin(path: str | Path, dir_fd: int | None = None) -> bool:
     """Whether the directory `path` (relative to `dir_fd` if given) is a plugin: it holds
     .claude-plugin/plugin.json. A plugin inside another one is its own plugin, never part of

@@ -32,6 +32,7 @@ from events.store import format_at
 from statemachine import catalog as c
 from statemachine import gates, skillmd, snapshots, writes
 from statemachine.analysis import hash_tree, walk
+from statemachine.discovery import LEGACY_SKILL_DIR
 from statemachine.budget import Hold, Spending
 from statemachine.gateway import (
     AccessDenied,
@@ -45,7 +46,6 @@ from statemachine.lifecycle import FINAL, PluginCursor, State
 from statemachine.prompts import Standards, estimate_tokens, plan_prompt, plugin_data, skill_prompt, system_instruction
 from statemachine.scheduler import DailyQuotaExhausted, Scheduler
 
-LEGACY_SKILL_DIR = "skill-adapter"
 _METRICS = {"GenerateRequestsPerMinute": "rpm", "GenerateRequestsPerDay": "rpd",
             "InputTokensPerModelPerMinute": "tpm", "InputTokensPerModelPerDay": "tpd"}
 

@@ -17,7 +17,7 @@ from events import EventStore
 from statemachine import catalog as c
 from statemachine import writes
 from statemachine.analysis import analyze, hash_tree
-from statemachine.discovery import Candidate, discover
+from statemachine.discovery import LEGACY_SKILL_DIR, Candidate, discover, holds_plugin
 from statemachine.lifecycle import Lifecycle, State
 
 # States in which the plugin's files are being changed by overnight itself.
@@ -85,11 +85,34 @@ def _target_problem(root: Path, plugin_dir: Path, skill: str | None) -> str | No
     its place), found before any request is spent; the write step checks again."""
     if skill is None:
         return None
+    for held in (f"skills/{skill}", f"skills/{LEGACY_SKILL_DIR}"):
+        nested = _nested_plugin(plugin_dir, held)
+        if nested:
+            return (f"{nested} is another plugin, inside the skill directory overnight would write "
+                    f"(or move to skills/{skill}); move one of the two plugins")
     try:
         with writes.opened(root, plugin_dir) as at:
             writes.plan_targets(at, f"skills/{skill}", {f"skills/{skill}/SKILL.md": b""})
     except writes.WriteError as e:
         return f"its SKILL.md cannot be written: {e}"
+    return None
+
+
+def _nested_plugin(plugin_dir: Path, rel: str) -> str | None:
+    """The first plugin directory at or below plugin_dir/rel (symlinks not followed), as a
+    path relative to plugin_dir; None when there is none."""
+    stack = [rel]
+    while stack:
+        here = stack.pop()
+        path = plugin_dir / here
+        if path.is_symlink() or not path.is_dir():
+            continue
+        if holds_plugin(path):
+            return here
+        try:
+            stack += sorted((f"{here}/{p.name}" for p in path.iterdir()), reverse=True)
+        except OSError:
+            continue
     return None
 
 

@@ -639,6 +639,27 @@ def test_a_persons_files_named_like_overnights_temporary_files_are_left_alone(on
     assert [p.read_text() for p in mine] == [f"mine: {p.name}\n" for p in mine]
 
 
+def test_a_plugin_inside_the_skill_directory_overnight_would_move_or_write_is_never_touched(market, emu):
+    """The legacy skills/skill-adapter/ that a write moves to skills/<name>/ was itself a plugin:
+    it was moved away and its SKILL.md written over, in no snapshot (the outer plugin's leave
+    nested plugins out)."""
+    outer = market / "plugins" / "devops" / "deploy-checker"
+    inner = outer / "skills" / "skill-adapter"
+    (inner / ".claude-plugin").mkdir()
+    (inner / ".claude-plugin" / "plugin.json").write_text('{"name": "adapter", "description": "Nested."}')
+    before = {p.relative_to(inner): p.read_bytes() for p in inner.rglob("*") if p.is_file()}
+    refused = run(market, emu, "--plugin", "deploy-checker")
+    assert refused.exit_code == 1 and "plugins/devops/deploy-checker is invalid" in refused.output
+    assert run(market, emu).exit_code == 0  # the rest goes on, the nested plugin too (inside itself)
+    assert states(market)["plugins/devops/deploy-checker"] == "invalid"
+    assert states(market)["plugins/devops/deploy-checker/skills/skill-adapter"] == "done"
+    reason = query(market, "SELECT reason FROM plugins WHERE plugin_id = 'plugins/devops/deploy-checker'")[0][0]
+    assert reason == ("skills/skill-adapter is another plugin, inside the skill directory overnight would write "
+                      "(or move to skills/deploy-checker); move one of the two plugins")
+    assert {path: (inner / path).read_bytes() for path in before} == before
+    assert not (outer / "skills" / "deploy-checker").exists()
+
+
 def test_a_removed_file_overnight_wrote_is_written_again(one, emu):
     assert run(one, emu).exit_code == 0
     skill = one / "plugins" / "tools" / "widget" / "skills" / "widget" / "SKILL.md"
