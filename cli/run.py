@@ -209,7 +209,7 @@ def _render(result, as_json: bool, resume: str) -> None:
                    "message": result.message,
                    "problems": [{"plugin": p, "state": s, "reason": r} for p, s, r in result.problems],
                    "invalid": [{"plugin": p, "reason": r} for p, r in result.invalid],
-                   "backups": result.backups, "backup_failed": result.backup_failed})
+                   "backups": result.backups, "backup_failed": result.backup_failed, "warnings": result.warnings})
         return
     counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
     others = ", ".join(f"{s} {n}" for s, n in sorted(result.by_other_runs.items(), key=lambda kv: -kv[1]))
@@ -226,6 +226,8 @@ def _render(result, as_json: bool, resume: str) -> None:
         click.echo(f"  {state:<11} {shown(plugin_id)}{': ' + shown(reason) if reason else ''}")
     for plugin_id, reason in result.invalid:
         click.echo(f"  {'invalid':<11} {shown(plugin_id)}: {shown(reason)} (not processed)")
+    for warning in result.warnings:
+        click.echo(f"  {'warning':<11} {shown(warning)}")
     for line in result.backups:
         click.echo(line, err=result.backup_failed)
     if result.outcome == "interrupted":

@@ -191,6 +191,7 @@ class RunResult:
     paused_until: str | None = None
     backups: list[str] = field(default_factory=list)  # one line per backup made or failed
     backup_failed: bool = False
+    warnings: list[str] = field(default_factory=list)  # the scan's: what it could not read or use
 
     @property
     def ok(self) -> bool:
@@ -221,6 +222,7 @@ class Runner:
         self._backups: list[str] = []
         self._backup_failed = False
         self._backing_up = False
+        self._scan_warnings: list[str] = []
 
     # ------------------------------------------------------------------ entry points
 
@@ -228,7 +230,7 @@ class Runner:
         standards = load_standards(options.standards)
         gateway = self.gateway_factory(options.gemini, self.backend)
         gateway.check_access()
-        scan(self.store, self.root)
+        self._scan_warnings = scan(self.store, self.root).warnings
         selection = self._select(options)
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         config = options.config(standards, self.backend)
@@ -283,7 +285,7 @@ class Runner:
             if self.stopping.is_set():
                 return self._interrupted(run_id, selection)
         self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
-        scan(self.store, self.root)
+        self._scan_warnings = scan(self.store, self.root).warnings
         return self._execute(run_id, options, standards, gateway, selection, lifted=lifted)
 
     def interrupt(self, signal_name: str) -> None:
@@ -511,7 +513,7 @@ class Runner:
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
                          selected=len(selection), invalid=invalid, problems=problems, message=message,
                          budget=budget, paused_until=paused_until, backups=list(self._backups),
-                         backup_failed=self._backup_failed)
+                         backup_failed=self._backup_failed, warnings=self._scan_warnings)
 
     def _finish_older_runs(self, run_id: str) -> None:
         """An older unfinished run whose every plugin this run finished is finished too, so
@@ -569,8 +571,8 @@ class Runner:
             counts, others, problems = self._counts(run_id, selection)
             self.journal.close()
         return RunResult(run_id=run_id, outcome="interrupted", counts=counts, by_other_runs=others,
-                         selected=len(selection),
-                         problems=problems, message=f"interrupted by {self.signal}")
+                         selected=len(selection), problems=problems, message=f"interrupted by {self.signal}",
+                         warnings=self._scan_warnings)
 
 
 @dataclass

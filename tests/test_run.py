@@ -660,6 +660,20 @@ def test_a_plugin_inside_the_skill_directory_overnight_would_move_or_write_is_ne
     assert not (outer / "skills" / "deploy-checker").exists()
 
 
+def test_run_tells_what_its_scan_could_not_use(market, emu):
+    """A marketplace.json that does not parse drops every entry of it (its names, its
+    sources): `scan` said so, `run` said nothing and exited 0."""
+    listing = market / ".claude-plugin" / "marketplace.json"
+    listing.write_text(listing.read_text().rstrip().removesuffix("}") + ",}")
+    result = run(market, emu, "--dry-run")
+    assert result.exit_code == 0, result.output
+    warning = next(line for line in result.stdout.splitlines() if line.startswith("  warning     "))
+    assert ".claude-plugin/marketplace.json: invalid JSON" in warning, warning
+    assert "plugins are discovered from directories only" in warning
+    as_json = json.loads(run(market, emu, "--dry-run", "--json").stdout)
+    assert [w for w in as_json["warnings"] if "marketplace.json: invalid JSON" in w] == [warning.split(None, 1)[1]]
+
+
 def test_a_removed_file_overnight_wrote_is_written_again(one, emu):
     assert run(one, emu).exit_code == 0
     skill = one / "plugins" / "tools" / "widget" / "skills" / "widget" / "SKILL.md"
