@@ -446,7 +446,14 @@ def _read_plugin_json(root: Path, root_real: str, plugin_id: str,
                       named: bool) -> tuple[str | None, str | None]:
     """(name from plugin.json, problem) for one plugin directory."""
     path = root / plugin_id / PLUGIN_JSON
-    if not os.path.lexists(path):
+    try:
+        os.lstat(path)
+        missing = False
+    except (FileNotFoundError, NotADirectoryError):
+        missing = True
+    except OSError as e:  # an unreadable directory on the way: not "missing"
+        return None, f"cannot read {PLUGIN_JSON}: {e.strerror}"
+    if missing:
         message = f"missing {PLUGIN_JSON}"
         if os.path.lexists(root / plugin_id / "plugin.json"):
             message += (" (found plugin.json at the plugin root; Claude Code reads "

@@ -448,6 +448,24 @@ def test_a_read_only_marketplace_says_where_the_log_can_go(market, tmp_path):
 
 
 @needs_permissions
+def test_a_listed_plugin_whose_directory_cannot_be_read_says_so(market, tmp_path):
+    """Its plugin.json was reported missing; the directory is there, unreadable."""
+    listing = json.loads((market / ".claude-plugin" / "marketplace.json").read_text())
+    source = listing["plugins"][0]["source"]
+    locked = (market / source).resolve()
+    locked.chmod(0o000)
+    try:
+        result = subprocess.run([*unprivileged(), sys.executable, "-m", "cli", "scan", str(market), "--db",
+                                 str(tmp_path / "log.db")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    plugin_id = locked.relative_to(market.resolve()).as_posix()
+    assert (f"  invalid  {plugin_id}: cannot read .claude-plugin/plugin.json: Permission denied"
+            in result.stdout.splitlines()), result.stdout
+
+
+@needs_permissions
 def test_a_log_in_a_directory_this_user_cannot_write_can_still_be_read(market):
     """A reader of a WAL log needs a -shm file beside it, which SQLite cannot make there."""
     assert run("scan", market).exit_code == 0
