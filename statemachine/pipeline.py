@@ -174,6 +174,11 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
             if state == State.RETRYING:
                 wait_until = _ts(row["not_before"])
                 if wait_until > ctx.clock() and wait_until > ctx.lifted_until:
+                    if wait_until - ctx.clock() > MAX_BACKOFF_S:  # no backoff is that long: a 429's
+                        # RetryInfo asked for it (a daily quota); the run pauses rather than sleep
+                        # unrecorded (past --no-wait, past new limits a resume states)
+                        raise DailyQuotaExhausted(wait_until, f"{plugin_id} may retry only then, as Gemini's 429 "
+                                                              "asked")
                     return wait_until
             try:
                 _STEPS[state](ctx, cursor, row)
@@ -187,6 +192,8 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
         ctx.journal.release(cursor)
 
 
+# The longest wait before a retry that a failure itself sets (longer ones come from a 429's RetryInfo).
+MAX_BACKOFF_S = 600.0
 # OS errors of the machine rather than of one plugin's files: they stop the run.
 _MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ENOMEM})
 # The step a state performs, as PluginFailed names it.
@@ -435,7 +442,7 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
                                                   request_id=request_id, status_code=e.status_code,
                                                   kind=e.kind, usage=e.usage))
         return
-    delay = min(600.0, ctx.settings.backoff_s * 2 ** row["failures"])
+    delay = min(MAX_BACKOFF_S, ctx.settings.backoff_s * 2 ** row["failures"])
     delay = delay / 2 + ctx.rng.uniform(0, delay / 2)
     ctx.journal.record(cursor, c.RequestFailed(
         run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind, message=message,

@@ -47,6 +47,22 @@ def test_a_request_budget_stops_cleanly_and_resume_with_a_larger_one_finishes(ma
     assert changes == [("resume with --max-requests 2", 2), ("resume with --max-requests 100", 100)]
 
 
+def test_a_plugin_a_429_told_to_wait_hours_pauses_a_later_run_instead_of_holding_it(market, emu):
+    """Gemini's RetryInfo held one plugin for 12 hours; every later run, --no-wait or not,
+    slept on it with nothing recorded and nothing said."""
+    emu.script("rate_limit_day", retry_delay="43200s", phase="skill")
+    first = run(market, emu, "--no-wait", "--concurrency", "1")
+    assert first.exit_code == 0 and "daily quota used up: resume after " in first.stdout, first.output
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    later = subprocess.run([sys.executable, "-m", "cli", "run", str(market), "--base-url", emu.url, *FAST, "--no-wait"],
+                           cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY}, capture_output=True, text=True,
+                           timeout=120)  # it used to sleep for 12 hours
+    assert later.returncode == 0, later.stderr
+    (until,) = {u for (u,) in query(market, "SELECT json_extract(data, '$.until') FROM events "
+                                            "WHERE type = 'RunPaused'")}
+    assert f"daily quota used up: resume after {until} " in later.stdout
+
+
 def test_resume_applies_new_limits_from_that_moment_and_records_why(one, emu):
     emu.script("rate_limit_day", retry_delay=None, phase="skill")
     assert run(one, emu, "--no-wait", "--concurrency", "1").exit_code == 0
