@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 from datetime import datetime
@@ -295,7 +296,12 @@ def _plugin_lines(progress) -> list[str]:
 
 
 def _note(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """A progress line. A reader that went away (`overnight run ... 2>&1 | head`) does not stop
+    the run: the lines go nowhere from then on."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def _moment(ts: float) -> str:

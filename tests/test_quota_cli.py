@@ -63,6 +63,19 @@ def test_a_plugin_a_429_told_to_wait_hours_pauses_a_later_run_instead_of_holding
     assert f"daily quota used up: resume after {until} " in later.stdout
 
 
+def test_a_run_whose_progress_reader_goes_away_goes_on_to_the_end(market, emu):
+    """`overnight run ... 2>&1 | head -1`: the first progress line after the reader left raised
+    BrokenPipeError, which stopped the run unrecorded and exited 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    command = " ".join([sys.executable, "-m", "cli", "run", str(market), "--base-url", emu.url, *FAST,
+                        "--concurrency", "1"])
+    piped = subprocess.run(["bash", "-c", f"{command} 2>&1 | head -1; exit ${{PIPESTATUS[0]}}"], cwd=REPO,
+                           env={**env, "GOOGLE_API_KEY": KEY}, capture_output=True, text=True, timeout=120)
+    assert piped.stdout.startswith("1/4 plugins  ")
+    assert query(market, "SELECT status FROM runs") == [("complete",)]
+    assert query(market, "SELECT state, count(*) FROM plugins GROUP BY state") == [("done", 4)]
+
+
 def test_resume_applies_new_limits_from_that_moment_and_records_why(one, emu):
     emu.script("rate_limit_day", retry_delay=None, phase="skill")
     assert run(one, emu, "--no-wait", "--concurrency", "1").exit_code == 0
