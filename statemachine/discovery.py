@@ -474,23 +474,28 @@ def _read_plugin_json(root: Path, root_real: str, plugin_id: str,
 
 
 def _mark_duplicates(candidates: list[Candidate], holders: Mapping[str, str]) -> list[Candidate]:
-    """Of the candidates sharing a name, one keeps it (the one `holders` says held that name,
-    else the first by plugin_id); the others get a problem and no skill name."""
-    owners: dict[str, str] = {}
+    """Of the candidates sharing a name, one keeps it: one that can be processed before one that
+    cannot (a manifest entry whose directory is gone holds no name), then the one `holders`
+    says held that name, else the first by plugin_id. The others get a problem and no skill name."""
+    owners: dict[str, Candidate] = {}
+
+    def rank(cand: Candidate, key: str) -> tuple[bool, bool]:
+        return cand.problem is None, holders.get(cand.plugin_id) == key
+
     for cand in candidates:  # (sorted by plugin_id)
         key = cand.skill_name or cand.name
         if key is None:
             continue
         owner = owners.get(key)
-        if owner is None or (holders.get(cand.plugin_id) == key and holders.get(owner) != key):
-            owners[key] = cand.plugin_id
+        if owner is None or rank(cand, key) > rank(owner, key):
+            owners[key] = cand
     result = []
     for cand in candidates:
         key = cand.skill_name or cand.name
         if key is None:
             result.append(cand)
             continue
-        owner = owners[key]
+        owner = owners[key].plugin_id
         if owner == cand.plugin_id:
             result.append(cand)
             continue

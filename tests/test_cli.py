@@ -410,6 +410,19 @@ def test_a_state_directory_overnight_cannot_use_is_one_clear_error(market, tmp_p
     assert run("scan", market, "--db", tmp_path / "elsewhere.db").exit_code == 0
 
 
+def test_a_listed_plugins_directory_renamed_keeps_its_name_at_the_first_scan(market):
+    """The manifest entry whose directory is gone held the name: the first scan refused the
+    renamed directory as a duplicate, the next one (nothing changed) took it."""
+    assert run("scan", market).exit_code == 0
+    old = market / "plugins" / "devops" / "deploy-checker"
+    old.rename(old.with_name("deploy-check"))
+    first = as_json(run("scan", market, "--json"))
+    assert {p["plugin"] for p in first["problems"]} == {"plugins/devops/deploy-checker"}  # the entry: no directory
+    assert as_json(run("status", market, "--json", "--plugin", "plugins/devops/deploy-check"))["items"][0][
+        "state"] == "analyzed"
+    assert as_json(run("scan", market, "--json"))["events"] == 0
+
+
 def test_a_lock_file_that_is_a_symlink_or_a_fifo_is_refused_untouched(market, tmp_path):
     """A cloned marketplace can ship `.overnight/overnight.db.lock` as anything: a symlink's
     target was truncated, and a FIFO hung every command."""
