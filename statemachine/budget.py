@@ -97,14 +97,19 @@ class Spending:
             self._held_output -= hold[1]
             self._settled.notify_all()
 
-    def settle(self, hold: Hold, usage: Usage | None) -> None:
-        """A sent request's answer (or failure) came: what it took replaces what it held."""
+    def settle(self, hold: Hold, usage: Usage | None, *, billed: bool = False) -> None:
+        """A sent request's answer (or failure) came: what it took replaces what it held. A
+        failure with no usage that Gemini may still have billed (`billed`: no answer came in
+        time, and Gemini goes on with it) counts at what it held, as a lost request does."""
         with self._settled:
             self._held_input -= hold[0]
             self._held_output -= hold[1]
             if usage is not None:
                 self.input_tokens += usage.input_tokens
                 self.output_tokens += usage.output_tokens + usage.thoughts_tokens
+            elif billed:
+                self.input_tokens += hold[0]
+                self.output_tokens += hold[1]
             self._settled.notify_all()
 
     def reached(self, budget: str, limit: float) -> BudgetReached:

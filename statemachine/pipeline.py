@@ -346,7 +346,7 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         answer = ctx.gateway.generate(system, prompt, schema)
     except GatewayError as e:
         if ctx.spending is not None and hold is not None:
-            ctx.spending.settle(hold, e.usage)
+            ctx.spending.settle(hold, e.usage, billed=e.kind == "timeout")
         _failed(ctx, cursor, row, step, request_id, e)
         ctx.scheduler.settle(slot, e.usage.input_tokens if e.usage else None)
         return

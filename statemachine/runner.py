@@ -342,11 +342,13 @@ class Runner:
                               margin=WINDOW_MARGIN)
         stats = self._stats(run_id)
         expected = expected_output(self.store)
-        # A request whose process stopped before its answer (lost) may well have been billed:
-        # the budgets count it at its estimate (the run's totals for people count what is known).
+        # A request whose process stopped before its answer (lost), or whose answer did not come in
+        # time, may well have been billed: the budgets count it at its estimate (the run's totals
+        # for people count what is known).
         lost_in, lost_out = self.store.query(
             "SELECT coalesce(sum(est_input_tokens), 0), coalesce(sum(CASE phase WHEN 'plan' THEN ? ELSE ? END), 0) "
-            "FROM quota_ledger WHERE run_id = ? AND outcome = 'lost'", (expected["plan"], expected["skill"], run_id))[0]
+            "FROM quota_ledger WHERE run_id = ? AND outcome IN ('lost', 'timeout')",
+            (expected["plan"], expected["skill"], run_id))[0]
         spending = Spending(options.budgets, options.prices, requests=stats.requests,
                             input_tokens=stats.input_tokens + lost_in, output_tokens=stats.output_tokens + lost_out,
                             expected_output=expected)

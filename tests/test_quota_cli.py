@@ -76,6 +76,17 @@ def test_a_run_whose_progress_reader_goes_away_goes_on_to_the_end(market, emu):
     assert query(market, "SELECT state, count(*) FROM plugins GROUP BY state") == [("done", 4)]
 
 
+def test_requests_whose_answer_did_not_come_in_time_count_toward_the_token_budget(one, emu):
+    """Gemini goes on with a request the client stopped waiting for, and bills it: two timed-out
+    SKILL.md requests counted nothing, and the run went past --max-tokens."""
+    emu.script("timeout", times=2, delay=2, phase="skill")
+    stopped = run(one, emu, "--timeout", "1", "--max-tokens", "12000", "--concurrency", "1", "--json")
+    assert json.loads(stopped.stdout)["outcome"] == "budget_exhausted", stopped.output
+    again = overnight("resume", one, "--json")  # the same budget, counted again from the log
+    assert json.loads(again.stdout)["outcome"] == "budget_exhausted", again.output
+    assert len([r for r in emu.requests if r.method == "POST"]) == 3  # the plan and the two timed out
+
+
 def test_resume_applies_new_limits_from_that_moment_and_records_why(one, emu):
     emu.script("rate_limit_day", retry_delay=None, phase="skill")
     assert run(one, emu, "--no-wait", "--concurrency", "1").exit_code == 0
