@@ -324,6 +324,12 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         feedback = msgspec.json.decode(details["feedback"]) if details["feedback"] else []
         prompt, schema = skill_prompt(data, row["skill_name"], plan, ctx.settings.gates, feedback), c.SkillDraft
     est = estimate_tokens(system, prompt)
+    tpm = ctx.scheduler.limits.tpm
+    if tpm and est > tpm:  # Gemini would answer every attempt with a 429, a request a minute, for ever
+        ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=(
+            f"its {step} prompt is about {est:,} tokens, more than the {tpm:,} tokens per minute allowed: it "
+            "can never be sent (if your quota allows more, state it with --tpm)")))
+        return
     hold = _hold(ctx, cursor.plugin_id, step, est)
     try:
         slot = _admit(ctx, cursor.plugin_id, est)

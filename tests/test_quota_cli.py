@@ -87,6 +87,18 @@ def test_requests_whose_answer_did_not_come_in_time_count_toward_the_token_budge
     assert len([r for r in emu.requests if r.method == "POST"]) == 3  # the plan and the two timed out
 
 
+def test_a_prompt_larger_than_the_tokens_per_minute_limit_fails_its_plugin_unsent(one, emu):
+    """Gemini answers such a request with a 429 every time: it went again every minute, for
+    ever, spending the day's requests."""
+    result = run(one, emu, "--tpm", "500", "--json")
+    assert result.exit_code == 1, result.output  # a plugin failed
+    (problem,) = json.loads(result.stdout)["problems"]
+    assert problem["state"] == "failed" and re.fullmatch(
+        r"its plan prompt is about [\d,]+ tokens, more than the 500 tokens per minute allowed: it can never be "
+        r"sent \(if your quota allows more, state it with --tpm\)", problem["reason"]), problem
+    assert [r for r in emu.requests if r.method == "POST"] == []
+
+
 def test_resume_applies_new_limits_from_that_moment_and_records_why(one, emu):
     emu.script("rate_limit_day", retry_delay=None, phase="skill")
     assert run(one, emu, "--no-wait", "--concurrency", "1").exit_code == 0
