@@ -47,6 +47,8 @@ OK_END = frozenset({State.DONE, State.SKIPPED, State.REJECTED})
 # Network jitter between our admission and Gemini's count (measured up to ~0.15 s on a busy
 # machine by tests/bench/quota.py): keep a request in the minute window this much longer.
 WINDOW_MARGIN = 0.5
+# The states a run's summary lists, with their reasons (others only when they have one).
+_LOOK = (State.FAILED, State.REJECTED, State.RETRYING, State.WRITING)
 
 
 class _BackupStopped(BaseException):
@@ -481,7 +483,9 @@ class Runner:
         """The states of run `run_id`'s plugins: those it finished or left unfinished, those
         another run finished (a later run, or one that ran while this one was paused or
         stopped: each plugin is credited to the run that finished it, so sums over runs
-        count it once), and the plugins that did not end done or skipped."""
+        count it once), and the plugins that need a look: failed, rejected, waiting to retry, cut
+        short in a write, or held for a reason (the plugins a pause or a budget left where they
+        were, untouched or part way, are counted by state, not listed)."""
         chosen = set(selection)
         counts: dict[str, int] = {}
         others: dict[str, int] = {}
@@ -492,7 +496,7 @@ class Runner:
                 continue
             credited = others if state in FINAL and last_run not in (None, run_id) else counts
             credited[state] = credited.get(state, 0) + 1
-            if state not in (State.DONE, State.SKIPPED):  # rejected ones are listed with their reasons
+            if state in _LOOK or (reason and state not in (State.DONE, State.SKIPPED)):
                 problems.append((plugin_id, state, reason or ""))
         return counts, others, problems
 

@@ -99,6 +99,17 @@ def test_a_prompt_larger_than_the_tokens_per_minute_limit_fails_its_plugin_unsen
     assert [r for r in emu.requests if r.method == "POST"] == []
 
 
+def test_a_paused_runs_summary_counts_the_plugins_it_did_not_reach_and_lists_none(market, emu):
+    """With --rpd 20 on a corpus of 272, each night's summary listed some 260 untouched plugins
+    as problems, without a reason."""
+    result = run(market, emu, "--rpd", "2", "--no-wait", "--concurrency", "1", "--json")
+    summary = json.loads(result.stdout)
+    assert summary["outcome"] == "paused" and summary["by_state"] == {"done": 1, "analyzed": 3}, summary
+    assert summary["problems"] == []
+    text = overnight("resume", market)  # paused still: the day's two requests are spent
+    assert "  analyzed  " not in text.stdout, text.stdout
+
+
 def test_resume_applies_new_limits_from_that_moment_and_records_why(one, emu):
     emu.script("rate_limit_day", retry_delay=None, phase="skill")
     assert run(one, emu, "--no-wait", "--concurrency", "1").exit_code == 0
