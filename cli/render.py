@@ -34,6 +34,18 @@ def duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def moment(when: float | str) -> str:
+    """A moment (unix time, or ISO 8601 as the log records it) in UTC, and in local time when
+    that differs: a person reads when to come back in their own terms."""
+    from datetime import datetime
+
+    from statemachine.scheduler import iso
+
+    ts = datetime.fromisoformat(when).timestamp() if isinstance(when, str) else when
+    local = datetime.fromtimestamp(ts).astimezone()
+    return iso(ts) + (f" ({local:%Y-%m-%d %H:%M %Z} local time)" if local.utcoffset() else "")
+
+
 def plural(count: int, noun: str) -> str:
     """`1 plugin`, `2 plugins` (nouns with a plain -s plural)."""
     return f"{count} {noun}{'' if count == 1 else 's'}"

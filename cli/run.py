@@ -6,7 +6,6 @@ import math
 import os
 import signal
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -26,7 +25,7 @@ from cli.options import (
     stated_limits,
     where,
 )
-from cli.render import duration, emit_json, interactive, plural, shown, stderr_console
+from cli.render import duration, emit_json, interactive, moment, plural, shown, stderr_console
 
 
 
@@ -219,7 +218,7 @@ def _render(result, as_json: bool, resume: str) -> None:
     if result.outcome == "budget_exhausted":
         click.echo(f"{result.message}: `{shown(resume)} --max-{result.budget} N` goes on with a larger budget")
     if result.paused_until:
-        click.echo(f"daily quota used up: resume after {result.paused_until} "
+        click.echo(f"daily quota used up: resume after {moment(result.paused_until)} "
                    f"with `{shown(resume)}` (or `{shown(resume)} --wait` now, to sleep until then)")
     if result.message and result.outcome != "budget_exhausted":
         click.echo(f"stopped: {result.message}", err=True)
@@ -264,7 +263,7 @@ class _Display:
         if progress.eta is not None:
             line += f"  ETA {duration(progress.eta)}"
         if progress.paused_until:
-            line += f"  paused until {_moment(progress.paused_until)}"
+            line += f"  paused until {moment(progress.paused_until)}"
         if self._live is not None:
             from rich.text import Text
 
@@ -272,7 +271,7 @@ class _Display:
             return
         if progress.paused_until != self._paused_until:
             self._paused_until = progress.paused_until
-            _note(f"paused for the quota until {_moment(progress.paused_until)}" if progress.paused_until
+            _note(f"paused for the quota until {moment(progress.paused_until)}" if progress.paused_until
                   else "quota pause over: going on")
         elif not progress.paused_until and progress.finished != self._last:
             self._last = progress.finished
@@ -304,9 +303,3 @@ def _note(line: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
-def _moment(ts: float) -> str:
-    """A unix time in UTC, and in local time when that differs."""
-    from statemachine.scheduler import iso
-
-    local = datetime.fromtimestamp(ts).astimezone()
-    return iso(ts) + (f" ({local:%Y-%m-%d %H:%M %Z} local time)" if local.utcoffset() else "")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import common, marketplace_argument, where
-from cli.render import emit_json, plural, shown
+from cli.render import emit_json, moment, plural, shown
 from statemachine import status as status_service
 from statemachine.lifecycle import State
 from statemachine.errors import NotAMarketplace
@@ -42,7 +42,7 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
                    + (f"{r['planned']} planned, " if r["planned"] else "") + plural(r['requests'], 'request')
                    + ("; a dry run" if r["dry_run"] else "")
                    + (f": `overnight run{here}` goes on from the plans" if r["dry_run"] and r["planned"] else "")
-                   + (f"; paused until {r['paused_until']}" if r["paused_until"] else "")
+                   + (f"; paused until {moment(r['paused_until'])}" if r["paused_until"] else "")
                    + (f"; no overnight process is waiting for it: `overnight resume{here} --wait` sleeps until "
                       "then and goes on" if r["status"] == "paused" and not r["waiting"] else "")
                    + (f"; no overnight process is running it: `overnight resume{here}` continues it"

@@ -282,6 +282,15 @@ def test_the_eta_counts_the_time_the_per_minute_quota_takes(market, emu):
     assert 120 <= minutes * 60 + seconds <= 151, first
 
 
+def test_the_summary_and_status_give_the_end_of_a_pause_in_local_time_too(one, emu, tokyo):
+    emu.script("rate_limit_day", retry_delay=None, phase="skill")
+    result = run(one, emu, "--no-wait")
+    until = query(one, "SELECT json_extract(data, '$.until') FROM events WHERE type = 'RunPaused'")[0][0]
+    local = datetime.fromisoformat(until).astimezone(tokyo).strftime("%Y-%m-%d %H:%M JST")
+    assert f"daily quota used up: resume after {until} ({local} local time) with `" in result.stdout, result.stdout
+    assert f"; paused until {until} ({local} local time); " in overnight("status", one).stdout
+
+
 def test_counts_of_one_are_singular(one, emu):
     planned = run(one, emu, "--dry-run")
     assert planned.exit_code == 0, planned.output
