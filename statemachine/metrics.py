@@ -173,6 +173,10 @@ def expected_output(store: EventStore) -> dict[str, int]:
             "skill": int(measured.get("skill") or DEFAULT_SKILL_OUTPUT)}
 
 
+# States past the SKILL.md answer (gates, snapshot, write): no request left to make.
+_PAST_SKILL = frozenset({"generated", "validated", "snapshotted", "writing", "written"})
+
+
 def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limits, *, model: str, now: float,
              gates: GateConfig | None = None, prices: Prices | None = None,
              standards_path: Path | None = None, plan_only: bool = False) -> Estimate:
@@ -185,10 +189,13 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     system = system_instruction(standards)
     output = expected_output(store)
     plan_out, skill_out = output["plan"], output["skill"]
-    # Requests Gemini answered (well or not) per useful answer: retries included, requests
-    # whose process stopped before the answer (lost, pending) left out: they say nothing of Gemini.
+    # Requests Gemini answered (well or not) per useful answer: retries included; left out, as
+    # they say nothing of Gemini's answers: requests whose process stopped before the answer
+    # (lost, pending), and 429s (the quota's, which the limits pace; one plugin's 429s made
+    # every future request count several times).
     settled, answers, latency = store.query(
-        "SELECT count(*) FILTER (WHERE outcome NOT IN ('pending', 'lost')), coalesce(sum(outcome = 'ok'), 0), "
+        "SELECT count(*) FILTER (WHERE outcome NOT IN ('pending', 'lost', 'rate_limited')), "
+        "coalesce(sum(outcome = 'ok'), 0), "
         "avg(settled_at - sent_at) FILTER (WHERE outcome = 'ok') FROM quota_ledger")[0]
     latency = latency if answers else DEFAULT_LATENCY_S
     overhead = settled / answers if answers else 1.0
@@ -197,13 +204,16 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
                         trigger_phrases=[], allowed_tools=[])
     for plugin_id in plugin_ids:
         row = store.query(
-            "SELECT p.state, p.path, p.name, p.category, p.skill_name, d.facts FROM plugins p "
+            "SELECT p.state, p.step, p.path, p.name, p.category, p.skill_name, d.facts FROM plugins p "
             "JOIN plugin_details d USING (plugin_id) WHERE plugin_id = ?", (plugin_id,))
-        if not row or row[0][5] is None:
+        if not row or row[0][6] is None:
             continue
-        state, path, name, category, skill_name, facts = row[0]
+        state, step, path, name, category, skill_name, facts = row[0]
+        if state in _PAST_SKILL:
+            continue  # its SKILL.md came: what is left needs no request
         data = plugin_data(root, path, name, category, msgspec.json.decode(facts, type=c.PluginFacts))
-        needs_plan = state in ("analyzed", "planning", "new", "discovered") or state in FINAL
+        needs_plan = (state in ("analyzed", "planning", "new", "discovered") or state in FINAL
+                      or (state == "retrying" and step == "plan"))
         if needs_plan:
             requests += overhead
             input_tokens += overhead * estimate_tokens(system, plan_prompt(data, skill_name))

@@ -291,6 +291,20 @@ def test_the_summary_and_status_give_the_end_of_a_pause_in_local_time_too(one, e
     assert f"; paused until {until} ({local} local time); " in overnight("status", one).stdout
 
 
+def test_estimate_counts_a_plan_still_owed_and_takes_no_429_for_a_retry_rate(one, emu):
+    emu.script("rate_limit_day", retry_delay=None, phase="plan")
+    assert run(one, emu, "--no-wait").exit_code == 0
+    assert query(one, "SELECT state, step FROM plugins") == [("retrying", "plan")]
+    owed = json.loads(overnight("estimate", one, "--json").stdout)
+    assert owed["requests"] == 2, owed  # the plan it still owes, and the SKILL.md
+    emu.script("rate_limit_minute", retry_delay="0s", phase="skill")
+    assert overnight("resume", one, "--rpd", "1000").exit_code == 0
+    assert query(one, "SELECT outcome, count(*) FROM quota_ledger GROUP BY outcome") == [("ok", 2),
+                                                                                          ("rate_limited", 2)]
+    again = json.loads(overnight("estimate", one, "--force", "--json").stdout)
+    assert again["requests"] == 2, again  # two 429s in four requests are the quota's, not Gemini's failures
+
+
 def test_counts_of_one_are_singular(one, emu):
     planned = run(one, emu, "--dry-run")
     assert planned.exit_code == 0, planned.output
