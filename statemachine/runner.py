@@ -262,11 +262,14 @@ class Runner:
         if overrides is not None:
             changed = overrides(options)
             stated = set(changed.explicit_limits) - set(options.explicit_limits)
-            if (changed.limits, changed.budgets) != (options.limits, options.budgets) or stated:
+            if (changed.limits, changed.budgets) != (options.limits, options.budgets) or stated or reason:
+                # recorded even when a flag repeats the run's value: stated now, it wins over a
+                # limit learned since it was first stated
+                before = self._effective_limits(run_id, options)
                 self.journal.append(f"run:{run_id}", c.LimitsChanged(
                     run_id=run_id, limits=changed.limits.as_dict(), budgets=changed.budgets.as_dict(),
                     reason=reason or "changed on resume", explicit=sorted(changed.explicit_limits)))
-            limits_changed = changed.limits != options.limits or bool(stated)
+                limits_changed = self._effective_limits(run_id, changed) != before
             options = changed
         gateway = self.gateway_factory(options.gemini, self.backend)
         gateway.check_access()

@@ -305,6 +305,26 @@ def test_estimate_counts_a_plan_still_owed_and_takes_no_429_for_a_retry_rate(one
     assert again["requests"] == 2, again  # two 429s in four requests are the quota's, not Gemini's failures
 
 
+def test_a_limit_restated_on_resume_wins_over_one_learned_since_the_run_began(one, emu):
+    """`resume --rpm 30` on a run begun with --rpm 30 recorded nothing, so the rpm 5 a 429 had
+    taught since still paced it, without a word."""
+    emu.script("rate_limit_minute", retry_delay="0s", quota_value=5, phase="plan")
+    emu.script("rate_limit_day", retry_delay=None, phase="skill")
+    assert run(one, emu, "--rpm", "30", "--no-wait").exit_code == 0
+    assert ("rpm", 5) in query(one, "SELECT metric, value FROM quota_limits")
+    emu.script("rate_limit_day", retry_delay=None, phase="skill")  # still the day's end: it pauses again
+    assert overnight("resume", one, "--rpm", "30").exit_code == 0
+    (explicit, reason), = query(one, "SELECT json_extract(data, '$.explicit'), json_extract(data, '$.reason') "
+                                     "FROM events WHERE type = 'LimitsChanged'")
+    assert "rpm" in json.loads(explicit) and reason == "resume with --rpm 30"
+    from statemachine.gateway import GeminiSettings
+    from statemachine.scheduler import Limits, effective_limits
+    from statemachine.workspace import open_log
+    with open_log(one, writer=False) as store:  # what the resumed run paces by
+        stated_at = store.query("SELECT max(at) FROM events WHERE type = 'LimitsChanged'")[0][0]
+        assert effective_limits(store, GeminiSettings().model, Limits(rpm=30), ("rpm",), stated_at).rpm == 30
+
+
 def test_counts_of_one_are_singular(one, emu):
     planned = run(one, emu, "--dry-run")
     assert planned.exit_code == 0, planned.output
