@@ -52,7 +52,7 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
     waiting = bool(report.last_run) and report.last_run["status"] in status_service.UNFINISHED + ("stopped",)
     for r in report.unfinished_runs:
         click.echo(f"{'older ' if r['started_at'] < report.last_run['started_at'] else ''}run {r['run_id']} "
-                   f"is unfinished: {r['status']}, {r['done']} done of {plural(r['plugins'], 'plugin')}; "
+                   f"is unfinished: {r['status']}, {r['finished']} of {plural(r['plugins'], 'plugin')} finished; "
                    f"`overnight resume{here}` continues it" + (" after the run above" if waiting else ""))
         waiting = True
     for item in report.items:

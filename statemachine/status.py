@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from events import EventStore
 from events.lock import WriterLock
 from statemachine.errors import UnknownPlugin
-from statemachine.lifecycle import State
+from statemachine.lifecycle import FINAL, State
 from statemachine.catalog import KEPT_EDIT
 
 _ROW = ("plugin_id", "name", "category", "state", "step", "reason", "not_before", "updated_at")
@@ -64,9 +64,15 @@ def runs(store: EventStore, held: bool) -> list[dict]:
     active = max(recorded_running, key=lambda r: r["last_seq"]) if held and recorded_running else None
     paused = [r for r in found if r["status"] == "paused"]
     waited = paused[0] if held and active is None and paused else None  # the newest paused one
+    finals = sorted(FINAL)
     for r in found:
         if r["status"] == "running" and r is not active:
             r["status"] = "stopped"
+        # its plugins in a final state, whichever run finished them (the counts credit each to one)
+        r["finished"] = store.query(
+            "SELECT count(*) FROM events e, json_each(e.data, '$.selection') j JOIN plugins p ON p.plugin_id = j.value "
+            f"WHERE e.stream = ? AND e.type = 'RunStarted' AND p.state IN ({', '.join('?' * len(finals))})",
+            (f"run:{r['run_id']}", *finals))[0][0]
         r["waiting"] = r is waited  # a process sleeps out its quota pause (else: none will wake up)
         del r["last_seq"]
         r["dry_run"] = bool(r["dry_run"])

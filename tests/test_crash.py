@@ -296,7 +296,7 @@ def test_status_shows_an_older_unfinished_run_and_a_run_that_finishes_its_plugin
         assert f"`overnight resume {root}` continues it after the run above" in cli("status", str(root)).stdout
         assert second.wait(timeout=30) == 0
         text = cli("status", str(root)).stdout
-        assert (f"older run {older} is unfinished: stopped, 0 done of 4 plugins; "
+        assert (f"older run {older} is unfinished: stopped, 1 of 4 plugins finished; "  # tool-03, by the newer run
                 f"`overnight resume {root}` continues it\n") in text
         resumed = spawn("resume", root, emu.url)
         wait_for_posts(resumed, posts() + 1)

@@ -359,6 +359,37 @@ def test_after_a_signal_the_summary_ends_with_the_command_that_resumes(tmp_path,
     assert resumed.exit_code == 0 and json.loads(resumed.stdout)["outcome"] == "complete"
 
 
+def test_an_unfinished_older_run_counts_its_skipped_plugins_as_finished(market):
+    """`older run ... is unfinished: interrupted, 0 done of 4 plugins` when three of the four
+    had been skipped and one was left."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    with Emulator(api_key=KEY, latency=(0.5, 0.6), seed=5) as slow:
+        assert run(market, slow).exit_code == 0
+        for readme in market.glob("plugins/*/*/README.md"):  # all four changed: the run takes them all
+            readme.write_text(readme.read_text() + "\nA new section.\n")
+            skill = next(readme.parent.glob("skills/*/SKILL.md"))
+            if readme.parent.name != "deploy-checker":  # three a person edited: kept, skipped
+                skill.write_text(skill.read_text() + "\nTeam note.\n")
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(market), "--base-url", slow.url, *FAST],
+                                cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            posts = len([r for r in slow.requests if r.method == "POST"])
+            deadline = time.monotonic() + 30
+            while len([r for r in slow.requests if r.method == "POST"]) == posts:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        (older,) = query(market, "SELECT run_id FROM runs WHERE status = 'interrupted'")[0]
+        assert overnight("run", market, "--base-url", slow.url, *FAST, "--plugin", "meeting-notes", "--force",
+                         key=KEY).exit_code == 0
+    text = overnight("status", market).stdout
+    assert f"older run {older} is unfinished: interrupted, 3 of 4 plugins finished; " in text, text
+
+
 def test_after_resume_the_progress_lines_count_the_whole_runs_requests(market, emu):
     """A resumed run goes on counting from what it already sent, not from zero."""
     assert run(market, emu, "--max-requests", "3", "--concurrency", "1").exit_code == 0
