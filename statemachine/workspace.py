@@ -57,6 +57,8 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
                                      f"marketplace: {elsewhere}")
             if candidate.exists() and not (candidate.is_dir() if kind == "directory" else candidate.is_file()):
                 raise OvernightError(f"{candidate} is not a {kind}; {elsewhere}")
+    if db is not None and path.exists() and not path.is_file():  # a FIFO read as a log said the disk failed
+        raise OvernightError(f"{path} is not a regular file; --db (or OVERNIGHT_DB) names the log file")
     if not (writer and create) and not path.exists():
         first = "run `overnight scan` first" + (", or pass --db" if db is None else " with the same --db")
         raise OvernightError(f"no event log at {path} ({first})")

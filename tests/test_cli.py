@@ -423,6 +423,17 @@ def test_a_listed_plugins_directory_renamed_keeps_its_name_at_the_first_scan(mar
     assert as_json(run("scan", market, "--json"))["events"] == 0
 
 
+def test_a_db_that_is_no_regular_file_is_named_as_such(market, tmp_path):
+    """A FIFO given as --db was reported as a failing disk."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    for command in ("status", "scan"):
+        result = subprocess.run([sys.executable, "-m", "cli", command, str(market), "--db", str(fifo)], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stderr) == (
+            1, f"error: {fifo} is not a regular file; --db (or OVERNIGHT_DB) names the log file\n"), command
+
+
 def test_a_lock_file_that_is_a_symlink_or_a_fifo_is_refused_untouched(market, tmp_path):
     """A cloned marketplace can ship `.overnight/overnight.db.lock` as anything: a symlink's
     target was truncated, and a FIFO hung every command."""
