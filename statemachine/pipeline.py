@@ -493,6 +493,23 @@ def _existing(skill_dir: Path) -> set[str]:
     return {rel for rel, st in walk(str(skill_dir), []) if stat.S_ISREG(st.st_mode)}
 
 
+def _former_dir(ctx: Context, cursor: PluginCursor, plugin_dir: Path, name: str) -> Path | None:
+    """The skill directory overnight wrote for this plugin under its former name (the
+    marketplace renamed it), which must become skills/<name>/ rather than stay beside it."""
+    skills = plugin_dir / "skills"
+    found = ctx.journal.query("SELECT schema_version, data FROM events WHERE stream = ? AND type = 'WriteIntended' "
+                              "ORDER BY version DESC LIMIT 1", (cursor.stream,))
+    if not found or (skills / name).exists():
+        return None
+    intent = c.REGISTRY.decode("WriteIntended", *found[0])
+    former = {w.path.split("/")[1] for w in intent.writes if w.path.startswith("skills/") and w.path.count("/") > 1}
+    for old in sorted(former - {name}):
+        path = skills / old
+        if path.is_dir() and not path.is_symlink():
+            return path
+    return None
+
+
 def _legacy_dir(plugin_dir: Path, name: str) -> Path | None:
     """The legacy skill directory that must become skills/<name>/, if any."""
     skills = plugin_dir / "skills"
@@ -519,7 +536,7 @@ def _snapshotted(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     details = _details(ctx, cursor.plugin_id, "validated")
     files = msgspec.json.decode(details["validated"], type=list[c.FileWrite])
     plugin_dir = ctx.root / row["path"]
-    legacy = _legacy_dir(plugin_dir, row["skill_name"])
+    legacy = _former_dir(ctx, cursor, plugin_dir, row["skill_name"]) or _legacy_dir(plugin_dir, row["skill_name"])
     moves = [c.Move(src=f"skills/{legacy.name}", dst=f"skills/{row['skill_name']}")] if legacy else []
     with writes.opened(ctx.root, plugin_dir) as at:
         writes.plan_targets(at, f"skills/{row['skill_name']}", {f.path: b"" for f in files})

@@ -674,6 +674,21 @@ def test_run_tells_what_its_scan_could_not_use(market, emu):
     assert [w for w in as_json["warnings"] if "marketplace.json: invalid JSON" in w] == [warning.split(None, 1)[1]]
 
 
+def test_a_plugin_renamed_in_the_manifest_has_its_skill_moved_not_doubled(one, emu):
+    """The skill overnight wrote under the former name stayed beside the new one: two
+    generated skills, with two names, for one plugin."""
+    assert run(one, emu).exit_code == 0
+    listing = one / ".claude-plugin" / "marketplace.json"
+    listing.write_text(listing.read_text().replace('"name": "widget"', '"name": "gadget"'))
+    assert run(one, emu).exit_code == 0
+    skills = one / "plugins" / "tools" / "widget" / "skills"
+    assert sorted(p.name for p in skills.iterdir()) == ["gadget"]
+    assert "\nname: gadget\n" in (skills / "gadget" / "SKILL.md").read_text()
+    assert states(one) == {"plugins/tools/widget": "done"}
+    assert overnight("restore-plugin", "gadget", one).exit_code == 0  # as it was before that write
+    assert sorted(p.name for p in skills.iterdir()) == ["widget"]
+
+
 def test_a_removed_file_overnight_wrote_is_written_again(one, emu):
     assert run(one, emu).exit_code == 0
     skill = one / "plugins" / "tools" / "widget" / "skills" / "widget" / "SKILL.md"
