@@ -448,17 +448,14 @@ def _read_plugin_json(root: Path, root_real: str, plugin_id: str,
     path = root / plugin_id / PLUGIN_JSON
     try:
         os.lstat(path)
-        missing = False
     except (FileNotFoundError, NotADirectoryError):
-        missing = True
-    except OSError as e:  # an unreadable directory on the way: not "missing"
-        return None, f"cannot read {PLUGIN_JSON}: {e.strerror}"
-    if missing:
         message = f"missing {PLUGIN_JSON}"
         if os.path.lexists(root / plugin_id / "plugin.json"):
             message += (" (found plugin.json at the plugin root; Claude Code reads "
                         f"{PLUGIN_JSON})")
         return None, message
+    except OSError as e:  # an unreadable directory on the way: not "missing"
+        return None, f"cannot read {PLUGIN_JSON}: {e.strerror}"
     try:
         data = load_json(root_real, path, MAX_PLUGIN_JSON, PLUGIN_JSON)
     except Unreadable as e:

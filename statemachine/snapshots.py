@@ -33,7 +33,7 @@ from statemachine.analysis import MAX_BYTES, MAX_ENTRIES, walk
 from statemachine.discovery import SKIP_DIRS, is_inside, one_line
 from statemachine.errors import OvernightError
 from statemachine.writes import (
-    WriteError, open_dir, rel_parts, remove_tree, swap_dir, temp_name,
+    WriteError, below, open_dir, rel_parts, remove_tree, swap_dir, temp_name,
 )
 
 FORMAT = 1
@@ -263,15 +263,14 @@ def _validated(manifest: Manifest) -> list[tuple[Entry, list[str]]]:
 
 
 def _plugin_parts(root: Path, plugin_dir: Path) -> list[str]:
-    """plugin_dir's segments below root (compared lexically, then resolved)."""
-    for base, path in ((os.path.abspath(root), os.path.abspath(plugin_dir)),
-                       (os.path.realpath(root), os.path.realpath(plugin_dir))):
-        rel = os.path.relpath(path, base)
-        if rel == ".":
-            raise SnapshotError("cannot restore the marketplace root itself in place")
-        if rel != ".." and not rel.startswith(".." + os.sep):
-            return rel.split(os.sep)
-    raise SnapshotError(f"{one_line(str(plugin_dir))} is not inside the marketplace")
+    """plugin_dir's segments below root; SnapshotError for the root itself or a path outside it."""
+    try:
+        parts = below(root, plugin_dir)
+    except WriteError as e:
+        raise SnapshotError(str(e)) from e
+    if not parts:
+        raise SnapshotError("cannot restore the marketplace root itself in place")
+    return parts
 
 
 def _lstat(dir_fd: int, name: str) -> os.stat_result | None:

@@ -153,17 +153,24 @@ def opened(root: Path, plugin_dir: Path) -> Iterator[int]:
     """A descriptor of `plugin_dir`, opened from `root` one directory at a time without
     following a symlink: a category directory swapped for a symlink must not lead a write out
     of the marketplace. The functions below take it (or, in tests, a path) as `plugin_dir`."""
-    fd = open_dir(root, _below(root, plugin_dir))
+    fd = open_dir(root, below(root, plugin_dir))
     try:
         yield fd
     finally:
         os.close(fd)
 
 
-def _below(root: Path, plugin_dir: Path) -> list[str]:
-    """plugin_dir's segments below root, compared lexically (a plugin at the root has none)."""
-    rel = os.path.relpath(os.path.abspath(plugin_dir), os.path.abspath(root))
-    return [] if rel == "." else _checked(rel.replace(os.sep, "/"))
+def below(root: Path, plugin_dir: Path) -> list[str]:
+    """plugin_dir's segments below root, compared lexically, then resolved (a plugin at the
+    root has none); WriteError when it is not inside root."""
+    for base, path in ((os.path.abspath(root), os.path.abspath(plugin_dir)),
+                       (os.path.realpath(root), os.path.realpath(plugin_dir))):
+        rel = os.path.relpath(path, base)
+        if rel == ".":
+            return []
+        if rel != ".." and not rel.startswith(".." + os.sep):
+            return rel.split(os.sep)
+    raise WriteError(f"{one_line(str(plugin_dir))} is not inside the marketplace")
 
 
 def plan_targets(plugin_dir: Path | int, skill_dir_rel: str, files: dict[str, bytes]) -> None:
@@ -537,16 +544,16 @@ def cleanup_temp(root: Path, plugin_dir: Path) -> int:
     simply run again); otherwise old trees are finished (skipped directories carried over,
     then removed). `.overnight-restore-*` trees and `.overnight-tmp-*` files are removed. Symlinks are never followed.
     """
-    below = _below(root, plugin_dir)
     try:
-        parent_fd = open_dir(root, below[:-1])  # the root itself for a plugin at the root
+        parts = below(root, plugin_dir)
+        parent_fd = open_dir(root, parts[:-1])  # the root itself for a plugin at the root
     except WriteError:
         return 0
     count = 0
     try:
-        if below:
-            count += _clean_dir(parent_fd, only=below[-1])
-        stack: list[tuple[str, ...]] = [tuple(below[-1:])]
+        if parts:
+            count += _clean_dir(parent_fd, only=parts[-1])
+        stack: list[tuple[str, ...]] = [tuple(parts[-1:])]
         while stack:
             parts = stack.pop()
             try:
