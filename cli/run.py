@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 import os
 import signal
 import sys
@@ -235,13 +236,16 @@ def _render(result, as_json: bool, resume: str) -> None:
 
 
 class _Display:
-    """A live progress view on a terminal. Otherwise (cron, nohup) one line per change: a
-    plugin finished, a quota pause began (saying until when), a pause ended."""
+    """A live progress view on a terminal. Otherwise (cron, nohup) a line when the run begins,
+    one line per plugin it finishes, naming it and its outcome, and a line when a quota pause
+    begins (saying until when) and when it ends."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._live = None
-        self._last = -1
+        self._started = False
+        self._shown = 0  # the number of the last finished plugin shown
+        self._recent: deque[str] = deque(maxlen=5)
         self._paused_until: float | None = None
 
     def __enter__(self) -> "_Display":
@@ -257,37 +261,51 @@ class _Display:
             self._live.__exit__(*exc)
 
     def update(self, progress) -> None:
-        line = (f"{progress.finished}/{plural(progress.total, 'plugin')}  {plural(progress.requests, 'request')}  "
-                f"{progress.input_tokens:,} in / {progress.output_tokens:,} out tokens  "
-                f"{progress.rate_limited} rate-limited")
+        counters = (f"{plural(progress.requests, 'request')}  {progress.input_tokens:,} in / "
+                    f"{progress.output_tokens:,} out tokens  {progress.rate_limited} rate-limited")
         if progress.eta is not None:
-            line += f"  ETA {duration(progress.eta)}"
-        if progress.paused_until:
-            line += f"  paused until {moment(progress.paused_until)}"
+            counters += f"  ETA {duration(progress.eta)}"
+        finished = []
+        for k, (plugin_id, state, reason) in enumerate(progress.just_finished):
+            # the batch counts a plugin just after it reports it: the count may lag one behind
+            self._shown = max(self._shown + 1, progress.finished - len(progress.just_finished) + k + 1)
+            finished.append(f"{self._shown}/{progress.total}  {state:<9} {shown(plugin_id)}"
+                            + (f": {shown(reason)}" if reason else ""))
         if self._live is not None:
             from rich.text import Text
 
-            self._live.update(Text("\n".join([line] + _plugin_lines(progress))))
+            self._recent.extend(finished)
+            line = f"{progress.finished}/{plural(progress.total, 'plugin')}  {counters}"
+            if progress.paused_until:
+                line += f"  paused until {moment(progress.paused_until)}"
+            self._live.update(Text("\n".join([line] + _plugin_lines(progress) + list(self._recent))))
             return
+        if not self._started:
+            self._started = True
+            _note(f"{progress.finished}/{plural(progress.total, 'plugin')}  {counters}")
         if progress.paused_until != self._paused_until:
             self._paused_until = progress.paused_until
             _note(f"paused for the quota until {moment(progress.paused_until)}" if progress.paused_until
                   else "quota pause over: going on")
-        elif not progress.paused_until and progress.finished != self._last:
-            self._last = progress.finished
-            _note(line)
+        for line in finished:
+            _note(f"{line}  ({counters})")
+
+
+_DOING = {"plan": "asking for a plan", "skill": "asking for a SKILL.md", "gates": "checking the SKILL.md",
+          "snapshot": "taking a snapshot", "write": "writing", "finish": "finishing"}
 
 
 def _plugin_lines(progress) -> list[str]:
     """The plugins in flight and what each one does, or which quota window it waits for; then
     the plugins queued to retry."""
     lines = []
-    for pid, phase in sorted(progress.phases.items()):
+    for pid, step in sorted(progress.phases.items()):
+        doing = _DOING.get(step, step)
         wait = progress.waiting.get(pid)
         if wait is not None:
             seconds, why = wait
-            phase += f", waits {duration(seconds)} ({why})"
-        lines.append(f"  {shown(pid)}  {phase}")
+            doing += f", waits {duration(seconds)} ({why})"
+        lines.append(f"  {shown(pid)}  {doing}")
     if progress.retrying:
         lines.append(f"  {plural(progress.retrying, 'plugin')} waiting to retry, the first in "
                      f"{duration(progress.next_retry or 0)}")

@@ -76,7 +76,9 @@ class Stats:
     input_tokens: int = 0
     output_tokens: int = 0
     rate_limited: int = 0
-    phases: dict[str, str] = field(default_factory=dict)
+    phases: dict[str, str] = field(default_factory=dict)  # plugin id -> the step it is at
+    # plugins this execution brought to a final state, in order, not yet shown: (id, state, reason)
+    finished: list[tuple[str, str, str | None]] = field(default_factory=list)
     # plugin id -> (unix time it may send, the limit it waits for): waits for a minute window
     waits: dict[str, tuple[float, str]] = field(default_factory=dict)
 
@@ -94,6 +96,10 @@ class Stats:
                 self.phases.pop(plugin_id, None)
             else:
                 self.phases[plugin_id] = phase
+
+    def finish(self, plugin_id: str, state: str, reason: str | None) -> None:
+        with self.lock:
+            self.finished.append((plugin_id, state, reason))
 
     def waiting(self, plugin_id: str, until: float | None, why: str = "") -> None:
         with self.lock:
@@ -139,7 +145,7 @@ class Context:
         return text
 
 
-_ROW = ("state", "step", "name", "skill_name", "path", "category", "content_hash", "done_hash",
+_ROW = ("state", "step", "reason", "name", "skill_name", "path", "category", "content_hash", "done_hash",
         "not_before", "plan_attempts", "skill_attempts", "gate_failures", "failures")
 
 
@@ -164,12 +170,15 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
     budget), RunStopped, or Interrupted (a signal or a fatal error stops the run).
     """
     cursor = ctx.journal.cursor(plugin_id)
+    moved = False  # a plugin already finished when the run began is not reported as finished now
     try:
         while not ctx.should_stop():
             row = _row(ctx, plugin_id)
             state = row["state"]
-            ctx.stats.phase(plugin_id, state)
+            ctx.stats.phase(plugin_id, _STEP_OF.get(state, state))
             if state in FINAL or (state == State.PLANNED and ctx.settings.dry_run):
+                if moved:
+                    ctx.stats.finish(plugin_id, state, row["reason"])
                 return None
             if state == State.RETRYING:
                 wait_until = _ts(row["not_before"])
@@ -180,6 +189,7 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
                         raise DailyQuotaExhausted(wait_until, f"{plugin_id} may retry only then, as Gemini's 429 "
                                                               "asked")
                     return wait_until
+            moved = True
             try:
                 _STEPS[state](ctx, cursor, row)
             except (OSError, snapshots.SnapshotError, writes.WriteError) as e:

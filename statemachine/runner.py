@@ -177,6 +177,8 @@ class Progress:
     waiting: dict[str, tuple[float, str]] = field(default_factory=dict)  # plugin -> (seconds, limit)
     retrying: int = 0  # plugins waiting to retry after a fault or a 429
     next_retry: float | None = None  # seconds until the first of them goes again
+    # plugins this execution finished since the last report, in order: (id, final state, reason)
+    just_finished: list[tuple[str, str, str | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -370,8 +372,9 @@ class Runner:
             spending=spending, lifted_until=lifted,
         )
         while True:
-            started, already = self.clock(), self._finished(selection)
-            outcome = _Batch(ctx, selection, options.limits.concurrency).run(
+            started, pending = self.clock(), self._unfinished(selection)
+            already = len(selection) - len(pending)
+            outcome = _Batch(ctx, pending, options.limits.concurrency).run(
                 lambda batch: self._report(stats, len(selection), batch, started, already, options.dry_run))
             if self.stopping.is_set() and self.signal:
                 return self._interrupted(run_id, selection)
@@ -420,7 +423,7 @@ class Runner:
 
     def _wait_until(self, until: float, stats: Stats, selection: list[str]) -> None:
         """Sleep through a pause, telling the display when it begins and every 30 s."""
-        finished = self._finished(selection)
+        finished = len(selection) - len(self._unfinished(selection))
         while not self.stopping.is_set() and self.clock() < until:
             if self.on_progress:
                 self.on_progress(self._progress(stats, len(selection), finished, paused_until=until))
@@ -434,17 +437,18 @@ class Runner:
         return Stats(requests=requests, input_tokens=input_tokens, output_tokens=output_tokens,
                      rate_limited=limited)
 
-    def _finished(self, selection: list[str]) -> int:
-        chosen = set(selection)
-        return sum(1 for plugin_id, state in self.journal.query("SELECT plugin_id, state FROM plugins")
-                   if plugin_id in chosen and state in FINAL)
+    def _unfinished(self, selection: list[str]) -> list[str]:
+        """The plugins of `selection` not in a final state, in its order."""
+        states = dict(self.journal.query("SELECT plugin_id, state FROM plugins"))
+        return [plugin_id for plugin_id in selection if states.get(plugin_id) not in FINAL]
 
     def _progress(self, stats: Stats, total: int, finished: int, *, eta: float | None = None,
                   paused_until: float | None = None, retrying: int = 0,
                   next_retry: float | None = None) -> Progress:
         now = self.clock()
         with stats.lock:
-            return Progress(total=total, finished=finished, phases=dict(stats.phases),
+            just_finished, stats.finished = stats.finished, []
+            return Progress(total=total, finished=finished, phases=dict(stats.phases), just_finished=just_finished,
                             requests=stats.requests, input_tokens=stats.input_tokens,
                             output_tokens=stats.output_tokens, rate_limited=stats.rate_limited,
                             eta=eta, paused_until=paused_until,
@@ -453,16 +457,15 @@ class Runner:
 
     def _report(self, stats: Stats, total: int, batch: "_Batch", started: float, already: int,
                 dry_run: bool) -> None:
-        """`already`: plugins that were finished when this stretch began (a resume passes them
-        at once, so they say nothing about the pace)."""
+        """`already`: plugins that were finished when this stretch began (the batch has the
+        others; those say nothing about the pace)."""
         if not self.on_progress:
             return
-        finished = batch.finished
+        finished = already + batch.finished
         retrying, next_retry = batch.retry_queue()
-        done_here = finished - already
         eta = None
-        if done_here > 0 and finished < total:
-            eta = max((self.clock() - started) / done_here * (total - finished),
+        if batch.finished > 0 and finished < total:
+            eta = max((self.clock() - started) / batch.finished * (total - finished),
                       self._quota_time(batch.ctx.scheduler, stats, total - finished, finished, dry_run))
         self.on_progress(self._progress(stats, total, finished, eta=eta, retrying=retrying, next_retry=next_retry))
 
@@ -612,6 +615,7 @@ class _Batch:
         self.ctx.halt, self.ctx.closed = self.halt, self.closed
         threads = [threading.Thread(target=self._worker, name=f"overnight-worker-{i}", daemon=True)
                    for i in range(self.concurrency)]
+        report(self)  # where the batch begins
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):

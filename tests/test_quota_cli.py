@@ -263,7 +263,7 @@ def test_a_quota_pause_is_told_on_stderr_when_it_begins_and_when_it_ends(one, em
     assert lines[1:3] == [f"paused for the quota until {until} ({local} local time)", "quota pause over: going on"]
     assert len(lines) == 4
     assert lines[0].startswith("0/1 plugin  ")
-    assert lines[3].startswith("1/1 plugin  3 requests  ") and "1 rate-limited" in lines[3]
+    assert lines[3].startswith("1/1  done      plugins/tools/widget  (3 requests  ") and "1 rate-limited" in lines[3]
 
 
 def test_the_eta_counts_the_time_the_per_minute_quota_takes(market, emu):
@@ -277,8 +277,8 @@ def test_the_eta_counts_the_time_the_per_minute_quota_takes(market, emu):
                files={"README.md": f"# Extra {n}\n\nDoes extra thing {n}.\n"})
     result = run(market, emu, "--rpm", "4", "--concurrency", "1", "--max-requests", "3")
     assert result.exit_code == 0, result.output
-    first = next(line for line in result.stderr.splitlines() if line.startswith("1/6 plugins  "))
-    minutes, seconds = map(int, re.search(r"  ETA (\d+)m (\d+)s$", first).groups())
+    first = next(line for line in result.stderr.splitlines() if line.startswith("1/6  done  "))
+    minutes, seconds = map(int, re.search(r"  ETA (\d+)m (\d+)s\)$", first).groups())
     assert 120 <= minutes * 60 + seconds <= 151, first
 
 
@@ -328,7 +328,9 @@ def test_a_limit_restated_on_resume_wins_over_one_learned_since_the_run_began(on
 def test_counts_of_one_are_singular(one, emu):
     planned = run(one, emu, "--dry-run")
     assert planned.exit_code == 0, planned.output
-    assert planned.stderr.splitlines()[-1].startswith("1/1 plugin  1 request  ")
+    lines = planned.stderr.splitlines()
+    assert lines[0].startswith("0/1 plugin  0 requests  ")
+    assert lines[-1].startswith("1/1  planned   plugins/tools/widget  (1 request  ")
     assert planned.stdout.startswith("run ") and "complete; 1 plugin selected (planned 1)" in planned.stdout
     assert overnight("status", one).stdout.startswith("1 plugin (planned 1); ")
     last_run = overnight("metrics", one).stdout.splitlines()[-1]
@@ -390,13 +392,36 @@ def test_an_unfinished_older_run_counts_its_skipped_plugins_as_finished(market):
     assert f"older run {older} is unfinished: interrupted, 3 of 4 plugins finished; " in text, text
 
 
+def test_without_a_terminal_each_finished_plugin_gets_a_line_naming_it_and_its_outcome(market, emu):
+    """A log of a night's run (cron, nohup) tells which plugin ended how, a failure with its
+    reason; a resume names only the plugins it finishes itself."""
+    emu.script("bad_request", phase="plan", message="the request is malformed")
+    first = run(market, emu, "--concurrency", "1", "--max-requests", "3")
+    assert first.exit_code == 0, first.output  # a budget stop
+    lines = first.stderr.splitlines()
+    assert lines[0].startswith("0/4 plugins  0 requests  ")
+    named = [line for line in lines[1:] if re.match(r"\d/4  ", line)]
+    assert len(named) == 2, first.stderr
+    failed = next(line for line in named if "  failed    " in line)
+    assert re.match(r"1/4  failed    plugins/\S+: .*the request is malformed  \(\d requests?  ", failed), failed
+    done = next(line for line in named if "  done      " in line)
+    assert re.match(r"2/4  done      plugins/\S+  \(3 requests  ", done), done  # the run's totals then
+    resumed = overnight("resume", market, "--max-requests", "100")
+    assert resumed.exit_code == 1, resumed.output  # complete but for the failed plugin
+    assert resumed.stderr.startswith("2/4 plugins  3 requests  ")
+    again = [line for line in resumed.stderr.splitlines() if re.match(r"\d/4  ", line)]
+    assert [line.split()[:2] for line in again] == [["3/4", "done"], ["4/4", "done"]], resumed.stderr
+    named_plugins = {line.split()[2] for line in named + again}
+    assert len(named_plugins) == 4, named_plugins
+
+
 def test_after_resume_the_progress_lines_count_the_whole_runs_requests(market, emu):
     """A resumed run goes on counting from what it already sent, not from zero."""
     assert run(market, emu, "--max-requests", "3", "--concurrency", "1").exit_code == 0
     resumed = overnight("resume", market, "--max-requests", "100")
     assert resumed.exit_code == 0, resumed.output
     assert len([r for r in emu.requests if r.method == "POST"]) == 8
-    assert resumed.stderr.splitlines()[-1].startswith("4/4 plugins  8 requests  "), resumed.stderr
+    assert re.match(r"4/4  done      plugins/\S+  \(8 requests  ", resumed.stderr.splitlines()[-1]), resumed.stderr
 
 
 def _watch(args: list[str], until: list[str], timeout: float = 30.0) -> tuple[str, int]:
@@ -433,7 +458,7 @@ def test_a_terminal_shows_which_quota_window_a_plugin_waits_for_and_the_plugins_
     screen, code = _watch(["run", str(market), "--base-url", emu.url, "--rpm", "1", "--concurrency", "2"],
                           until=["waits 1m 1s (requests per minute: 1)"])
     assert code == 130
-    assert re.search(r"plugins/\S+  analyzed, waits 1m [01]s \(requests per minute: 1\)", screen)
+    assert re.search(r"plugins/\S+  asking for a plan, waits 1m [01]s \(requests per minute: 1\)", screen)
 
     emu.script("rate_limit_minute", retry_delay="40s")
     again = market.parent / "again"
@@ -442,7 +467,7 @@ def test_a_terminal_shows_which_quota_window_a_plugin_waits_for_and_the_plugins_
                           until=["1 plugin waiting to retry, the first in 4", "(the retry delay of a 429)"])
     assert code == 130
     assert re.search(r"1 plugin waiting to retry, the first in 4[01]s", screen)
-    assert re.search(r"analyzed, waits 4[01]s \(the retry delay of a 429\)", screen)
+    assert re.search(r"asking for a plan, waits 4[01]s \(the retry delay of a 429\)", screen)
 
 
 @pytest.mark.parametrize("stop", [["--max-requests", "3"], ["--rpd", "3", "--no-wait"]])
@@ -459,9 +484,10 @@ def test_a_budget_or_quota_stop_sends_no_more_requests_but_finishes_what_needs_n
     states = dict(query(market, "SELECT plugin_id, state FROM plugins"))
     assert set(states.values()) <= {"done", "analyzed", "planned"}, states
     assert "done" in states.values()
-    progress = [line for line in result.stderr.splitlines() if "/4 plugins  " in line]
-    # the progress lines count finished plugins only, not those the stop left waiting
-    assert progress[-1].startswith(f"{list(states.values()).count('done')}/4 plugins  3 requests  "), progress
+    # the progress lines name finished plugins only, not those the stop left waiting
+    progress = [line for line in result.stderr.splitlines() if re.match(r"\d/4  ", line)]
+    assert len(progress) == list(states.values()).count("done"), progress
+    assert all(re.match(r"\d/4  done      plugins/\S+  \(\d requests  ", line) for line in progress), progress
 
 
 def test_a_cost_budget_counts_at_the_prices_given_to_run(market, emu):
