@@ -470,6 +470,15 @@ def test_a_terminal_shows_which_quota_window_a_plugin_waits_for_and_the_plugins_
     assert re.search(r"asking for a plan, waits 4[01]s \(the retry delay of a 429\)", screen)
 
 
+def test_a_terminal_lists_the_last_plugins_finished_with_their_outcome(market, emu):
+    emu.script("bad_request", phase="plan", message="the request is malformed")
+    screen, _ = _watch(["run", str(market), "--base-url", emu.url, *FAST, "--concurrency", "1"],
+                       until=["4/4  "])
+    finished = set(re.findall(r"\d/4  (done|failed) +(plugins/[\w/-]+)", screen))
+    assert len({plugin for _, plugin in finished}) == 4, screen
+    assert [outcome for outcome, _ in finished].count("failed") == 1, screen
+
+
 @pytest.mark.parametrize("stop", [["--max-requests", "3"], ["--rpd", "3", "--no-wait"]])
 def test_a_budget_or_quota_stop_sends_no_more_requests_but_finishes_what_needs_none(market, stop):
     """Answers already received are gated and written: no plugin is left between a request and
