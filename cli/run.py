@@ -195,21 +195,23 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         store.close()
-    _render(result, as_json, f"overnight resume{where(root, db)}")
+    _render(result, as_json, where(root, db))
     if result.outcome == "interrupted" or runner.signal:  # also a signal that stopped the closing backup
         raise click.exceptions.Exit(EXIT_SIGNAL.get(runner.signal or "", 130))
     if not result.ok or result.backup_failed:
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 
 
-def _render(result, as_json: bool, resume: str) -> None:
+def _render(result, as_json: bool, place: str) -> None:
+    """`place`: what a hint puts after `overnight COMMAND` (the marketplace, and --db)."""
+    resume = f"overnight resume{place}"
     if as_json:
         emit_json({"run_id": result.run_id, "outcome": result.outcome, "selected": result.selected,
                    "by_state": result.counts, "by_other_runs": result.by_other_runs,
                    "budget": result.budget, "paused_until": result.paused_until,
                    "message": result.message,
                    "problems": [{"plugin": p, "state": s, "reason": r} for p, s, r in result.problems],
-                   "invalid": [{"plugin": p, "reason": r} for p, r in result.invalid],
+                   "invalid": [{"plugin": p, "reason": r, "new": p in result.new_invalid} for p, r in result.invalid],
                    "backups": result.backups, "backup_failed": result.backup_failed, "warnings": result.warnings})
         return
     counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
@@ -226,7 +228,13 @@ def _render(result, as_json: bool, resume: str) -> None:
     for plugin_id, state, reason in result.problems:
         click.echo(f"  {state:<11} {shown(plugin_id)}{': ' + shown(reason) if reason else ''}")
     for plugin_id, reason in result.invalid:
-        click.echo(f"  {'invalid':<11} {shown(plugin_id)}: {shown(reason)} (not processed)")
+        if plugin_id in result.new_invalid:
+            click.echo(f"  {'invalid':<11} {shown(plugin_id)}: {shown(reason)} (not processed)")
+    known = sum(1 for plugin_id, _ in result.invalid if plugin_id not in result.new_invalid)
+    if known:
+        them = "it" if known == 1 else "them"
+        click.echo(f"  {'invalid':<11} {plural(known, 'plugin')} as before (not processed): "
+                   f"`{shown(f'overnight status{place} --state invalid')}` lists {them}")
     for warning in result.warnings:
         click.echo(f"  {'warning':<11} {shown(warning)}")
     for line in result.backups:

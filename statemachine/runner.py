@@ -189,6 +189,7 @@ class RunResult:
     selected: int
     by_other_runs: dict[str, int] = field(default_factory=dict)  # of its plugins other runs finished
     invalid: list[tuple[str, str]] = field(default_factory=list)
+    new_invalid: set[str] = field(default_factory=set)  # of `invalid`, those this run's scan found so
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (plugin, state, reason)
     message: str | None = None
     budget: str | None = None  # the budget that stopped the run: requests, tokens or cost
@@ -227,6 +228,7 @@ class Runner:
         self._backup_failed = False
         self._backing_up = False
         self._scan_warnings: list[str] = []
+        self._new_invalid: set[str] = set()  # plugins this execution's scan found invalid, or with a new reason
 
     # ------------------------------------------------------------------ entry points
 
@@ -234,7 +236,7 @@ class Runner:
         standards = load_standards(options.standards)
         gateway = self.gateway_factory(options.gemini, self.backend)
         gateway.check_access()
-        self._scan_warnings = scan(self.store, self.root).warnings
+        self._scan()
         selection = self._select(options)
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         config = options.config(standards, self.backend)
@@ -292,8 +294,14 @@ class Runner:
             if self.stopping.is_set():
                 return self._interrupted(run_id, selection)
         self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
-        self._scan_warnings = scan(self.store, self.root).warnings
+        self._scan()
         return self._execute(run_id, options, standards, gateway, selection, lifted=lifted)
+
+    def _scan(self) -> None:
+        known = set(self.store.query("SELECT plugin_id, reason FROM plugins WHERE state = 'invalid'"))
+        report = scan(self.store, self.root)
+        self._scan_warnings = report.warnings
+        self._new_invalid = {plugin_id for plugin_id, reason in report.problems if (plugin_id, reason) not in known}
 
     def interrupt(self, signal_name: str) -> None:
         """Called from a signal handler: stop taking work; `_execute` records the interruption.
@@ -525,7 +533,8 @@ class Runner:
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
                          selected=len(selection), invalid=invalid, problems=problems, message=message,
                          budget=budget, paused_until=paused_until, backups=list(self._backups),
-                         backup_failed=self._backup_failed, warnings=self._scan_warnings)
+                         backup_failed=self._backup_failed, warnings=self._scan_warnings,
+                         new_invalid=self._new_invalid)
 
     def _finish_older_runs(self, run_id: str) -> None:
         """An older unfinished run whose every plugin this run finished is finished too, so

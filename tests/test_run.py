@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -672,6 +673,32 @@ def test_run_tells_what_its_scan_could_not_use(market, emu):
     assert "plugins are discovered from directories only" in warning
     as_json = json.loads(run(market, emu, "--dry-run", "--json").stdout)
     assert [w for w in as_json["warnings"] if "marketplace.json: invalid JSON" in w] == [warning.split(None, 1)[1]]
+
+
+def test_a_summary_names_the_plugins_its_scan_found_invalid_and_counts_those_found_before(market, emu):
+    """Every run repeated the whole invalid list: hundreds of lines a night for a marketplace
+    with many broken plugins, the new one lost among them."""
+    broken = market / "plugins" / "devops" / "deploy-checker" / ".claude-plugin" / "plugin.json"
+    broken.write_text("{not json")
+    first = run(market, emu, "--plugin", "meeting-notes")
+    assert first.exit_code == 0, first.output
+    assert "  invalid     plugins/devops/deploy-checker: " in first.stdout, first.stdout
+    assert " as before " not in first.stdout
+    plugin(market, "plugins/tools/gadget", "gadget", description="Make gadgets.",
+           files={"README.md": "# Gadget\n\nMakes gadgets.\n"})
+    (market / "plugins" / "tools" / "gadget" / ".claude-plugin" / "plugin.json").write_text("[]")
+    second = run(market, emu, "--plugin", "secret-scanner")
+    assert second.exit_code == 0, second.output
+    lines = [line for line in second.stdout.splitlines() if line.startswith("  invalid     ")]
+    assert len(lines) == 2, second.stdout
+    assert lines[0].startswith("  invalid     plugins/tools/gadget: ") and lines[0].endswith(" (not processed)")
+    hint = shlex.join(["overnight", "status", str(market), "--state", "invalid"])
+    assert lines[1] == f"  invalid     1 plugin as before (not processed): `{hint}` lists it"
+    listed = overnight("status", market, "--state", "invalid").stdout
+    assert "plugins/devops/deploy-checker" in listed and "plugins/tools/gadget" in listed, listed
+    as_json = json.loads(run(market, emu, "--plugin", "schema-linter", "--json").stdout)
+    assert {(i["plugin"], i["new"]) for i in as_json["invalid"]} == {
+        ("plugins/devops/deploy-checker", False), ("plugins/tools/gadget", False)}
 
 
 def test_a_plugin_renamed_in_the_manifest_has_its_skill_moved_not_doubled(one, emu):
