@@ -14,12 +14,16 @@ from statemachine.workspace import marketplace_root, open_log
 @click.command()
 @marketplace_argument
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--rebind", is_flag=True,
+              help="Let a log kept outside the marketplace (--db) that served another marketplace serve this one.")
 @common
-def scan(path: Path, db: Path | None, as_json: bool) -> None:
+def scan(path: Path, db: Path | None, as_json: bool, rebind: bool) -> None:
     """Discover and analyze every plugin of the marketplace at PATH (default: .).
 
     Only changes are recorded: scanning an unchanged marketplace appends nothing. Plugins
     that cannot be processed are recorded as invalid with the reason, and the scan goes on.
+    A log serves one marketplace: a --db that served another one, which still exists, is
+    refused unless --rebind.
     """
     from statemachine import scan as scan_service  # analysis pulls in the YAML parser: only here
 
@@ -35,10 +39,10 @@ def scan(path: Path, db: Path | None, as_json: bool) -> None:
                 report = scan_service.scan(
                     store, root,
                     progress=lambda i, n, pid: bar.update(task, completed=i, total=n, description=shown(pid)),
-                    place=where(root, db),
+                    place=where(root, db), rebind=rebind,
                 )
         else:
-            report = scan_service.scan(store, root, place=where(root, db))
+            report = scan_service.scan(store, root, place=where(root, db), rebind=rebind)
     if as_json:
         emit_json({
             "plugins": report.plugins, "new": report.new, "changed": report.changed,

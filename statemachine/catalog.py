@@ -7,7 +7,8 @@ UPCASTERS. Streams:
 - `run:<run id>`:       one batch run (configuration, pauses, limits, interruptions, end,
                         requests its process never saw answered);
 - `quota:<model>`:      limits learned from 429 answers;
-- `backup`:             completed off-site backups.
+- `backup`:             completed off-site backups;
+- `marketplace`:        the marketplace the log serves (a scan binds it).
 """
 
 from __future__ import annotations
@@ -374,13 +375,21 @@ class BackupCompleted(Event, frozen=True, tag="BackupCompleted"):
     bytes_sent: int
 
 
+class MarketplaceBound(Event, frozen=True, tag="MarketplaceBound"):
+    """The log serves the marketplace at `root` (resolved) from here on: recorded by its first
+    scan, and by a scan of the marketplace moved elsewhere. A scan of another marketplace with
+    this log (a wrong --db, a leftover OVERNIGHT_DB) is refused while `root` still exists."""
+
+    root: str
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     PluginDiscovered, PluginAnalyzed, PluginInvalid, PluginVanished, PluginSkipped,
     PlanRequested, PlanReceived, SkillRequested, SkillReceived, RequestFailed,
     SkillGateFailed, SkillRejected, SkillValidated, PluginSnapshotted, WriteIntended,
     WriteCompleted, PluginDone, PluginFailed, PluginRestored,
     RunStarted, LimitsChanged, RunPaused, RunResumed, RunInterrupted, BudgetExhausted,
-    RunFinished, RequestLost, LimitLearned, BackupCompleted,
+    RunFinished, RequestLost, LimitLearned, BackupCompleted, MarketplaceBound,
 )
 
 # (tag, stored schema version) -> function lifting the payload one version up.

@@ -54,10 +54,10 @@ def test_scan_records_every_plugin_and_a_second_scan_appends_nothing(market):
     assert first.exit_code == 0, first.output
     report = as_json(first)
     assert (report["plugins"], report["new"], report["invalid"]) == (4, 4, 0)
-    assert report["events"] == 8 == event_count(market)
+    assert report["events"] == 9 == event_count(market)  # the log's binding to the marketplace, 2 per plugin
     second = as_json(run("scan", market, "--json"))
     assert (second["unchanged"], second["events"]) == (4, 0)
-    assert event_count(market) == 8
+    assert event_count(market) == 9
 
 
 def test_scan_sees_changed_vanished_and_repaired_plugins(market):
@@ -158,31 +158,75 @@ def test_db_option_and_environment_variable_choose_the_log(market, tmp_path):
     assert via_env["plugins"] == 4
 
 
+def test_a_log_kept_outside_serves_one_marketplace_and_follows_it_when_it_moves(market, tmp_path):
+    """A leftover OVERNIGHT_DB, or a wrong --db, rescanned another marketplace's log: every
+    plugin of the first marketplace vanished from it, their states lost."""
+    log = tmp_path / "logs" / "market.db"
+    assert run("scan", market, "--db", log).exit_code == 0
+    other = tmp_path / "other"
+    shutil.copytree(EXAMPLE, other, ignore=shutil.ignore_patterns(".overnight", "deploy-checker"))
+    conn = apsw.Connection(str(log))
+    before = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    for args, env in ((["scan", other, "--db", log], None), (["estimate", other], {"OVERNIGHT_DB": str(log)})):
+        refused = run(*args, env=env)
+        assert refused.exit_code == 1, refused.output
+        assert refused.stderr == (
+            f"error: {log} is the event log of the marketplace at {market.resolve()}, not of {other.resolve()}: "
+            "give this marketplace's own log with --db (or unset OVERNIGHT_DB); to make this log serve "
+            f"{other.resolve()} from now on, `overnight scan {other.resolve()} --db {log} --rebind`\n"), refused.stderr
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == before
+
+    moved = tmp_path / "moved"
+    market.rename(moved)
+    followed = run("scan", moved, "--db", log)
+    assert followed.exit_code == 0, followed.output
+    assert f"  warning  the event log {log} served the marketplace at {market.resolve()}; it serves " \
+           f"{moved.resolve()} from now on" in followed.stdout
+    assert "0 vanished" in followed.stdout and "4 unchanged" in followed.stdout
+    assert "warning" not in run("scan", moved, "--db", log).stdout
+
+    rebound = run("scan", other, "--db", log, "--rebind")  # moved's plugins vanish from this log: asked for
+    assert rebound.exit_code == 0, rebound.output
+    assert f"it serves {other.resolve()} from now on" in rebound.stdout
+    assert conn.execute("SELECT json_extract(data, '$.root') FROM events WHERE type = 'MarketplaceBound' "
+                        "ORDER BY seq").fetchall() == [(str(p.resolve()),) for p in (market, moved, other)]
+    conn.close()
+
+
+def test_a_log_inside_its_marketplace_goes_with_a_copy_of_it(market, tmp_path):
+    assert run("scan", market).exit_code == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(market, copy)
+    scanned = run("scan", copy)
+    assert scanned.exit_code == 0, scanned.output
+    assert "warning" not in scanned.stdout and "4 unchanged" in scanned.stdout
+
+
 def test_audit_verify_names_a_changed_byte_and_a_deleted_event(market):
     run("scan", market)
     healthy = run("audit", "verify", market, "--json")
     assert healthy.exit_code == 0
     report = as_json(healthy)
-    (head,) = apsw.Connection(str(db_of(market))).execute("SELECT hash FROM events WHERE seq = 8").fetchall()
-    assert report == {"ok": True, "events": 8, "problems": [], "head": {"seq": 8, "hash": head[0]}}
-    assert f"head: seq 8 {head[0]}" in run("audit", "verify", market).stdout
+    (head,) = apsw.Connection(str(db_of(market))).execute("SELECT hash FROM events WHERE seq = 9").fetchall()
+    assert report == {"ok": True, "events": 9, "problems": [], "head": {"seq": 9, "hash": head[0]}}
+    assert f"head: seq 9 {head[0]}" in run("audit", "verify", market).stdout
 
     conn = apsw.Connection(str(db_of(market)))
     conn.execute("DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete")
-    conn.execute("UPDATE events SET data = replace(data, 'schema-linter', 'schema-lintex') WHERE seq = 1")
+    conn.execute("UPDATE events SET data = replace(data, 'schema-linter', 'schema-lintex') WHERE seq = 2")
     conn.close()
     changed = run("audit", "verify", market, "--json")
     assert changed.exit_code == 1
-    assert "seq 1: hash mismatch (the stored event was altered)" in as_json(changed)["problems"]
+    assert "seq 2: hash mismatch (the stored event was altered)" in as_json(changed)["problems"]
     human = run("audit", "verify", market)
-    assert human.exit_code == 1 and "problem: seq 1: hash mismatch" in human.stdout
+    assert human.exit_code == 1 and "problem: seq 2: hash mismatch" in human.stdout
 
     conn = apsw.Connection(str(db_of(market)))
     conn.execute("DELETE FROM events WHERE seq = 5")
     conn.close()
     deleted = as_json(run("audit", "verify", market, "--json"))
     assert "seq 5: missing from the log (deleted events)" in deleted["problems"]
-    assert deleted["events"] == 7
+    assert deleted["events"] == 8
 
 
 def test_a_log_written_by_a_newer_version_is_refused_unchanged_by_readers_and_writers(market):
@@ -200,7 +244,7 @@ def test_a_log_written_by_a_newer_version_is_refused_unchanged_by_readers_and_wr
         result = run(*command, market)
         assert (result.exit_code, result.stderr) == (1, expected), command
     assert db_of(market).read_bytes() == before
-    assert event_count(market) == 8
+    assert event_count(market) == 9
 
 
 def test_audit_replay_equals_live_and_apply_repairs_an_edited_projection(market):
@@ -231,14 +275,15 @@ def test_audit_log_prints_one_json_object_per_event(market):
     run("scan", market)
     lines = run("audit", "log", market, "--json").stdout.splitlines()
     entries = [json.loads(line) for line in lines]
-    assert [e["seq"] for e in entries] == list(range(1, 9))
+    assert [e["seq"] for e in entries] == list(range(1, 10))
     assert set(entries[0]) == {"seq", "at", "stream", "type", "data"}
-    assert entries[0]["type"] == "PluginDiscovered" and entries[0]["data"]["type"] == "PluginDiscovered"
+    assert entries[0]["type"] == "MarketplaceBound" and entries[0]["data"]["root"] == str(market.resolve())
+    assert entries[1]["type"] == "PluginDiscovered" and entries[1]["data"]["type"] == "PluginDiscovered"
     one = [json.loads(x) for x in run("audit", "log", market, "--json", "--plugin", "meeting-notes").stdout.splitlines()]
     assert {e["stream"] for e in one} == {"plugin:plugins/productivity/meeting-notes"}
     assert [e["type"] for e in one] == ["PluginDiscovered", "PluginAnalyzed"]
-    human = run("audit", "log", market, "--after", "7").stdout.splitlines()
-    assert len(human) == 1 and human[0].split()[0] == "8"
+    human = run("audit", "log", market, "--after", "8").stdout.splitlines()
+    assert len(human) == 1 and human[0].split()[0] == "9"
 
 
 def test_audit_log_of_a_name_two_plugins_share_shows_both_histories(tmp_path):
@@ -266,8 +311,9 @@ def test_audit_log_of_a_name_two_plugins_share_shows_both_histories(tmp_path):
 
 
 def test_audit_verify_of_a_log_with_no_events_says_so(tmp_path):
-    (tmp_path / "plugins").mkdir()
-    assert run("scan", tmp_path).exit_code == 0  # creates the log; no plugin, no event
+    from statemachine.workspace import open_log
+
+    open_log(tmp_path).close()  # a log created, and nothing recorded yet
     human = run("audit", "verify", tmp_path)
     assert human.exit_code == 0
     assert human.stdout == ("ok: 0 events, hash chain intact, projections match the log; "
