@@ -30,7 +30,7 @@ from statemachine.prompts import (
     skill_prompt,
     system_instruction,
 )
-from statemachine.scheduler import Limits, day_start, next_day_start
+from statemachine.scheduler import Limits, day_start, effective_limits, next_day_start
 from events.lock import WriterLock
 from statemachine.status import runs
 
@@ -124,7 +124,19 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     sending = (requests[2] - requests[1]) if requests[0] > 1 else None
     eta = None
     if status == "running" and finished and sending and len(selection) > finished:
-        eta = round(sending / finished * (len(selection) - finished))
+        remaining = len(selection) - finished
+        options = msgspec.json.decode(config)
+        stated_at = store.query("SELECT max(at) FROM events WHERE stream = ? AND type IN ('RunStarted', "
+                                "'LimitsChanged')", (f"run:{run_id}",))[0][0] or ""
+        model = options["gemini"]["model"]
+        limits = effective_limits(store, model, Limits(**options["limits"]), options.get("explicit_limits", ()),
+                                  stated_at)
+        tokens, today = store.query(
+            "SELECT (SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger WHERE run_id = ?), "
+            "(SELECT count(*) FROM quota_ledger WHERE model = ? AND sent_at >= ?)",
+            (run_id, model, day_start(now)))[0]
+        eta = round(max(sending / finished * remaining,
+                        quota_time(limits, remaining, finished, requests[0], tokens, today, now, options["dry_run"])))
     # wall time, pauses included (as the estimate counts them): until the run ended, until now
     # while a process runs it, else until its last event in any stream (a killed process
     # records no end; its last events are its plugins' and its requests')
@@ -241,6 +253,20 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
                     output_tokens=int(output_tokens), days=resets, seconds=seconds,
                     cost_usd=prices.cost(input_tokens, output_tokens), basis=basis, used_today=used_today,
                     latency_s=latency)
+
+
+def quota_time(limits: Limits, remaining: int, finished: int, requests: int, input_tokens: int, used_today: int,
+               now: float, dry_run: bool) -> float:
+    """The least time the quota gives a run's `remaining` plugins' requests, at the requests per
+    plugin and tokens per request of its `finished` plugins (at most a plan and a skill each).
+    The first plugins go out in a burst, before the per-minute limit binds: their pace alone
+    promises far too early an end."""
+    most = 1.0 if dry_run else 2.0
+    per_plugin = min(most, requests / finished) if finished else most
+    rate = float(limits.rpm)
+    if requests and input_tokens and limits.tpm:
+        rate = min(rate, limits.tpm / (input_tokens / requests))
+    return time_to_send(math.ceil(remaining * per_plugin), rate, limits.rpd, used_today, now)[0]
 
 
 def time_to_send(n: int, per_minute: float, rpd: int, used_today: int, now: float) -> tuple[float, int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
 import os
 import threading
 import time
@@ -30,7 +29,7 @@ from events.remote import display_url
 from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
 from statemachine.errors import OvernightError
-from statemachine.metrics import Prices, estimate, expected_output, time_to_send
+from statemachine.metrics import Prices, estimate, expected_output, quota_time
 from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
@@ -478,19 +477,10 @@ class Runner:
         self.on_progress(self._progress(stats, total, finished, eta=eta, retrying=retrying, next_retry=next_retry))
 
     def _quota_time(self, scheduler: Scheduler, stats: Stats, remaining: int, finished: int, dry_run: bool) -> float:
-        """The least time the quota gives the `remaining` plugins' requests, at this run's
-        requests per plugin (at most a plan and a skill each). The first plugins go out in a
-        burst, before the per-minute limit binds: their pace alone promises far too early an end."""
         with stats.lock:
             requests, tokens = stats.requests, stats.input_tokens
-        most = 1.0 if dry_run else 2.0
-        per_plugin = min(most, requests / finished) if finished else most
-        limits = scheduler.limits
-        rate = float(limits.rpm)
-        if requests and tokens and limits.tpm:
-            rate = min(rate, limits.tpm / (tokens / requests))
-        return time_to_send(math.ceil(remaining * per_plugin), rate, limits.rpd, scheduler.used()["day_requests"],
-                            self.clock())[0]
+        return quota_time(scheduler.limits, remaining, finished, requests, tokens, scheduler.used()["day_requests"],
+                          self.clock(), dry_run)
 
     def _counts(self, run_id: str, selection: list[str]) -> tuple[
             dict[str, int], dict[str, int], list[tuple[str, str, str]]]:

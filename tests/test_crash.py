@@ -153,6 +153,28 @@ def test_a_signal_stops_cleanly_records_the_interruption_and_resume_finishes(tmp
     assert query(root, "SELECT status FROM runs") == [("complete",)]
 
 
+def test_metrics_from_another_terminal_gives_an_eta_the_quota_allows(tmp_path):
+    """The first plugin is done in a burst, well inside the minute's quota: its pace alone told
+    `metrics` the other five would take seconds. At 4 requests a minute their ten requests take
+    two minutes or more (what the run's own progress line says too)."""
+    root = tmp_path / "market"
+    build_marketplace(root, 6)
+    with Emulator(api_key=KEY, seed=3) as emu:
+        proc = spawn("run", root, emu.url, "--rpm", "4", "--concurrency", "1")
+        try:
+            deadline = time.monotonic() + 60
+            while not (has_run(root) and query(root, "SELECT 1 FROM plugins WHERE state = 'done'")):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+            measured = json.loads(cli("metrics", str(root), "--json").stdout)["run"]
+        finally:
+            proc.kill()
+            proc.wait()
+    # 4 or 5 plugins left (a second one may be done in the first minute): 8 or 10 requests
+    assert measured["status"] == "running" and measured["finished"] in (1, 2), measured
+    assert 110 <= measured["eta_s"] <= 151, measured
+
+
 def test_status_tells_a_run_that_died_from_one_that_runs(tmp_path):
     root = tmp_path / "market"
     build_marketplace(root, 6)
