@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 import os
 import signal
 import sys
+from collections import deque
 from pathlib import Path
 from typing import IO, Any, Callable
 

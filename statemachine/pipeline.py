@@ -170,7 +170,7 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
     budget), RunStopped, or Interrupted (a signal or a fatal error stops the run).
     """
     cursor = ctx.journal.cursor(plugin_id)
-    moved = False  # a plugin already finished when the run began is not reported as finished now
+    moved = False  # a plugin an earlier dry run left planned is not reported as finished by this one
     try:
         while not ctx.should_stop():
             row = _row(ctx, plugin_id)
