@@ -77,7 +77,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     _t("vanish", ALL - {S.GONE, S.WRITING}, S.GONE, c.PluginVanished,
        "no longer in the marketplace"),
     _t("skip", {S.ANALYZED, S.VALIDATED}, S.SKIPPED, c.PluginSkipped,
-       "already passes every gate and is unchanged since it was done, or a person edited what overnight "
+       "a SKILL.md of its own already passes every gate, or a person edited what overnight "
        "wrote (found at analysis, or just before the snapshot when edited while the plugin was under way)"),
     _t("request_plan", {S.ANALYZED, S.PLANNING, S.RETRYING}, S.PLANNING, c.PlanRequested,
        "plan request recorded, then sent"),
@@ -101,8 +101,9 @@ TRANSITIONS: tuple[Transition, ...] = (
        "targets and content hashes recorded before the first rename"),
     _t("finish_write", {S.WRITING}, S.WRITTEN, c.WriteCompleted,
        "every file renamed into place and fsynced"),
-    _t("complete", {S.WRITTEN}, S.DONE, c.PluginDone,
-       "finished; content hash after the write recorded"),
+    _t("complete", {S.WRITTEN, S.ANALYZED}, S.DONE, c.PluginDone,
+       "finished; content hash after the write recorded (from analyzed: found again with its files as "
+       "overnight left them, and its SKILL.md passes every gate)"),
     _t("fail", ACTIVE, S.FAILED, c.PluginFailed,
        "permanent error for this plugin, with the reason"),
     _t("restore", ALL - {S.WRITING}, S.DISCOVERED, c.PluginRestored,

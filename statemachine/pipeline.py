@@ -240,6 +240,11 @@ def _ts(at: str | None) -> float:
 
 def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     if not ctx.settings.force:
+        if row["done_hash"] is not None and row["done_hash"] == row["content_hash"] and _skill_passes(ctx, row):
+            # found again with its files as overnight left them (its listing changed, its
+            # plugin.json was broken and mended, a --force run stopped before its requests)
+            ctx.journal.record(cursor, c.PluginDone(run_id=ctx.run_id, content_hash=row["content_hash"]))
+            return
         reason = _already_good(ctx, cursor, row)
         if reason:
             ctx.journal.record(cursor, c.PluginSkipped(run_id=ctx.run_id, reason=reason))
@@ -248,29 +253,31 @@ def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
 
 
 def _already_good(ctx: Context, cursor: PluginCursor, row: dict) -> str | None:
-    """The reason to skip a plugin whose SKILL.md already passes every gate, or None.
+    """The reason to leave alone a plugin that changed since overnight finished it, or that
+    overnight never processed; or None.
 
-    Skipped: unchanged since overnight last finished it, or never processed by overnight (a
-    maintainer's own skill that meets the bar is left alone). A plugin that changed since it
-    was done is processed again, unless the change is a person's edit of a file overnight
-    wrote: that edit is kept (--force writes over it, keeping it in the snapshot)."""
+    A plugin that changed since it was done is processed again, unless the change is a
+    person's edit of a file overnight wrote: that edit is kept (--force writes over it,
+    keeping it in the snapshot). A maintainer's own skill that meets the bar is left alone."""
     if row["done_hash"] is not None and row["done_hash"] != row["content_hash"]:
         edited = _edited_by_hand(ctx, cursor, row)
         return _kept(edited) if edited else None
+    if row["done_hash"] is None and _skill_passes(ctx, row):
+        return f"skills/{row['skill_name']}/SKILL.md already passes every gate"
+    return None
+
+
+def _skill_passes(ctx: Context, row: dict) -> bool:
+    """The plugin's skills/<name>/SKILL.md (a file, not a symlink) passes every gate."""
     skill_dir = ctx.root / row["path"] / "skills" / row["skill_name"]
     target = skill_dir / "SKILL.md"
     if not target.is_file() or target.is_symlink():
-        return None
+        return False
     try:
         text = target.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        return None
-    reasons = gates.check(row["skill_name"], text, [], _existing(skill_dir), ctx.settings.gates)
-    if reasons:
-        return None
-    if row["done_hash"] is not None:
-        return "unchanged since it was done, and its SKILL.md passes every gate"
-    return f"skills/{row['skill_name']}/SKILL.md already passes every gate"
+        return False
+    return not gates.check(row["skill_name"], text, [], _existing(skill_dir), ctx.settings.gates)
 
 
 def _kept(edited: list[str]) -> str:

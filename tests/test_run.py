@@ -536,17 +536,25 @@ def test_skip_force_and_a_changed_plugin(one, emu):
     readme.write_text(readme.read_text() + "\nNew section.\n")
     assert run(one, emu).exit_code == 0  # changed since done: processed again
     assert types(one).count("PluginDone") == 3
-    # category renamed in the manifest: rediscovered, content unchanged since done: skipped
+    # Found again with its files as overnight left them: still done, with no request. It was
+    # demoted to skipped ("unchanged since it was done") by a category renamed in the manifest,
+    # a plugin.json broken and mended, or a --force run stopped before its requests.
     listing = one / ".claude-plugin" / "marketplace.json"
     data = json.loads(listing.read_text())
     data["plugins"][0]["category"] = "utilities"
     listing.write_text(json.dumps(data))
+    manifest_file = one / "plugins" / "tools" / "widget" / ".claude-plugin" / "plugin.json"
+    good = manifest_file.read_text()
+    manifest_file.write_text("{broken")
+    assert overnight("scan", one).exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "invalid"}
+    manifest_file.write_text(good)
     requests = len(generate_requests(emu))
-    assert run(one, emu).exit_code == 0
-    assert states(one) == {"plugins/tools/widget": "skipped"}
+    for extra, state in (([], "done"), (["--force", "--max-requests", "0"], "analyzed"), ([], "done")):
+        assert run(one, emu, *extra).exit_code == 0  # the --force run stops before any request
+        assert states(one) == {"plugins/tools/widget": state}, extra
     assert len(generate_requests(emu)) == requests
-    reason = query(one, "SELECT reason FROM plugins")[0][0]
-    assert reason == "unchanged since it was done, and its SKILL.md passes every gate"
+    assert query(one, "SELECT category, reason FROM plugins") == [("utilities", None)]
     assert json.loads(overnight("status", one, "--json").stdout)["items"] == []  # nothing to look at
 
 
