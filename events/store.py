@@ -371,6 +371,20 @@ class EventStore:
         return _Transaction(self)
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Every read inside sees the log at one instant: for a reader, one read transaction (a
+        writer in another process goes on appending meanwhile); a writer holds the lock, so
+        nothing moves under it."""
+        if self._lock is not None or self.conn.in_transaction:
+            yield
+            return
+        self._cursor.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._cursor.execute("COMMIT")
+
+    @contextmanager
     def batch(self) -> Iterator[None]:
         """Group several appends into one transaction (one fsync): all or nothing."""
         with self._transaction():
@@ -514,12 +528,9 @@ class EventStore:
         targets = [p for p in self.projections if only is None or p.name in only]
         self.conn.execute("ATTACH DATABASE ':memory:' AS replay")
         try:
-            # A reader takes one read transaction, so a concurrent writer cannot make the log
-            # and the live tables disagree between the two reads. A writer holds the lock.
-            snapshot = not self._in_tx and self._lock is None
-            if snapshot:
-                self.conn.execute("BEGIN")
-            try:
+            # One instant for both reads: a concurrent writer cannot make the log and the live
+            # tables disagree between them.
+            with self.snapshot():
                 last = self.query("SELECT max(seq) FROM events")[0][0] or 0
                 if last > parallel_threshold and self.path.exists():
                     # The second core checks the chain while this process folds; the worker
@@ -535,9 +546,6 @@ class EventStore:
                     report.problems[:0] = check.problems
                 self._fill_replay(targets, tables)
                 self._compare(targets, tables, report)
-            finally:
-                if snapshot:
-                    self._cursor.execute("COMMIT")
             if apply:
                 self._apply_replay(targets)
                 report.applied = True

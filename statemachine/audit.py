@@ -31,10 +31,14 @@ class VerifyResult:
 
 
 def verify(store: EventStore) -> VerifyResult:
-    events = store.query("SELECT count(*) FROM events")[0][0]
-    newest = store.query("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
-    head = {"seq": newest[0][0], "hash": newest[0][1]} if newest else {"seq": 0, "hash": ""}
-    missing = [problem for _digest, problem in missing_blobs(store)]
+    """Also while a run appends: the counts, the head and the blobs named are read at one
+    instant (an event appended between two reads had its blobs reported missing), and the
+    replay is its own instant, no earlier."""
+    with store.snapshot():
+        events = store.query("SELECT count(*) FROM events")[0][0]
+        newest = store.query("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+        head = {"seq": newest[0][0], "hash": newest[0][1]} if newest else {"seq": 0, "hash": ""}
+        missing = [problem for _digest, problem in missing_blobs(store)]
     return VerifyResult(events=events, problems=store.verify() + missing, head=head)
 
 

@@ -229,6 +229,45 @@ def test_audit_verify_names_a_changed_byte_and_a_deleted_event(market):
     assert deleted["events"] == 8
 
 
+def test_audit_verify_reads_the_log_at_one_instant_while_a_run_appends(market):
+    """A run appended an event and its blob between verify's read of the blobs and its read of
+    the events naming them: a healthy log was reported as missing a blob (a false alarm for a
+    monitor polling `audit verify` during a night's run)."""
+    import msgspec
+
+    from events.store import blob_hash
+    from statemachine import audit
+    from statemachine import catalog as c
+    from statemachine.lifecycle import plugin_stream
+    from statemachine.workspace import open_log
+    from tests.bench.synthetic import plugin_pass
+
+    assert run("scan", market).exit_code == 0
+    draft = b"---\nname: late\n---\nA draft.\n"
+    trip = plugin_pass("plugins/late/late", "run-1", 0)
+    first_skill = next(i for i, e in enumerate(trip) if isinstance(e, c.SkillReceived))
+    events = trip[:first_skill] + [msgspec.structs.replace(trip[first_skill], draft_sha256=blob_hash(draft))]
+    writer = open_log(market)
+    reader = open_log(market, writer=False)
+    appended = []
+
+    def run_appends(cursor, sql, bindings):  # the run's append lands between two of verify's reads
+        if sql.startswith("SELECT seq, type, schema_version, data FROM events WHERE type IN") and not appended:
+            appended.extend(writer.append(plugin_stream("plugins/late/late"), events, blobs=[draft]))
+        return True
+
+    reader.conn.exec_trace = run_appends
+    try:
+        result = audit.verify(reader)
+    finally:
+        reader.conn.exec_trace = None
+        reader.close()
+        writer.close()
+    assert appended and result.problems == [], result.problems
+    assert result.head["seq"] == result.events == appended[0].seq - 1  # the instant verify began
+    assert run("audit", "verify", market).exit_code == 0
+
+
 def test_a_log_written_by_a_newer_version_is_refused_unchanged_by_readers_and_writers(market):
     from events.migrations import LATEST
 
