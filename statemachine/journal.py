@@ -64,6 +64,13 @@ class Journal:
             self.store.append(stream, event, blobs=blobs)
             self._log(before)
 
+    def echo(self, after: int) -> None:
+        """Write to the JSON log the events recorded past seq `after` without the journal (the
+        run's own scan)."""
+        with self.lock:
+            self._open()
+            self._log(after)
+
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self.lock:
             self._open()

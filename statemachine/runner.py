@@ -298,7 +298,9 @@ class Runner:
 
     def _scan(self) -> None:
         known = set(self.store.query("SELECT plugin_id, reason FROM plugins WHERE state = 'invalid'"))
+        before = self.store.last_seq
         report = scan(self.store, self.root)
+        self.journal.echo(before)
         self._scan_warnings = report.warnings
         self._new_invalid = {plugin_id for plugin_id, reason in report.problems if (plugin_id, reason) not in known}
 
