@@ -269,34 +269,37 @@ class _Display:
             self._live.__exit__(*exc)
 
     def update(self, progress) -> None:
-        counters = (f"{plural(progress.requests, 'request')}  {progress.input_tokens:,} in / "
-                    f"{progress.output_tokens:,} out tokens  {progress.rate_limited} rate-limited")
-        if progress.eta is not None:
-            counters += f"  ETA {duration(progress.eta)}"
+        eta = f"  ETA {duration(progress.eta)}" if progress.eta is not None else ""
         finished = []
-        for k, (plugin_id, state, reason) in enumerate(progress.just_finished):
+        for k, done in enumerate(progress.just_finished):
             # the batch counts a plugin just after it reports it: the count may lag one behind
             self._shown = max(self._shown + 1, progress.finished - len(progress.just_finished) + k + 1)
-            finished.append(f"{self._shown}/{progress.total}  {state:<9} {shown(plugin_id)}"
-                            + (f": {shown(reason)}" if reason else ""))
+            finished.append((f"{self._shown}/{progress.total}  {done.state:<9} {shown(done.plugin_id)}"
+                             + (f": {shown(done.reason)}" if done.reason else ""), done))
         if self._live is not None:
             from rich.text import Text
 
-            self._recent.extend(finished)
-            line = f"{progress.finished}/{plural(progress.total, 'plugin')}  {counters}"
+            self._recent.extend(line for line, _ in finished)
+            line = f"{progress.finished}/{plural(progress.total, 'plugin')}  {_counters(progress)}{eta}"
             if progress.paused_until:
                 line += f"  paused until {moment(progress.paused_until)}"
             self._live.update(Text("\n".join([line] + _plugin_lines(progress) + list(self._recent))))
             return
         if not self._started:
             self._started = True
-            _note(f"{progress.finished}/{plural(progress.total, 'plugin')}  {counters}")
+            _note(f"{progress.finished}/{plural(progress.total, 'plugin')}  {_counters(progress)}{eta}")
         if progress.paused_until != self._paused_until:
             self._paused_until = progress.paused_until
             _note(f"paused for the quota until {moment(progress.paused_until)}" if progress.paused_until
                   else "quota pause over: going on")
-        for line in finished:
-            _note(f"{line}  ({counters})")
+        for line, done in finished:  # with the run's counters when that plugin finished
+            _note(f"{line}  ({_counters(done)}{eta})")
+
+
+def _counters(counts) -> str:
+    """The run's requests, tokens and 429s (of a Progress, or of a plugin's Finished)."""
+    return (f"{plural(counts.requests, 'request')}  {counts.input_tokens:,} in / {counts.output_tokens:,} out tokens  "
+            f"{counts.rate_limited} rate-limited")
 
 
 _DOING = {"plan": "asking for a plan", "skill": "asking for a SKILL.md", "gates": "checking the SKILL.md",

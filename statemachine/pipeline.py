@@ -67,6 +67,19 @@ class RunStopped(Exception):
     """The whole run must stop (the key or model is wrong); the message says why."""
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A plugin brought to a final state, and the run's counters at that moment."""
+
+    plugin_id: str
+    state: str
+    reason: str | None
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    rate_limited: int
+
+
 @dataclass
 class Stats:
     """Live counters for the progress display (updated by workers, read by the display)."""
@@ -77,8 +90,8 @@ class Stats:
     output_tokens: int = 0
     rate_limited: int = 0
     phases: dict[str, str] = field(default_factory=dict)  # plugin id -> the step it is at
-    # plugins this execution brought to a final state, in order, not yet shown: (id, state, reason)
-    finished: list[tuple[str, str, str | None]] = field(default_factory=list)
+    # plugins this execution brought to a final state, in order, not yet shown
+    finished: list["Finished"] = field(default_factory=list)
     # plugin id -> (unix time it may send, the limit it waits for): waits for a minute window
     waits: dict[str, tuple[float, str]] = field(default_factory=dict)
 
@@ -99,7 +112,8 @@ class Stats:
 
     def finish(self, plugin_id: str, state: str, reason: str | None) -> None:
         with self.lock:
-            self.finished.append((plugin_id, state, reason))
+            self.finished.append(Finished(plugin_id, state, reason, self.requests, self.input_tokens,
+                                          self.output_tokens, self.rate_limited))
 
     def waiting(self, plugin_id: str, until: float | None, why: str = "") -> None:
         with self.lock:

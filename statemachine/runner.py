@@ -34,8 +34,8 @@ from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
 from statemachine.lifecycle import FINAL, RETRYABLE, State
-from statemachine.pipeline import (Context, Interrupted, RequestsClosed, RunStopped, Stats, StepSettings,
-                                  advance)
+from statemachine.pipeline import (Context, Finished, Interrupted, RequestsClosed, RunStopped, Stats,
+                                  StepSettings, advance)
 from statemachine.projections import OUTPUT_TOKENS
 from statemachine.prompts import Standards, load_standards
 from statemachine.scan import scan
@@ -176,8 +176,7 @@ class Progress:
     waiting: dict[str, tuple[float, str]] = field(default_factory=dict)  # plugin -> (seconds, limit)
     retrying: int = 0  # plugins waiting to retry after a fault or a 429
     next_retry: float | None = None  # seconds until the first of them goes again
-    # plugins this execution finished since the last report, in order: (id, final state, reason)
-    just_finished: list[tuple[str, str, str | None]] = field(default_factory=list)
+    just_finished: list[Finished] = field(default_factory=list)  # since the last report, in order
 
 
 @dataclass
