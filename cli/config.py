@@ -58,7 +58,7 @@ def _expected(kind: click.ParamType) -> tuple[tuple[type, ...], str]:
     elif isinstance(kind, click.types.FloatParamType):
         accepted, what = (int, float), "a number"
     else:
-        return (str,), "a string"
+        return (str,), getattr(kind, "what", "a string")
     limits = []
     if getattr(kind, "min", None) is not None:
         limits.append(f"{'>' if kind.min_open else '>='} {kind.min}")

@@ -91,6 +91,26 @@ class Number(click.FloatRange):
         return number
 
 
+class HttpUrl(click.ParamType):
+    """An http:// or https:// URL with a host (a Gemini endpoint): anything else is wrong
+    usage, not a connection that fails later."""
+
+    name = "url"
+    what = "an http:// or https:// URL with a host"  # in a config file's error
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(str(value))
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            parts, port_ok = None, False
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            self.fail(f"{value!r} is not {self.what}", param, ctx)
+        return str(value)
+
+
 def backup_url(url: str, flag: str = "") -> str:
     """A backup URL as given (`--backup-to`, `--to`, `--from`): an unknown scheme is wrong
     usage; a `file:` path is made absolute and normal, so a recorded URL names the same file

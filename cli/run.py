@@ -17,6 +17,7 @@ from cli.metrics import prices, quota_options
 from cli.options import (
     EXIT_PROBLEMS,
     EXIT_SIGNAL,
+    HttpUrl,
     Number,
     backup_url,
     common,
@@ -58,7 +59,7 @@ def _override(base, **values):
 @click.command()
 @marketplace_argument
 @click.option("--model", default="gemini-2.5-flash", show_default=True, help="Gemini model.")
-@click.option("--base-url", envvar="GOOGLE_GEMINI_BASE_URL", show_envvar=True,
+@click.option("--base-url", type=HttpUrl(), envvar="GOOGLE_GEMINI_BASE_URL", show_envvar=True,
               help="Gemini endpoint (a proxy, or the emulator: python -m tests.emulator).")
 @click.option("--timeout", type=Number(min=1), default=120.0, show_default=True,
               help="Seconds to wait for one Gemini answer.")

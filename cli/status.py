@@ -64,8 +64,8 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
         click.echo(f"  {item['state']:<11} {shown(item['plugin_id'])}{detail}{shown(f': {note}' if note else '')}")
     hidden = report.items_total - len(report.items)
     if hidden:
-        click.echo(f"  ... and {hidden} more not listed: `overnight status --state STATE` lists every "
-                   "plugin in a state")
+        click.echo(f"  ... and {hidden} more not listed: `{shown(f'overnight status{here}')} --state STATE` "
+                   "lists every plugin in a state")
     failed = report.by_state.get(State.FAILED, 0)
     if failed and plugin is None and state is None:
         click.echo(f"`overnight run{here} --retry failed` tries the {plural(failed, 'failed plugin')} again")

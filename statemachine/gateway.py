@@ -9,6 +9,7 @@ The SDK's own retries are off; the runner retries, and records every attempt.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -124,6 +125,18 @@ def backend_from_env(env: dict[str, str] | os._Environ = os.environ) -> Backend:
 class Answer:
     value: Any
     usage: Usage
+
+
+class _BothKeysNotice(logging.Filter):
+    """google-genai warns on stderr, at every client, that both GOOGLE_API_KEY and
+    GEMINI_API_KEY are set: overnight takes GOOGLE_API_KEY (documented), and a cron job's mail
+    or a script reading stderr gets nothing from the notice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Both GOOGLE_API_KEY and GEMINI_API_KEY are set")
+
+
+logging.getLogger("google_genai._api_client").addFilter(_BothKeysNotice())
 
 
 class Gateway:

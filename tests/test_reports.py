@@ -41,8 +41,8 @@ def test_status_says_how_many_plugins_needing_attention_it_does_not_list(tmp_pat
     assert text.exit_code == 0, text.output
     lines = text.stdout.splitlines()
     assert len([line for line in lines if line.startswith("  invalid ")]) == 20
-    assert lines[-1] == ("  ... and 12 more not listed: `overnight status --state STATE` lists every plugin "
-                         "in a state")
+    assert lines[-1] == (f"  ... and 12 more not listed: `overnight status {root} --state STATE` lists every "
+                         "plugin in a state")
     report = json.loads(overnight("status", root, "--json").stdout)
     assert len(report["items"]) == 20 and report["items_total"] == 32
     assert {"plugins", "by_state", "events", "last_run"} <= set(report)

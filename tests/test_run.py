@@ -166,6 +166,26 @@ def test_a_missing_key_stops_before_anything_happens(one, emu):
     assert generate_requests(emu) == []
 
 
+def test_both_key_variables_set_add_nothing_to_stderr(one, emu):
+    """google-genai warned on every run that both are set (overnight documents which wins)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    env.update(GOOGLE_API_KEY=KEY, GEMINI_API_KEY="another-key")
+    result = subprocess.run([sys.executable, "-m", "cli", "run", str(one), "--base-url", emu.url, *FAST, "--json"],
+                            cwd=REPO, env=env, capture_output=True, text=True)  # as a shell runs it: no pytest logging
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [line for line in result.stderr.splitlines()
+                                          if re.match(r"\d/1 ", line)], result.stderr
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://", "ftp://proxy", "http://127.0.0.1:99999"])
+def test_a_base_url_that_is_no_http_url_is_wrong_usage(one, url):
+    result = overnight("run", one, "--base-url", url)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: Invalid value for '--base-url' (env var: 'GOOGLE_GEMINI_BASE_URL'): {url!r} "
+                             "is not an http:// or https:// URL with a host\n")
+    assert not (one / ".overnight").exists()
+
+
 def test_a_rejected_key_or_unknown_model_stops_the_run_before_any_plugin_fails(one, emu):
     bad_key = run(one, emu, key="not-the-key")
     assert bad_key.exit_code == 1 and "API key not valid" in bad_key.stderr
