@@ -214,6 +214,10 @@ def _render(result, as_json: bool, place: str) -> None:
                    "problems": [{"plugin": p, "state": s, "reason": r} for p, s, r in result.problems],
                    "invalid": [{"plugin": p, "reason": r, "new": p in result.new_invalid} for p, r in result.invalid],
                    "backups": result.backups, "backup_failed": result.backup_failed, "warnings": result.warnings})
+        if result.message and result.outcome != "budget_exhausted":
+            click.echo(f"error: {shown(result.message)}", err=True)
+        for line in result.backup_errors:
+            click.echo(f"error: {shown(line)}", err=True)
         return
     counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
     others = ", ".join(f"{s} {n}" for s, n in sorted(result.by_other_runs.items(), key=lambda kv: -kv[1]))
@@ -225,7 +229,7 @@ def _render(result, as_json: bool, place: str) -> None:
         click.echo(f"daily quota used up: resume after {moment(result.paused_until)} "
                    f"with `{shown(resume)}` (or `{shown(resume)} --wait` now, to sleep until then)")
     if result.message and result.outcome != "budget_exhausted":
-        click.echo(f"stopped: {result.message}", err=True)
+        click.echo(f"error: {shown(result.message)}", err=True)
     for plugin_id, state, reason in result.problems:
         click.echo(f"  {state:<11} {shown(plugin_id)}{': ' + shown(reason) if reason else ''}")
     for plugin_id, reason in result.invalid:
@@ -239,7 +243,7 @@ def _render(result, as_json: bool, place: str) -> None:
     for warning in result.warnings:
         click.echo(f"  {'warning':<11} {shown(warning)}")
     for line in result.backups:
-        click.echo(line, err=result.backup_failed)
+        click.echo(f"error: {shown(line)}" if line in result.backup_errors else line, err=line in result.backup_errors)
     if result.outcome == "interrupted":
         click.echo(f"`{shown(resume)}` continues this run")
 

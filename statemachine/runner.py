@@ -193,8 +193,12 @@ class RunResult:
     budget: str | None = None  # the budget that stopped the run: requests, tokens or cost
     paused_until: str | None = None
     backups: list[str] = field(default_factory=list)  # one line per backup made or failed
-    backup_failed: bool = False
+    backup_errors: list[str] = field(default_factory=list)  # of `backups`, those that failed or were stopped
     warnings: list[str] = field(default_factory=list)  # the scan's: what it could not read or use
+
+    @property
+    def backup_failed(self) -> bool:
+        return bool(self.backup_errors)
 
     @property
     def ok(self) -> bool:
@@ -223,7 +227,7 @@ class Runner:
         self.sleep = sleep or self.stopping.wait
         self.signal: str | None = None
         self._backups: list[str] = []
-        self._backup_failed = False
+        self._backup_errors: list[str] = []  # of `_backups`, the backups that failed or were stopped
         self._backing_up = False
         self._scan_warnings: list[str] = []
         self._new_invalid: set[str] = set()  # plugins this execution's scan found invalid, or with a new reason
@@ -524,7 +528,7 @@ class Runner:
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
                          selected=len(selection), invalid=invalid, problems=problems, message=message,
                          budget=budget, paused_until=paused_until, backups=list(self._backups),
-                         backup_failed=self._backup_failed, warnings=self._scan_warnings,
+                         backup_errors=self._backup_errors, warnings=self._scan_warnings,
                          new_invalid=self._new_invalid)
 
     def _finish_older_runs(self, run_id: str) -> None:
@@ -553,13 +557,13 @@ class Runner:
             with self.journal.lock:
                 report = backup(self.store, self.root, options.backup_to, os.environ.get("TURSO_AUTH_TOKEN"))
         except _BackupStopped as e:
-            self._backup_failed = True
-            self._backups.append(f"backup to {display_url(options.backup_to)} ({why}) stopped by {e.args[0]}; "
-                                 "the next backup goes on from where it stopped")
+            self._backup_errors.append(f"backup to {display_url(options.backup_to)} ({why}) stopped by "
+                                       f"{e.args[0]}; the next backup goes on from where it stopped")
+            self._backups.append(self._backup_errors[-1])
             return
         except (OvernightError, EventStoreError) as e:
-            self._backup_failed = True
-            self._backups.append(f"backup to {display_url(options.backup_to)} ({why}) failed: {e}")
+            self._backup_errors.append(f"backup to {display_url(options.backup_to)} ({why}) failed: {e}")
+            self._backups.append(self._backup_errors[-1])
             return
         finally:
             self._backing_up = False

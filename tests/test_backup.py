@@ -538,6 +538,9 @@ def test_run_backs_up_when_it_pauses_for_quota_and_when_it_finishes(night, serve
     after = json.loads(unreachable.stdout)
     assert after["outcome"] == "complete" and after["backup_failed"] is True
     assert "failed" in after["backups"][0] and TOKEN not in unreachable.output
+    # the one error line on stderr says so, also for a script reading --json (it said nothing)
+    assert [line for line in unreachable.stderr.splitlines() if line.startswith("error: ")] == [
+        f"error: {after['backups'][0]}"]
     snapshots = run("backup", "list", "--from", server.url, "--json")
     assert snapshots.exit_code == 0 and len(json.loads(snapshots.stdout)["snapshots"]) == 1
     assert TOKEN not in (root / ".overnight" / "overnight.db").read_bytes().decode("latin-1")

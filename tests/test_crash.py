@@ -139,6 +139,8 @@ def test_a_signal_stops_cleanly_records_the_interruption_and_resume_finishes(tmp
             time.sleep(0.05)
         proc.send_signal(sig)  # a request is in flight: Gemini takes a second to answer
         assert proc.wait(timeout=10) == code
+        name = signal.Signals(sig).name
+        assert f"\nerror: interrupted by {name}\n" in proc.stderr.read().decode()  # as the README says
         assert query(root, "SELECT json_extract(data, '$.signal') FROM events WHERE type = 'RunInterrupted'") == [
             (signal.Signals(sig).name,)]
         assert query(root, "SELECT status FROM runs") == [("interrupted",)]
