@@ -55,6 +55,7 @@ from events.chain import EVENT_COLUMNS, GENESIS, ChainCheck
 from events.remote import Remote, display_url, file_path, open_remote
 from events.store import blob_hash, format_at
 from statemachine import audit
+from statemachine.binding import bind
 from statemachine.catalog import REGISTRY, BackupCompleted
 from statemachine.errors import OvernightError
 from statemachine.workspace import STATE_DIR, open_log
@@ -299,6 +300,7 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
     repairs the damaged blobs it has a copy of.
     """
     started = time.perf_counter()
+    moved = bind(store, root)  # a --db of another marketplace would pair its log with these files
     target = display_url(url)
     remote = open_remote(url, token)
     try:
@@ -308,7 +310,7 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
         head = replication.check_head(store, remote, last_seq)
         tree = snapshot_tree(root, store.path, file_path(url))  # a backup kept inside is no part of it
         writer = replication.Writer(remote)
-        warnings = tree.warnings + _lost_snapshot(store, remote, target)
+        warnings = ([moved] if moved else []) + tree.warnings + _lost_snapshot(store, remote, target)
         damaged = _mend_log_blobs(store, tree, remote, target, warnings)
         repaired = _repair_blobs(store, tree, writer, damaged, warnings)
         replication.ship_blobs(store, writer, damaged)

@@ -12,6 +12,7 @@ from events import EventStore
 from statemachine import catalog as c
 from statemachine import snapshots, writes
 from statemachine.audit import resolve_plugin
+from statemachine.binding import bind
 from statemachine.errors import OvernightError
 from statemachine.lifecycle import Lifecycle, State, plugin_stream
 from statemachine.scan import scan
@@ -54,6 +55,7 @@ def snapshots_of(store: EventStore, plugin: str) -> list[SnapshotInfo]:
 
 def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str | None,
                    place: str = "") -> Restored:
+    bind(store, root)  # before anything changes: a --db of another marketplace names its plugins, not these
     plugin_id = resolve_plugin(store, plugin)
     shots = snapshots_of(store, plugin_id)
     if not shots:

@@ -9,7 +9,6 @@ done) is left alone: resume settles it and records its new content hash.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,8 +17,8 @@ from events import EventStore
 from statemachine import catalog as c
 from statemachine import writes
 from statemachine.analysis import analyze, hash_tree
+from statemachine.binding import bind
 from statemachine.discovery import LEGACY_SKILL_DIR, Candidate, discover, holds_plugin
-from statemachine.errors import OvernightError
 from statemachine.lifecycle import Lifecycle, State
 
 # States in which the plugin's files are being changed by overnight itself.
@@ -42,37 +41,6 @@ class ScanReport:
 
 
 Progress = Callable[[int, int, str], None]
-
-
-class LogOfAnotherMarketplace(OvernightError):
-    pass
-
-
-def bind(store: EventStore, root: Path, *, rebind: bool = False) -> str | None:
-    """Make sure the log serves the marketplace at `root`, recording it when the log is new to
-    it. A log kept outside the marketplace (--db, OVERNIGHT_DB) that serves another one, which
-    still exists, is refused unless `rebind`: its plugins would all vanish, their states lost.
-    A log inside the marketplace moved with it (a restore, a move, a copy). Returns a warning
-    when a log kept outside follows its marketplace to a new place."""
-    here = str(root.resolve())
-    found = store.query("SELECT json_extract(data, '$.root') FROM events WHERE stream = ? "
-                        "ORDER BY version DESC LIMIT 1", (BINDING_STREAM,))
-    bound = found[0][0] if found else None
-    if bound == here:
-        return None
-    inside = store.path.resolve().is_relative_to(here)
-    if bound is not None and not inside and not rebind and Path(bound).is_dir():
-        raise LogOfAnotherMarketplace(
-            f"{store.path} is the event log of the marketplace at {bound}, not of {here}: give this "
-            f"marketplace's own log with --db (or unset OVERNIGHT_DB); to make this log serve {here} from "
-            f"now on, `overnight scan {shlex.quote(here)} --db {shlex.quote(str(store.path.absolute()))} --rebind`")
-    store.append(BINDING_STREAM, c.MarketplaceBound(root=here))
-    if bound is None or inside:
-        return None
-    return f"the event log {store.path} served the marketplace at {bound}; it serves {here} from now on"
-
-
-BINDING_STREAM = "marketplace"
 
 
 def scan(store: EventStore, root: Path, progress: Progress | None = None, place: str = "", *,

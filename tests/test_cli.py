@@ -167,14 +167,17 @@ def test_a_log_kept_outside_serves_one_marketplace_and_follows_it_when_it_moves(
     shutil.copytree(EXAMPLE, other, ignore=shutil.ignore_patterns(".overnight", "deploy-checker"))
     conn = apsw.Connection(str(log))
     before = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-    for args, env in ((["scan", other, "--db", log], None), (["estimate", other], {"OVERNIGHT_DB": str(log)})):
+    remote = tmp_path / "remote.db"
+    for args, env in ((["scan", other, "--db", log], None), (["estimate", other], {"OVERNIGHT_DB": str(log)}),
+                      (["restore-plugin", "schema-linter", other, "--db", log], None),
+                      (["backup", other, "--to", f"file:{remote}"], {"OVERNIGHT_DB": str(log)})):
         refused = run(*args, env=env)
         assert refused.exit_code == 1, refused.output
         assert refused.stderr == (
             f"error: {log} is the event log of the marketplace at {market.resolve()}, not of {other.resolve()}: "
             "give this marketplace's own log with --db (or unset OVERNIGHT_DB); to make this log serve "
             f"{other.resolve()} from now on, `overnight scan {other.resolve()} --db {log} --rebind`\n"), refused.stderr
-    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == before
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == before and not remote.exists()
 
     moved = tmp_path / "moved"
     market.rename(moved)

@@ -1,0 +1,43 @@
+"""Which marketplace a log serves: a log kept outside its marketplace (--db, OVERNIGHT_DB)
+must not be used with another one, whose scan would make every plugin of the first vanish
+from it. Every command that changes the log or the marketplace checks it first."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from events import EventStore
+from statemachine import catalog as c
+from statemachine.errors import OvernightError
+
+BINDING_STREAM = "marketplace"
+
+
+class LogOfAnotherMarketplace(OvernightError):
+    pass
+
+
+def bind(store: EventStore, root: Path, *, rebind: bool = False) -> str | None:
+    """Make sure the log serves the marketplace at `root`, recording it when the log is new to
+    it. A log kept outside the marketplace (--db, OVERNIGHT_DB) that serves another one, which
+    still exists, is refused unless `rebind`: its plugins would all vanish, their states lost.
+    A log inside the marketplace moved with it (a restore, a move, a copy). Returns a warning
+    when a log kept outside follows its marketplace to a new place."""
+    here = str(root.resolve())
+    found = store.query("SELECT json_extract(data, '$.root') FROM events WHERE stream = ? "
+                        "ORDER BY version DESC LIMIT 1", (BINDING_STREAM,))
+    bound = found[0][0] if found else None
+    if bound == here:
+        return None
+    inside = store.path.resolve().is_relative_to(here)
+    if bound is not None and not inside and not rebind and Path(bound).is_dir():
+        raise LogOfAnotherMarketplace(
+            f"{store.path} is the event log of the marketplace at {bound}, not of {here}: give this "
+            f"marketplace's own log with --db (or unset OVERNIGHT_DB); to make this log serve {here} from "
+            f"now on, `overnight scan {shlex.quote(here)} --db {shlex.quote(str(store.path.absolute()))} --rebind`")
+    store.append(BINDING_STREAM, c.MarketplaceBound(root=here))
+    if bound is None or inside:
+        return None
+    return f"the event log {store.path} served the marketplace at {bound}; it serves {here} from now on"
+
