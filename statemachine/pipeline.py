@@ -272,10 +272,14 @@ def _already_good(ctx: Context, cursor: PluginCursor, row: dict) -> str | None:
 
     A plugin that changed since it was done is processed again, unless the change is a
     person's edit of a file overnight wrote: that edit is kept (--force writes over it,
-    keeping it in the snapshot). A maintainer's own skill that meets the bar is left alone."""
-    if row["done_hash"] is not None and row["done_hash"] != row["content_hash"]:
-        edited = _edited_by_hand(ctx, cursor, row)
-        return _kept(edited) if edited else None
+    keeping it in the snapshot), also when `restore-plugin` brought it back. A maintainer's
+    own skill that meets the bar is left alone."""
+    if row["done_hash"] != row["content_hash"]:  # changed since it was done, or restored, or never done
+        edited = _edited_by_hand(ctx, cursor, row)  # none when overnight never wrote it
+        if edited:
+            return _kept(edited)
+        if row["done_hash"] is not None:
+            return None
     if row["done_hash"] is None and _skill_passes(ctx, row):
         return f"skills/{row['skill_name']}/SKILL.md already passes every gate"
     return None
@@ -303,25 +307,31 @@ def _kept(edited: list[str]) -> str:
 
 def _edited_by_hand(ctx: Context, cursor: PluginCursor, row: dict) -> list[str]:
     """The files overnight wrote when it last finished this plugin whose content someone has
-    changed since: neither what overnight wrote nor what was there before it wrote (a file put
-    back as it was, by a restore or by hand, is overnight's to write again, and so is one
-    removed since: writing it takes nothing from anybody)."""
+    changed since: content overnight never wrote there, and not what the file held before
+    overnight first wrote it. A file put back as it was at first, by a restore or by hand, is
+    overnight's to write again, and so is one removed since: writing it takes nothing from
+    anybody. An edit a person made between two of overnight's writes, which `restore-plugin`
+    then brought back, stays an edit."""
     found = ctx.journal.query(
         "SELECT type, schema_version, data FROM events WHERE stream = ? AND type IN ('PluginSnapshotted', "
         "'WriteIntended') AND version < (SELECT max(version) FROM events WHERE stream = ? AND type = 'PluginDone') "
-        "ORDER BY version DESC LIMIT 2", (cursor.stream, cursor.stream))
+        "ORDER BY version", (cursor.stream, cursor.stream))
     events = [c.REGISTRY.decode(*found_row) for found_row in found]
-    intent = next((e for e in events[:1] if isinstance(e, c.WriteIntended)), None)
-    if intent is None:
+    if not events or not isinstance(events[-1], c.WriteIntended):
         return []
-    before: dict[str, str] = {}
-    if isinstance(events[-1], c.PluginSnapshotted):
+    wrote: dict[str, set[str]] = {}
+    for intent in events:
+        if isinstance(intent, c.WriteIntended):
+            for write in intent.writes:
+                wrote.setdefault(write.path, set()).add(write.sha256)
+    first: dict[str, str] = {}
+    if isinstance(events[0], c.PluginSnapshotted):  # taken before overnight's first write
         try:
-            before = dict(snapshots.manifest_files(ctx.journal.blob(events[-1].tree_sha256)))
+            first = dict(snapshots.manifest_files(ctx.journal.blob(events[0].tree_sha256)))
         except (EventStoreError, snapshots.SnapshotError):
             pass  # without it, a file put back as it was counts as edited: kept, the safe side
     edited = []
-    for write in intent.writes:
+    for write in events[-1].writes:
         target = ctx.root / row["path"] / write.path
         if target.is_symlink():  # a person put it there: overnight never writes one
             edited.append(write.path)
@@ -330,7 +340,7 @@ def _edited_by_hand(ctx: Context, cursor: PluginCursor, row: dict) -> list[str]:
             content = hashlib.sha256(target.read_bytes()).hexdigest()
         except OSError:
             continue  # removed (or unreadable: the write step says so)
-        if content not in (write.sha256, before.get(write.path)):
+        if content not in wrote[write.path] and content != first.get(write.path):
             edited.append(write.path)
     return edited
 

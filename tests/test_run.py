@@ -614,6 +614,35 @@ def test_a_hand_edit_of_a_file_overnight_wrote_is_kept_until_force(one, emu):
     assert_healthy(one)
 
 
+def test_an_edit_restore_plugin_brought_back_is_kept_by_a_plain_run(one, emu):
+    """--force wrote over a person's edit; restore-plugin brought it back; the next plain run
+    wrote over it again (a restore made the plugin one overnight never finished, and the
+    edit, too short for the gates, was not 'its own skill that meets the bar')."""
+    assert run(one, emu).exit_code == 0
+    skill = one / "plugins" / "tools" / "widget" / "skills" / "widget" / "SKILL.md"
+    mine = "---\nname: widget\ndescription: my own short skill\n---\n# My notes\n\nKEEP ME\n"  # fails the size gate
+    skill.write_text(mine)
+    assert run(one, emu).exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "skipped"} and skill.read_text() == mine
+    assert run(one, emu, "--force").exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "done"} and "KEEP ME" not in skill.read_text()
+    assert overnight("restore-plugin", "widget", one).exit_code == 0
+    assert skill.read_text() == mine
+    requests = len(generate_requests(emu))
+    assert run(one, emu).exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "skipped"} and skill.read_text() == mine
+    assert len(generate_requests(emu)) == requests
+    reason = query(one, "SELECT reason FROM plugins")[0][0]
+    assert reason.startswith("edited by hand after overnight wrote it: skills/widget/SKILL.md; "), reason
+    # the plugin as it was before overnight's first write is overnight's to write again
+    shots = json.loads(overnight("restore-plugin", "widget", one, "--list", "--json").stdout)["snapshots"]
+    assert overnight("restore-plugin", "widget", one, "--snapshot", shots[-1]["id"]).exit_code == 0  # the oldest
+    assert not skill.exists()
+    assert run(one, emu).exit_code == 0
+    assert states(one) == {"plugins/tools/widget": "done"} and "KEEP ME" not in skill.read_text()
+    assert_healthy(one)
+
+
 def test_a_hand_edit_made_while_its_plugin_is_under_way_is_kept(one, emu, monkeypatch):
     from statemachine import pipeline
     from statemachine.lifecycle import State
