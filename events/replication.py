@@ -78,8 +78,16 @@ def _columns(conn: Any, tables: Sequence[str]) -> dict[str, list[str]]:
 
 
 def ensure_schema(remote: Remote, extra: Sequence[str] = ()) -> None:
-    """Create our tables on `remote`; first refuse it, writing nothing, if a table of ours is
-    already there with other columns (the database is not an overnight backup).
+    """Create our tables on `remote`; first refuse it, writing nothing, if it is not an
+    overnight backup (see `check_schema`)."""
+    check_schema(remote, extra)
+    remote.batch([(sql, ()) for sql in (*SCHEMA, *extra)])
+
+
+def check_schema(remote: Remote, extra: Sequence[str] = ()) -> None:
+    """Refuse `remote` if a table of ours is there with other columns: the database is not an
+    overnight backup (a live event log, say). Reading commands say so too, rather than that
+    no backup was made yet.
 
     Our columns are read back from the same statements run in an in-memory SQLite, so they
     cannot drift from `SCHEMA` and `extra`.
@@ -99,7 +107,6 @@ def ensure_schema(remote: Remote, extra: Sequence[str] = ()) -> None:
         if table in theirs and theirs[table] != expected[table]:
             raise RemoteError(f"{_name(remote)} is not an overnight backup (its table {table} has columns "
                               f"{', '.join(theirs[table])})")
-    remote.batch([(sql, ()) for sql in statements])
 
 
 @dataclass

@@ -454,6 +454,7 @@ def _has_backup(remote: Remote) -> bool:
 
 
 def _snapshots(remote: Remote) -> list[Snapshot]:
+    replication.check_schema(remote, (SNAPSHOT_SCHEMA,))  # a live log is no backup, not an empty one
     if not _has_backup(remote):
         return []
     rows = remote.execute(f"SELECT {SNAPSHOT_COLUMNS} FROM snapshots ORDER BY created_at, id")

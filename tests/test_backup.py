@@ -784,6 +784,15 @@ def test_backup_refuses_a_database_that_is_not_a_backup_before_writing_anything(
     assert "is not an overnight backup (its table blobs has columns hash, size, data)" in result.output
     assert schema(log) == before
     assert run("audit", "verify", market).exit_code == 0
+    # the reading commands say the same of it: they said no backup was made yet ("run `overnight
+    # backup` first", and `backup list` exited 0)
+    for args in (["restore", "--from", f"file:{log}", "--to", tmp_path / "restored"], ["backup", "list", "--from",
+                 f"file:{log}"], ["backup", "verify", "--from", f"file:{log}"]):
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr == (f"error: file://{log} is not an overnight backup "
+                                 "(its table blobs has columns hash, size, data)\n"), (args, result.output)
+    assert schema(log) == before and not (tmp_path / "restored").exists()
 
     empty = tmp_path / "empty.db"
     sqlite_rows(empty, "SELECT 1")  # an SQLite database with no table at all
