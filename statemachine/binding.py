@@ -40,4 +40,3 @@ def bind(store: EventStore, root: Path, *, rebind: bool = False) -> str | None:
     if bound is None or inside:
         return None
     return f"the event log {store.path} served the marketplace at {bound}; it serves {here} from now on"
-
