@@ -25,18 +25,26 @@ def bind(store: EventStore, root: Path, *, rebind: bool = False) -> str | None:
     A log inside the marketplace moved with it (a restore, a move, a copy). Returns a warning
     when a log kept outside follows its marketplace to a new place."""
     here = str(root.resolve())
-    found = store.query("SELECT json_extract(data, '$.root') FROM events WHERE stream = ? "
-                        "ORDER BY version DESC LIMIT 1", (BINDING_STREAM,))
-    bound = found[0][0] if found else None
+    bound = bound_root(store)
     if bound == here:
         return None
-    inside = store.path.resolve().is_relative_to(here)
-    if bound is not None and not inside and not rebind and Path(bound).is_dir():
+    log = store.path.resolve()
+    inside = log.is_relative_to(here)
+    # a log inside the marketplace it served (one nested in this one) stays that one's
+    theirs = bound is not None and (not inside or log.is_relative_to(bound))
+    if theirs and not rebind and Path(bound).is_dir():
         raise LogOfAnotherMarketplace(
             f"{store.path} is the event log of the marketplace at {bound}, not of {here}: give this "
             f"marketplace's own log with --db (or unset OVERNIGHT_DB); to make this log serve {here} from "
             f"now on, `overnight scan {shlex.quote(here)} --db {shlex.quote(str(store.path.absolute()))} --rebind`")
     store.append(BINDING_STREAM, c.MarketplaceBound(root=here))
-    if bound is None or inside:
+    if not theirs:
         return None
     return f"the event log {store.path} served the marketplace at {bound}; it serves {here} from now on"
+
+
+def bound_root(store: EventStore) -> str | None:
+    """The marketplace the log serves (resolved), or None before its first scan."""
+    found = store.query("SELECT json_extract(data, '$.root') FROM events WHERE stream = ? "
+                        "ORDER BY version DESC LIMIT 1", (BINDING_STREAM,))
+    return found[0][0] if found else None

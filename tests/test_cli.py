@@ -196,6 +196,19 @@ def test_a_log_kept_outside_serves_one_marketplace_and_follows_it_when_it_moves(
     conn.close()
 
 
+def test_a_marketplace_around_another_cannot_take_its_log(market, tmp_path):
+    """The inner marketplace's own log lies inside the outer one too: a scan of the outer one
+    with it took it over without a word, and the inner one's plugins were marked gone."""
+    assert run("scan", market).exit_code == 0
+    outer = market.parent
+    (outer / "plugins" / "x").mkdir(parents=True)
+    shutil.copytree(EXAMPLE / "plugins" / "devops" / "deploy-checker", outer / "plugins" / "x" / "deploy-checker")
+    refused = run("scan", outer, "--db", db_of(market))
+    assert refused.exit_code == 1 and f"is the event log of the marketplace at {market.resolve()}" in refused.stderr
+    assert event_count(market) == 9
+    assert run("scan", market).stdout.startswith("4 plugins: 0 new, 0 changed, 4 unchanged")
+
+
 def test_a_log_inside_its_marketplace_goes_with_a_copy_of_it(market, tmp_path):
     assert run("scan", market).exit_code == 0
     copy = tmp_path / "copy"
