@@ -521,8 +521,7 @@ class Runner:
             self._finish_older_runs(run_id)
         if options.dry_run:
             problems = [p for p in problems if p[1] != State.PLANNED]
-        invalid = [(pid, reason or "") for pid, reason in self.journal.query(
-            "SELECT plugin_id, reason FROM plugins WHERE state = 'invalid' ORDER BY plugin_id")]
+        invalid = self._invalid()
         if outcome != "paused":  # a pause was backed up when it began
             self._backup(options, f"run {outcome}")
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
@@ -585,10 +584,15 @@ class Runner:
                 self._settle_lost()
                 self.journal.append(f"run:{run_id}", c.RunInterrupted(run_id=run_id, signal=self.signal or "stop"))
             counts, others, problems = self._counts(run_id, selection)
+            invalid = self._invalid()
             self.journal.close()
         return RunResult(run_id=run_id, outcome="interrupted", counts=counts, by_other_runs=others,
                          selected=len(selection), problems=problems, message=f"interrupted by {self.signal}",
-                         warnings=self._scan_warnings)
+                         warnings=self._scan_warnings, invalid=invalid, new_invalid=self._new_invalid)
+
+    def _invalid(self) -> list[tuple[str, str]]:
+        return [(pid, reason or "") for pid, reason in self.journal.query(
+            "SELECT plugin_id, reason FROM plugins WHERE state = 'invalid' ORDER BY plugin_id")]
 
 
 @dataclass

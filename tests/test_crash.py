@@ -155,6 +155,27 @@ def test_a_signal_stops_cleanly_records_the_interruption_and_resume_finishes(tmp
     assert query(root, "SELECT status FROM runs") == [("complete",)]
 
 
+def test_a_run_stopped_by_a_signal_names_the_plugins_its_scan_found_invalid(tmp_path):
+    """The interrupted run's summary listed no invalid plugin, and its resume counted them as
+    found before: their names were never shown."""
+    root = tmp_path / "market"
+    build_marketplace(root, 3)
+    plugin(root, "plugins/cat0/broken", None)  # no name: invalid
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    env["GOOGLE_API_KEY"] = KEY
+    with Emulator(api_key=KEY, latency=(1.0, 1.0), seed=5) as emu:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(root), "--base-url", emu.url, *ARGS],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not [r for r in emu.requests if r.method == "POST"]:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "  invalid     plugins/cat0/broken: " in out, out
+
+
 def test_metrics_from_another_terminal_gives_an_eta_the_quota_allows(tmp_path):
     """The first plugin is done in a burst, well inside the minute's quota: its pace alone told
     `metrics` the other five would take seconds. At 4 requests a minute their ten requests take
