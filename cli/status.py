@@ -10,6 +10,7 @@ from cli.options import common, marketplace_argument, where
 from cli.render import emit_json, moment, plural, shown
 from statemachine import status as status_service
 from statemachine.lifecycle import State
+from statemachine.binding import serves_another
 from statemachine.errors import NotAMarketplace
 from statemachine.workspace import marketplace_root, read_log
 
@@ -24,11 +25,19 @@ from statemachine.workspace import marketplace_root, read_log
 def status(path: Path, db: Path | None, plugin: str | None, state: str | None, as_json: bool) -> None:
     """Where every plugin of the marketplace at PATH stands (read from the log)."""
     try:
-        here = where(marketplace_root(path), db)
+        root: Path | None = marketplace_root(path)
     except NotAMarketplace:  # a log read with --db from elsewhere: which marketplace, it cannot tell
-        here = where(None, db)
+        root = None
     with read_log(path, db) as store:
-        report = status_service.status(store, plugin=plugin, state=state, place=here)
+        serves = serves_another(store, root) if root is not None else None
+        if serves is not None:
+            # another marketplace's log (a wrong --db, a leftover OVERNIGHT_DB): say so, and give
+            # hints that name the marketplace it serves, which the commands would otherwise refuse
+            click.echo(f"warning: {shown(str(store.path))} is the event log of the marketplace at {shown(serves)}, "
+                       f"not of {shown(str(root.resolve()))}: what follows is that marketplace's", err=True)
+            root = Path(serves)
+        report = status_service.status(store, plugin=plugin, state=state, place=where(root, db))
+    here = where(root, db)
     if as_json:
         emit_json(report.as_json())
         return

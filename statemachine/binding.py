@@ -28,10 +28,7 @@ def bind(store: EventStore, root: Path, *, rebind: bool = False) -> str | None:
     bound = bound_root(store)
     if bound == here:
         return None
-    log = store.path.resolve()
-    inside = log.is_relative_to(here)
-    # a log inside the marketplace it served (one nested in this one) stays that one's
-    theirs = bound is not None and (not inside or log.is_relative_to(bound))
+    theirs = _theirs(store, here, bound)
     if theirs and not rebind and Path(bound).is_dir():
         raise LogOfAnotherMarketplace(
             f"{store.path} is the event log of the marketplace at {bound}, not of {here}: give this "
@@ -41,6 +38,23 @@ def bind(store: EventStore, root: Path, *, rebind: bool = False) -> str | None:
     if not theirs:
         return None
     return f"the event log {store.path} served the marketplace at {bound}; it serves {here} from now on"
+
+
+def serves_another(store: EventStore, root: Path) -> str | None:
+    """The other marketplace, still there, that the log serves, which a scan of `root` would
+    refuse (for a reader that must not record anything); or None."""
+    here, bound = str(root.resolve()), bound_root(store)
+    if bound is None or bound == here or not _theirs(store, here, bound) or not Path(bound).is_dir():
+        return None
+    return bound
+
+
+def _theirs(store: EventStore, here: str, bound: str | None) -> bool:
+    """Whether the log is the marketplace `bound`'s rather than `here`'s: a log outside `here`,
+    or inside the marketplace it served (one nested in `here`). A log inside `here` only moved
+    with it (a restore, a move, a copy)."""
+    log = store.path.resolve()
+    return bound is not None and (not log.is_relative_to(here) or log.is_relative_to(bound))
 
 
 def bound_root(store: EventStore) -> str | None:

@@ -178,6 +178,10 @@ def test_a_log_kept_outside_serves_one_marketplace_and_follows_it_when_it_moves(
             "give this marketplace's own log with --db (or unset OVERNIGHT_DB); to make this log serve "
             f"{other.resolve()} from now on, `overnight scan {other.resolve()} --db {log} --rebind`\n"), refused.stderr
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == before and not remote.exists()
+    read = run("status", other, "--db", log)  # reading is allowed, and says whose log it is
+    assert read.exit_code == 0 and read.stderr == (
+        f"warning: {log} is the event log of the marketplace at {market.resolve()}, not of {other.resolve()}: "
+        "what follows is that marketplace's\n"), read.stderr
 
     moved = tmp_path / "moved"
     market.rename(moved)
@@ -213,6 +217,7 @@ def test_a_log_inside_its_marketplace_goes_with_a_copy_of_it(market, tmp_path):
     assert run("scan", market).exit_code == 0
     copy = tmp_path / "copy"
     shutil.copytree(market, copy)
+    assert run("status", copy).stderr == ""  # no warning: the log only moved with its marketplace
     scanned = run("scan", copy)
     assert scanned.exit_code == 0, scanned.output
     assert "warning" not in scanned.stdout and "4 unchanged" in scanned.stdout
