@@ -37,15 +37,23 @@ def build_marketplace(root: Path, count: int) -> None:
     manifest(root, entries)
 
 
-def spawn(command: str, root: Path, url: str, *extra: str) -> subprocess.Popen:
+def spawn(command: str, root: Path, url: str, *extra: str, stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
     env["GOOGLE_API_KEY"] = KEY
     return subprocess.Popen([sys.executable, "-m", "cli", command, str(root), "--base-url", url, *ARGS, *extra]
                             if command == "run" else
                             [sys.executable, "-m", "cli", command, str(root)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE,
                             # as from a terminal, even when the tests run under nohup (SIGHUP ignored)
                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+
+
+def first_request(emu: Emulator, proc: subprocess.Popen) -> None:
+    """Wait until the run has sent its first request to Gemini."""
+    deadline = time.monotonic() + 30
+    while not [r for r in emu.requests if r.method == "POST"]:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -133,10 +141,7 @@ def test_a_signal_stops_cleanly_records_the_interruption_and_resume_finishes(tmp
     build_marketplace(root, 6)
     with Emulator(api_key=KEY, latency=(1.0, 1.0), seed=5) as emu:
         proc = spawn("run", root, emu.url)
-        deadline = time.monotonic() + 30
-        while not [r for r in emu.requests if r.method == "POST"]:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        first_request(emu, proc)
         proc.send_signal(sig)  # a request is in flight: Gemini takes a second to answer
         assert proc.wait(timeout=10) == code
         name = signal.Signals(sig).name
@@ -161,19 +166,13 @@ def test_a_run_stopped_by_a_signal_names_the_plugins_its_scan_found_invalid(tmp_
     root = tmp_path / "market"
     build_marketplace(root, 3)
     plugin(root, "plugins/cat0/broken", None)  # no name: invalid
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
-    env["GOOGLE_API_KEY"] = KEY
     with Emulator(api_key=KEY, latency=(1.0, 1.0), seed=5) as emu:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(root), "--base-url", emu.url, *ARGS],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while not [r for r in emu.requests if r.method == "POST"]:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        proc = spawn("run", root, emu.url, stdout=subprocess.PIPE)
+        first_request(emu, proc)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130
-    assert "  invalid     plugins/cat0/broken: " in out, out
+    assert "  invalid     plugins/cat0/broken: " in out.decode(), out
 
 
 def test_metrics_from_another_terminal_gives_an_eta_the_quota_allows(tmp_path):
