@@ -9,8 +9,8 @@ import click
 from cli.options import common, marketplace_argument, where
 from cli.render import emit_json, moment, plural, shown
 from statemachine import status as status_service
-from statemachine.lifecycle import State
 from statemachine.binding import serves_another
+from statemachine.lifecycle import State
 from statemachine.errors import NotAMarketplace
 from statemachine.workspace import marketplace_root, read_log
 
@@ -36,8 +36,8 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
             click.echo(f"warning: {shown(str(store.path))} is the event log of the marketplace at {shown(serves)}, "
                        f"not of {shown(str(root.resolve()))}: what follows is that marketplace's", err=True)
             root = Path(serves)
-        report = status_service.status(store, plugin=plugin, state=state, place=where(root, db))
-    here = where(root, db)
+        here = where(root, db)
+        report = status_service.status(store, plugin=plugin, state=state, place=here)
     if as_json:
         emit_json(report.as_json())
         return
