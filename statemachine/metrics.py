@@ -30,7 +30,7 @@ from statemachine.prompts import (
     skill_prompt,
     system_instruction,
 )
-from statemachine.scheduler import Limits, day_start, effective_limits, next_day_start
+from statemachine.scheduler import Limits, day_start, next_day_start, run_limits
 from events.lock import WriterLock
 from statemachine.status import runs
 
@@ -126,11 +126,8 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     if status == "running" and finished and sending and len(selection) > finished:
         remaining = len(selection) - finished
         options = msgspec.json.decode(config)
-        stated_at = store.query("SELECT max(at) FROM events WHERE stream = ? AND type IN ('RunStarted', "
-                                "'LimitsChanged')", (f"run:{run_id}",))[0][0] or ""
         model = options["gemini"]["model"]
-        limits = effective_limits(store, model, Limits(**options["limits"]), options.get("explicit_limits", ()),
-                                  stated_at)
+        limits = run_limits(store, run_id, model, Limits(**options["limits"]), options.get("explicit_limits", ()))
         tokens, today = store.query(
             "SELECT (SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger WHERE run_id = ?), "
             "(SELECT count(*) FROM quota_ledger WHERE model = ? AND sent_at >= ?)",

@@ -32,8 +32,8 @@ from events.store import format_at
 from statemachine import catalog as c
 from statemachine import gates, skillmd, snapshots, writes
 from statemachine.analysis import hash_tree, walk
-from statemachine.discovery import LEGACY_SKILL_DIR
 from statemachine.budget import Hold, Spending
+from statemachine.discovery import LEGACY_SKILL_DIR
 from statemachine.gateway import (
     AccessDenied,
     Gateway,

@@ -39,7 +39,8 @@ from statemachine.pipeline import (Context, Finished, Interrupted, RequestsClose
 from statemachine.projections import OUTPUT_TOKENS
 from statemachine.prompts import Standards, load_standards
 from statemachine.scan import scan
-from statemachine.scheduler import DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso
+from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso,
+                                    run_limits)
 from statemachine.status import UNFINISHED
 
 OK_END = frozenset({State.DONE, State.SKIPPED, State.REJECTED})
@@ -300,12 +301,11 @@ class Runner:
         return self._execute(run_id, options, standards, gateway, selection, lifted=lifted)
 
     def _scan(self) -> None:
-        known = set(self.store.query("SELECT plugin_id, reason FROM plugins WHERE state = 'invalid'"))
         before = self.store.last_seq
         report = scan(self.store, self.root)
         self.journal.echo(before)
         self._scan_warnings = report.warnings
-        self._new_invalid = {plugin_id for plugin_id, reason in report.problems if (plugin_id, reason) not in known}
+        self._new_invalid = report.newly_invalid
 
     def interrupt(self, signal_name: str) -> None:
         """Called from a signal handler: stop taking work; `_execute` records the interruption.
@@ -428,10 +428,7 @@ class Runner:
     def _effective_limits(self, run_id: str, options: RunOptions) -> Limits:
         """The run's limits, capped by learned ones; its explicit limits were stated when it
         started or when a resume last changed them."""
-        stated_at = self.store.query("SELECT max(at) FROM events WHERE stream = ? AND type IN "
-                                     "('RunStarted', 'LimitsChanged')", (f"run:{run_id}",))[0][0] or ""
-        return effective_limits(self.store, options.gemini.model, options.limits, options.explicit_limits,
-                                stated_at)
+        return run_limits(self.store, run_id, options.gemini.model, options.limits, options.explicit_limits)
 
     def _wait_until(self, until: float, stats: Stats, selection: list[str]) -> None:
         """Sleep through a pause, telling the display when it begins and every 30 s."""

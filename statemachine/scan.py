@@ -37,6 +37,7 @@ class ScanReport:
     vanished: int = 0
     events: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)  # (plugin id, reason)
+    newly_invalid: set[str] = field(default_factory=set)  # of `problems`, those not invalid so before
     warnings: list[str] = field(default_factory=list)
 
 
@@ -135,6 +136,8 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
     if problem is not None:
         report.invalid += 1
         report.problems.append((candidate.plugin_id, problem))
+        if row is None or row["state"] != State.INVALID or row["reason"] != problem:
+            report.newly_invalid.add(candidate.plugin_id)
     if row is not None:
         same_identity = (row["name"], row["category"], row["path"], bool(row["listed"]),
                          row["skill_name"]) == (discovered.name, discovered.category,

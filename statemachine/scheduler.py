@@ -94,6 +94,14 @@ def effective_limits(store: "EventStore", model: str, limits: Limits, explicit: 
     return limits
 
 
+def run_limits(store: "EventStore", run_id: str, model: str, limits: Limits, explicit: Iterable[str]) -> Limits:
+    """Run `run_id`'s `limits` capped by learned ones (see `effective_limits`): its explicit
+    limits were stated when it started or when a resume last changed them."""
+    stated_at = store.query("SELECT max(at) FROM events WHERE stream = ? AND type IN ('RunStarted', 'LimitsChanged')",
+                            (f"run:{run_id}",))[0][0] or ""
+    return effective_limits(store, model, limits, explicit, stated_at)
+
+
 class DailyQuotaExhausted(Exception):
     """No request may be sent before `until` (unix time): the run should pause."""
 
