@@ -13,7 +13,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import msgspec
 
@@ -30,7 +30,7 @@ from statemachine.prompts import (
     skill_prompt,
     system_instruction,
 )
-from statemachine.scheduler import Limits, day_start, next_day_start, run_limits
+from statemachine.scheduler import MINUTE, Limits, day_start, next_day_start, run_limits
 from events.lock import WriterLock
 from statemachine.status import runs
 
@@ -119,7 +119,8 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     ended = dict(store.query(
         "SELECT state, count(*) FROM plugins WHERE run_id = ? GROUP BY state", (run_id,)))
     finished = sum(n for s, n in ended.items() if s in FINAL)
-    requests = store.query("SELECT count(*), min(sent_at), max(sent_at) FROM quota_ledger WHERE run_id = ?",
+    requests = store.query("SELECT count(*), min(sent_at), max(sent_at), "
+                           "count(*) FILTER (WHERE outcome IS NOT 'rate_limited') FROM quota_ledger WHERE run_id = ?",
                            (run_id,))[0]
     sending = (requests[2] - requests[1]) if requests[0] > 1 else None
     eta = None
@@ -132,8 +133,10 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
             "SELECT (SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger WHERE run_id = ?), "
             "(SELECT count(*) FROM quota_ledger WHERE model = ? AND sent_at >= ?)",
             (run_id, model, day_start(now)))[0]
-        eta = round(max(sending / finished * remaining,
-                        quota_time(limits, remaining, finished, requests[0], tokens, today, now, options["dry_run"])))
+        recent = [at for (at,) in store.query("SELECT sent_at FROM quota_ledger WHERE model = ? AND sent_at > ?",
+                                              (model, now - MINUTE))]
+        eta = round(max(sending / finished * remaining, quota_time(
+            limits, remaining, finished, requests[3], tokens, today, now, options["dry_run"], recent)))
     # wall time, pauses included (as the estimate counts them): until the run ended, until now
     # while a process runs it, else until its last event in any stream (a killed process
     # records no end; its last events are its plugins' and its requests')
@@ -253,17 +256,28 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
 
 
 def quota_time(limits: Limits, remaining: int, finished: int, requests: int, input_tokens: int, used_today: int,
-               now: float, dry_run: bool) -> float:
-    """The least time the quota gives a run's `remaining` plugins' requests, at the requests per
-    plugin and tokens per request of its `finished` plugins (at most a plan and a skill each).
-    The first plugins go out in a burst, before the per-minute limit binds: their pace alone
-    promises far too early an end."""
+               now: float, dry_run: bool, recent: Iterable[float] = ()) -> float:
+    """The least time the quota gives the requests a run's `remaining` plugins still owe, at
+    the requests per plugin and the tokens per request measured so far (at most a plan and a
+    skill a plugin). `requests`: the run's requests that no 429 refused, those of its `finished`
+    plugins and those the others sent already. The first plugins go out in a burst, before the
+    per-minute limit binds: their pace alone promises far too early an end. Requests that fit
+    today go as the scheduler admits them, in a sliding window that the last minute's requests
+    (sent at the times `recent`) still hold."""
     most = 1.0 if dry_run else 2.0
     per_plugin = min(most, requests / finished) if finished else most
     rate = float(limits.rpm)
     if requests and input_tokens and limits.tpm:
         rate = min(rate, limits.tpm / (input_tokens / requests))
-    return time_to_send(math.ceil(remaining * per_plugin), rate, limits.rpd, used_today, now)[0]
+    # each unfinished plugin owes at least its last request
+    n = max(math.ceil((finished + remaining) * per_plugin) - requests, math.ceil(remaining * (per_plugin - 1)))
+    if n <= 0:
+        return 0.0
+    if not limits.rpd or n <= limits.rpd - used_today:
+        seconds = _sliding_finish(n, rate, recent, now)
+        if not limits.rpd or now + seconds < next_day_start(now):
+            return seconds
+    return time_to_send(n, rate, limits.rpd, used_today, now)[0]
 
 
 def time_to_send(n: int, per_minute: float, rpd: int, used_today: int, now: float) -> tuple[float, int]:
@@ -281,3 +295,16 @@ def time_to_send(n: int, per_minute: float, rpd: int, used_today: int, now: floa
         left -= today
         t, room, resets = midnight, rpd, resets + 1
     return 0.0, 0
+
+
+def _sliding_finish(n: int, per_minute: float, recent: Iterable[float], now: float) -> float:
+    """Seconds from `now` until the last of `n` requests may go when at most `per_minute` go in
+    any minute: a window of `limit` requests that repeats every `window` seconds (the rate is
+    `per_minute` also when it is not a whole number), `recent` holding its first places."""
+    limit = max(1, math.floor(per_minute))
+    window = MINUTE * limit / per_minute
+    held = sorted(t for t in recent if t > now - window)[-limit:]
+    cycles, place = divmod(n - 1, limit)  # the n-th request takes `place` in its window
+    free = limit - len(held)
+    first = now if place < free else held[place - free] + window
+    return max(first, now) + cycles * window - now

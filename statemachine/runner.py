@@ -480,9 +480,9 @@ class Runner:
 
     def _quota_time(self, scheduler: Scheduler, stats: Stats, remaining: int, finished: int, dry_run: bool) -> float:
         with stats.lock:
-            requests, tokens = stats.requests, stats.input_tokens
+            requests, tokens = stats.requests - stats.rate_limited, stats.input_tokens
         return quota_time(scheduler.limits, remaining, finished, requests, tokens, scheduler.used()["day_requests"],
-                          self.clock(), dry_run)
+                          self.clock(), dry_run, scheduler.recent())
 
     def _counts(self, run_id: str, selection: list[str]) -> tuple[
             dict[str, int], dict[str, int], list[tuple[str, str, str]]]:

@@ -247,6 +247,12 @@ class Scheduler:
         with self._lock:
             self.limits = limits
 
+    def recent(self) -> list[float]:
+        """When the requests that the minute window still holds were admitted."""
+        with self._lock:
+            self._expire(self.clock())
+            return [s.at for s in self._minute]
+
     def used(self) -> dict[str, int]:
         with self._lock:
             self._expire(self.clock())

@@ -282,6 +282,24 @@ def test_the_eta_counts_the_time_the_per_minute_quota_takes(market, emu):
     assert 120 <= minutes * 60 + seconds <= 151, first
 
 
+def _eta(result, done: str) -> int:
+    line = next(line for line in result.stderr.splitlines() if line.startswith(f"{done}  done  "))
+    minutes, seconds = re.search(r"  ETA (?:(\d+)m )?(\d+)s\)$", line).groups()
+    return int(minutes or 0) * 60 + int(seconds)
+
+
+def test_the_eta_is_neither_a_minute_late_nor_a_minute_early(market, emu):
+    """The quota's share of the ETA counted whole minutes from now, as if no request had been
+    sent in this one: 36 s for the 6 requests that this minute still had room for, and 20 s for
+    the last plugin's 2 requests when the minute's 6 were spent and free again only in a minute."""
+    early = run(market, emu, "--rpm", "10", "--concurrency", "1")
+    assert early.exit_code == 0, early.output
+    assert _eta(early, "1/4") <= 10, early.stderr
+    again = run(market, emu, "--rpm", "6", "--concurrency", "1", "--max-requests", "6", "--force")
+    assert again.exit_code == 0, again.output
+    assert 50 <= _eta(again, "3/4") <= 61, again.stderr
+
+
 def test_the_summary_and_status_give_the_end_of_a_pause_in_local_time_too(one, emu, tokyo):
     emu.script("rate_limit_day", retry_delay=None, phase="skill")
     result = run(one, emu, "--no-wait")
