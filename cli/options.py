@@ -92,8 +92,8 @@ class Number(click.FloatRange):
 
 
 class HttpUrl(click.ParamType):
-    """An http:// or https:// URL with a host (a Gemini endpoint): anything else is wrong
-    usage, not a connection that fails later."""
+    """An http:// or https:// URL with a host (a Gemini endpoint), with no space or control
+    character: anything else is wrong usage, not a connection that fails later."""
 
     name = "url"
     what = "an http:// or https:// URL with a host"  # in a config file's error
@@ -106,7 +106,8 @@ class HttpUrl(click.ParamType):
             port_ok = parts.port is None or parts.port > 0
         except ValueError:
             parts, port_ok = None, False
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        blank = any(ch.isspace() or not ch.isprintable() for ch in str(value))
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or blank:
             self.fail(f"{value!r} is not {self.what}", param, ctx)
         return str(value)
 

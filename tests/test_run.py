@@ -177,7 +177,8 @@ def test_both_key_variables_set_add_nothing_to_stderr(one, emu):
                                           if re.match(r"\d/1 ", line)], result.stderr
 
 
-@pytest.mark.parametrize("url", ["notaurl", "http://", "ftp://proxy", "http://127.0.0.1:99999"])
+@pytest.mark.parametrize("url", ["notaurl", "http://", "ftp://proxy", "http://127.0.0.1:99999", "http://a b",
+                                 "http://127.0.0.1:8080/v1\t"])
 def test_a_base_url_that_is_no_http_url_is_wrong_usage(one, url):
     result = overnight("run", one, "--base-url", url)
     assert result.exit_code == 2, result.output
