@@ -102,6 +102,7 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
     write(root / "plugins/a/broken/.claude-plugin/plugin.json", "{")
     write(root / "plugins/a/empty/.claude-plugin/plugin.json", "")
     write(root / "plugins/a/latin1/.claude-plugin/plugin.json", b'{"name": "caf\xe9"}')
+    write(root / "plugins/a/bigint/.claude-plugin/plugin.json", '{"name": "bigint", "version": ' + "1" * 5000 + "}")
     plugin(root, "plugins/b/good", "good")  # duplicate name
     plugin(root, "plugins/b/slash", "a/../b")
     plugin(root, "plugins/b/looped", "looped")
@@ -112,16 +113,18 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
     report = as_json(result)
     reasons = {p["plugin"]: p["reason"] for p in report["problems"]}
     assert set(reasons) == {"../outside", "plugins/a/missing", "plugins/a/broken", "plugins/a/empty",
-                            "plugins/a/latin1", "plugins/b/good", "plugins/b/slash"}
+                            "plugins/a/latin1", "plugins/a/bigint", "plugins/b/good", "plugins/b/slash"}
     assert "outside the repository" in reasons["../outside"]
     assert "does not exist" in reasons["plugins/a/missing"]
     assert "invalid JSON" in reasons["plugins/a/broken"]
     assert "empty" in reasons["plugins/a/empty"]
     assert "UTF-8" in reasons["plugins/a/latin1"]
+    assert reasons["plugins/a/bigint"] == (".claude-plugin/plugin.json: invalid JSON: Exceeds the limit (4300 digits) "
+                                           "for integer string conversion: value has 5000 digits")
     assert "duplicate plugin name 'good'" in reasons["plugins/b/good"]
     assert "cannot become a skill name" in reasons["plugins/b/slash"]
     status = as_json(run("status", root, "--json", "--state", "invalid"))
-    assert status["by_state"] == {"analyzed": 2, "invalid": 7}
+    assert status["by_state"] == {"analyzed": 2, "invalid": 8}
     assert {i["plugin_id"] for i in status["items"]} == set(reasons)
     looped = as_json(run("status", root, "--json", "--plugin", "plugins/b/looped"))["items"][0]
     assert looped["state"] == "analyzed"
@@ -132,6 +135,17 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
     assert {p["plugin"]: p["reason"] for p in again["problems"]}["plugins/a/copy"] == (
         "duplicate plugin name 'looped' (also used by plugins/b/looped)")
     assert as_json(run("status", root, "--json", "--plugin", "plugins/b/looped"))["items"][0]["state"] == "analyzed"
+
+
+def test_a_marketplace_json_that_python_cannot_read_is_a_warning_and_the_scan_goes_on(market):
+    """A number of 5,000 digits stopped every command that scans, with an internal error."""
+    (market / ".claude-plugin/marketplace.json").write_text('{"plugins": [], "version": ' + "9" * 5000 + "}")
+    result = run("scan", market, "--json")
+    assert result.exit_code == 0, result.output
+    report = as_json(result)
+    assert report["warnings"][0].startswith(".claude-plugin/marketplace.json: invalid JSON: Exceeds the limit "
+                                            "(4300 digits)"), report["warnings"]
+    assert as_json(run("status", market, "--json"))["by_state"] == {"analyzed": 4}
 
 
 def test_status_json_contract_and_filters(market):
