@@ -218,32 +218,48 @@ def _walk(tree: Tree, top: Path, skipped: set[str]) -> str:
         here.done += 1
         if item.name in EXCLUDED or item.path in skipped:
             continue
-        st = item.stat(follow_symlinks=False)
-        entry = {"name": item.name, "mode": stat.S_IMODE(st.st_mode) & 0o777, "size": 0, "hash": "", "target": ""}
-        if stat.S_ISDIR(st.st_mode):
-            stack.append(_dir(Path(item.path), entry))
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(item.path)
-            why = symlink_refusal(top, Path(item.path), target)
-            if why:
-                tree.warnings.append(f"{os.path.relpath(item.path, top)}: symlink to {target!r} {why}; "
-                                     "skipped: restore would refuse it")
+        try:
+            entry = _entry(tree, top, item)
+            if entry is not None and entry["kind"] == "dir":
+                stack.append(_dir(Path(item.path), entry))
                 continue
-            entry.update(kind="symlink", mode=0, target=target)
-        elif stat.S_ISREG(st.st_mode):
-            with open(item.path, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            entry.update(kind="file", size=st.st_size, hash=digest)
-            tree.files.setdefault(digest, Path(item.path))
-            tree.file_count += 1
-            tree.byte_count += st.st_size
-        else:
-            kind = "a fifo" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
-            tree.warnings.append(f"{os.path.relpath(item.path, top)}: {kind}, not a file; skipped")
+        except OSError as e:
+            tree.warnings.append(f"{os.path.relpath(item.path, top)}: cannot be read ({e.strerror or e}); "
+                                 "skipped: the backup does not hold it")
+            continue
+        if entry is None:
             continue
         here.total += entry["size"]
         here.entries.append(entry)
+
+
+def _entry(tree: Tree, top: Path, item: os.DirEntry) -> dict[str, Any] | None:
+    """The entry of `item` (a directory's is completed once its own entries are known); None
+    for what a snapshot leaves out, with a warning. OSError when it cannot be read."""
+    st = item.stat(follow_symlinks=False)
+    entry = {"name": item.name, "mode": stat.S_IMODE(st.st_mode) & 0o777, "size": 0, "hash": "", "target": ""}
+    if stat.S_ISDIR(st.st_mode):
+        entry.update(kind="dir")
+    elif stat.S_ISLNK(st.st_mode):
+        target = os.readlink(item.path)
+        why = symlink_refusal(top, Path(item.path), target)
+        if why:
+            tree.warnings.append(f"{os.path.relpath(item.path, top)}: symlink to {target!r} {why}; "
+                                 "skipped: restore would refuse it")
+            return None
+        entry.update(kind="symlink", mode=0, target=target)
+    elif stat.S_ISREG(st.st_mode):
+        with open(item.path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        entry.update(kind="file", size=st.st_size, hash=digest)
+        tree.files.setdefault(digest, Path(item.path))
+        tree.file_count += 1
+        tree.byte_count += st.st_size
+    else:
+        kind = "a fifo" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        tree.warnings.append(f"{os.path.relpath(item.path, top)}: {kind}, not a file; skipped")
+        return None
+    return entry
 
 
 def _dir(path: Path, entry: dict[str, Any]) -> _Dir:

@@ -985,6 +985,38 @@ def test_a_log_kept_inside_the_marketplace_is_not_copied_as_files_and_a_fifo_is_
     assert run("audit", "verify", dest).exit_code == 0  # the log, shipped event by event
 
 
+@needs_permissions
+def test_what_cannot_be_read_is_left_out_of_a_backup_with_a_warning(market, tmp_path):
+    """One file or directory the user cannot read (the scan refuses its plugin) stopped every
+    backup with an internal error: no off-site copy at all."""
+    assert run("scan", market).exit_code == 0
+    locked = market / "plugins" / "devops" / "deploy-checker" / "locked.md"
+    locked.write_text("private\n")
+    closed = market / "plugins" / "database" / "closed"
+    closed.mkdir()
+    (closed / "inside.md").write_text("private\n")
+    locked.chmod(0o000)
+    closed.chmod(0o000)
+    offsite = tmp_path / "offsite.db"
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("TURSO_AUTH_TOKEN", "OVERNIGHT_BACKUP_URL")}
+        result = subprocess.run([*unprivileged(), sys.executable, "-m", "cli", "backup", str(market), "--to",
+                                 f"file:{offsite}", "--json"], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+    finally:
+        locked.chmod(0o644)
+        closed.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["warnings"] == [
+        "plugins/database/closed: cannot be read (Permission denied); skipped: the backup does not hold it",
+        "plugins/devops/deploy-checker/locked.md: cannot be read (Permission denied); skipped: the backup does not "
+        "hold it"]
+    dest = tmp_path / "restored"
+    assert run("restore", "--from", f"file:{offsite}", "--to", dest).exit_code == 0
+    assert tree_hashes(dest) == {k: v for k, v in tree_hashes(market).items()
+                                 if not k.startswith((".git/", "plugins/database/closed", str(locked.relative_to(market))))}
+
+
 def test_a_backup_file_inside_the_marketplace_is_left_out_of_its_snapshots(market, tmp_path, monkeypatch):
     files = backup_json(market, f"file:{tmp_path / 'elsewhere.db'}")["snapshot"]["files"]
     monkeypatch.chdir(market)  # PATH defaults to here: `overnight backup --to file:backup.db`
