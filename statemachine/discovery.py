@@ -183,11 +183,11 @@ def load_json(root_real: str, path: Path, limit: int, label: str) -> Any:
         ) from None
     except RecursionError:
         raise Unreadable(f"{label}: invalid JSON: nested too deeply") from None
-    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
-        raise Unreadable(f"{label}: invalid JSON: {str(e).split(';')[0]}") from None
     except UnicodeEncodeError:
         raise Unreadable(f"{label}: a string holds a lone surrogate escape (like \\udfff), "
                          "which is not Unicode text") from None
+    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise Unreadable(f"{label}: invalid JSON: {str(e).split(';')[0]}") from None
     return parsed
 
 
