@@ -181,7 +181,8 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
     Returns None when the plugin needs nothing more from this run, or the unix time before
     which it must not continue (a retry wait). Raises DailyQuotaExhausted (the run pauses),
     BudgetReached, RequestsClosed (its next step is a request, and the run paused or reached a
-    budget), RunStopped, or Interrupted (a signal or a fatal error stops the run).
+    budget), PluginChanged (its next step is a request, and its files changed since the scan),
+    RunStopped, or Interrupted (a signal or a fatal error stops the run).
     """
     cursor = ctx.journal.cursor(plugin_id)
     moved = False  # a plugin an earlier dry run left planned is not reported as finished by this one
@@ -353,6 +354,8 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
     """Record the request, then send it; record the answer or the classified failure."""
     if ctx.closed.is_set():
         raise RequestsClosed()
+    if hash_tree(ctx.root, ctx.root / row["path"]).content_hash != row["content_hash"]:
+        raise PluginChanged()  # a prompt from files the analysis never saw, or a plugin gone: quota for nothing
     details = _details(ctx, cursor.plugin_id, "facts", "plan", "feedback")
     facts = msgspec.json.decode(details["facts"], type=c.PluginFacts)
     data = plugin_data(ctx.root, row["path"], row["name"], row["category"], facts)
@@ -450,6 +453,11 @@ def _admit(ctx: Context, plugin_id: str, est: int):
 
 class Interrupted(Exception):
     """The run is stopping (a signal, a fatal error) before this plugin could go on."""
+
+
+class PluginChanged(Exception):
+    """The plugin's files are not those its scan analyzed (edited, removed or made unreadable
+    since): nothing is sent for it until a scan has looked at it again."""
 
 
 class RequestsClosed(Exception):

@@ -34,7 +34,7 @@ from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
 from statemachine.lifecycle import FINAL, RETRYABLE, State
-from statemachine.pipeline import (Context, Finished, Interrupted, RequestsClosed, RunStopped, Stats,
+from statemachine.pipeline import (Context, Finished, Interrupted, PluginChanged, RequestsClosed, RunStopped, Stats,
                                   StepSettings, advance)
 from statemachine.projections import OUTPUT_TOKENS
 from statemachine.prompts import Standards, load_standards
@@ -43,10 +43,16 @@ from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_
                                     run_limits)
 from statemachine.status import UNFINISHED
 
-OK_END = frozenset({State.DONE, State.SKIPPED, State.REJECTED})
+# The states a complete run leaves its plugins in: a plugin that turned invalid or left the
+# marketplace while the run went on is one it had no more to do with, as if its scan had
+# found it so (a run selects no invalid plugin); the summary lists the invalid ones.
+OK_END = frozenset({State.DONE, State.SKIPPED, State.REJECTED, State.INVALID, State.GONE})
 # Network jitter between our admission and Gemini's count (measured up to ~0.15 s on a busy
 # machine by tests/bench/quota.py): keep a request in the minute window this much longer.
 WINDOW_MARGIN = 0.5
+# Scans an execution makes again for plugins whose files changed under it, at the most: a
+# plugin that changes every time is left for the next run.
+MAX_RESCANS = 3
 # The states a run's summary lists, with their reasons (others only when they have one).
 _LOOK = (State.FAILED, State.REJECTED, State.RETRYING, State.WRITING)
 
@@ -300,12 +306,18 @@ class Runner:
         self._scan()
         return self._execute(run_id, options, standards, gateway, selection, lifted=lifted)
 
-    def _scan(self) -> None:
+    def _scan(self, again: bool = False) -> None:
+        """Scan the marketplace; `again`: once more during the execution, for plugins whose
+        files changed under it (what the first scan found still counts)."""
         before = self.store.last_seq
         report = scan(self.store, self.root)
         self.journal.echo(before)
-        self._scan_warnings = report.warnings
-        self._new_invalid = report.newly_invalid
+        if again:
+            self._scan_warnings += [w for w in report.warnings if w not in self._scan_warnings]
+            self._new_invalid |= report.newly_invalid
+        else:
+            self._scan_warnings = report.warnings
+            self._new_invalid = report.newly_invalid
 
     def interrupt(self, signal_name: str) -> None:
         """Called from a signal handler: stop taking work; `_execute` records the interruption.
@@ -383,7 +395,17 @@ class Runner:
             secrets=(self.backend.api_key or "",), sleep=self.sleep,
             spending=spending, lifted_until=lifted,
         )
+        changed: set[str] = set()
+        rescans = 0
         while True:
+            if changed:  # the scan records what became of them: analyzed again, invalid or gone
+                rescans += 1
+                self._scan(again=True)
+                for plugin_id, state, reason in self.journal.query(
+                        "SELECT plugin_id, state, reason FROM plugins WHERE plugin_id IN "
+                        f"({', '.join('?' * len(changed))})", tuple(sorted(changed))):
+                    if state in FINAL:  # the progress names it, as a plugin this run finished
+                        stats.finish(plugin_id, state, reason)
             started, pending = self.clock(), self._unfinished(selection)
             already = len(selection) - len(pending)
             outcome = _Batch(ctx, pending, options.limits.concurrency).run(
@@ -397,7 +419,10 @@ class Runner:
                 self.journal.append(f"run:{run_id}", c.BudgetExhausted(
                     run_id=run_id, budget=b.budget, limit=float(b.limit), used=float(b.used)))
                 return self._finish(run_id, selection, options, "budget_exhausted", message=str(b), budget=b.budget)
+            changed = outcome.changed if rescans < MAX_RESCANS else set()
             if outcome.paused is None:
+                if changed:
+                    continue
                 return self._finish(run_id, selection, options, None)
             until = outcome.paused
             self.journal.append(f"run:{run_id}", c.RunPaused(run_id=run_id, reason=outcome.pause_reason,
@@ -502,7 +527,7 @@ class Runner:
                 continue
             credited = others if state in FINAL and last_run not in (None, run_id) else counts
             credited[state] = credited.get(state, 0) + 1
-            if state in _LOOK or (reason and state not in (State.DONE, State.SKIPPED)):
+            if state in _LOOK or (reason and state not in (State.DONE, State.SKIPPED, State.INVALID)):
                 problems.append((plugin_id, state, reason or ""))
         return counts, others, problems
 
@@ -598,6 +623,7 @@ class _Outcome:
     pause_reason: str = ""
     stopped: str | None = None
     budget: BudgetReached | None = None
+    changed: set[str] = field(default_factory=set)  # plugins set aside: their files changed since the scan
 
 
 class _Batch:
@@ -678,6 +704,11 @@ class _Batch:
             except RequestsClosed:
                 with self.lock:
                     self.in_flight -= 1
+                continue
+            except PluginChanged:
+                with self.lock:
+                    self.in_flight -= 1
+                    self.outcome.changed.add(plugin_id)
                 continue
             except RunStopped as e:
                 self._stop(stopped=str(e))

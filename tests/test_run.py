@@ -319,6 +319,42 @@ def test_a_timeout_is_transient(one, emu):
     assert query(one, "SELECT json_extract(data, '$.kind') FROM events WHERE type = 'RequestFailed'") == [("timeout",)]
 
 
+def test_plugins_changed_under_a_run_are_scanned_again_before_a_request_is_spent_on_them(market, emu):
+    """A plugin deleted, broken or edited after the run's scan got its plan and skill requests
+    all the same (from files the analysis never saw), then failed at the snapshot, or was
+    written from a plugin.json broken since."""
+    edited = market / "plugins/devops/deploy-checker/README.md"
+
+    def change(record) -> None:
+        if len(generate_requests(emu)) == 1:  # the first plugin's plan: the others wait their turn
+            shutil.rmtree(market / "plugins/security/secret-scanner")
+            (market / "plugins/productivity/meeting-notes/.claude-plugin/plugin.json").write_text("{")
+            edited.write_text(edited.read_text() + "\nAlso checks canary deployments (EDITED-MID-RUN).\n")
+
+    emu.on_request = change
+    result = run(market, emu, "--concurrency", "1")
+    assert states(market) == {"plugins/database/schema-linter": "done", "plugins/devops/deploy-checker": "done",
+                              "plugins/productivity/meeting-notes": "invalid",
+                              "plugins/security/secret-scanner": "invalid"}  # the manifest still lists it
+    sent = generate_requests(emu)
+    assert len(sent) == 4, [r.text[:80] for r in sent]  # a plan and a skill for each plugin still there
+    assert "EDITED-MID-RUN" in sent[2].text  # the plan of the deploy checker as it is now
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("plugins/productivity/meeting-notes") == 1, result.stdout
+    assert ("  invalid     plugins/productivity/meeting-notes: .claude-plugin/plugin.json: invalid JSON at line 1 "
+            "column 2: Expecting property name enclosed in double quotes (not processed)\n") in result.stdout
+    assert "complete; 4 plugins selected (done 2, invalid 2)\n" in result.stdout, result.stdout
+    progress = [line.split("  (")[0] for line in result.stderr.splitlines()[1:]]
+    assert progress == [
+        "1/4  done      plugins/database/schema-linter",
+        "2/4  invalid   plugins/productivity/meeting-notes: .claude-plugin/plugin.json: invalid JSON at line 1 "
+        "column 2: Expecting property name enclosed in double quotes",
+        "3/4  invalid   plugins/security/secret-scanner: .claude-plugin/marketplace.json entry 'secret-scanner': "
+        "source './plugins/security/secret-scanner' does not exist",
+        "4/4  done      plugins/devops/deploy-checker"], result.stderr
+    assert_healthy(market)
+
+
 def test_repeated_faults_fail_the_plugin_after_the_allowed_attempts(one, emu):
     emu.script("server_error", times=3, phase="plan")
     result = run(one, emu, "--max-attempts", "3")
