@@ -290,6 +290,17 @@ def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
 LEGACY_SKILL_DIR = "skill-adapter"
 
 
+def legacy_skill_dir(plugin_dir: Path, name: str) -> Path | None:
+    """The legacy skill directory that a write moves to skills/<name>/, if any."""
+    skills = plugin_dir / "skills"
+    if (skills / name).exists() or not skills.is_dir():
+        return None
+    legacy = skills / LEGACY_SKILL_DIR
+    if legacy.is_dir() and not legacy.is_symlink():
+        return legacy
+    return None
+
+
 def holds_plugin(path: str | Path, dir_fd: int | None = None) -> bool:
     """Whether the directory `path` (relative to `dir_fd` if given) is a plugin: it holds
     .claude-plugin/plugin.json. A plugin inside another one is its own plugin, never part of

@@ -33,7 +33,7 @@ from statemachine import catalog as c
 from statemachine import gates, skillmd, snapshots, writes
 from statemachine.analysis import hash_tree, walk
 from statemachine.budget import Hold, Spending
-from statemachine.discovery import LEGACY_SKILL_DIR
+from statemachine.discovery import legacy_skill_dir
 from statemachine.gateway import (
     AccessDenied,
     Gateway,
@@ -518,7 +518,7 @@ def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     name = row["skill_name"]
     skill_md = skillmd.compose(name, draft)
     plugin_dir = ctx.root / row["path"]
-    legacy = _legacy_dir(plugin_dir, name)
+    legacy = legacy_skill_dir(plugin_dir, name)
     existing = _existing(plugin_dir / "skills" / name) | (_existing(legacy) if legacy else set())
     reasons = gates.check(name, skill_md, draft.files, existing, ctx.settings.gates)
     if reasons:
@@ -559,17 +559,6 @@ def _former_dir(ctx: Context, cursor: PluginCursor, plugin_dir: Path, name: str)
     return None
 
 
-def _legacy_dir(plugin_dir: Path, name: str) -> Path | None:
-    """The legacy skill directory that must become skills/<name>/, if any."""
-    skills = plugin_dir / "skills"
-    if (skills / name).exists() or not skills.is_dir():
-        return None
-    legacy = skills / LEGACY_SKILL_DIR
-    if legacy.is_dir() and not legacy.is_symlink():
-        return legacy
-    return None
-
-
 def _validated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     if not ctx.settings.force and row["done_hash"] is not None:
         edited = _edited_by_hand(ctx, cursor, row)  # again: a person may have edited while it was under way
@@ -585,10 +574,14 @@ def _snapshotted(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     details = _details(ctx, cursor.plugin_id, "validated")
     files = msgspec.json.decode(details["validated"], type=list[c.FileWrite])
     plugin_dir = ctx.root / row["path"]
-    legacy = _former_dir(ctx, cursor, plugin_dir, row["skill_name"]) or _legacy_dir(plugin_dir, row["skill_name"])
-    moves = [c.Move(src=f"skills/{legacy.name}", dst=f"skills/{row['skill_name']}")] if legacy else []
+    legacy = _former_dir(ctx, cursor, plugin_dir, row["skill_name"]) or legacy_skill_dir(plugin_dir, row["skill_name"])
+    skill_dir = f"skills/{row['skill_name']}"
+    moves = [c.Move(src=f"skills/{legacy.name}", dst=skill_dir)] if legacy else []
+    # The files go where the move puts them: checked in the directory moved (a symlink there
+    # would be moved along), before anything is written.
+    held = f"skills/{legacy.name}" if legacy else skill_dir
     with writes.opened(ctx.root, plugin_dir) as at:
-        writes.plan_targets(at, f"skills/{row['skill_name']}", {f.path: b"" for f in files})
+        writes.plan_targets(at, held, {held + f.path[len(skill_dir):]: b"" for f in files})
     ctx.journal.record(cursor, c.WriteIntended(run_id=ctx.run_id, writes=files, moves=moves))
 
 

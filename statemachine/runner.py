@@ -135,8 +135,10 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
         if left:  # asked for by name, left out in silence, it would look like a run that did it
             named = "; ".join(f"{pid} is {state}" + (f" ({reason})" if reason else "") for pid, state, reason in left)
             if options.retry:
+                open_ = [pid for pid, state, _ in left if state not in FINAL]  # changed since it failed, say
                 raise OvernightError(f"not {' or '.join(options.retry)}: {named}; --retry takes only the plugins "
-                                     "in that state")
+                                     "in that state" + (f" ({', '.join(open_)} not finished: a run without --retry "
+                                                        f"takes {'it' if len(open_) == 1 else 'them'})" if open_ else ""))
             found = {state for _, state, _ in left}
             flags = " ".join(f"--retry {s}" for s in sorted(found)) if found <= RETRYABLE else "--force"
             raise OvernightError(f"already finished: {named}; add {flags} to process "

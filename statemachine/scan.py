@@ -18,11 +18,14 @@ from statemachine import catalog as c
 from statemachine import writes
 from statemachine.analysis import analyze, hash_tree
 from statemachine.binding import bind
-from statemachine.discovery import LEGACY_SKILL_DIR, Candidate, discover, holds_plugin
+from statemachine.discovery import LEGACY_SKILL_DIR, Candidate, discover, holds_plugin, legacy_skill_dir
+from statemachine.gates import BUNDLE_DIRS
 from statemachine.lifecycle import Lifecycle, State
 
 # States in which the plugin's files are being changed by overnight itself.
 _MID_WRITE = frozenset({State.WRITING, State.WRITTEN})
+# A name no file has, to check the directories a skill's bundled files would be written in.
+_PROBE = ".overnight-probe"
 # Plugins per transaction: a scan is repeatable, so it trades per-plugin durability for speed.
 BATCH = 256
 
@@ -87,8 +90,9 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
 
 
 def _target_problem(root: Path, plugin_dir: Path, skill: str | None) -> str | None:
-    """Why the SKILL.md could never be written (a symlink or a file on its way, a directory in
-    its place), found before any request is spent; the write step checks again."""
+    """Why the SKILL.md or its bundled files could never be written (a symlink or a file on
+    their way, a directory in the SKILL.md's place), found before any request is spent; the
+    write step checks again."""
     if skill is None:
         return None
     for held in (f"skills/{skill}", f"skills/{LEGACY_SKILL_DIR}"):
@@ -96,9 +100,17 @@ def _target_problem(root: Path, plugin_dir: Path, skill: str | None) -> str | No
         if nested:
             return (f"{nested} is another plugin, inside the skill directory overnight would write "
                     f"(or move to skills/{skill}); move one of the two plugins")
+    legacy = legacy_skill_dir(plugin_dir, skill)
+    held = f"skills/{legacy.name}" if legacy else f"skills/{skill}"  # where the files go: moved with it
     try:
         with writes.opened(root, plugin_dir) as at:
-            writes.plan_targets(at, f"skills/{skill}", {f"skills/{skill}/SKILL.md": b""})
+            writes.plan_targets(at, held, {f"{held}/SKILL.md": b""})
+            for bundle in BUNDLE_DIRS:
+                try:
+                    writes.plan_targets(at, held, {f"{held}/{bundle}/{_PROBE}": b""})
+                except writes.WriteError as e:
+                    problem = str(e).removeprefix(f"{held}/{bundle}/{_PROBE}: ")
+                    return f"the files its skill bundles in {held}/{bundle}/ cannot be written: {problem}"
     except writes.WriteError as e:
         return f"its SKILL.md cannot be written: {e}"
     return None

@@ -757,6 +757,51 @@ def test_a_plugin_inside_the_skill_directory_overnight_would_move_or_write_is_ne
     assert not (outer / "skills" / "deploy-checker").exists()
 
 
+def test_a_symlink_where_a_skill_bundles_its_files_refuses_the_plugin_before_any_request(market, emu, tmp_path):
+    """Only the path to SKILL.md was checked: a symlinked scripts/ (here in the legacy skill
+    directory that the write moves to skills/<name>/) cost two requests a run, and the write
+    put SKILL.md, references/ and assets/ in place before it failed at scripts/."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    adapter = market / "plugins/devops/deploy-checker/skills/skill-adapter"
+    os.symlink(outside, adapter / "scripts")
+    os.symlink(outside, market / "plugins/database/schema-linter/skills/schema-linter/assets")
+    before = hash_tree(market, market / "plugins/devops/deploy-checker").content_hash
+    result = run(market, emu)
+    assert result.exit_code == 0, result.output
+    reasons = dict(query(market, "SELECT plugin_id, reason FROM plugins WHERE state = 'invalid'"))
+    assert reasons == {
+        "plugins/database/schema-linter": "the files its skill bundles in skills/schema-linter/assets/ cannot be "
+                                          "written: skills/schema-linter/assets is a symlink; refusing to follow it",
+        "plugins/devops/deploy-checker": "the files its skill bundles in skills/skill-adapter/scripts/ cannot be "
+                                         "written: skills/skill-adapter/scripts is a symlink; refusing to follow it"}
+    assert len(generate_requests(emu)) == 4  # the two other plugins only
+    assert hash_tree(market, market / "plugins/devops/deploy-checker").content_hash == before
+    assert list(outside.iterdir()) == []
+
+
+def test_a_symlink_put_where_the_skill_goes_after_its_requests_fails_the_plugin_before_any_write(market, emu,
+                                                                                                 tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    checker = market / "plugins/devops/deploy-checker"
+
+    def plant(record) -> None:
+        if record.phase == "skill" and "deploy-checker" in record.text and not (checker / "x").exists():
+            (checker / "x").touch()  # once
+            os.symlink(outside, checker / "skills/skill-adapter/references")
+
+    emu.on_request = plant
+    result = run(market, emu, "--plugin", "deploy-checker")
+    assert result.exit_code == 1, result.output
+    assert states(market)["plugins/devops/deploy-checker"] == "failed"
+    assert ("failed      plugins/devops/deploy-checker: skills/skill-adapter/references/checklist.md: "
+            "skills/skill-adapter/references is a symlink; refusing to follow it\n") in result.stdout, result.stdout
+    assert sorted(p.name for p in (checker / "skills").iterdir()) == ["skill-adapter"]  # nothing moved or written
+    assert sorted(p.name for p in (checker / "skills/skill-adapter").iterdir()) == ["SKILL.md", "references"]
+    assert list(outside.iterdir()) == []
+
+
 def test_run_tells_what_its_scan_could_not_use(market, emu):
     """A marketplace.json that does not parse drops every entry of it (its names, its
     sources): `scan` said so, `run` said nothing and exited 0."""
@@ -905,6 +950,11 @@ def test_retry_takes_only_the_failed_or_rejected_plugins_again(market, emu):
     assert not_failed.exit_code == 1
     assert not_failed.stderr.startswith(f"error: not failed: {rejected} is rejected (")
     assert not_failed.stderr.endswith("; --retry takes only the plugins in that state\n")
+    (waiting,) = [p for p, s in before.items() if s == "analyzed"]
+    unfinished = run(market, emu, "--plugin", waiting, "--retry", "failed")
+    assert unfinished.exit_code == 1
+    assert unfinished.stderr == (f"error: not failed: {waiting} is analyzed; --retry takes only the plugins in that "
+                                 f"state ({waiting} not finished: a run without --retry takes it)\n")
     dry = run(market, emu, "--dry-run", "--retry", "failed")
     assert dry.exit_code == 2
     assert f"(`overnight estimate {market} --retry failed` tells what it would cost)" in dry.stderr
