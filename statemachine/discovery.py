@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import posixpath
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,12 +248,17 @@ def _normalize(source: str) -> str | None:
     """The posix path of a relative source inside the root, or None when it cannot be one."""
     if "\x00" in source or not source.strip():
         return None
-    if posixpath.isabs(source):
+    if posixpath.isabs(source) or _is_url(source):
         return None
     normalized = posixpath.normpath(source)
     if normalized == ".." or normalized.startswith("../"):
         return None
     return normalized
+
+
+def _is_url(source: str) -> bool:
+    """https://host/repo.git, git@host:repo.git and the like: another repository's plugin."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://|[\w.-]+@[\w.-]+:", source) is not None
 
 
 def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
@@ -268,6 +274,8 @@ def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
         if posixpath.isabs(source):
             return (f"source '{shown}' is an absolute path; a source is relative to the marketplace "
                     "root, like ./plugins/<name>")
+        if _is_url(source):
+            return f"source '{shown}' is a URL; only plugins inside the repository are processed"
         return f"source '{shown}' points outside the repository"
     skipped = next((part for part in normalized.split("/") if part in SKIP_DIRS), None)
     if skipped:
