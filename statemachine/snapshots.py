@@ -86,6 +86,8 @@ def take(root: Path, plugin_dir: Path) -> Snapshot:
     """
     root_real = os.path.realpath(root)
     start = os.path.realpath(plugin_dir)
+    if not os.path.lexists(plugin_dir):
+        raise SnapshotError(f"{one_line(str(plugin_dir))} does not exist any more (deleted or moved meanwhile)")
     if not is_inside(start, root_real) or not os.path.isdir(start):
         raise SnapshotError(f"{one_line(str(plugin_dir))} is not a directory inside the marketplace")
     problems: list[str] = []

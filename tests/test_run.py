@@ -355,6 +355,18 @@ def test_plugins_changed_under_a_run_are_scanned_again_before_a_request_is_spent
     assert_healthy(market)
 
 
+def test_a_plugin_deleted_while_its_skill_was_generated_fails_saying_so(one, emu):
+    """The reason said the directory was not inside the marketplace: a symlink escape, to a
+    person reading it."""
+    widget = one / "plugins/tools/widget"
+    emu.on_request = lambda record: record.phase == "skill" and shutil.rmtree(widget, ignore_errors=True)
+    result = run(one, emu)
+    assert result.exit_code == 1
+    assert f"  failed      plugins/tools/widget: {widget} does not exist any more (deleted or moved meanwhile)\n" in (
+        result.stdout), result.stdout
+    assert not widget.exists()
+
+
 def test_repeated_faults_fail_the_plugin_after_the_allowed_attempts(one, emu):
     emu.script("server_error", times=3, phase="plan")
     result = run(one, emu, "--max-attempts", "3")
