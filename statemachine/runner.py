@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import os
 import threading
 import time
@@ -426,7 +427,7 @@ class Runner:
                 if changed:
                     continue
                 return self._finish(run_id, selection, options, None)
-            until = outcome.paused
+            until = float(math.ceil(outcome.paused))  # recorded in whole seconds: never before the wait asked for
             self.journal.append(f"run:{run_id}", c.RunPaused(run_id=run_id, reason=outcome.pause_reason,
                                                              until=iso(until)))
             self._backup(options, "paused for quota")

@@ -272,6 +272,18 @@ def test_resume_with_a_larger_daily_limit_goes_on_at_once(market, emu):
     assert_healthy(market)
 
 
+def test_resume_with_a_larger_daily_limit_lifts_the_wait_a_429_asked_for(one, emu):
+    """The pause was recorded in whole seconds, the plugin's wait to the microsecond, a
+    fraction later: the wait outlived the lifted pause, and the run paused again at once."""
+    emu.script("rate_limit_day", retry_delay="90000.25s", phase="skill")  # past the next Pacific midnight
+    paused = run(one, emu, "--no-wait", "--json")
+    assert json.loads(paused.stdout)["outcome"] == "paused", paused.output
+    raised = overnight("resume", one, "--rpd", "1000", "--no-wait", "--json")
+    assert raised.exit_code == 0, raised.output
+    assert json.loads(raised.stdout)["outcome"] == "complete", raised.output
+    assert states(one) == {"plugins/tools/widget": "done"}
+
+
 def test_a_request_budget_counts_only_requests_sent(market, emu):
     # Two workers, a window of 2 requests a minute: the third request waits for the window when
     # the fourth finds the budget spent and stops the run; the third was never sent.
