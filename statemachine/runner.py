@@ -610,10 +610,13 @@ class Runner:
                 self.journal.append(f"run:{run_id}", c.RunInterrupted(run_id=run_id, signal=self.signal or "stop"))
             counts, others, problems = self._counts(run_id, selection)
             invalid = self._invalid()
+            # a signal during a quota pause: the pause still holds for `resume`
+            (paused_until,), = self.journal.query("SELECT paused_until FROM runs WHERE run_id = ?", (run_id,))
             self.journal.close()
         return RunResult(run_id=run_id, outcome="interrupted", counts=counts, by_other_runs=others,
                          selected=len(selection), problems=problems, message=f"interrupted by {self.signal}",
-                         warnings=self._scan_warnings, invalid=invalid, new_invalid=self._new_invalid)
+                         warnings=self._scan_warnings, invalid=invalid, new_invalid=self._new_invalid,
+                         paused_until=paused_until)
 
     def _invalid(self) -> list[tuple[str, str]]:
         return [(pid, reason or "") for pid, reason in self.journal.query(

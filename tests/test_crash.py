@@ -234,9 +234,9 @@ def test_a_signal_ends_a_quota_pause_at_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
     with Emulator(api_key=KEY, seed=3) as emu:
         proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(root), "--base-url", emu.url,
-                                 "--rpm", "1000", "--rpd", "2"],  # the day is spent after two requests
+                                 "--rpm", "1000", "--rpd", "2", "--json"],  # the day is spent after two requests
                                 cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not (
@@ -249,6 +249,8 @@ def test_a_signal_ends_a_quota_pause_at_once(tmp_path):
             proc.kill()
     assert code == 130, proc.stderr.read().decode()
     assert query(root, "SELECT status FROM runs")[0][0] == "interrupted"
+    (until,) = query(root, "SELECT json_extract(data, '$.until') FROM events WHERE type = 'RunPaused'")[0]
+    assert json.loads(proc.stdout.read())["paused_until"] == until  # as `status` says it (it said null)
 
 
 @contextmanager
