@@ -147,6 +147,11 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
     categories = sorted({r[2] for r in rows})
     if options.category and options.category not in categories:
         raise OvernightError(f"no plugin in category {options.category!r} (categories: {', '.join(categories)})")
+    if wanted and options.category:  # both filters hold: a plugin named outside the category is no run of nothing
+        outside = [f"{pid} is in {category!r}" for pid, name, category, _, _ in rows
+                   if (pid in wanted or name in wanted) and category != options.category]
+        if outside:
+            raise OvernightError(f"not in category {options.category!r}: {'; '.join(outside)}")
     chosen = []
     for plugin_id, name, category, state, _reason in rows:
         if wanted and plugin_id not in wanted and name not in wanted:

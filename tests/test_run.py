@@ -428,6 +428,10 @@ def test_plugins_overnight_could_never_snapshot_or_write_are_refused_before_any_
     assert_healthy(market)
     assert run(market, emu, "--category", "nope").output == (
         "error: no plugin in category 'nope' (categories: database, devops, odd, productivity, security)\n")
+    for command in (run, lambda root, _emu, *args: overnight("estimate", root, *args)):
+        apart = command(market, emu, "--plugin", "schema-linter", "--category", "devops", "--force")  # a run of none
+        assert apart.exit_code == 1 and apart.output == (
+            "error: not in category 'devops': plugins/database/schema-linter is in 'database'\n")
     asked = run(market, emu, "--plugin", "meeting-notes")
     assert asked.exit_code == 1 and asked.output == (
         "error: cannot process what was asked for: plugins/productivity/meeting-notes is invalid (its SKILL.md "
