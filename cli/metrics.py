@@ -8,7 +8,7 @@ import click
 
 from cli.config import config_option
 from cli.options import Number, common, marketplace_argument, retry_option, retry_states, stated_limits
-from cli.render import duration, emit_json, plural
+from cli.render import duration, emit_json, plural, shown
 
 price_options = [
     click.option("--price-input", type=Number(min=0), default=0.30, show_default=True,
@@ -153,3 +153,6 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
                f"{duration(result.seconds)}" + (f" ({plural(result.days, 'daily reset')})" if result.days else "")
                + (f"; {result.used_today} of today's {limits.rpd} already used" if result.used_today else ""))
     click.echo(f"basis: {result.basis}")
+    for plugin_id, tokens in result.unsendable:
+        click.echo(f"  cannot be sent: {shown(plugin_id)}: its plan prompt is about {tokens:,} tokens, more than the "
+                   f"{limits.tpm:,} tokens per minute allowed (if your quota allows more, state it with --tpm)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -168,12 +168,16 @@ class Estimate:
     basis: str
     used_today: int
     latency_s: float
+    # (plugin id, tokens) of the plugins whose plan prompt is larger than the tokens per
+    # minute: a run fails them before sending anything, so they count for nothing above
+    unsendable: list[tuple[str, int]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {"plugins": self.plugins, "requests": self.requests, "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens, "seconds": round(self.seconds), "days": self.days,
                 "cost_usd": round(self.cost_usd, 4), "basis": self.basis, "used_today": self.used_today,
-                "latency_s": round(self.latency_s, 3)}
+                "latency_s": round(self.latency_s, 3),
+                "unsendable": [{"plugin": plugin_id, "tokens": tokens} for plugin_id, tokens in self.unsendable]}
 
 
 def expected_output(store: EventStore) -> dict[str, int]:
@@ -212,6 +216,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     latency = latency if answers else DEFAULT_LATENCY_S
     overhead = settled / answers if answers else 1.0
     requests = input_tokens = output_tokens = 0.0
+    unsendable: list[tuple[str, int]] = []
     empty_plan = c.Plan(gaps=[], quality_before=0, quality_after=0, sections_to_add=[], bundled_files=[],
                         trigger_phrases=[], allowed_tools=[])
     for plugin_id in plugin_ids:
@@ -226,9 +231,13 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
         data = plugin_data(root, path, name, category, msgspec.json.decode(facts, type=c.PluginFacts))
         needs_plan = (state in ("analyzed", "planning", "new", "discovered") or state in FINAL
                       or (state == "retrying" and step == "plan"))
+        plan_in = estimate_tokens(system, plan_prompt(data, skill_name)) if needs_plan else 0
+        if limits.tpm and plan_in > limits.tpm:  # the very prompt a run sends (the skill's depends on the plan)
+            unsendable.append((plugin_id, plan_in))
+            continue
         if needs_plan:
             requests += overhead
-            input_tokens += overhead * estimate_tokens(system, plan_prompt(data, skill_name))
+            input_tokens += overhead * plan_in
             output_tokens += plan_out
         if plan_only:
             continue
@@ -249,7 +258,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     seconds, resets = time_to_send(n, rate, limits.rpd, used_today, now)
     basis = (f"measured averages from {answers} answer{'s' * (answers != 1)} ({latency:.1f} s each)" if answers
              else f"defaults (no run measured yet; {DEFAULT_LATENCY_S:.0f} s an answer)")
-    return Estimate(plugins=len(plugin_ids), requests=n, input_tokens=int(input_tokens),
+    return Estimate(plugins=len(plugin_ids) - len(unsendable), requests=n, unsendable=unsendable, input_tokens=int(input_tokens),
                     output_tokens=int(output_tokens), days=resets, seconds=seconds,
                     cost_usd=prices.cost(input_tokens, output_tokens), basis=basis, used_today=used_today,
                     latency_s=latency)
