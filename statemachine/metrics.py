@@ -258,10 +258,10 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     seconds, resets = time_to_send(n, rate, limits.rpd, used_today, now)
     basis = (f"measured averages from {answers} answer{'s' * (answers != 1)} ({latency:.1f} s each)" if answers
              else f"defaults (no run measured yet; {DEFAULT_LATENCY_S:.0f} s an answer)")
-    return Estimate(plugins=len(plugin_ids) - len(unsendable), requests=n, unsendable=unsendable, input_tokens=int(input_tokens),
+    return Estimate(plugins=len(plugin_ids) - len(unsendable), requests=n, input_tokens=int(input_tokens),
                     output_tokens=int(output_tokens), days=resets, seconds=seconds,
                     cost_usd=prices.cost(input_tokens, output_tokens), basis=basis, used_today=used_today,
-                    latency_s=latency)
+                    latency_s=latency, unsendable=unsendable)
 
 
 def quota_time(limits: Limits, remaining: int, finished: int, requests: int, input_tokens: int, used_today: int,

@@ -137,9 +137,10 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
             named = "; ".join(f"{pid} is {state}" + (f" ({reason})" if reason else "") for pid, state, reason in left)
             if options.retry:
                 open_ = [pid for pid, state, _ in left if state not in FINAL]  # changed since it failed, say
+                plain = (f" ({', '.join(open_)} not finished: a run without --retry takes "
+                         f"{'it' if len(open_) == 1 else 'them'})") if open_ else ""
                 raise OvernightError(f"not {' or '.join(options.retry)}: {named}; --retry takes only the plugins "
-                                     "in that state" + (f" ({', '.join(open_)} not finished: a run without --retry "
-                                                        f"takes {'it' if len(open_) == 1 else 'them'})" if open_ else ""))
+                                     f"in that state{plain}")
             found = {state for _, state, _ in left}
             flags = " ".join(f"--retry {s}" for s in sorted(found)) if found <= RETRYABLE else "--force"
             raise OvernightError(f"already finished: {named}; add {flags} to process "
