@@ -22,6 +22,12 @@ def shown(text: str) -> str:
     return one_line(text, limit=100_000)
 
 
+def not_listed(hidden: int, place: str) -> None:
+    """The line after a list of plugins cut at its limit (`place`: PATH and --db, for the hint)."""
+    click.echo(f"  ... and {hidden} more not listed: `{shown(f'overnight status{place}')} --state STATE` "
+               "lists every plugin in a state")
+
+
 def duration(seconds: float) -> str:
     """`45s`, `3m 5s`, `2h 10m`, `1d 4h` (seconds rounded up)."""
     seconds = math.ceil(seconds)

@@ -27,7 +27,7 @@ from cli.options import (
     stated_limits,
     where,
 )
-from cli.render import duration, emit_json, interactive, moment, plural, shown, stderr_console
+from cli.render import duration, emit_json, interactive, moment, not_listed, plural, shown, stderr_console
 
 
 
@@ -205,6 +205,8 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
 
 def _render(result, as_json: bool, place: str) -> None:
     """`place`: what a hint puts after `overnight COMMAND` (the marketplace, and --db)."""
+    from statemachine.status import ATTENTION_LIMIT
+
     resume = f"overnight resume{place}"
     if as_json:
         emit_json({"run_id": result.run_id, "outcome": result.outcome, "selected": result.selected,
@@ -230,11 +232,15 @@ def _render(result, as_json: bool, place: str) -> None:
                    f"with `{shown(resume)}` (or `{shown(resume)} --wait` now, to sleep until then)")
     if result.message and result.outcome != "budget_exhausted":
         click.echo(f"error: {shown(result.message)}", err=True)
-    for plugin_id, state, reason in result.problems:
+    for plugin_id, state, reason in result.problems[:ATTENTION_LIMIT]:
         click.echo(f"  {state:<11} {shown(plugin_id)}{': ' + shown(reason) if reason else ''}")
-    for plugin_id, reason in result.invalid:
-        if plugin_id in result.new_invalid:
-            click.echo(f"  {'invalid':<11} {shown(plugin_id)}: {shown(reason)} (not processed)")
+    if len(result.problems) > ATTENTION_LIMIT:  # one cause failing thousands would bury the rest
+        not_listed(len(result.problems) - ATTENTION_LIMIT, place)
+    new = [(plugin_id, reason) for plugin_id, reason in result.invalid if plugin_id in result.new_invalid]
+    for plugin_id, reason in new[:ATTENTION_LIMIT]:
+        click.echo(f"  {'invalid':<11} {shown(plugin_id)}: {shown(reason)} (not processed)")
+    if len(new) > ATTENTION_LIMIT:
+        not_listed(len(new) - ATTENTION_LIMIT, place)
     known = sum(1 for plugin_id, _ in result.invalid if plugin_id not in result.new_invalid)
     if known:
         them = "it" if known == 1 else "them"

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.options import common, marketplace_argument, where
-from cli.render import emit_json, moment, plural, shown
+from cli.render import emit_json, moment, not_listed, plural, shown
 from statemachine import status as status_service
 from statemachine.binding import serves_another
 from statemachine.lifecycle import State
@@ -73,8 +73,7 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
         click.echo(f"  {item['state']:<11} {shown(item['plugin_id'])}{detail}{shown(f': {note}' if note else '')}")
     hidden = report.items_total - len(report.items)
     if hidden:
-        click.echo(f"  ... and {hidden} more not listed: `{shown(f'overnight status{here}')} --state STATE` "
-                   "lists every plugin in a state")
+        not_listed(hidden, here)
     failed = report.by_state.get(State.FAILED, 0)
     if failed and plugin is None and state is None:
         click.echo(f"`overnight run{here} --retry failed` tries the {plural(failed, 'failed plugin')} again")

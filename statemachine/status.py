@@ -14,6 +14,8 @@ from statemachine.catalog import KEPT_EDIT
 _ROW = ("plugin_id", "name", "category", "state", "step", "reason", "not_before", "updated_at")
 # Plugins that wait for a person: for their content to change, or to be looked at.
 _ATTENTION = (State.INVALID, State.FAILED, State.REJECTED)
+# Plugins a report for people lists (status, a run's summary); the others are counted.
+ATTENTION_LIMIT = 20
 # ... and plugins skipped because a person edited what overnight wrote: kept until --force.
 _KEPT = f"(state = '{State.SKIPPED.value}' AND reason LIKE '{KEPT_EDIT}%')"
 # A plugin in `writing` while no process holds the log: its write was cut short, and its files
@@ -80,7 +82,7 @@ def runs(store: EventStore, held: bool) -> list[dict]:
 
 
 def status(store: EventStore, *, plugin: str | None = None, state: str | None = None,
-           attention_limit: int = 20, place: str = "") -> StatusReport:
+           attention_limit: int = ATTENTION_LIMIT, place: str = "") -> StatusReport:
     """Counts by state; `items` are the plugins matching the filters, or, with no filter,
     the first `attention_limit` plugins that need a person's attention (invalid, failed,
     rejected, skipped to keep a person's edit, and writing when no process holds the log).

@@ -23,7 +23,7 @@ from skills_ref.validator import validate
 from cli.main import main
 from statemachine.analysis import hash_tree
 from tests.emulator import Emulator
-from tests.marketplace_builder import deep_tree, manifest, plugin, remove_deep
+from tests.marketplace_builder import deep_tree, manifest, plugin, remove_deep, write
 from tests.privileges import needs_permissions, unprivileged
 
 KEY = "fake-key-OVERNIGHT-7f3a9c"
@@ -842,6 +842,24 @@ def test_run_tells_what_its_scan_could_not_use(market, emu):
     assert "plugins are discovered from directories only" in warning
     as_json = json.loads(run(market, emu, "--dry-run", "--json").stdout)
     assert [w for w in as_json["warnings"] if "marketplace.json: invalid JSON" in w] == [warning.split(None, 1)[1]]
+
+
+def test_a_summary_lists_at_most_twenty_plugins_of_a_kind_as_status_does(tmp_path, emu):
+    """One cause failing every plugin (a bad request) printed a line per plugin: thousands of
+    identical lines a morning, the totals buried above them."""
+    root = tmp_path / "many"
+    for n in range(23):
+        plugin(root, f"plugins/tools/good-{n:02d}", f"good-{n:02d}", description=f"Good tool {n}.",
+               files={"README.md": f"# Good {n}\n\nDoes good thing {n}.\n"})
+        write(root / f"plugins/broken/bad-{n:02d}/.claude-plugin/plugin.json", "{")
+    emu.script("bad_request", times=23, phase="plan")
+    result = run(root, emu, "--max-attempts", "1")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("; 23 plugins selected (failed 23)"), lines[0]
+    hint = f"`{shlex.join(['overnight', 'status', str(root)])} --state STATE` lists every plugin in a state"
+    assert [line.split()[0] for line in lines[1:]] == ["failed"] * 20 + ["..."] + ["invalid"] * 20 + ["..."]
+    assert lines[21] == lines[42] == f"  ... and 3 more not listed: {hint}"
 
 
 def test_a_summary_names_the_plugins_its_scan_found_invalid_and_counts_those_found_before(market, emu):
