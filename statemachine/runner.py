@@ -247,6 +247,7 @@ class Runner:
         self._backing_up = False
         self._scan_warnings: list[str] = []
         self._new_invalid: set[str] = set()  # plugins this execution's scan found invalid, or with a new reason
+        self._mid_write: dict[str, str] = {}  # see ScanReport.mid_write
 
     # ------------------------------------------------------------------ entry points
 
@@ -324,9 +325,18 @@ class Runner:
         if again:
             self._scan_warnings += [w for w in report.warnings if w not in self._scan_warnings]
             self._new_invalid |= report.newly_invalid
+            self._mid_write |= report.mid_write
         else:
             self._scan_warnings = report.warnings
             self._new_invalid = report.newly_invalid
+            self._mid_write = report.mid_write
+
+    def _warnings(self) -> list[str]:
+        """The scans' warnings, but for the writes cut short that this execution has settled since."""
+        states = dict(self.journal.query("SELECT plugin_id, state FROM plugins"))
+        settled = {warning for plugin_id, warning in self._mid_write.items()
+                   if states.get(plugin_id) not in (State.WRITING, State.WRITTEN)}
+        return [w for w in self._scan_warnings if w not in settled]
 
     def interrupt(self, signal_name: str) -> None:
         """Called from a signal handler: stop taking work; `_execute` records the interruption.
@@ -558,7 +568,7 @@ class Runner:
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
                          selected=len(selection), invalid=invalid, problems=problems, message=message,
                          budget=budget, paused_until=paused_until, backups=list(self._backups),
-                         backup_errors=self._backup_errors, warnings=self._scan_warnings,
+                         backup_errors=self._backup_errors, warnings=self._warnings(),
                          new_invalid=self._new_invalid)
 
     def _finish_older_runs(self, run_id: str) -> None:
@@ -618,10 +628,11 @@ class Runner:
             invalid = self._invalid()
             # a signal during a quota pause: the pause still holds for `resume`
             (paused_until,), = self.journal.query("SELECT paused_until FROM runs WHERE run_id = ?", (run_id,))
+            warnings = self._warnings()
             self.journal.close()
         return RunResult(run_id=run_id, outcome="interrupted", counts=counts, by_other_runs=others,
                          selected=len(selection), problems=problems, message=f"interrupted by {self.signal}",
-                         warnings=self._scan_warnings, invalid=invalid, new_invalid=self._new_invalid,
+                         warnings=warnings, invalid=invalid, new_invalid=self._new_invalid,
                          paused_until=paused_until)
 
     def _invalid(self) -> list[tuple[str, str]]:

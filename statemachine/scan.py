@@ -42,6 +42,9 @@ class ScanReport:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (plugin id, reason)
     newly_invalid: set[str] = field(default_factory=set)  # of `problems`, those not invalid so before
     warnings: list[str] = field(default_factory=list)
+    # plugin id -> its warning in `warnings`: changed by a write of overnight's cut short, left
+    # for `resume` to settle (which a run's summary then need not repeat)
+    mid_write: dict[str, str] = field(default_factory=dict)
 
 
 Progress = Callable[[int, int, str], None]
@@ -168,10 +171,10 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
         if row["state"] in _MID_WRITE:
             # overnight's own write changed it: `resume` settles the write and records the
             # new content hash as done; rediscovering it here would lose that.
-            report.warnings.append(
-                f"{candidate.plugin_id}: changed during a write by overnight; "
-                f"run `overnight resume{place}` to finish it first"
-            )
+            warning = (f"{candidate.plugin_id}: changed during a write by overnight; "
+                       f"run `overnight resume{place}` to finish it first")
+            report.warnings.append(warning)
+            report.mid_write[candidate.plugin_id] = warning
             return
     if row is None:
         report.new += 1
