@@ -92,10 +92,11 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
     return report
 
 
-def _target_problem(root: Path, plugin_dir: Path, skill: str | None) -> str | None:
+def _target_problem(root: Path, plugin_dir: Path, skill: str | None, clear: bool = False) -> str | None:
     """Why the SKILL.md or its bundled files could never be written (a symlink or a file on
     their way, a directory in the SKILL.md's place), found before any request is spent; the
-    write step checks again."""
+    write step checks again. `clear`: the way was clear at the last scan, and the plugin's
+    tree is unchanged since (nested plugins, left out of its tree, are looked for again)."""
     if skill is None:
         return None
     for held in (f"skills/{skill}", f"skills/{LEGACY_SKILL_DIR}"):
@@ -103,18 +104,19 @@ def _target_problem(root: Path, plugin_dir: Path, skill: str | None) -> str | No
         if nested:
             return (f"{nested} is another plugin, inside the skill directory overnight would write "
                     f"(or move to skills/{skill}); move one of the two plugins")
+    if clear:
+        return None
     legacy = legacy_skill_dir(plugin_dir, skill)
     held = f"skills/{legacy.name}" if legacy else f"skills/{skill}"  # where the files go: moved with it
+    probes = {f"{held}/{bundle}/{_PROBE}": bundle for bundle in BUNDLE_DIRS}
     try:
         with writes.opened(root, plugin_dir) as at:
-            writes.plan_targets(at, held, {f"{held}/SKILL.md": b""})
-            for bundle in BUNDLE_DIRS:
-                try:
-                    writes.plan_targets(at, held, {f"{held}/{bundle}/{_PROBE}": b""})
-                except writes.WriteError as e:
-                    problem = str(e).removeprefix(f"{held}/{bundle}/{_PROBE}: ")
-                    return f"the files its skill bundles in {held}/{bundle}/ cannot be written: {problem}"
+            writes.plan_targets(at, held, {f"{held}/SKILL.md": b""} | dict.fromkeys(probes, b""))
     except writes.WriteError as e:
+        for probe, bundle in probes.items():  # the targets are checked in order: SKILL.md's path first
+            if str(e).startswith(f"{probe}: "):
+                return (f"the files its skill bundles in {held}/{bundle}/ cannot be written: "
+                        f"{str(e).removeprefix(f'{probe}: ')}")
         return f"its SKILL.md cannot be written: {e}"
     return None
 
@@ -147,7 +149,11 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
     tree = None
     if problem is None:
         tree = hash_tree(root, root / candidate.path)
-        problem = tree.problem or _target_problem(root, root / candidate.path, candidate.skill_name)
+        # Found without a problem before, and unchanged: its tree hash covers every file, directory
+        # and symlink on the way to what a write touches, so that way is as clear as it was.
+        clear = (row is not None and row["state"] not in (State.INVALID, State.GONE, State.DISCOVERED)
+                 and row["content_hash"] == tree.content_hash and row["skill_name"] == candidate.skill_name)
+        problem = tree.problem or _target_problem(root, root / candidate.path, candidate.skill_name, clear)
     if problem is not None:
         report.invalid += 1
         report.problems.append((candidate.plugin_id, problem))
