@@ -34,11 +34,14 @@ class StatusReport:
     items: list[dict] = field(default_factory=list)
     items_total: int = 0  # more than len(items) when the attention list was cut at its limit
     unfinished_runs: list[dict] = field(default_factory=list)  # besides last_run, newest first
+    # a process holds the log and runs no recorded run: a scan, or a run scanning before it
+    # starts (a --force run puts every finished plugin back to analyzed first)
+    busy: bool = False
 
     def as_json(self) -> dict:
         return {"plugins": self.plugins, "by_state": self.by_state, "events": self.events,
                 "last_run": self.last_run, "unfinished_runs": self.unfinished_runs, "items": self.items,
-                "items_total": self.items_total}
+                "items_total": self.items_total, "busy": self.busy}
 
 
 # Runs `overnight resume` can continue (the newest of them first); `stopped` is a run recorded
@@ -123,4 +126,5 @@ def status(store: EventStore, *, plugin: str | None = None, state: str | None = 
     return StatusReport(
         plugins=sum(by_state.values()), by_state=by_state, events=store.last_seq, last_run=last_run,
         items=items, items_total=len(items) if total is None else total, unfinished_runs=other_unfinished,
+        busy=running and not any(r["status"] == "running" or r["waiting"] for r in every_run),
     )

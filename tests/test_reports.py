@@ -79,11 +79,28 @@ def test_a_write_cut_short_needs_attention_until_resume_finishes_it(one, emu, mo
         assert json.loads(overnight("status", one, "--json").stdout)["items"] == []
     finally:
         lock.release()
+    assert json.loads(overnight("status", one, "--json").stdout)["busy"] is False
     resumed = overnight("resume", one)
     assert resumed.exit_code == 0
     assert "changed during a write" not in resumed.output  # its summary told to resume what it had just done
     assert query(one, "SELECT state FROM plugins") == [("done",)]
     assert json.loads(overnight("status", one, "--json").stdout)["items"] == []
+
+
+def test_status_says_when_a_process_writes_the_log_before_any_run_is_under_way(one, emu):
+    """A --force run of thousands of plugins first puts every finished one back to analyzed:
+    status showed them all analyzed and the last run complete, nothing under way."""
+    assert run(one, emu).exit_code == 0
+    line = ("an overnight process is writing to this log with no run under way yet: a scan, or a run scanning "
+            "before it starts (counts may move)")
+    assert line not in overnight("status", one).stdout
+    lock = WriterLock(one / ".overnight" / "overnight.db")  # as `overnight run --force` holds it while it scans
+    lock.acquire()
+    try:
+        assert overnight("status", one).stdout.splitlines()[1] == line
+        assert json.loads(overnight("status", one, "--json").stdout)["busy"] is True
+    finally:
+        lock.release()
 
 
 def test_read_only_commands_refuse_a_file_that_is_no_event_log_and_leave_it_alone(one, emu, tmp_path):
