@@ -299,7 +299,8 @@ class Runner:
         started = self.store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'",
                                    (f"run:{run_id}",))
         selection = msgspec.json.decode(started[0][0])["selection"]
-        until = datetime.fromisoformat(paused_until).timestamp() if status == "paused" and paused_until else 0.0
+        # a pause still holds when the run was stopped by a signal while it waited it out
+        until = datetime.fromisoformat(paused_until).timestamp() if paused_until else 0.0
         lifted = 0.0
         if until > self.clock() and limits_changed:
             # New limits lift the recorded pause (the daily quota): the scheduler decides again

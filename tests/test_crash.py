@@ -253,6 +253,31 @@ def test_a_signal_ends_a_quota_pause_at_once(tmp_path):
     assert json.loads(proc.stdout.read())["paused_until"] == until  # as `status` says it (it said null)
 
 
+def test_larger_limits_on_resume_lift_a_pause_that_a_signal_cut_short(tmp_path):
+    """Ctrl-C on a run sleeping out a 429's wait, then `resume --rpd N` for the paid tier: the
+    run, recorded as interrupted, was not seen as paused, and slept out the wait again."""
+    root = tmp_path / "market"
+    build_marketplace(root, 1)
+    with Emulator(api_key=KEY, seed=3) as emu:
+        emu.script("rate_limit_day", retry_delay="90000.25s", phase="skill")
+        proc = spawn("run", root, emu.url)
+        try:
+            deadline = time.monotonic() + 60
+            while not (has_run(root) and query(root, "SELECT status FROM runs")[0][0] == "paused"):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=15) == 130
+        finally:
+            proc.kill()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+        resumed = subprocess.run([sys.executable, "-m", "cli", "resume", str(root), "--rpd", "1000", "--no-wait"],
+                                 cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY}, capture_output=True, text=True,
+                                 timeout=60)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert ": complete; 1 plugin selected (done 1)" in resumed.stdout, resumed.stdout
+
+
 @contextmanager
 def killed_with_two_requests_in_flight(tmp_path: Path) -> Iterator[tuple[Path, Emulator]]:
     """A run of four plugins killed (SIGKILL) while two requests wait for their answers; the
