@@ -346,6 +346,11 @@ def _edited_by_hand(ctx: Context, cursor: PluginCursor, row: dict) -> list[str]:
     return edited
 
 
+def _changed(ctx: Context, row: dict) -> bool:
+    """Whether the plugin's files are not those its scan analyzed (edited, removed, unreadable)."""
+    return hash_tree(ctx.root, ctx.root / row["path"]).content_hash != row["content_hash"]
+
+
 def _retry_step(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     _request(ctx, cursor, row, row["step"] or "plan")
 
@@ -354,7 +359,7 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
     """Record the request, then send it; record the answer or the classified failure."""
     if ctx.closed.is_set():
         raise RequestsClosed()
-    if hash_tree(ctx.root, ctx.root / row["path"]).content_hash != row["content_hash"]:
+    if _changed(ctx, row):
         raise PluginChanged()  # a prompt from files the analysis never saw, or a plugin gone: quota for nothing
     details = _details(ctx, cursor.plugin_id, "facts", "plan", "feedback")
     facts = msgspec.json.decode(details["facts"], type=c.PluginFacts)
@@ -565,6 +570,8 @@ def _validated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
         if edited:
             ctx.journal.record(cursor, c.PluginSkipped(run_id=ctx.run_id, reason=_kept(edited)))
             return
+    if _changed(ctx, row):
+        raise PluginChanged()  # its SKILL.md was made from files it no longer has
     snap = snapshots.take(ctx.root, ctx.root / row["path"])
     ctx.journal.record(cursor, c.PluginSnapshotted(run_id=ctx.run_id, tree_sha256=snap.tree_sha256),
                        blobs=snap.blobs)

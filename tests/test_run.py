@@ -367,16 +367,28 @@ def test_plugins_changed_under_a_run_are_scanned_again_before_a_request_is_spent
     assert_healthy(market)
 
 
-def test_a_plugin_deleted_while_its_skill_was_generated_fails_saying_so(one, emu):
-    """The reason said the directory was not inside the marketplace: a symlink escape, to a
-    person reading it."""
+def test_a_plugin_changed_while_its_skill_was_generated_is_scanned_again_before_its_snapshot(one, emu, tmp_path):
+    """An edit while the SKILL.md was generated went through: the skill came from the README as
+    it was, the plugin was done with the edit in its hash, and no later scan saw a change. A
+    deletion then failed saying the directory was not inside the marketplace."""
     widget = one / "plugins/tools/widget"
-    emu.on_request = lambda record: record.phase == "skill" and shutil.rmtree(widget, ignore_errors=True)
+    readme = widget / "README.md"
+
+    def edit(record) -> None:
+        if record.phase == "skill" and "EDITED" not in readme.read_text():
+            readme.write_text(readme.read_text() + "\nAlso polishes widgets (EDITED).\n")
+
+    emu.on_request = edit
     result = run(one, emu)
-    assert result.exit_code == 1
-    assert f"  failed      plugins/tools/widget: {widget} does not exist any more (deleted or moved meanwhile)\n" in (
-        result.stdout), result.stdout
-    assert not widget.exists()
+    assert result.exit_code == 0, result.output
+    sent = generate_requests(emu)
+    assert [r.phase for r in sent] == ["plan", "skill", "plan", "skill"]
+    assert "EDITED" not in sent[0].text and "EDITED" in sent[2].text
+    assert states(one) == {"plugins/tools/widget": "done"}
+    emu.on_request = lambda record: record.phase == "skill" and shutil.rmtree(widget, ignore_errors=True)
+    gone = run(one, emu, "--force")
+    assert gone.exit_code == 0, gone.output
+    assert "  invalid     plugins/tools/widget: .claude-plugin/marketplace.json entry 'widget': source " in gone.stdout
 
 
 def test_repeated_faults_fail_the_plugin_after_the_allowed_attempts(one, emu):
