@@ -440,6 +440,9 @@ class Runner:
                     run_id=run_id, budget=b.budget, limit=float(b.limit), used=float(b.used)))
                 return self._finish(run_id, selection, options, "budget_exhausted", message=str(b), budget=b.budget)
             changed = outcome.changed if rescans < MAX_RESCANS else set()
+            self._scan_warnings += [f"{plugin_id}: its files changed each time the run took it up again, "
+                                    f"{MAX_RESCANS} times; left for the next run"
+                                    for plugin_id in sorted(outcome.changed - changed)]
             if outcome.paused is None:
                 if changed:
                     continue

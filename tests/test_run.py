@@ -391,6 +391,16 @@ def test_a_plugin_changed_while_its_skill_was_generated_is_scanned_again_before_
     assert "  invalid     plugins/tools/widget: .claude-plugin/marketplace.json entry 'widget': source " in gone.stdout
 
 
+def test_a_plugin_whose_files_keep_changing_is_left_for_the_next_run_saying_so(one, emu):
+    readme = one / "plugins/tools/widget/README.md"
+    emu.on_request = lambda record: readme.write_text(readme.read_text() + "x")  # every request, an edit
+    result = run(one, emu)
+    assert result.exit_code == 1
+    assert ("  warning     plugins/tools/widget: its files changed each time the run took it up again, 3 times; "
+            "left for the next run\n") in result.stdout, result.stdout
+    assert len(generate_requests(emu)) == 4  # a plan request for it at each scan, not one more
+
+
 def test_repeated_faults_fail_the_plugin_after_the_allowed_attempts(one, emu):
     emu.script("server_error", times=3, phase="plan")
     result = run(one, emu, "--max-attempts", "3")
