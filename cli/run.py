@@ -284,7 +284,9 @@ class _Display:
         finished = []
         for k, done in enumerate(progress.just_finished):
             # the batch counts a plugin just after it reports it: the count may lag one behind
-            self._shown = max(self._shown + 1, progress.finished - len(progress.just_finished) + k + 1)
+            # (and never past the total: a plugin changed under the run may finish twice in it)
+            self._shown = min(progress.total,
+                              max(self._shown + 1, progress.finished - len(progress.just_finished) + k + 1))
             finished.append((f"{self._shown}/{progress.total}  {done.state:<9} {shown(done.plugin_id)}"
                              + (f": {shown(done.reason)}" if done.reason else ""), done))
         if self._live is not None:

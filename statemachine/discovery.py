@@ -257,8 +257,9 @@ def _normalize(source: str) -> str | None:
 
 
 def _is_url(source: str) -> bool:
-    """https://host/repo.git, git@host:repo.git and the like: another repository's plugin."""
-    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://|[\w.-]+@[\w.-]+:", source) is not None
+    """https://host/repo.git, git@host:repo.git, github:owner/repo and the like: another
+    repository's plugin (a scheme of one letter is a Windows drive: C:\\plugins)."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]+:|[\w.-]+@[\w.-]+:", source) is not None
 
 
 def _source_problem(root: Path, root_real: str, source: Any) -> str | None:

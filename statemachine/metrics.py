@@ -282,10 +282,8 @@ def quota_time(limits: Limits, remaining: int, finished: int, requests: int, inp
     n = max(math.ceil((finished + remaining) * per_plugin) - requests, math.ceil(remaining * (per_plugin - 1)))
     if n <= 0:
         return 0.0
-    if not limits.rpd or n <= limits.rpd - used_today:
-        seconds = _sliding_finish(n, rate, recent, now)
-        if not limits.rpd or now + seconds < next_day_start(now):
-            return seconds
+    if not limits.rpd or n <= limits.rpd - used_today:  # today's room holds them (a midnight gives more)
+        return _sliding_finish(n, rate, recent, now)
     return time_to_send(n, rate, limits.rpd, used_today, now)[0]
 
 

@@ -99,6 +99,7 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
         {"name": "missing", "source": "./plugins/a/missing"},
         {"name": "remote", "source": "https://github.com/foo/bar.git"},
         {"name": "ssh", "source": "git@github.com:foo/bar.git"},
+        {"name": "short", "source": "github:foo/bar"},
     ])
     plugin(root, "plugins/a/good", "good", files={"README.md": "# Good\n"})
     write(root / "plugins/a/broken/.claude-plugin/plugin.json", "{")
@@ -116,8 +117,8 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
     reasons = {p["plugin"]: p["reason"] for p in report["problems"]}
     assert set(reasons) == {"../outside", "plugins/a/missing", "plugins/a/broken", "plugins/a/empty",
                             "plugins/a/latin1", "plugins/a/bigint", "plugins/b/good", "plugins/b/slash",
-                            "https://github.com/foo/bar.git", "git@github.com:foo/bar.git"}
-    for url in ("https://github.com/foo/bar.git", "git@github.com:foo/bar.git"):  # it said "does not exist"
+                            "https://github.com/foo/bar.git", "git@github.com:foo/bar.git", "github:foo/bar"}
+    for url in ("https://github.com/foo/bar.git", "git@github.com:foo/bar.git", "github:foo/bar"):  # "does not exist"
         assert reasons[url].endswith(f"source '{url}' is a URL; only plugins inside the repository are processed")
     assert "outside the repository" in reasons["../outside"]
     assert "does not exist" in reasons["plugins/a/missing"]
@@ -129,7 +130,7 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
     assert "duplicate plugin name 'good'" in reasons["plugins/b/good"]
     assert "cannot become a skill name" in reasons["plugins/b/slash"]
     status = as_json(run("status", root, "--json", "--state", "invalid"))
-    assert status["by_state"] == {"analyzed": 2, "invalid": 10}
+    assert status["by_state"] == {"analyzed": 2, "invalid": 11}
     assert {i["plugin_id"] for i in status["items"]} == set(reasons)
     looped = as_json(run("status", root, "--json", "--plugin", "plugins/b/looped"))["items"][0]
     assert looped["state"] == "analyzed"

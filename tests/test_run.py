@@ -401,6 +401,24 @@ def test_a_plugin_whose_files_keep_changing_is_left_for_the_next_run_saying_so(o
     assert len(generate_requests(emu)) == 4  # a plan request for it at each scan, not one more
 
 
+def test_a_plugin_finished_twice_in_a_run_never_counts_past_the_total(market, emu):
+    """A done plugin edited while another one was set aside is taken up again after the scan:
+    its second line read 5/4."""
+    first = market / "plugins/database/schema-linter/README.md"
+    other = market / "plugins/security/secret-scanner/README.md"
+
+    def edit(record) -> None:
+        if record.phase == "plan" and "secret-scanner" in record.text and "EDITED" not in other.read_text():
+            first.write_text(first.read_text() + "\nEDITED\n")
+            other.write_text(other.read_text() + "\nEDITED\n")
+
+    emu.on_request = edit
+    result = run(market, emu, "--concurrency", "1")
+    assert result.exit_code == 0, result.output
+    counts = [line.split()[0] for line in result.stderr.splitlines()[1:]]
+    assert counts == ["1/4", "2/4", "3/4", "4/4", "4/4"], result.stderr
+
+
 def test_repeated_faults_fail_the_plugin_after_the_allowed_attempts(one, emu):
     emu.script("server_error", times=3, phase="plan")
     result = run(one, emu, "--max-attempts", "3")
