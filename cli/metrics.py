@@ -154,5 +154,5 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
                + (f"; {result.used_today} of today's {limits.rpd} already used" if result.used_today else ""))
     click.echo(f"basis: {result.basis}")
     for plugin_id, tokens in result.unsendable:
-        click.echo(f"  cannot be sent: {shown(plugin_id)}: its plan prompt is about {tokens:,} tokens, more than the "
+        click.echo(f"  cannot be sent: {shown(plugin_id)}: a prompt of it is about {tokens:,} tokens, more than the "
                    f"{limits.tpm:,} tokens per minute allowed (if your quota allows more, state it with --tpm)")

@@ -168,8 +168,8 @@ class Estimate:
     basis: str
     used_today: int
     latency_s: float
-    # (plugin id, tokens) of the plugins whose plan prompt is larger than the tokens per
-    # minute: a run fails them before sending anything, so they count for nothing above
+    # (plugin id, tokens) of the plugins whose plan prompt, or skill prompt even without its
+    # plan, is larger than the tokens per minute: a run fails them, so they count for nothing above
     unsendable: list[tuple[str, int]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
@@ -232,8 +232,10 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
         needs_plan = (state in ("analyzed", "planning", "new", "discovered") or state in FINAL
                       or (state == "retrying" and step == "plan"))
         plan_in = estimate_tokens(system, plan_prompt(data, skill_name)) if needs_plan else 0
-        if limits.tpm and plan_in > limits.tpm:  # the very prompt a run sends (the skill's depends on the plan)
-            unsendable.append((plugin_id, plan_in))
+        # the skill prompt with no plan in it: the least the real one (with the plan) can be
+        skill_least = 0 if plan_only else estimate_tokens(system, skill_prompt(data, skill_name, empty_plan, gates, []))
+        if limits.tpm and max(plan_in, skill_least) > limits.tpm:
+            unsendable.append((plugin_id, max(plan_in, skill_least)))
             continue
         if needs_plan:
             requests += overhead
@@ -241,7 +243,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
             output_tokens += plan_out
         if plan_only:
             continue
-        skill_in = estimate_tokens(system, skill_prompt(data, skill_name, empty_plan, gates, [])) + PLAN_JSON_CHARS // 4
+        skill_in = skill_least + PLAN_JSON_CHARS // 4
         requests += overhead
         input_tokens += overhead * skill_in
         output_tokens += skill_out

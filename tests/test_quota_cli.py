@@ -309,7 +309,7 @@ def test_the_summary_and_status_give_the_end_of_a_pause_in_local_time_too(one, e
     assert f"; paused until {until} ({local} local time); " in overnight("status", one).stdout
 
 
-def test_estimate_names_the_plugins_whose_plan_prompt_is_larger_than_the_tokens_per_minute(market, emu):
+def test_estimate_names_the_plugins_with_a_prompt_larger_than_the_tokens_per_minute(market, emu):
     """A run fails such a plugin before sending anything; the estimate gave it requests, tokens
     and minutes."""
     assert json.loads(overnight("estimate", market, "--json").stdout)["unsendable"] == []
@@ -318,11 +318,15 @@ def test_estimate_names_the_plugins_whose_plan_prompt_is_larger_than_the_tokens_
     [(plugin_id, tokens)] = [(u["plugin"], u["tokens"]) for u in result["unsendable"]]
     assert plugin_id == "plugins/devops/deploy-checker" and tokens > 100
     text = overnight("estimate", market, "--plugin", "deploy-checker", "--tpm", "100").stdout
-    assert (f"  cannot be sent: plugins/devops/deploy-checker: its plan prompt is about {tokens:,} tokens, more than "
+    assert (f"  cannot be sent: plugins/devops/deploy-checker: a prompt of it is about {tokens:,} tokens, more than "
             "the 100 tokens per minute allowed (if your quota allows more, state it with --tpm)\n") in text
+    # just below its skill prompt (with no plan in it yet), above its plan prompt: the plan would
+    # be sent, and the skill never; the estimate counted both
+    between = json.loads(overnight("estimate", market, "--json", "--plugin", "deploy-checker", "--tpm",
+                                   str(tokens - 1)).stdout)
+    assert [u["tokens"] for u in between["unsendable"]] == [tokens], between
     sent = run(market, emu, "--plugin", "deploy-checker", "--tpm", "100")
-    assert (f"its plan prompt is about {tokens:,} tokens, more than the 100 tokens per minute allowed: it can never "
-            "be sent") in sent.stdout, sent.stdout
+    assert "tokens, more than the 100 tokens per minute allowed: it can never be sent" in sent.stdout, sent.stdout
     assert len([r for r in emu.requests if r.method == "POST"]) == 0
 
 
