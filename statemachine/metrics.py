@@ -119,12 +119,11 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     ended = dict(store.query(
         "SELECT state, count(*) FROM plugins WHERE run_id = ? GROUP BY state", (run_id,)))
     finished = sum(n for s, n in ended.items() if s in FINAL)
-    requests = store.query("SELECT count(*), min(sent_at), max(sent_at), "
-                           "count(*) FILTER (WHERE outcome IS NOT 'rate_limited') FROM quota_ledger WHERE run_id = ?",
-                           (run_id,))[0]
-    sending = (requests[2] - requests[1]) if requests[0] > 1 else None
-    eta = None
-    if status == "running" and finished and sending and len(selection) > finished:
+    requests = store.query("SELECT count(*), count(*) FILTER (WHERE outcome IS NOT 'rate_limited'), "
+                           "avg(settled_at - sent_at) FILTER (WHERE outcome = 'ok'), max(sent_at) "
+                           "FROM quota_ledger WHERE run_id = ?", (run_id,))[0]
+    until = None
+    if status == "running" and finished and requests[2] is not None and len(selection) > finished:
         remaining = len(selection) - finished
         options = msgspec.json.decode(config)
         model = options["gemini"]["model"]
@@ -135,8 +134,8 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
             (run_id, model, day_start(now)))[0]
         recent = [at for (at,) in store.query("SELECT sent_at FROM quota_ledger WHERE model = ? AND sent_at > ?",
                                               (model, now - MINUTE))]
-        eta = round(max(sending / finished * remaining, quota_time(
-            limits, remaining, finished, requests[3], tokens, today, now, options["dry_run"], recent)))
+        until = round(eta(limits, remaining, finished, requests[1], tokens, today, now, options["dry_run"], recent,
+                          requests[2]))
     # wall time, pauses included (as the estimate counts them): until the run ended, until now
     # while a process runs it, else until its last event in any stream (a killed process
     # records no end; its last events are its plugins' and its requests')
@@ -149,10 +148,10 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
         last_at, plugins_at = store.query(
             "SELECT (SELECT e.at FROM runs r JOIN events e ON e.seq = r.last_seq WHERE r.run_id = ?1), "
             "(SELECT max(updated_at) FROM plugins WHERE run_id = ?1)", (run_id,))[0]
-        end = max(epoch(last_at), epoch(plugins_at) if plugins_at else 0.0, requests[2] or 0.0)
+        end = max(epoch(last_at), epoch(plugins_at) if plugins_at else 0.0, requests[3] or 0.0)
     estimate = msgspec.json.decode(config).get("estimate")
     return {"run_id": run_id, "status": status, "started_at": started_at, "selected": len(selection),
-            "finished": finished, "requests": requests[0], "eta_s": eta, "estimate": estimate,
+            "finished": finished, "requests": requests[0], "eta_s": until, "estimate": estimate,
             "actual": {"requests": requests[0], "elapsed_s": round(max(0.0, end - epoch(started_at)))}}
 
 
@@ -264,6 +263,19 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
                     output_tokens=int(output_tokens), days=resets, seconds=seconds,
                     cost_usd=prices.cost(input_tokens, output_tokens), basis=basis, used_today=used_today,
                     latency_s=latency, unsendable=unsendable)
+
+
+def eta(limits: Limits, remaining: int, finished: int, requests: int, input_tokens: int, used_today: int,
+        now: float, dry_run: bool, recent: Iterable[float], latency: float) -> float:
+    """Seconds until a run's `remaining` plugins are through: their requests (as many a plugin
+    as its `finished` plugins took) answered in `latency` seconds each, `limits.concurrency` at
+    a time, and never sooner than the quota lets them go (`quota_time`, whose arguments these
+    are). Not the pace since the run began: that counts the waits for the quota the remaining
+    requests may not need (a minute that has room again), and was half a minute late."""
+    per_plugin = requests / finished if finished else (1.0 if dry_run else 2.0)
+    answering = remaining * per_plugin * latency / max(1, limits.concurrency)
+    return max(answering, quota_time(limits, remaining, finished, requests, input_tokens, used_today, now, dry_run,
+                                     recent))
 
 
 def quota_time(limits: Limits, remaining: int, finished: int, requests: int, input_tokens: int, used_today: int,

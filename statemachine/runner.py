@@ -30,7 +30,7 @@ from events.remote import display_url
 from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
 from statemachine.errors import OvernightError
-from statemachine.metrics import Prices, estimate, expected_output, quota_time
+from statemachine.metrics import Prices, estimate, eta, expected_output
 from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
@@ -426,10 +426,10 @@ class Runner:
                         f"({', '.join('?' * len(changed))})", tuple(sorted(changed))):
                     if state in FINAL:  # the progress names it, as a plugin this run finished
                         stats.finish(plugin_id, state, reason)
-            started, pending = self.clock(), self._unfinished(selection)
+            pending = self._unfinished(selection)
             already = len(selection) - len(pending)
             outcome = _Batch(ctx, pending, options.limits.concurrency).run(
-                lambda batch: self._report(stats, len(selection), batch, started, already, options.dry_run))
+                lambda batch: self._report(stats, len(selection), batch, already, options.dry_run))
             if self.stopping.is_set() and self.signal:
                 return self._interrupted(run_id, selection)
             if outcome.stopped is not None:
@@ -512,25 +512,26 @@ class Runner:
                             waiting={pid: (max(0.0, until - now), why) for pid, (until, why) in stats.waits.items()},
                             retrying=retrying, next_retry=None if next_retry is None else max(0.0, next_retry - now))
 
-    def _report(self, stats: Stats, total: int, batch: "_Batch", started: float, already: int,
-                dry_run: bool) -> None:
+    def _report(self, stats: Stats, total: int, batch: "_Batch", already: int, dry_run: bool) -> None:
         """`already`: plugins that were finished when this stretch began (the batch has the
-        others; those say nothing about the pace)."""
+        others)."""
         if not self.on_progress:
             return
         finished = already + batch.finished
         retrying, next_retry = batch.retry_queue()
-        eta = None
+        until = None
         if batch.finished > 0 and finished < total:
-            eta = max((self.clock() - started) / batch.finished * (total - finished),
-                      self._quota_time(batch.ctx.scheduler, stats, total - finished, finished, dry_run))
-        self.on_progress(self._progress(stats, total, finished, eta=eta, retrying=retrying, next_retry=next_retry))
+            until = self._eta(batch.ctx, stats, total - finished, finished, dry_run)
+        self.on_progress(self._progress(stats, total, finished, eta=until, retrying=retrying, next_retry=next_retry))
 
-    def _quota_time(self, scheduler: Scheduler, stats: Stats, remaining: int, finished: int, dry_run: bool) -> float:
+    def _eta(self, ctx: Context, stats: Stats, remaining: int, finished: int, dry_run: bool) -> float:
         with stats.lock:
             requests, tokens = stats.requests - stats.rate_limited, stats.input_tokens
-        return quota_time(scheduler.limits, remaining, finished, requests, tokens, scheduler.used()["day_requests"],
-                          self.clock(), dry_run, scheduler.recent())
+        latency = self.store.query("SELECT coalesce(avg(settled_at - sent_at), 0) FROM quota_ledger "
+                                   "WHERE run_id = ? AND outcome = 'ok'", (ctx.run_id,))[0][0]
+        scheduler = ctx.scheduler
+        return eta(scheduler.limits, remaining, finished, requests, tokens, scheduler.used()["day_requests"],
+                   self.clock(), dry_run, scheduler.recent(), latency)
 
     def _counts(self, run_id: str, selection: list[str]) -> tuple[
             dict[str, int], dict[str, int], list[tuple[str, str, str]]]:

@@ -300,6 +300,20 @@ def test_the_eta_is_neither_a_minute_late_nor_a_minute_early(market, emu):
     assert 50 <= _eta(again, "3/4") <= 61, again.stderr
 
 
+def test_the_eta_after_a_wait_for_the_minute_counts_no_wait_that_is_over(tmp_path, emu):
+    """The pace since the run began counted the minute spent waiting for the quota: with the
+    window open again and one plugin left, it said 10 s for what took none."""
+    from tests.marketplace_builder import plugin
+
+    root = tmp_path / "seven"
+    for n in range(7):
+        plugin(root, f"plugins/tools/tool-{n}", f"tool-{n}", description=f"Tool {n}.",
+               files={"README.md": f"# Tool {n}\n\nDoes thing {n}.\n"})
+    result = run(root, emu, "--rpm", "10", "--concurrency", "1")  # five plugins, a minute's wait, two more
+    assert result.exit_code == 0, result.output
+    assert _eta(result, "6/7") <= 3, result.stderr
+
+
 def test_the_summary_and_status_give_the_end_of_a_pause_in_local_time_too(one, emu, tokyo):
     emu.script("rate_limit_day", retry_delay=None, phase="skill")
     result = run(one, emu, "--no-wait")
