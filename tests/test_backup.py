@@ -1116,7 +1116,7 @@ def test_restore_into_an_empty_directory_whose_parent_this_user_cannot_write(mar
     try:
         result = restore(dest)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith(f"restored snapshot ") and f" into {dest}: " in result.stdout
+        assert result.stdout.startswith("restored snapshot ") and f" into {dest}: " in result.stdout
         assert tree_hashes(dest) == {k: v for k, v in before.items() if not k.startswith(".git/")}
         assert stat.S_IMODE((dest / "plugins").stat().st_mode) == 0o555
         assert not [p.name for p in dest.iterdir() if ".restoring-" in p.name]

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from tests.marketplace_builder import manifest, plugin, skill_md, write
+from tests.marketplace_builder import manifest, plugin, write
 from tests.privileges import needs_permissions, unprivileged
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest

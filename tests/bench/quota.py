@@ -253,8 +253,8 @@ def run_overnight(args: argparse.Namespace, tmp: Path) -> tuple[Row, int]:
         # Both sides count a request once: we at admission, the emulator on arrival. The
         # scheduler's window margin (statemachine.runner.WINDOW_MARGIN) is meant to absorb the
         # jitter between the two; 429s here mean it did not.
-        print(f"  (the scheduler counts at admission, the emulator on arrival; the window margin did not "
-              f"absorb the jitter between them: see the lag figures above)")
+        print("  (the scheduler counts at admission, the emulator on arrival; the window margin did not "
+              "absorb the jitter between them: see the lag figures above)")
     n_plugins = result.selected
     rate = s.per_minute if s is not None else (len(records) / span * 60 if span else 0.0)
     scale = args.rpm / REAL_RPM

@@ -38,7 +38,7 @@ def main() -> None:
         print(f"overnight {label:<28} median {statistics.median(times):5.2f} s, "
               f"max {max(times):5.2f} s  ({len(out.stdout):,} bytes of output)  goal <= 0.5 s")
     start = time.perf_counter()
-    python = subprocess.run([sys.executable, "-c", "pass"], check=True)
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
     print(f"(an empty python process alone: {time.perf_counter() - start:.2f} s)")
     times = []
     for _ in range(args.repeat):

@@ -43,7 +43,7 @@ def test_secrets_never_leave_the_environment(tmp_path):
     env = {"TURSO_AUTH_TOKEN": TOKEN, "LIBSQL_AUTH_TOKEN": TOKEN}
     with FaultyEmulator(api_key=KEY, seed=4, rate=0, latency=(0.1, 0.3)) as emu:
         emu.script("rate_limit_minute", retry_delay="1s")
-        emu.script("server_error", message=f"upstream echoed nothing")
+        emu.script("server_error", message="upstream echoed nothing")
         # a crash: SIGKILL in the middle, with --debug
         proc = spawn("run", root, "--base-url", emu.url, *ARGS, "--json-log", jsonl, "--debug", **env)
         wait_for_requests(emu, proc, 2)
