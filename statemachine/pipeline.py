@@ -181,8 +181,8 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
     Returns None when the plugin needs nothing more from this run, or the unix time before
     which it must not continue (a retry wait). Raises DailyQuotaExhausted (the run pauses),
     BudgetReached, RequestsClosed (its next step is a request, and the run paused or reached a
-    budget), PluginChanged (its next step is a request, and its files changed since the scan),
-    RunStopped, or Interrupted (a signal or a fatal error stops the run).
+    budget), PluginChanged (its files changed since the scan, found before a request or before
+    its snapshot), RunStopped, or Interrupted (a signal or a fatal error stops the run).
     """
     cursor = ctx.journal.cursor(plugin_id)
     moved = False  # a plugin an earlier dry run left planned is not reported as finished by this one
