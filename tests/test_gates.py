@@ -119,16 +119,12 @@ def test_a_good_skill_passes_every_gate_and_the_reference_validator(tmp_path: Pa
     assert validate(skill_dir) == []
 
 
-def test_check_is_fast_on_a_full_size_file():
+def test_a_full_size_file_passes_the_gates():
+    """Its speed is measured by `tests.bench.gates`, not asserted here."""
     d = draft(good_body(padding=48))
     text = compose(NAME, d)
     assert len(text.encode()) > 12000
-    timings = []
-    for _ in range(20):
-        start = time.perf_counter()
-        check(NAME, text, d.files, set())
-        timings.append(time.perf_counter() - start)
-    assert min(timings) < 0.005
+    assert check(NAME, text, d.files, set()) == []
 
 
 # ------------------------------------------------------------------ compose

@@ -848,8 +848,13 @@ def test_a_symlink_where_a_skill_bundles_its_files_refuses_the_plugin_before_any
     assert list(outside.iterdir()) == []
 
 
-def test_a_symlink_put_where_the_skill_goes_after_its_requests_fails_the_plugin_before_any_write(market, emu,
-                                                                                                 tmp_path):
+@pytest.mark.parametrize("race", [False, True])
+def test_a_symlink_put_where_the_skill_goes_after_its_requests_is_never_written_through(market, emu, tmp_path,
+                                                                                       monkeypatch, race):
+    """Put there while the SKILL.md is generated, the plugin is scanned again before its
+    snapshot and refused. Put there just after that check (`race`), the write step finds it in
+    the legacy directory that the write moves, before anything is written: it checked the
+    directory the files would go to before the move, which had no symlink yet."""
     outside = tmp_path / "outside"
     outside.mkdir()
     checker = market / "plugins/devops/deploy-checker"
@@ -860,11 +865,21 @@ def test_a_symlink_put_where_the_skill_goes_after_its_requests_fails_the_plugin_
             os.symlink(outside, checker / "skills/skill-adapter/references")
 
     emu.on_request = plant
+    if race:
+        from statemachine import pipeline
+        monkeypatch.setattr(pipeline, "_changed", lambda ctx, row: False)
     result = run(market, emu, "--plugin", "deploy-checker")
-    assert result.exit_code == 1, result.output
-    assert states(market)["plugins/devops/deploy-checker"] == "failed"
-    assert ("failed      plugins/devops/deploy-checker: skills/skill-adapter/references/checklist.md: "
-            "skills/skill-adapter/references is a symlink; refusing to follow it\n") in result.stdout, result.stdout
+    reason = "skills/skill-adapter/references is a symlink; refusing to follow it"
+    if race:
+        assert result.exit_code == 1, result.output
+        assert states(market)["plugins/devops/deploy-checker"] == "failed"
+        assert (f"failed      plugins/devops/deploy-checker: skills/skill-adapter/references/checklist.md: {reason}\n"
+                in result.stdout), result.stdout
+    else:
+        assert result.exit_code == 0, result.output
+        assert states(market)["plugins/devops/deploy-checker"] == "invalid"
+        assert (f"invalid     plugins/devops/deploy-checker: the files its skill bundles in skills/skill-adapter/"
+                f"references/ cannot be written: {reason} (not processed)\n") in result.stdout, result.stdout
     assert sorted(p.name for p in (checker / "skills").iterdir()) == ["skill-adapter"]  # nothing moved or written
     assert sorted(p.name for p in (checker / "skills/skill-adapter").iterdir()) == ["SKILL.md", "references"]
     assert list(outside.iterdir()) == []

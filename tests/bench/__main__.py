@@ -3,7 +3,7 @@
 import runpy
 import sys
 
-for name in ("append", "replay", "status", "scan", "backup"):
+for name in ("append", "replay", "status", "scan", "backup", "gates"):
     print(f"\n== tests.bench.{name}", flush=True)
     sys.argv = [name]
     runpy.run_module(f"tests.bench.{name}", run_name="__main__")
