@@ -45,8 +45,8 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
     click.echo(f"{plural(report.plugins, 'plugin')} ({counts or 'none yet'}); {plural(report.events, 'event')} "
                "in the log")
     if report.busy:
-        click.echo("an overnight process is writing to this log with no run under way yet: a scan, or a run "
-                   "scanning before it starts (counts may move)")
+        click.echo("an overnight process is writing to this log with no run under way: a scan, a backup, a "
+                   "restore-plugin, or a run scanning before it starts (counts may move)")
     if report.last_run:
         r = report.last_run
         click.echo(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "

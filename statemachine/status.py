@@ -34,8 +34,8 @@ class StatusReport:
     items: list[dict] = field(default_factory=list)
     items_total: int = 0  # more than len(items) when the attention list was cut at its limit
     unfinished_runs: list[dict] = field(default_factory=list)  # besides last_run, newest first
-    # a process holds the log and runs no recorded run: a scan, or a run scanning before it
-    # starts (a --force run puts every finished plugin back to analyzed first)
+    # a process holds the log and runs no recorded run: a scan, a backup, a restore-plugin, or
+    # a run scanning before it starts (a --force run puts every finished plugin back to analyzed first)
     busy: bool = False
 
     def as_json(self) -> dict:

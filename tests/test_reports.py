@@ -90,8 +90,8 @@ def test_status_says_when_a_process_writes_the_log_before_any_run_is_under_way(o
     """A --force run of thousands of plugins first puts every finished one back to analyzed:
     status showed them all analyzed and the last run complete, nothing under way."""
     assert run(one, emu).exit_code == 0
-    line = ("an overnight process is writing to this log with no run under way yet: a scan, or a run scanning "
-            "before it starts (counts may move)")
+    line = ("an overnight process is writing to this log with no run under way: a scan, a backup, a restore-plugin, "
+            "or a run scanning before it starts (counts may move)")
     assert line not in overnight("status", one).stdout
     lock = WriterLock(one / ".overnight" / "overnight.db")  # as `overnight run --force` holds it while it scans
     lock.acquire()
