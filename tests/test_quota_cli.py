@@ -300,7 +300,7 @@ def test_the_eta_is_neither_a_minute_late_nor_a_minute_early(market, emu):
     assert 50 <= _eta(again, "3/4") <= 61, again.stderr
 
 
-def test_the_eta_after_a_wait_for_the_minute_counts_no_wait_that_is_over(tmp_path, emu):
+def test_the_eta_after_a_wait_for_the_minute_counts_no_wait_that_is_over(tmp_path):
     """The pace since the run began counted the minute spent waiting for the quota: with the
     window open again and one plugin left, it said 10 s for what took none."""
     from tests.marketplace_builder import plugin
@@ -309,7 +309,9 @@ def test_the_eta_after_a_wait_for_the_minute_counts_no_wait_that_is_over(tmp_pat
     for n in range(7):
         plugin(root, f"plugins/tools/tool-{n}", f"tool-{n}", description=f"Tool {n}.",
                files={"README.md": f"# Tool {n}\n\nDoes thing {n}.\n"})
-    result = run(root, emu, "--rpm", "10", "--concurrency", "1")  # five plugins, a minute's wait, two more
+    # answers take a while: the last two plugins finish apart, each on a progress line of its own
+    with Emulator(api_key=KEY, latency=(0.3, 0.3), seed=7) as slow:
+        result = run(root, slow, "--rpm", "10", "--concurrency", "1")  # five plugins, a minute's wait, two more
     assert result.exit_code == 0, result.output
     assert _eta(result, "6/7") <= 3, result.stderr
 
