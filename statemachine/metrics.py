@@ -267,38 +267,34 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
 
 def eta(limits: Limits, remaining: int, finished: int, requests: int, input_tokens: int, used_today: int,
         now: float, dry_run: bool, recent: Iterable[float], latency: float) -> float:
-    """Seconds until a run's `remaining` plugins are through: their requests (as many a plugin
-    as its `finished` plugins took) answered in `latency` seconds each, `limits.concurrency` at
-    a time, and never sooner than the quota lets them go (`quota_time`, whose arguments these
-    are). Not the pace since the run began: that counts the waits for the quota the remaining
-    requests may not need (a minute that has room again), and was half a minute late."""
-    per_plugin = requests / finished if finished else (1.0 if dry_run else 2.0)
-    answering = remaining * per_plugin * latency / max(1, limits.concurrency)
-    return max(answering, quota_time(limits, remaining, finished, requests, input_tokens, used_today, now, dry_run,
-                                     recent))
+    """Seconds until a run's `remaining` plugins are through: the requests they still owe,
+    answered in `latency` seconds each, `limits.concurrency` at a time, and never sooner than
+    the quota lets them go. Not the pace since the run began: that counts the waits for the
+    quota the remaining requests may not need (a minute that has room again), and was half a
+    minute late.
 
-
-def quota_time(limits: Limits, remaining: int, finished: int, requests: int, input_tokens: int, used_today: int,
-               now: float, dry_run: bool, recent: Iterable[float] = ()) -> float:
-    """The least time the quota gives the requests a run's `remaining` plugins still owe, at
-    the requests per plugin and the tokens per request measured so far (at most a plan and a
-    skill a plugin). `requests`: the run's requests that no 429 refused, those of its `finished`
-    plugins and those the others sent already. The first plugins go out in a burst, before the
-    per-minute limit binds: their pace alone promises far too early an end. Requests that fit
-    today go as the scheduler admits them, in a sliding window that the last minute's requests
-    (sent at the times `recent`) still hold."""
+    Owed: at the requests per plugin measured so far (at most a plan and a skill a plugin),
+    less those already sent; `requests` are the run's requests that no 429 refused, those of
+    its `finished` plugins and those the others sent already. Tokens per request, from
+    `input_tokens`, may make the tokens per minute bind before the requests per minute. The
+    first plugins go out in a burst, before the per-minute limit binds: their pace alone
+    promises far too early an end. Requests that fit today go as the scheduler admits them,
+    in a sliding window that the last minute's requests (sent at the times `recent`) still
+    hold; `used_today` of the day's are spent."""
     most = 1.0 if dry_run else 2.0
     per_plugin = min(most, requests / finished) if finished else most
+    # each unfinished plugin owes at least its last request
+    owed = max(math.ceil((finished + remaining) * per_plugin) - requests, math.ceil(remaining * (per_plugin - 1)))
+    if owed <= 0:
+        return 0.0
     rate = float(limits.rpm)
     if requests and input_tokens and limits.tpm:
         rate = min(rate, limits.tpm / (input_tokens / requests))
-    # each unfinished plugin owes at least its last request
-    n = max(math.ceil((finished + remaining) * per_plugin) - requests, math.ceil(remaining * (per_plugin - 1)))
-    if n <= 0:
-        return 0.0
-    if not limits.rpd or n <= limits.rpd - used_today:  # today's room holds them (a midnight gives more)
-        return _sliding_finish(n, rate, recent, now)
-    return time_to_send(n, rate, limits.rpd, used_today, now)[0]
+    if not limits.rpd or owed <= limits.rpd - used_today:  # today's room holds them (a midnight gives more)
+        quota = _sliding_finish(owed, rate, recent, now)
+    else:
+        quota = time_to_send(owed, rate, limits.rpd, used_today, now)[0]
+    return max(owed * latency / max(1, limits.concurrency), quota)
 
 
 def time_to_send(n: int, per_minute: float, rpd: int, used_today: int, now: float) -> tuple[float, int]:

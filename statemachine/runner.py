@@ -334,7 +334,10 @@ class Runner:
 
     def _warnings(self) -> list[str]:
         """The scans' warnings, but for the writes cut short that this execution has settled since."""
-        states = dict(self.journal.query("SELECT plugin_id, state FROM plugins"))
+        if not self._mid_write:
+            return self._scan_warnings
+        states = dict(self.journal.query(f"SELECT plugin_id, state FROM plugins WHERE plugin_id IN "
+                                         f"({', '.join('?' * len(self._mid_write))})", tuple(self._mid_write)))
         settled = {warning for plugin_id, warning in self._mid_write.items()
                    if states.get(plugin_id) not in (State.WRITING, State.WRITTEN)}
         return [w for w in self._scan_warnings if w not in settled]
