@@ -238,7 +238,7 @@ def manifest_entries(root: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
 
 
 def _manifest_id(source: Any) -> str:
-    if not isinstance(source, str):
+    if not isinstance(source, str) or not source.strip():  # a blank source is shown quoted, never as ""
         return json.dumps(source, sort_keys=True, ensure_ascii=False)
     normalized = _normalize(source)
     return normalized if normalized is not None else source

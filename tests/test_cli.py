@@ -100,6 +100,7 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
         {"name": "remote", "source": "https://github.com/foo/bar.git"},
         {"name": "ssh", "source": "git@github.com:foo/bar.git"},
         {"name": "short", "source": "github:foo/bar"},
+        {"name": "blank", "source": ""},
     ])
     plugin(root, "plugins/a/good", "good", files={"README.md": "# Good\n"})
     write(root / "plugins/a/broken/.claude-plugin/plugin.json", "{")
@@ -117,10 +118,11 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
     reasons = {p["plugin"]: p["reason"] for p in report["problems"]}
     assert set(reasons) == {"../outside", "plugins/a/missing", "plugins/a/broken", "plugins/a/empty",
                             "plugins/a/latin1", "plugins/a/bigint", "plugins/b/good", "plugins/b/slash",
-                            "https://github.com/foo/bar.git", "git@github.com:foo/bar.git", "github:foo/bar"}
+                            "https://github.com/foo/bar.git", "git@github.com:foo/bar.git", "github:foo/bar", '""'}
     for url in ("https://github.com/foo/bar.git", "git@github.com:foo/bar.git", "github:foo/bar"):  # "does not exist"
         assert reasons[url].endswith(f"source '{url}' is a URL; only plugins inside the repository are processed")
     assert "outside the repository" in reasons["../outside"]
+    assert reasons['""'] == ".claude-plugin/marketplace.json entry 'blank': source is empty"
     assert "does not exist" in reasons["plugins/a/missing"]
     assert "invalid JSON" in reasons["plugins/a/broken"]
     assert "empty" in reasons["plugins/a/empty"]
@@ -130,7 +132,7 @@ def test_bad_plugins_are_recorded_with_reasons_and_the_scan_goes_on(tmp_path):
     assert "duplicate plugin name 'good'" in reasons["plugins/b/good"]
     assert "cannot become a skill name" in reasons["plugins/b/slash"]
     status = as_json(run("status", root, "--json", "--state", "invalid"))
-    assert status["by_state"] == {"analyzed": 2, "invalid": 11}
+    assert status["by_state"] == {"analyzed": 2, "invalid": 12}
     assert {i["plugin_id"] for i in status["items"]} == set(reasons)
     looped = as_json(run("status", root, "--json", "--plugin", "plugins/b/looped"))["items"][0]
     assert looped["state"] == "analyzed"
