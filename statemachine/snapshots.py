@@ -20,6 +20,7 @@ What must always hold:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -168,12 +169,14 @@ def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
 
     Refuses, with SnapshotError and before changing anything: a missing or corrupt blob, a
     malformed manifest, an entry path with '..', '.', an absolute path, an empty or NUL
-    segment, a plugin_dir that is the root itself, not inside it, or reached
-    through a symlink.
+    segment, a plugin_dir not inside root, or reached through a symlink.
+    A plugin at the marketplace root cannot be swapped whole: see `_restore_root`.
     """
     manifest = _load(get_blob, tree_sha256)
     entries = _validated(manifest)
     parts = _plugin_parts(root, plugin_dir)
+    if not parts:
+        return _restore_root(get_blob, Path(root), manifest, entries)
     try:
         parent_fd = open_dir(Path(root), parts[:-1], create=True)
     except WriteError as e:
@@ -265,14 +268,146 @@ def _validated(manifest: Manifest) -> list[tuple[Entry, list[str]]]:
 
 
 def _plugin_parts(root: Path, plugin_dir: Path) -> list[str]:
-    """plugin_dir's segments below root; SnapshotError for the root itself or a path outside it."""
+    """plugin_dir's segments below root ([] for the root itself); SnapshotError for a path outside it."""
     try:
-        parts = below(root, plugin_dir)
+        return below(root, plugin_dir)
     except WriteError as e:
         raise SnapshotError(str(e)) from e
-    if not parts:
-        raise SnapshotError("cannot restore the marketplace root itself in place")
-    return parts
+
+
+def _restore_root(get_blob: Callable[[str], bytes], root: Path, manifest: Manifest,
+                  entries: list[tuple[Entry, list[str]]]) -> list[str]:
+    """Restore the plugin at the marketplace root (`"source": "./"`) in place: the root also
+    holds the log and the other plugins, so it is not swapped whole. Every blob is checked
+    before anything changes. Then what the plugin holds now and the snapshot does not is
+    removed, deepest first (a directory only once nothing is left in it: what no snapshot holds,
+    .git, .overnight or another plugin, stays); every entry of the snapshot is put in place
+    (a file or symlink that differs through a temporary name and a rename, a file already
+    right is left alone); the directories get their modes, deepest first, each fsynced.
+
+    Not one atomic step, unlike a swap: a restore cut short leaves some entries restored, and
+    running it again finishes it. A directory in a place where the snapshot has a file or a
+    symlink, and which holds what no snapshot holds, is refused with SnapshotError.
+    """
+    for entry, _parts in entries:
+        if entry.kind == "file" and len(_blob(get_blob, entry.sha256, f"file {one_line(entry.path)}")) != entry.size:
+            raise SnapshotError(f"cannot restore file {one_line(entry.path)}: its blob has the wrong size")
+    wanted = {"/".join(parts): entry for entry, parts in entries}
+    problems: list[str] = []
+    current = dict(walk(os.path.realpath(root), problems))
+    if problems:
+        raise SnapshotError(f"cannot restore {one_line(str(root))}: {problems[0]}")
+    removed: list[str] = []
+    try:
+        root_fd = open_dir(root, [])
+    except WriteError as e:
+        raise SnapshotError(f"cannot restore {one_line(str(root))}: {e}") from e
+    try:
+        for rel in sorted(current, reverse=True):  # below a directory before the directory
+            kind, entry = _kind(current[rel]), wanted.get(rel)
+            if entry is not None and entry.kind == kind:
+                continue
+            if kind is None and entry is None:
+                continue  # a FIFO, socket or device: no snapshot holds one
+            parts = rel.split("/")
+            fd = open_dir(root_fd, parts[:-1])
+            try:
+                if kind != "dir":
+                    os.unlink(parts[-1], dir_fd=fd)
+                    if kind is None:
+                        removed.append(rel)
+                    continue
+                try:
+                    os.rmdir(parts[-1], dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    if entry is not None:
+                        raise SnapshotError(
+                            f"cannot restore {one_line(rel)}: the snapshot has a {entry.kind} there, and the "
+                            "directory there now holds what no snapshot holds (.git, node_modules, another "
+                            "plugin); move it, then restore again") from e
+            finally:
+                os.close(fd)
+        for entry, parts in entries:
+            now = current.get("/".join(parts))
+            fd = open_dir(root_fd, parts[:-1])
+            try:
+                _put(get_blob, fd, parts[-1], entry, now is not None and _kind(now) == entry.kind)
+            finally:
+                os.close(fd)
+        for entry, parts in reversed(entries):
+            if entry.kind == "dir":
+                fd = open_dir(root_fd, parts)
+                try:
+                    os.fchmod(fd, entry.mode & ~_STRIP)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        os.fchmod(root_fd, manifest.mode & ~_STRIP)
+        os.fsync(root_fd)
+    except (OSError, WriteError) as e:
+        raise SnapshotError(f"cannot restore {one_line(str(root))}: {_reason(e)}") from e
+    finally:
+        os.close(root_fd)
+    return removed
+
+
+def _kind(st: os.stat_result) -> str | None:
+    """The snapshot kind of an lstat: file, dir or symlink; None for a FIFO, socket or device."""
+    if stat.S_ISDIR(st.st_mode):
+        return "dir"
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink"
+    return "file" if stat.S_ISREG(st.st_mode) else None
+
+
+def _put(get_blob: Callable[[str], bytes], fd: int, name: str, entry: Entry, present: bool) -> None:
+    """Put one snapshot entry at fd/name (`present`: an entry of its kind was there before the
+    restore began, and may already be right)."""
+    mode = entry.mode & ~_STRIP
+    if entry.kind == "dir":
+        if not present:
+            os.mkdir(name, 0o700, dir_fd=fd)
+        return
+    if entry.kind == "symlink":
+        if present and os.readlink(name, dir_fd=fd) == entry.target:
+            return
+        tmp = temp_name(name, "tmp")
+        os.symlink(entry.target, tmp, dir_fd=fd)
+    else:
+        data = _blob(get_blob, entry.sha256, f"file {one_line(entry.path)}")
+        if present and _already(fd, name, data, mode):
+            return
+        tmp = temp_name(name, "tmp")
+        _write_new(fd, tmp, data, mode)
+    try:
+        os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    except BaseException:
+        os.unlink(tmp, dir_fd=fd)
+        raise
+    os.fsync(fd)
+
+
+def _already(fd: int, name: str, data: bytes, mode: int) -> bool:
+    """Whether fd/name is a regular file (never followed if a symlink) holding exactly `data`;
+    if so it is given `mode`."""
+    try:
+        file_fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=fd)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+            return False
+        chunks = []
+        while chunk := os.read(file_fd, _CHUNK):
+            chunks.append(chunk)
+        if b"".join(chunks) != data:
+            return False
+        os.fchmod(file_fd, mode)
+        return True
+    finally:
+        os.close(file_fd)
 
 
 def _lstat(dir_fd: int, name: str) -> os.stat_result | None:

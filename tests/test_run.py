@@ -1215,6 +1215,55 @@ def test_a_restore_keeps_what_no_snapshot_holds_and_names_what_it_could_not(mark
     assert overnight("audit", "verify", market).exit_code == 0
 
 
+def test_a_plugin_at_the_marketplace_root_is_restored_in_place(tmp_path, emu):
+    """A repository that is its own marketplace lists itself as `"source": "./"`. The root also
+    holds the log, .git and the other plugins, so it cannot be swapped whole as a plugin
+    directory is: it is restored entry by entry. The restore was refused outright before."""
+    root = tmp_path / "solo"
+    manifest(root, [{"name": "solo", "source": "./"}, {"name": "widget", "source": "./plugins/tools/widget"}])
+    plugin(root, ".", "solo", description="Format code.", files={
+        "README.md": "# Solo\n\nFormats code.\n", "commands/fmt.md": "# /fmt\n\nFormat the project.\n",
+        "plugins/README.md": "# Plugins bundled here\n", "tool.sh": "#!/bin/sh\necho fmt\n",
+        ".git/HEAD": "ref: refs/heads/main\n"})
+    os.symlink("commands/fmt.md", root / "FMT.md")
+    plugin(root, "plugins/tools/widget", "widget", description="Build widgets.",
+           files={"README.md": "# Widget\n\nBuilds widgets.\n"})
+    (root / "tool.sh").chmod(0o755)
+
+    def tree(below: Path = root) -> dict[str, tuple]:
+        return {p.relative_to(root).as_posix(): (os.readlink(p) if p.is_symlink() else p.read_bytes(),
+                                                 stat.S_IMODE(p.lstat().st_mode))
+                for p in below.rglob("*") if not p.is_dir() and ".overnight" not in p.parts}
+
+    def solo_only(files: dict[str, tuple]) -> dict[str, tuple]:
+        return {rel: v for rel, v in files.items() if not rel.startswith(("plugins/tools/", ".git/"))}
+
+    before = tree()
+    assert run(root, emu).exit_code == 0
+    assert states(root) == {".": "done", "plugins/tools/widget": "done"}
+    widget = tree(root / "plugins" / "tools")
+    assert (root / "skills" / "solo" / "SKILL.md").is_file()
+    (root / "README.md").write_text("# Solo\n\nEdited after the write.\n")
+    (root / "NOTES.md").write_text("my notes\n")
+    (root / "commands" / "fmt.md").unlink()
+    os.symlink("README.md", root / "commands" / "fmt.md")
+    (root / "FMT.md").unlink()
+    (root / "FMT.md").write_text("a file where a symlink was\n")
+    edited = tree()
+
+    restored = overnight("restore-plugin", "solo", root, "--json")
+    assert restored.exit_code == 0, restored.output
+    assert solo_only(tree()) == solo_only(before)
+    assert not (root / "skills").exists() and not (root / "NOTES.md").exists()
+    assert tree(root / "plugins" / "tools") == widget  # the other plugin is untouched
+    assert (root / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert states(root) == {".": "analyzed", "plugins/tools/widget": "done"}
+    undo = overnight("restore-plugin", "solo", root, "--snapshot", json.loads(restored.stdout)["replaced"][:12])
+    assert undo.exit_code == 0, undo.output
+    assert tree() == edited
+    assert_healthy(root)
+
+
 def test_a_snapshot_never_names_a_damaged_stored_copy_of_a_file_it_reads(market, emu):
     """A restore deletes files its snapshot says it keeps: a damaged copy of a file's bytes
     already in the log is replaced by the good bytes the snapshot reads, not reused."""

@@ -200,10 +200,33 @@ def test_restore_never_writes_through_a_symlink_it_restored(market: Path, store,
     assert list(outside.iterdir()) == []
 
 
-def test_restore_refuses_the_root_itself(market: Path, store) -> None:
-    tree = snapshot_into(store, market, market / "plugins" / "p")
-    with pytest.raises(SnapshotError, match="root itself"):
+def test_a_root_restore_checks_every_blob_before_it_changes_anything(market: Path, store) -> None:
+    write(market / "README.md", "# the marketplace, a plugin itself\n")
+    write(market / ".claude-plugin" / "plugin.json", '{"name": "root"}')
+    tree = snapshot_into(store, market, market)
+    digest = hashlib.sha256(b"# the marketplace, a plugin itself\n").hexdigest()
+    store.conn.execute("UPDATE blobs SET data = ? WHERE hash = ?", (b"tampered", digest))
+    write(market / "NOTES.md", "added since")
+    before = listing(market)
+    with pytest.raises(SnapshotError, match="corrupt"):
         restore(store.get_blob, market, market, tree)
+    assert listing(market) == before
+
+
+def test_a_root_restore_never_removes_another_plugin_to_put_a_file_in_its_place(market: Path, store) -> None:
+    """The root plugin had a file `tools`; a plugin now lives in a directory of that name. A
+    swap would carry the plugin into the old tree and remove it with that; in place, the
+    restore refuses, naming the directory, and the plugin stays."""
+    write(market / ".claude-plugin" / "plugin.json", '{"name": "root"}')
+    write(market / "tools", "a file once\n")
+    tree = snapshot_into(store, market, market)
+    (market / "tools").unlink()
+    write(market / "tools" / "inner" / ".claude-plugin" / "plugin.json", '{"name": "inner"}')
+    others = listing(market / "plugins")
+    with pytest.raises(SnapshotError, match="cannot restore tools: the snapshot has a file there, and the directory"):
+        restore(store.get_blob, market, market, tree)
+    assert (market / "tools" / "inner" / ".claude-plugin" / "plugin.json").is_file()
+    assert listing(market / "plugins") == others
 
 
 def test_take_never_follows_symlinks_and_survives_loops_and_fifos(market: Path, tmp_path: Path) -> None:
