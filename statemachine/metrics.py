@@ -123,7 +123,7 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
                            "avg(settled_at - sent_at) FILTER (WHERE outcome = 'ok'), max(sent_at) "
                            "FROM quota_ledger WHERE run_id = ?", (run_id,))[0]
     until = None
-    if status == "running" and finished and requests[2] is not None and len(selection) > finished:
+    if status == "running" and len(selection) > finished:
         remaining = len(selection) - finished
         options = msgspec.json.decode(config)
         model = options["gemini"]["model"]
@@ -135,7 +135,7 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
         recent = [at for (at,) in store.query("SELECT sent_at FROM quota_ledger WHERE model = ? AND sent_at > ?",
                                               (model, now - MINUTE))]
         until = round(eta(limits, remaining, finished, requests[1], tokens, today, now, options["dry_run"], recent,
-                          requests[2]))
+                          answer_latency(store, run_id)))
     # wall time, pauses included (as the estimate counts them): until the run ended, until now
     # while a process runs it, else until its last event in any stream (a killed process
     # records no end; its last events are its plugins' and its requests')
@@ -263,6 +263,16 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
                     output_tokens=int(output_tokens), days=resets, seconds=seconds,
                     cost_usd=prices.cost(input_tokens, output_tokens), basis=basis, used_today=used_today,
                     latency_s=latency, unsendable=unsendable)
+
+
+def answer_latency(store: EventStore, run_id: str) -> float:
+    """Seconds Gemini takes to answer, for a run's ETA: the run's own answers so far; before the
+    first, those of every earlier run; before any, DEFAULT_LATENCY_S (as `estimate` says)."""
+    query = "SELECT avg(settled_at - sent_at) FROM quota_ledger WHERE outcome = 'ok'"
+    latency = store.query(f"{query} AND run_id = ?", (run_id,))[0][0]
+    if latency is None:
+        latency = store.query(query)[0][0]
+    return DEFAULT_LATENCY_S if latency is None else latency
 
 
 def eta(limits: Limits, remaining: int, finished: int, requests: int, input_tokens: int, used_today: int,

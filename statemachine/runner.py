@@ -30,7 +30,7 @@ from events.remote import display_url
 from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
 from statemachine.errors import OvernightError
-from statemachine.metrics import Prices, estimate, eta, expected_output
+from statemachine.metrics import Prices, answer_latency, estimate, eta, expected_output
 from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
@@ -187,7 +187,7 @@ class Progress:
     input_tokens: int
     output_tokens: int
     rate_limited: int
-    eta: float | None = None  # seconds, from the pace of plugins finished since this stretch began
+    eta: float | None = None  # seconds: the requests still owed, at the measured answer time and the quota
     paused_until: float | None = None
     waiting: dict[str, tuple[float, str]] = field(default_factory=dict)  # plugin -> (seconds, limit)
     retrying: int = 0  # plugins waiting to retry after a fault or a 429
@@ -523,18 +523,16 @@ class Runner:
         finished = already + batch.finished
         retrying, next_retry = batch.retry_queue()
         until = None
-        if batch.finished > 0 and finished < total:
+        if finished < total:
             until = self._eta(batch.ctx, stats, total - finished, finished, dry_run)
         self.on_progress(self._progress(stats, total, finished, eta=until, retrying=retrying, next_retry=next_retry))
 
     def _eta(self, ctx: Context, stats: Stats, remaining: int, finished: int, dry_run: bool) -> float:
         with stats.lock:
             requests, tokens = stats.requests - stats.rate_limited, stats.input_tokens
-        latency = self.store.query("SELECT coalesce(avg(settled_at - sent_at), 0) FROM quota_ledger "
-                                   "WHERE run_id = ? AND outcome = 'ok'", (ctx.run_id,))[0][0]
         scheduler = ctx.scheduler
         return eta(scheduler.limits, remaining, finished, requests, tokens, scheduler.used()["day_requests"],
-                   self.clock(), dry_run, scheduler.recent(), latency)
+                   self.clock(), dry_run, scheduler.recent(), answer_latency(self.store, ctx.run_id))
 
     def _counts(self, run_id: str, selection: list[str]) -> tuple[
             dict[str, int], dict[str, int], list[tuple[str, str, str]]]:

@@ -197,6 +197,22 @@ def test_metrics_from_another_terminal_gives_an_eta_the_quota_allows(tmp_path):
     assert 110 <= measured["eta_s"] <= 151, measured
 
 
+def test_metrics_gives_an_eta_before_the_first_plugin_is_done(tmp_path):
+    root = tmp_path / "market"
+    build_marketplace(root, 6)
+    with Emulator(api_key=KEY, latency=(1.0, 1.0), seed=3) as emu:
+        proc = spawn("run", root, emu.url, "--rpm", "4")
+        try:
+            first_request(emu, proc)
+            measured = json.loads(cli("metrics", str(root), "--json").stdout)["run"]
+        finally:
+            proc.kill()
+            proc.wait()
+    assert measured["status"] == "running" and measured["finished"] == 0, measured
+    # 12 requests at 4 a minute: the last goes two minutes from now
+    assert 110 <= measured["eta_s"] <= 151, measured
+
+
 def test_status_tells_a_run_that_died_from_one_that_runs(tmp_path):
     root = tmp_path / "market"
     build_marketplace(root, 6)

@@ -300,6 +300,19 @@ def test_the_eta_is_neither_a_minute_late_nor_a_minute_early(market, emu):
     assert 50 <= _eta(again, "3/4") <= 61, again.stderr
 
 
+def test_the_first_progress_line_gives_the_eta_already(market, emu):
+    """No ETA was shown until a plugin finished: at a low quota, the first quarter of an hour
+    of a night's run. The answer time is the earlier runs' until this run measures its own."""
+    assert run(market, emu, "--plugin", "meeting-notes").exit_code == 0  # 2 requests, this minute
+    result = run(market, emu, "--rpm", "6", "--concurrency", "1", "--max-requests", "4")
+    assert result.exit_code == 0, result.output
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("0/3 plugins  "), result.stderr
+    minutes, seconds = re.search(r"  ETA (?:(\d+)m )?(\d+)s$", first).groups()
+    # 6 requests: 4 go now, the last 2 when the first run's 2 leave the minute's window
+    assert 50 <= int(minutes or 0) * 60 + int(seconds) <= 61, first
+
+
 def test_the_eta_after_a_wait_for_the_minute_counts_no_wait_that_is_over(tmp_path):
     """The pace since the run began counted the minute spent waiting for the quota: with the
     window open again and one plugin left, it said 10 s for what took none."""
