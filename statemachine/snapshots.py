@@ -336,16 +336,7 @@ def _restore_root(get_blob: Callable[[str], bytes], root: Path, manifest: Manife
                 _put(get_blob, fd, parts[-1], entry, now is not None and _kind(now) == entry.kind)
             finally:
                 os.close(fd)
-        for entry, parts in reversed(entries):
-            if entry.kind == "dir":
-                fd = open_dir(root_fd, parts)
-                try:
-                    os.fchmod(fd, entry.mode & ~_STRIP)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        os.fchmod(root_fd, manifest.mode & ~_STRIP)
-        os.fsync(root_fd)
+        _settle_dirs(root_fd, manifest, entries)
     except (OSError, WriteError) as e:
         raise SnapshotError(f"cannot restore {one_line(str(root))}: {_reason(e)}") from e
     finally:
@@ -419,8 +410,8 @@ def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
 
 def _build(get_blob: Callable[[str], bytes], parent_fd: int, built: str, manifest: Manifest,
            entries: list[tuple[Entry, list[str]]]) -> None:
-    """Create every entry below parent_fd/built (entries come parents first), then give the
-    directories their modes, deepest first, fsyncing each."""
+    """Create every entry below parent_fd/built (entries come parents first), then settle the
+    directories' modes."""
     top = open_dir(parent_fd, [built])
     try:
         for entry, parts in entries:
@@ -438,18 +429,23 @@ def _build(get_blob: Callable[[str], bytes], parent_fd: int, built: str, manifes
                     _write_new(fd, parts[-1], data, entry.mode & ~_STRIP)
             finally:
                 os.close(fd)
-        for entry, parts in reversed(entries):
-            if entry.kind == "dir":
-                fd = open_dir(top, parts)
-                try:
-                    os.fchmod(fd, entry.mode & ~_STRIP)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        os.fchmod(top, manifest.mode & ~_STRIP)
-        os.fsync(top)
+        _settle_dirs(top, manifest, entries)
     finally:
         os.close(top)
+
+
+def _settle_dirs(top: int, manifest: Manifest, entries: list[tuple[Entry, list[str]]]) -> None:
+    """Give the directories below `top`, then `top` itself, their modes, deepest first, fsyncing each."""
+    for entry, parts in reversed(entries):
+        if entry.kind == "dir":
+            fd = open_dir(top, parts)
+            try:
+                os.fchmod(fd, entry.mode & ~_STRIP)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    os.fchmod(top, manifest.mode & ~_STRIP)
+    os.fsync(top)
 
 
 def _write_new(dir_fd: int, name: str, data: bytes, mode: int) -> None:
