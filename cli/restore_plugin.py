@@ -26,10 +26,13 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
     one (verifying every file's hash) and records the restore, so the plugin is analyzed again.
     """
     from statemachine import restore
-    from statemachine.workspace import marketplace_root, open_log
+    from contextlib import nullcontext
+
+    from statemachine.workspace import marketplace_lock, marketplace_root, open_log
 
     root = marketplace_root(path)
-    with open_log(root, db, writer=not list_only, create=False) as store:
+    with nullcontext() if list_only else marketplace_lock(root), \
+            open_log(root, db, writer=not list_only, create=False) as store:
         if list_only:
             shots = restore.snapshots_of(store, name)
             if as_json:

@@ -177,24 +177,25 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
     """`create`: False for resume, which needs a log holding a run (a failed resume makes none)."""
     from statemachine.gateway import backend_from_env
     from statemachine.runner import Runner
-    from statemachine.workspace import marketplace_root, open_log
+    from statemachine.workspace import marketplace_lock, marketplace_root, open_log
 
     root = marketplace_root(path)
     backend = backend_from_env()
     display = _Display(enabled=interactive() and not as_json)
-    store = open_log(root, db, create=create)
-    runner = Runner(store, root, backend=backend, json_log=json_log, on_progress=display.update)
-    # SIGHUP (the terminal closed) stops the run cleanly too, unless it is ignored (nohup)
-    hangup = signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
-    stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hangup else ())
-    previous = {sig: signal.signal(sig, lambda s, _f: runner.interrupt(signal.Signals(s).name)) for sig in stops}
-    try:
-        with display:
-            result = call(runner)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        store.close()
+    with marketplace_lock(root):
+        store = open_log(root, db, create=create)
+        runner = Runner(store, root, backend=backend, json_log=json_log, on_progress=display.update)
+        # SIGHUP (the terminal closed) stops the run cleanly too, unless it is ignored (nohup)
+        hangup = signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+        stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hangup else ())
+        previous = {sig: signal.signal(sig, lambda s, _f: runner.interrupt(signal.Signals(s).name)) for sig in stops}
+        try:
+            with display:
+                result = call(runner)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            store.close()
     _render(result, as_json, where(root, db))
     if result.outcome == "interrupted" or runner.signal:  # also a signal that stopped the closing backup
         raise click.exceptions.Exit(EXIT_SIGNAL.get(runner.signal or "", 130))

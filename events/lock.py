@@ -22,8 +22,12 @@ _FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class WriterLock:
-    def __init__(self, db_path: Path) -> None:
-        self.path = Path(str(db_path) + ".lock")
+    """The lock of the log at `db_path` (`<db>.lock`); or, with `lock_file`, a lock on whatever
+    `subject` names (what the refusal says is in use)."""
+
+    def __init__(self, db_path: Path, *, lock_file: Path | None = None, subject: str | None = None) -> None:
+        self.path = lock_file or Path(str(db_path) + ".lock")
+        self.subject = subject or str(db_path)
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -40,7 +44,7 @@ class WriterLock:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise StoreLocked(
-                f"{self.path.with_suffix('')} is in use by another overnight process (pid {holder}); "
+                f"{self.subject} is in use by another overnight process (pid {holder}); "
                 "wait for it to finish or stop it first"
             ) from None
         os.ftruncate(fd, 0)

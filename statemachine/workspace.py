@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from events import EventStore
+from events.lock import WriterLock
 from events.store import Clock, utc_now
 from statemachine.catalog import REGISTRY
 from statemachine.discovery import MANIFEST, PLUGINS_DIR
@@ -68,3 +74,30 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
     except OSError as e:
         hint = f"; {elsewhere}" if db is None else ""
         raise OvernightError(f"cannot open the event log {path}: {e.strerror or e}{hint}") from e
+
+
+@contextmanager
+def marketplace_lock(root: Path) -> Iterator[None]:
+    """Held by the commands that change the marketplace's files or spend quota on it (run, resume,
+    restore-plugin), whichever log they write: the log's own lock refuses a second process on
+    that log only, and a second one with its log elsewhere (--db, OVERNIGHT_DB) would process
+    the same plugins again beside the first, each counting only its own requests against the
+    quota. A second one is refused (StoreLocked, exit 3). The lock file is in this user's
+    directory under the system's temporary directory, named by the marketplace's real path, so
+    nothing is added to the marketplace."""
+    directory = Path(tempfile.gettempdir()) / f"overnight-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(directory)
+    except OSError as e:
+        raise OvernightError(f"cannot make the lock directory {directory}: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o022:
+        raise OvernightError(f"{directory} is not a directory of this user's that only this user can write; "
+                             "remove it (overnight makes it)")
+    name = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:32]
+    lock = WriterLock(root, lock_file=directory / f"{name}.lock", subject=f"the marketplace {root}")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -213,6 +213,32 @@ def test_metrics_gives_an_eta_before_the_first_plugin_is_done(tmp_path):
     assert 110 <= measured["eta_s"] <= 151, measured
 
 
+def test_a_second_run_is_refused_also_when_it_keeps_its_log_elsewhere(tmp_path):
+    """The log's lock refused a second process on that log only: one with --db (or OVERNIGHT_DB)
+    set, beside one without, took the same plugins and each counted only its own requests
+    against the quota."""
+    root = tmp_path / "market"
+    build_marketplace(root, 6)
+    other = tmp_path / "elsewhere.db"
+    with Emulator(api_key=KEY, latency=(3.0, 3.0), seed=3) as emu:
+        proc = spawn("run", root, emu.url)
+        try:
+            first_request(emu, proc)
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+            for command in (["run", str(root), "--base-url", emu.url, "--db", str(other)],
+                            ["restore-plugin", "tool-00", str(root), "--db", str(other)]):
+                second = subprocess.run([sys.executable, "-m", "cli", *command], cwd=REPO, capture_output=True,
+                                        text=True, env=env | {"GOOGLE_API_KEY": KEY})
+                assert second.returncode == 3, second.stderr
+                assert second.stderr == (f"error: the marketplace {root} is in use by another overnight process "
+                                         f"(pid {proc.pid}); wait for it to finish or stop it first\n")
+                assert second.stdout == ""
+        finally:
+            proc.kill()
+            proc.wait()
+    assert not other.exists()  # refused before its log was made, or any scan or request
+
+
 def test_status_tells_a_run_that_died_from_one_that_runs(tmp_path):
     root = tmp_path / "market"
     build_marketplace(root, 6)
