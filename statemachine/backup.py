@@ -340,9 +340,18 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
                             tree.plugins, 0)
         shipment = writer.shipment
         snapshot.bytes_sent = shipment.bytes
-        writer.add(f"INSERT OR IGNORE INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   tuple(asdict(snapshot).values()))
+        # Only onto this log's own head: another copy of this log (a restored one, the old machine
+        # back) backing up here at the same time may have shipped its events first, and the rows
+        # of ours are then ignored. A snapshot whose head differs could never be restored.
+        writer.add(f"INSERT OR IGNORE INTO snapshots ({SNAPSHOT_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                   "WHERE ? = 0 OR EXISTS (SELECT 1 FROM events WHERE seq = ? AND hash = ?)",
+                   (*asdict(snapshot).values(), last_seq, last_seq, snapshot.last_hash))
         writer.flush()
+        if not remote.execute("SELECT 1 FROM snapshots WHERE id = ?", (snapshot_id,)):
+            raise BackupError(
+                f"{target}: its event {last_seq} is not this log's: another copy of this log backed up there at "
+                "the same time, and its events are there now; this backup made no snapshot there (back this log up "
+                "to another URL; `overnight backup verify` checks the one there)")
     finally:
         remote.close()
     store.append("backup", BackupCompleted(target=target, last_seq=last_seq, snapshot_id=snapshot_id,

@@ -407,6 +407,38 @@ def test_crafted_snapshots_cannot_write_outside_the_destination(tmp_path):
     assert stat.S_IMODE(os.stat(kept / "sub" / "x.txt").st_mode) == 0o644
 
 
+def test_of_two_copies_of_a_log_backing_up_at_once_the_one_that_lost_makes_no_snapshot(market, server, tmp_path,
+                                                                                        monkeypatch):
+    """The old machine comes back while the restored copy runs, and both back up to the same URL
+    at the same time: the events of the one that ships second are ignored there, and its
+    snapshot row named a head the remote does not have. Both said they succeeded, and the
+    newest snapshot there could not be restored."""
+    assert run("backup", market, "--to", server.url).exit_code == 0
+    twin = tmp_path / "twin"
+    assert run("restore", "--from", server.url, "--to", twin).exit_code == 0
+    for root, plugin in ((market, "deploy-checker"), (twin, "deploy-checker")):
+        (root / "plugins" / "devops" / plugin / "NOTES.md").write_text(f"edited on {root.name}\n")
+        assert run("scan", root).exit_code == 0  # the two logs part here
+    ship = replication.ship_events
+
+    def twin_first(store, writer, head, last_seq):
+        monkeypatch.setattr(replication, "ship_events", ship)
+        with open_log(twin) as other:
+            backup_service.backup(other, twin, server.url, TOKEN)  # after our head was checked
+        return ship(store, writer, head, last_seq)
+
+    monkeypatch.setattr(replication, "ship_events", twin_first)
+    lost = run("backup", market, "--to", server.url)
+    assert lost.exit_code == 1
+    assert "another copy of this log backed up there at the same time" in lost.stderr, lost.stderr
+    listing = json.loads(run("backup", "list", "--from", server.url, "--json").stdout)
+    assert len(listing["snapshots"]) == 2  # the first backup's and the twin's
+    assert run("backup", "verify", "--from", server.url).exit_code == 0
+    restored = run("restore", "--from", server.url, "--to", tmp_path / "again")
+    assert restored.exit_code == 0, restored.output
+    assert (tmp_path / "again" / "plugins" / "devops" / "deploy-checker" / "NOTES.md").read_text() == "edited on twin\n"
+
+
 def test_restore_refuses_a_non_empty_directory_and_a_missing_url(market, tmp_path):
     url = f"file:{tmp_path / 'offsite.db'}"
     backup_json(market, url)
