@@ -135,18 +135,27 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
 
 @click.command()
 @marketplace_argument
+@click.option("--backup-to", help="Back up to this libSQL/Turso URL from now on, instead of the one the run "
+                                  "recorded (token from TURSO_AUTH_TOKEN).")
+@click.option("--no-backup", is_flag=True, help="No backup from now on.")
 @limit_options
 @config_option
 @common
-def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: int | None,
-           concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
+def resume(path: Path, db: Path | None, backup_to: str | None, no_backup: bool, rpm: int | None, rpd: int | None,
+           tpm: int | None, concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
            max_requests: int | None, max_tokens: int | None, max_cost: float | None) -> None:
     """Continue the last unfinished run at PATH with its recorded configuration.
 
     Limits and budgets given here (--rpm, --rpd, --tpm, --concurrency, --max-requests,
-    --max-tokens, --max-cost) apply from now on, and the change is recorded in the log.
+    --max-tokens, --max-cost), and --backup-to or --no-backup, apply from now on, and the
+    change is recorded in the log.
     """
     from dataclasses import replace
+
+    if backup_to is not None and no_backup:
+        raise click.UsageError("--backup-to and --no-backup contradict each other")
+    if backup_to is not None:
+        backup_to = backup_url(backup_to, "--backup-to")
 
     given = {k: v for k, v in (("rpm", rpm), ("rpd", rpd), ("tpm", tpm), ("concurrency", concurrency),
                                ("max_requests", max_requests), ("max_tokens", max_tokens),
@@ -159,6 +168,8 @@ def resume(path: Path, db: Path | None, rpm: int | None, rpd: int | None, tpm: i
                                             max_cost=max_cost))
         if no_wait is not None:
             changed = replace(changed, wait=not no_wait)
+        if backup_to is not None or no_backup:
+            changed = replace(changed, backup_to=backup_to)
         stated = set(options.explicit_limits) | set(stated_limits(rpm=rpm, rpd=rpd, tpm=tpm))
         return replace(changed, explicit_limits=tuple(sorted(stated)))
 

@@ -299,6 +299,16 @@ class LimitsChanged(Event, frozen=True, tag="LimitsChanged"):
     explicit: list[str] = []
 
 
+class BackupTargetChanged(Event, frozen=True, tag="BackupTargetChanged"):
+    """Where the run backs up to when it finishes or pauses changed on resume (`backup_to`,
+    without credentials; None: no backup any more), for example after a restore of an older
+    snapshot, whose log the recorded URL no longer takes."""
+
+    run_id: str
+    backup_to: str | None
+    reason: str
+
+
 class RunPaused(Event, frozen=True, tag="RunPaused"):
     """The run waits (for example for the daily quota reset) until `until`."""
 
@@ -388,7 +398,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     PlanRequested, PlanReceived, SkillRequested, SkillReceived, RequestFailed,
     SkillGateFailed, SkillRejected, SkillValidated, PluginSnapshotted, WriteIntended,
     WriteCompleted, PluginDone, PluginFailed, PluginRestored,
-    RunStarted, LimitsChanged, RunPaused, RunResumed, RunInterrupted, BudgetExhausted,
+    RunStarted, LimitsChanged, BackupTargetChanged, RunPaused, RunResumed, RunInterrupted, BudgetExhausted,
     RunFinished, RequestLost, LimitLearned, BackupCompleted, MarketplaceBound,
 )
 

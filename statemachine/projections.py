@@ -231,7 +231,7 @@ QUOTA_LEDGER = Projection(
 # table by the `run_summary` view, so plugin events never touch this table.
 
 _RUN_TAGS = frozenset(_tag(t) for t in (
-    c.RunStarted, c.LimitsChanged, c.RunPaused, c.RunResumed, c.RunInterrupted,
+    c.RunStarted, c.LimitsChanged, c.BackupTargetChanged, c.RunPaused, c.RunResumed, c.RunInterrupted,
     c.BudgetExhausted, c.RunFinished,
 ))
 
@@ -253,6 +253,8 @@ def _fold_run(row: dict | None, rec: Recorded) -> dict | None:
         if ev.explicit:
             config["explicit_limits"] = ev.explicit
         new["config"] = _to_json(config)
+    elif isinstance(ev, c.BackupTargetChanged):
+        new["config"] = _to_json(msgspec.json.decode(row["config"]) | {"backup_to": ev.backup_to})
     elif isinstance(ev, c.RunPaused):
         new.update(status="paused", paused_until=ev.until)
     elif isinstance(ev, c.RunResumed):

@@ -293,6 +293,11 @@ class Runner:
                     run_id=run_id, limits=changed.limits.as_dict(), budgets=changed.budgets.as_dict(),
                     reason=reason or "changed on resume", explicit=sorted(changed.explicit_limits)))
                 limits_changed = self._effective_limits(run_id, changed) != before
+            if changed.backup_to != options.backup_to:
+                shown_to = display_url(changed.backup_to) if changed.backup_to else None
+                self.journal.append(f"run:{run_id}", c.BackupTargetChanged(
+                    run_id=run_id, backup_to=shown_to,
+                    reason=f"resume with --backup-to {shown_to}" if shown_to else "resume with --no-backup"))
             options = changed
         gateway = self.gateway_factory(options.gemini, self.backend)
         gateway.check_access()

@@ -865,6 +865,36 @@ def test_a_log_that_lost_its_newest_events_is_told_so_with_both_counts(market, t
                              "log\n")
 
 
+def test_resume_backs_up_elsewhere_or_not_at_all_from_now_on(night, tmp_path):
+    """After a restore of an older snapshot the URL a run recorded no longer takes its log,
+    and every resume, by hand, from cron or after a quota pause, failed backing up there, with
+    no way to name another."""
+    root, emu, env = night
+    one, two = f"file:{tmp_path / 'one.db'}", f"file:{tmp_path / 'two.db'}"
+
+    def snapshots(url: str) -> int:
+        return len(json.loads(run("backup", "list", "--from", url, "--json").stdout)["snapshots"])
+
+    go = ("--base-url", emu.url, "--rpm", "1000", "--rpd", "1000")
+    assert run("run", root, *go, "--backup-to", one, "--max-requests", "2", env=env).exit_code == 0
+    assert run("resume", root, "--backup-to", two, "--max-requests", "4", env=env).exit_code == 0
+    assert (snapshots(one), snapshots(two)) == (1, 1)
+    assert run("resume", root, "--max-requests", "6", env=env).exit_code == 0  # the URL now recorded
+    assert (snapshots(one), snapshots(two)) == (1, 2)
+    both = run("resume", root, "--no-backup", "--backup-to", two, env=env)
+    assert both.exit_code == 2 and "--backup-to and --no-backup contradict each other" in both.output
+    finished = run("resume", root, "--no-backup", "--max-requests", "100", "--json", env=env)
+    assert finished.exit_code == 0, finished.output
+    assert json.loads(finished.stdout)["outcome"] == "complete"
+    assert (snapshots(one), snapshots(two)) == (1, 2)
+    assert run("audit", "verify", root).exit_code == 0
+    changes = [json.loads(d) for (d,) in sqlite_rows(root / ".overnight" / "overnight.db",
+               "SELECT data FROM events WHERE type = 'BackupTargetChanged' ORDER BY seq")]
+    assert [(c["backup_to"], c["reason"]) for c in changes] == [
+        (f"file://{tmp_path / 'two.db'}", f"resume with --backup-to file://{tmp_path / 'two.db'}"),
+        (None, "resume with --no-backup")]
+
+
 def test_a_restore_after_a_backup_cut_short_keeps_its_events_and_goes_on_backing_up_there(night, tmp_path):
     """A backup ships blobs and events before its snapshot row: cut short, the remote holds
     events past its newest snapshot. A restore gives them back too, so the restored log can
