@@ -129,7 +129,8 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
         model = options["gemini"]["model"]
         limits = run_limits(store, run_id, model, Limits(**options["limits"]), options.get("explicit_limits", ()))
         tokens, today = store.query(
-            "SELECT (SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger WHERE run_id = ?), "
+            "SELECT (SELECT coalesce(sum(est_input_tokens), 0) FROM quota_ledger WHERE run_id = ? "
+            "AND outcome IS NOT 'rate_limited'), "
             "(SELECT count(*) FROM quota_ledger WHERE model = ? AND sent_at >= ?)",
             (run_id, model, day_start(now)))[0]
         recent = [at for (at,) in store.query("SELECT sent_at FROM quota_ledger WHERE model = ? AND sent_at > ?",
@@ -253,7 +254,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     if latency > 0:
         rate = min(rate, limits.concurrency * 60 / latency)
     if input_tokens and limits.tpm:
-        rate = min(rate, limits.tpm / (input_tokens / max(1, n)))
+        rate = min(rate, per_minute_by_tokens(limits.tpm, input_tokens / max(1, n)))
     used_today = store.query("SELECT count(*) FROM quota_ledger WHERE model = ? AND sent_at >= ?",
                              (model, day_start(now)))[0][0]
     seconds, resets = time_to_send(n, rate, limits.rpd, used_today, now)
@@ -286,7 +287,8 @@ def eta(limits: Limits, remaining: int, finished: int, requests: int, input_toke
     Owed: at the requests per plugin measured so far (at most a plan and a skill a plugin),
     less those already sent; `requests` are the run's requests that no 429 refused, those of
     its `finished` plugins and those the others sent already. Tokens per request, from
-    `input_tokens`, may make the tokens per minute bind before the requests per minute. The
+    `input_tokens` (the estimates the scheduler reserves, not Gemini's counts), may make the
+    tokens per minute bind before the requests per minute, in whole requests a minute. The
     first plugins go out in a burst, before the per-minute limit binds: their pace alone
     promises far too early an end. Requests that fit today go as the scheduler admits them,
     in a sliding window that the last minute's requests (sent at the times `recent`) still
@@ -299,12 +301,19 @@ def eta(limits: Limits, remaining: int, finished: int, requests: int, input_toke
         return 0.0
     rate = float(limits.rpm)
     if requests and input_tokens and limits.tpm:
-        rate = min(rate, limits.tpm / (input_tokens / requests))
+        rate = min(rate, per_minute_by_tokens(limits.tpm, input_tokens / requests))
     if not limits.rpd or owed <= limits.rpd - used_today:  # today's room holds them (a midnight gives more)
         quota = _sliding_finish(owed, rate, recent, now)
     else:
         quota = time_to_send(owed, rate, limits.rpd, used_today, now)[0]
     return max(owed * latency / max(1, limits.concurrency), quota)
+
+
+def per_minute_by_tokens(tpm: int, tokens_each: float) -> int:
+    """Requests of `tokens_each` estimated input tokens that go in a minute under `tpm`: the
+    scheduler admits one only while the minute's tokens leave room for its whole estimate, so
+    a whole number (at 7,000 a minute, requests of 6,300 go one a minute, not 1.1)."""
+    return max(1, int(tpm // max(1.0, tokens_each)))
 
 
 def time_to_send(n: int, per_minute: float, rpd: int, used_today: int, now: float) -> tuple[float, int]:

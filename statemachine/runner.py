@@ -534,7 +534,10 @@ class Runner:
 
     def _eta(self, ctx: Context, stats: Stats, remaining: int, finished: int, dry_run: bool) -> float:
         with stats.lock:
-            requests, tokens = stats.requests - stats.rate_limited, stats.input_tokens
+            requests = stats.requests - stats.rate_limited
+        # what the scheduler reserves for a request: its estimate (Gemini's count may be lower)
+        tokens = self.store.query("SELECT coalesce(sum(est_input_tokens), 0) FROM quota_ledger "
+                                  "WHERE run_id = ? AND outcome IS NOT 'rate_limited'", (ctx.run_id,))[0][0]
         scheduler = ctx.scheduler
         return eta(scheduler.limits, remaining, finished, requests, tokens, scheduler.used()["day_requests"],
                    self.clock(), dry_run, scheduler.recent(), answer_latency(self.store, ctx.run_id))

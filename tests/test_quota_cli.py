@@ -313,6 +313,22 @@ def test_the_first_progress_line_gives_the_eta_already(market, emu):
     assert 50 <= int(minutes or 0) * 60 + int(seconds) <= 61, first
 
 
+def test_the_eta_counts_whole_requests_a_minute_under_the_tokens_per_minute(tmp_path, emu):
+    """A request goes only while the minute's tokens leave room for its whole estimate: at
+    2,000 tokens a minute, requests of about 1,400 go one a minute. The ETA took Gemini's lower
+    token counts and a fraction of a request a minute: the last plugin's two requests in about
+    a minute, where they take two."""
+    from tests.marketplace_builder import plugin
+
+    root = tmp_path / "two"
+    for n in range(2):
+        plugin(root, f"plugins/tools/tool-{n}", f"tool-{n}", description=f"Tool {n}.",
+               files={"README.md": f"# Tool {n}\n\nDoes thing {n}.\n" + "More detail here. " * 40})
+    result = run(root, emu, "--tpm", "2000", "--rpm", "100", "--concurrency", "1", "--max-requests", "2")
+    assert result.exit_code == 0, result.output
+    assert _eta(result, "1/2") >= 110, result.stderr  # the skill request went at 60 s: then 120 s, 180 s
+
+
 def test_the_eta_after_a_wait_for_the_minute_counts_no_wait_that_is_over(tmp_path):
     """The pace since the run began counted the minute spent waiting for the quota: with the
     window open again and one plugin left, it said 10 s for what took none."""
