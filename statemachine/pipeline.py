@@ -496,7 +496,7 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
             status_code=e.status_code, not_before=_iso_us(now), usage=e.usage))
         raise RunStopped(message)
     if isinstance(e, Refused) or row["failures"] + 1 >= ctx.settings.max_attempts:
-        reason = message if isinstance(e, Refused) else (
+        reason = f"{step} request refused: {message}" if isinstance(e, Refused) else (
             f"{step} failed {row['failures'] + 1} times; last: {e.kind}: {message}")
         ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=reason,
                                                   request_id=request_id, status_code=e.status_code,

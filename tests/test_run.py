@@ -556,8 +556,11 @@ def test_a_request_gemini_refuses_fails_that_plugin_at_once_and_the_batch_goes_o
     result = run(market, emu, "--concurrency", "1")
     assert result.exit_code == 1
     assert sorted(states(market).values()) == ["done", "done", "done", "failed"]
-    assert "HTTP 400 INVALID_ARGUMENT: Request payload size exceeds the limit" in result.stdout
+    assert "plan request refused: HTTP 400 INVALID_ARGUMENT: Request payload size exceeds the limit" in result.stdout
     assert len(generate_requests(emu)) == 7
+    emu.script("bad_request", phase="skill", message="Bad skill request.")
+    again = run(market, emu, "--retry", "failed")
+    assert "skill request refused: HTTP 400 INVALID_ARGUMENT: Bad skill request." in again.stdout, again.output
 
 
 def test_base_url_and_standards_reach_the_client(one, emu, tmp_path):
