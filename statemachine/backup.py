@@ -339,7 +339,7 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
                             last_hash[0][0] if last_hash else "", tree.file_count, tree.byte_count,
                             tree.plugins, 0)
         shipment = writer.shipment
-        snapshot.bytes_sent = shipment.bytes
+        snapshot.bytes_sent = shipment.bytes  # the events, blobs and tree shipped: the figure every report gives
         # Only onto this log's own head: another copy of this log (a restored one, the old machine
         # back) backing up here at the same time may have shipped its events first, and the rows
         # of ours are then ignored. A snapshot whose head differs could never be restored.
@@ -355,8 +355,8 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
     finally:
         remote.close()
     store.append("backup", BackupCompleted(target=target, last_seq=last_seq, snapshot_id=snapshot_id,
-                                           blobs_sent=shipment.blobs, bytes_sent=shipment.bytes))
-    return BackupReport(target, snapshot, shipment.events, shipment.blobs, shipment.bytes,
+                                           blobs_sent=shipment.blobs, bytes_sent=snapshot.bytes_sent))
+    return BackupReport(target, snapshot, shipment.events, shipment.blobs, snapshot.bytes_sent,
                         shipment.rows, shipment.batches, time.perf_counter() - started,
                         blobs_repaired=repaired, events_repaired=refilled, warnings=warnings)
 

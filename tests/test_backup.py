@@ -158,6 +158,11 @@ def test_second_backup_sends_only_what_changed_and_is_an_event(market, server):
     with open_log(market, writer=False) as store:
         done = [r.event for r in store.read(stream="backup")]
     assert [e.snapshot_id for e in done] == [first["snapshot"]["id"], second["snapshot"]["id"]]
+    # one figure of the bytes sent, wherever it is given
+    listing = json.loads(run("backup", "list", "--from", server.url, "--json").stdout)["snapshots"]
+    for report, event in ((first, done[0]), (second, done[1])):
+        assert report["bytes_sent"] == report["snapshot"]["bytes_sent"] == event.bytes_sent
+        assert next(s for s in listing if s["id"] == report["snapshot"]["id"])["bytes_sent"] == report["bytes_sent"]
     assert all(TOKEN not in e.target and e.target.startswith("http://127.0.0.1") for e in done)
     result = run("backup", "verify", "--from", server.url, "--read-data", "100")
     assert result.exit_code == 0, result.output
