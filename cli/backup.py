@@ -154,7 +154,7 @@ def restore(url: str | None, dest: Path, snapshot_id: str | None, as_json: bool)
         if report.ok:
             click.echo(f"restored snapshot {report.snapshot} into {report.path}: {counts}")
         else:
-            click.echo(f"snapshot {report.snapshot} is damaged ({len(report.problems)} problems below): nothing "
+            click.echo(f"snapshot {report.snapshot} is damaged ({plural(len(report.problems), 'problem')} below): nothing "
                        f"was put in {dest}; what could be restored and verified is in {report.path}: {counts}")
         for warning in report.warnings:
             click.echo(f"warning: {warning}")

@@ -502,9 +502,11 @@ def _find_snapshot(remote: Remote, wanted: str | None) -> tuple[Snapshot, bool]:
         raise BackupError("no snapshot at this URL (run `overnight backup` first)")
     if wanted is None:
         return snapshots[-1], True
-    found = [s for s in snapshots if s.id.startswith(wanted)]
+    found = [s for s in snapshots if s.id.startswith(wanted)] if wanted.strip() else []
     if len(found) != 1:
-        raise BackupError(f"snapshot {wanted!r} " + ("is ambiguous" if found else "not found"))
+        listing = ", ".join(s.id for s in reversed(snapshots[-5:]))
+        raise BackupError(f"snapshot {wanted!r} " + (f"matches {len(found)} snapshots" if found else "not found")
+                          + f" (the newest here: {listing}; `overnight backup list` lists them all)")
     return found[0], found[0] is snapshots[-1]
 
 

@@ -334,6 +334,7 @@ def test_a_tampered_remote_blob_is_reported_and_refused(market, server, tmp_path
     dest.mkdir()
     result = run("restore", "--from", server.url, "--to", dest)
     assert result.exit_code == 1 and target in result.output
+    assert " is damaged (1 problem below): nothing was put in " in result.output
     assert list(dest.iterdir()) == []  # all or nothing: the destination is as it was
     kept = tmp_path / "restored.incomplete"
     rel = path.relative_to(market)
@@ -450,6 +451,14 @@ def test_restore_refuses_a_non_empty_directory_and_a_missing_url(market, tmp_pat
     result = run("restore", "--from", url, "--to", market)
     assert result.exit_code == 1 and "not an empty directory" in result.output
     assert run("backup", market).exit_code == 2
+    second = backup_json(market, url)
+    newest, first = second["snapshot"]["id"], json.loads(run("backup", "list", "--from", url, "--json").stdout)[
+        "snapshots"][0]["id"]
+    for wanted, said in (("", "not found"), ("zz", "not found")):  # "" matched every snapshot: "is ambiguous"
+        unknown = run("restore", "--from", url, "--to", tmp_path / "dest", "--snapshot", wanted)
+        assert unknown.exit_code == 1
+        assert unknown.output == (f"error: snapshot {wanted!r} {said} (the newest here: {newest}, {first}; "
+                                  "`overnight backup list` lists them all)\n")
     assert run("backup", market, env={"OVERNIGHT_BACKUP_URL": url}).exit_code == 0
 
 
