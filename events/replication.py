@@ -149,13 +149,23 @@ class Writer:
             self._pending, self._size = [], 0
 
     def put_blob(self, digest: str, data: bytes, *, repair: bool = False) -> None:
-        """Chunks first, then the index row. `repair` (a damaged blob): first delete its index
-        row, then every chunk stored under its hash, so only the chunks written here remain."""
+        """Chunks first, then the index row; the chunks of a big blob already stored whole are
+        not sent again. `repair` (a damaged blob): first delete its index row, then every chunk
+        stored under its hash, so only the chunks written here remain."""
+        count = max(1, -(-len(data) // CHUNK))
+        stored: set[int] = set()
+        if count > 1 and not repair:
+            # a backup cut short may have shipped some chunks of a big file: those are not sent again
+            sizes = dict(self.remote.execute("SELECT idx, length(data) FROM blob_chunks WHERE hash = ?", (digest,)))
+            stored = {idx for idx, size in sizes.items() if size == len(data[idx * CHUNK:(idx + 1) * CHUNK])}
+            repair = len(stored) != len(sizes)  # a chunk of another size: all of them again
         if repair:
+            stored = set()
             self.add("DELETE FROM blobs WHERE hash = ?", (digest,))
             self.add("DELETE FROM blob_chunks WHERE hash = ?", (digest,))
-        count = max(1, -(-len(data) // CHUNK))
         for idx in range(count):
+            if idx in stored:
+                continue
             self.add("INSERT OR IGNORE INTO blob_chunks (hash, idx, data) VALUES (?, ?, ?)",
                      (digest, idx, data[idx * CHUNK:(idx + 1) * CHUNK]))
         self.add("INSERT OR IGNORE INTO blobs (hash, size, chunks) VALUES (?, ?, ?)",

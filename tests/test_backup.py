@@ -445,6 +445,23 @@ def test_of_two_copies_of_a_log_backing_up_at_once_the_one_that_lost_makes_no_sn
     assert (tmp_path / "again" / "plugins" / "devops" / "deploy-checker" / "NOTES.md").read_text() == "edited on twin\n"
 
 
+def test_a_backup_cut_short_in_a_big_file_sends_only_its_missing_chunks_again(market, server, tmp_path):
+    """A backup killed after some of a big file's chunks sent them all again: on a link that
+    keeps dropping, a big file might never get there."""
+    big = market / "plugins" / "devops" / "deploy-checker" / "assets.bin"  # 1.3 MB: three chunks
+    digest = hashlib.sha256(big.read_bytes()).hexdigest()
+    whole = backup_json(market, server.url)["bytes_sent"]
+    for table in ("snapshots", "events", "log_blobs", "blobs"):  # as if the first backup was cut short
+        server.sql(f"DELETE FROM {table}")                       # after the big file's first two chunks
+    server.sql("DELETE FROM blob_chunks WHERE NOT (hash = ? AND idx < 2)", (digest,))
+    again = backup_json(market, server.url)
+    assert again["bytes_sent"] < whole - 2 * 512 * 1024 + 2_000, (whole, again)
+    dest = tmp_path / "restored"
+    assert run("restore", "--from", server.url, "--to", dest).exit_code == 0
+    assert (dest / big.relative_to(market)).read_bytes() == big.read_bytes()
+    assert run("backup", "verify", "--from", server.url, "--read-data", "100").exit_code == 0
+
+
 def test_restore_refuses_a_non_empty_directory_and_a_missing_url(market, tmp_path):
     url = f"file:{tmp_path / 'offsite.db'}"
     backup_json(market, url)
