@@ -299,11 +299,11 @@ class _Display:
             self._shown = min(progress.total,
                               max(self._shown + 1, progress.finished - len(progress.just_finished) + k + 1))
             finished.append((f"{self._shown}/{progress.total}  {done.state:<9} {shown(done.plugin_id)}"
-                             + (f": {shown(done.reason)}" if done.reason else ""), done))
+                             + (f": {shown(done.reason)}" if done.reason else ""), done, self._shown))
         if self._live is not None:
             from rich.text import Text
 
-            self._recent.extend(line for line, _ in finished)
+            self._recent.extend(line for line, _, _ in finished)
             line = f"{progress.finished}/{plural(progress.total, 'plugin')}  {_counters(progress)}{eta}"
             if progress.paused_until:
                 line += f"  paused until {moment(progress.paused_until)}"
@@ -316,8 +316,8 @@ class _Display:
             self._paused_until = progress.paused_until
             _note(f"paused for the quota until {moment(progress.paused_until)}" if progress.paused_until
                   else "quota pause over: going on")
-        for line, done in finished:  # with the run's counters when that plugin finished
-            _note(f"{line}  ({_counters(done)}{eta})")
+        for line, done, number in finished:  # with the run's counters when that plugin finished
+            _note(f"{line}  ({_counters(done)}{eta if number < progress.total else ''})")
 
 
 def _counters(counts) -> str:

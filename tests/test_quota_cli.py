@@ -294,6 +294,7 @@ def test_the_eta_is_neither_a_minute_late_nor_a_minute_early(market, emu):
     the last plugin's 2 requests when the minute's 6 were spent and free again only in a minute."""
     early = run(market, emu, "--rpm", "10", "--concurrency", "1")
     assert early.exit_code == 0, early.output
+    assert early.stderr.splitlines()[-1].endswith(" rate-limited)"), early.stderr  # nothing left: no ETA
     assert _eta(early, "1/4") <= 10, early.stderr
     again = run(market, emu, "--rpm", "6", "--concurrency", "1", "--max-requests", "6", "--force")
     assert again.exit_code == 0, again.output

@@ -230,3 +230,22 @@ def test_the_reading_commands_read_a_copied_log_given_by_db_from_any_directory(t
         assert overnight(*command, "--db", copy).exit_code == 0, command
     scan = overnight("scan", "--db", copy)
     assert scan.exit_code == 2 and "does not look like a marketplace" in scan.stderr
+
+
+def test_two_plugins_reported_at_once_the_last_line_gives_no_eta(capsys):
+    """Plugins that finish together reach the progress view in one report, whose ETA was
+    computed before the last of them counted: `2/2  done  ... ETA 1s` with nothing left."""
+    from cli.run import _Display
+    from statemachine.pipeline import Finished
+    from statemachine.runner import Progress
+
+    done = [Finished(f"plugins/tools/p{n}", "done", None, 4, 100, 200, 0) for n in (1, 2)]
+    with _Display(enabled=False) as display:
+        display.update(Progress(total=2, finished=0, phases={}, requests=0, input_tokens=0, output_tokens=0,
+                                rate_limited=0, eta=30.0))
+        display.update(Progress(total=2, finished=1, phases={}, requests=4, input_tokens=100, output_tokens=200,
+                                rate_limited=0, eta=1.0, just_finished=done))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("  ETA 30s")
+    assert lines[1] == "1/2  done      plugins/tools/p1  (4 requests  100 in / 200 out tokens  0 rate-limited  ETA 1s)"
+    assert lines[2] == "2/2  done      plugins/tools/p2  (4 requests  100 in / 200 out tokens  0 rate-limited)"
