@@ -119,8 +119,7 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     ended = dict(store.query(
         "SELECT state, count(*) FROM plugins WHERE run_id = ? GROUP BY state", (run_id,)))
     finished = sum(n for s, n in ended.items() if s in FINAL)
-    requests = store.query("SELECT count(*), count(*) FILTER (WHERE outcome IS NOT 'rate_limited'), "
-                           "avg(settled_at - sent_at) FILTER (WHERE outcome = 'ok'), max(sent_at) "
+    requests = store.query("SELECT count(*), count(*) FILTER (WHERE outcome IS NOT 'rate_limited'), max(sent_at) "
                            "FROM quota_ledger WHERE run_id = ?", (run_id,))[0]
     until = None
     if status == "running" and len(selection) > finished:
@@ -149,7 +148,7 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
         last_at, plugins_at = store.query(
             "SELECT (SELECT e.at FROM runs r JOIN events e ON e.seq = r.last_seq WHERE r.run_id = ?1), "
             "(SELECT max(updated_at) FROM plugins WHERE run_id = ?1)", (run_id,))[0]
-        end = max(epoch(last_at), epoch(plugins_at) if plugins_at else 0.0, requests[3] or 0.0)
+        end = max(epoch(last_at), epoch(plugins_at) if plugins_at else 0.0, requests[2] or 0.0)
     estimate = msgspec.json.decode(config).get("estimate")
     return {"run_id": run_id, "status": status, "started_at": started_at, "selected": len(selection),
             "finished": finished, "requests": requests[0], "eta_s": until, "estimate": estimate,
