@@ -20,6 +20,7 @@ import msgspec
 from events import EventStore
 from statemachine import catalog as c
 from statemachine.gates import GateConfig
+from statemachine.journal import Journal
 from statemachine.lifecycle import FINAL
 from statemachine.projections import OUTPUT_TOKENS, epoch
 from statemachine.prompts import (
@@ -265,9 +266,10 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
                     latency_s=latency, unsendable=unsendable)
 
 
-def answer_latency(store: EventStore, run_id: str) -> float:
+def answer_latency(store: EventStore | Journal, run_id: str) -> float:
     """Seconds Gemini takes to answer, for a run's ETA: the run's own answers so far; before the
-    first, those of every earlier run; before any, DEFAULT_LATENCY_S (as `estimate` says)."""
+    first, those of every earlier run; before any, DEFAULT_LATENCY_S (as `estimate` says). A
+    running run asks its journal, whose lock keeps the query off the workers' writes."""
     query = "SELECT avg(settled_at - sent_at) FROM quota_ledger WHERE outcome = 'ok'"
     latency = store.query(f"{query} AND run_id = ?", (run_id,))[0][0]
     if latency is None:

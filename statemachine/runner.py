@@ -535,12 +535,14 @@ class Runner:
     def _eta(self, ctx: Context, stats: Stats, remaining: int, finished: int, dry_run: bool) -> float:
         with stats.lock:
             requests = stats.requests - stats.rate_limited
-        # what the scheduler reserves for a request: its estimate (Gemini's count may be lower)
-        tokens = self.store.query("SELECT coalesce(sum(est_input_tokens), 0) FROM quota_ledger "
-                                  "WHERE run_id = ? AND outcome IS NOT 'rate_limited'", (ctx.run_id,))[0][0]
+        # Through the journal: this runs on the main thread while workers write the log (a query
+        # on the store itself, beside a worker's long write, failed: "busy in another thread").
+        # What the scheduler reserves for a request: its estimate (Gemini's count may be lower).
+        tokens = self.journal.query("SELECT coalesce(sum(est_input_tokens), 0) FROM quota_ledger "
+                                    "WHERE run_id = ? AND outcome IS NOT 'rate_limited'", (ctx.run_id,))[0][0]
         scheduler = ctx.scheduler
         return eta(scheduler.limits, remaining, finished, requests, tokens, scheduler.used()["day_requests"],
-                   self.clock(), dry_run, scheduler.recent(), answer_latency(self.store, ctx.run_id))
+                   self.clock(), dry_run, scheduler.recent(), answer_latency(self.journal, ctx.run_id))
 
     def _counts(self, run_id: str, selection: list[str]) -> tuple[
             dict[str, int], dict[str, int], list[tuple[str, str, str]]]:

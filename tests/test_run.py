@@ -1087,6 +1087,18 @@ def run_config(root: Path, key: str) -> list:
         root, f"SELECT json_extract(config, '$.{key}') FROM runs ORDER BY started_at")[1:]]
 
 
+def test_a_big_plugin_snapshotted_while_the_progress_is_reported_stops_nothing(market, emu):
+    """The ETA's queries ran on the main thread beside a worker's long write of a big plugin's
+    snapshot: "Connection is busy in another thread", the run stopped, and so did every resume."""
+    target = market / "plugins" / "devops" / "deploy-checker"
+    (target / "big.bin").write_bytes(os.urandom(30 * 1024 * 1024))
+    for n in range(1500):
+        write(target / "many" / f"f{n}.txt", f"file {n}\n")
+    result = run(market, emu)
+    assert result.exit_code == 0, result.output
+    assert set(states(market).values()) == {"done"}
+
+
 def test_restore_plugin_puts_the_plugin_back_byte_for_byte(market, emu):
     target = market / "plugins" / "devops" / "deploy-checker"
     (target / "notes\\2026.md").write_text("a backslash is an ordinary character in a POSIX name\n")
