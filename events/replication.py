@@ -266,7 +266,11 @@ def _ship_range(store: EventStore, writer: Writer, after: tuple[int, str], upto:
             raise EventStoreError(f"this log fails its hash chain at {check.problems[0]}; "
                                   f"{lost.format(seq=shipped)} (run `overnight audit verify`)")
         shipped = row[0]
-        writer.add(f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        # Only onto its own previous event: another copy of this log backing up here at the same
+        # time may have put its own events below, and the remote's chain must never break.
+        writer.add(f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                   "WHERE ? = 1 OR EXISTS (SELECT 1 FROM events WHERE seq = ? AND hash = ?)",
+                   (*row, row[0], row[0] - 1, row[7]))
     writer.flush()
     return shipped - after[0]
 

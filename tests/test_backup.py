@@ -413,18 +413,23 @@ def test_crafted_snapshots_cannot_write_outside_the_destination(tmp_path):
     assert stat.S_IMODE(os.stat(kept / "sub" / "x.txt").st_mode) == 0o644
 
 
+@pytest.mark.parametrize("longer", [False, True])
 def test_of_two_copies_of_a_log_backing_up_at_once_the_one_that_lost_makes_no_snapshot(market, server, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, longer):
     """The old machine comes back while the restored copy runs, and both back up to the same URL
     at the same time: the events of the one that ships second are ignored there, and its
     snapshot row named a head the remote does not have. Both said they succeeded, and the
-    newest snapshot there could not be restored."""
+    newest snapshot there could not be restored. With more events than the other, the loser's
+    extra ones went in above the other's, breaking the remote's hash chain."""
     assert run("backup", market, "--to", server.url).exit_code == 0
     twin = tmp_path / "twin"
     assert run("restore", "--from", server.url, "--to", twin).exit_code == 0
     for root, plugin in ((market, "deploy-checker"), (twin, "deploy-checker")):
         (root / "plugins" / "devops" / plugin / "NOTES.md").write_text(f"edited on {root.name}\n")
         assert run("scan", root).exit_code == 0  # the two logs part here
+    if longer:
+        (market / "plugins" / "devops" / "deploy-checker" / "MORE.md").write_text("more\n")
+        assert run("scan", market).exit_code == 0
     ship = replication.ship_events
 
     def twin_first(store, writer, head, last_seq):
@@ -439,7 +444,8 @@ def test_of_two_copies_of_a_log_backing_up_at_once_the_one_that_lost_makes_no_sn
     assert "another copy of this log backed up there at the same time" in lost.stderr, lost.stderr
     listing = json.loads(run("backup", "list", "--from", server.url, "--json").stdout)
     assert len(listing["snapshots"]) == 2  # the first backup's and the twin's
-    assert run("backup", "verify", "--from", server.url).exit_code == 0
+    verified = run("backup", "verify", "--from", server.url)
+    assert verified.exit_code == 0, verified.output
     restored = run("restore", "--from", server.url, "--to", tmp_path / "again")
     assert restored.exit_code == 0, restored.output
     assert (tmp_path / "again" / "plugins" / "devops" / "deploy-checker" / "NOTES.md").read_text() == "edited on twin\n"
