@@ -539,7 +539,7 @@ def cleanup_temp(root: Path, plugin_dir: Path) -> int:
     """Remove crash leftovers of this module and of snapshot restore; return how many.
 
     In plugin_dir's parent only `.<plugin name>.…` leftovers are considered; below plugin_dir
-    every one is (SKIP_DIRS are not entered). An interrupted swap is recovered first: when
+    every one is (SKIP_DIRS and other plugins are not entered). An interrupted swap is recovered first: when
     `<name>` is missing, its newest `.<name>.overnight-old-*` tree is renamed back (the restore can then
     simply run again); otherwise old trees are finished (skipped directories carried over,
     then removed). `.overnight-restore-*` trees and `.overnight-tmp-*` files are removed. Symlinks are never followed.
@@ -563,8 +563,10 @@ def cleanup_temp(root: Path, plugin_dir: Path) -> int:
             try:
                 count += _clean_dir(fd, only=None)
                 with os.scandir(fd) as it:
+                    # another plugin's leftovers are its own: a plugin at the root holds all the others
                     stack.extend((*parts, e.name) for e in it
-                                 if e.name not in SKIP_DIRS and e.is_dir(follow_symlinks=False))
+                                 if e.name not in SKIP_DIRS and e.is_dir(follow_symlinks=False)
+                                 and not holds_plugin(e.name, dir_fd=fd))
             finally:
                 os.close(fd)
     except OSError as e:

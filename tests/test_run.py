@@ -1279,6 +1279,21 @@ def test_a_plugin_at_the_marketplace_root_is_restored_in_place(tmp_path, emu):
     assert_healthy(root)
 
 
+def test_a_plugin_at_the_root_leaves_the_other_plugins_temporary_files_alone(tmp_path, emu):
+    """The clean-up before a plugin's write removed every `.overnight-tmp-*` file below it; for
+    the plugin at the root, those of the other plugins' writes in flight too: they failed with
+    "cannot write skills/.../SKILL.md: No such file or directory"."""
+    root = tmp_path / "solo"
+    manifest(root, [{"name": "solo", "source": "./"}, {"name": "widget", "source": "./plugins/tools/widget"}])
+    plugin(root, ".", "solo", description="Format code.", files={"README.md": "# Solo\n\nFormats code.\n"})
+    widget = plugin(root, "plugins/tools/widget", "widget", description="Build widgets.",
+                    files={"README.md": "# Widget\n\nBuilds widgets.\n"})
+    in_flight = write(widget / "skills" / "widget" / ".SKILL.md.overnight-tmp-0123456789abcdef", "half written")
+    assert run(root, emu, "--plugin", "solo").exit_code == 0
+    assert states(root)["."] == "done"
+    assert in_flight.read_text() == "half written"
+
+
 def test_a_snapshot_never_names_a_damaged_stored_copy_of_a_file_it_reads(market, emu):
     """A restore deletes files its snapshot says it keeps: a damaged copy of a file's bytes
     already in the log is replaced by the good bytes the snapshot reads, not reused."""
