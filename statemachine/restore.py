@@ -9,9 +9,11 @@ from typing import NamedTuple
 import msgspec
 
 from events import EventStore
+from events.remote import file_path
 from statemachine import catalog as c
 from statemachine import snapshots, writes
 from statemachine.audit import resolve_plugin
+from statemachine.discovery import MANIFEST, is_inside
 from statemachine.binding import bind
 from statemachine.errors import OvernightError
 from statemachine.lifecycle import Lifecycle, State, plugin_stream
@@ -86,15 +88,44 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
         with store.batch():
             for blob in current.blobs:
                 store.put_blob(blob)
-    removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id)
-    lifecycle = Lifecycle(store)
-    cursor = lifecycle.cursor(plugin_id)
-    lifecycle.record(cursor, c.PluginRestored(tree_sha256=chosen.id, replaced_sha256=replaced))
-    lifecycle.release(cursor)
+    restored = c.PluginRestored(tree_sha256=chosen.id, replaced_sha256=replaced)
+    in_place = os.path.realpath(plugin_dir) == os.path.realpath(root)
+    if in_place:
+        # Not one atomic step (see snapshots._restore_root): recorded first, so the files it
+        # replaces stay listed even when it is cut short, and running it again finishes it.
+        _record(store, plugin_id, restored)
+    removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id,
+                                keep=_not_the_plugins(store, root) if in_place else ())
+    if not in_place:
+        _record(store, plugin_id, restored)
     scan(store, root)
     manifest = msgspec.json.decode(store.get_blob(chosen.id))
     files = sum(1 for e in _entries(manifest) if e.get("kind") == "file")
     return Restored(plugin_id, chosen.id, files, replaced, removed)
+
+
+def _record(store: EventStore, plugin_id: str, event: c.PluginRestored) -> None:
+    lifecycle = Lifecycle(store)
+    cursor = lifecycle.cursor(plugin_id)
+    lifecycle.record(cursor, event)
+    lifecycle.release(cursor)
+
+
+def _not_the_plugins(store: EventStore, root: Path) -> set[str]:
+    """Files below `root` that the plugin at the root holds in its tree but are not its own, as
+    paths relative to `root`: the marketplace's manifest, this log (and the files SQLite keeps
+    beside it) and the `file:` backups made from it, when kept there."""
+    root_real = os.path.realpath(root)
+    targets = [t for (t,) in store.query("SELECT DISTINCT json_extract(data, '$.target') FROM events "
+                                         "WHERE type = 'BackupCompleted'")]
+    files = [str(store.path)] + [path for path in map(file_path, targets) if path]
+    keep = {MANIFEST}
+    for path in files:
+        for name in (path, f"{path}-wal", f"{path}-shm", f"{path}-journal", f"{path}.lock"):
+            real = os.path.realpath(name)
+            if is_inside(real, root_real) and real != root_real:
+                keep.add(os.path.relpath(real, root_real).replace(os.sep, "/"))
+    return keep
 
 
 def _entries(manifest: object) -> list[dict]:

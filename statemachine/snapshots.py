@@ -25,13 +25,13 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Annotated, Callable, Literal, NamedTuple
+from typing import Annotated, Callable, Collection, Literal, NamedTuple
 
 import msgspec
 
 from events import EventStoreError
 from statemachine.analysis import MAX_BYTES, MAX_ENTRIES, walk
-from statemachine.discovery import SKIP_DIRS, is_inside, one_line
+from statemachine.discovery import SKIP_DIRS, holds_plugin, is_inside, one_line
 from statemachine.errors import OvernightError
 from statemachine.writes import (
     WriteError, below, open_dir, rel_parts, remove_tree, swap_dir, temp_name,
@@ -162,7 +162,7 @@ def _read(start: str, rel: str) -> bytes:
 
 
 def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
-            tree_sha256: str) -> list[str]:
+            tree_sha256: str, keep: Collection[str] = ()) -> list[str]:
     """Make plugin_dir exactly the snapshot `tree_sha256` (created when missing), keeping what
     no snapshot holds (see `writes.swap_dir`); returns the paths of those that had to go,
     because the snapshot has something else of that name.
@@ -170,13 +170,13 @@ def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
     Refuses, with SnapshotError and before changing anything: a missing or corrupt blob, a
     malformed manifest, an entry path with '..', '.', an absolute path, an empty or NUL
     segment, a plugin_dir not inside root, or reached through a symlink.
-    A plugin at the marketplace root cannot be swapped whole: see `_restore_root`.
+    A plugin at the marketplace root cannot be swapped whole: see `_restore_root` (and `keep`).
     """
     manifest = _load(get_blob, tree_sha256)
     entries = _validated(manifest)
     parts = _plugin_parts(root, plugin_dir)
     if not parts:
-        return _restore_root(get_blob, Path(root), manifest, entries)
+        return _restore_root(get_blob, Path(root), manifest, entries, keep)
     try:
         parent_fd = open_dir(Path(root), parts[:-1], create=True)
     except WriteError as e:
@@ -276,27 +276,51 @@ def _plugin_parts(root: Path, plugin_dir: Path) -> list[str]:
 
 
 def _restore_root(get_blob: Callable[[str], bytes], root: Path, manifest: Manifest,
-                  entries: list[tuple[Entry, list[str]]]) -> list[str]:
+                  entries: list[tuple[Entry, list[str]]], keep: Collection[str]) -> list[str]:
     """Restore the plugin at the marketplace root (`"source": "./"`) in place: the root also
-    holds the log and the other plugins, so it is not swapped whole. Every blob is checked
-    before anything changes. Then what the plugin holds now and the snapshot does not is
-    removed, deepest first (a directory only once nothing is left in it: what no snapshot holds,
-    .git, .overnight or another plugin, stays); every entry of the snapshot is put in place
-    (a file or symlink that differs through a temporary name and a rename, a file already
-    right is left alone); the directories get their modes, deepest first, each fsynced.
+    holds the log and the other plugins, so it is not swapped whole. `keep`: files below the
+    root that are not the plugin's though its tree holds them (the marketplace's manifest, a
+    log or a backup kept there), left as they are.
+
+    Refused with SnapshotError before anything changes: a blob that is missing or damaged; an
+    entry of the snapshot at or below what no snapshot holds now (another plugin, .git); a
+    directory in a place where the snapshot has a file or a symlink, holding such a thing or a
+    kept file. Then what the plugin holds now and the snapshot does not is removed, deepest
+    first (a directory only once nothing is left in it); every entry of the snapshot is put
+    in place (a file or symlink that differs through a temporary name and a rename, a file
+    already right is left alone); the directories get their modes, deepest first, each fsynced.
 
     Not one atomic step, unlike a swap: a restore cut short leaves some entries restored, and
-    running it again finishes it. A directory in a place where the snapshot has a file or a
-    symlink, and which holds what no snapshot holds, is refused with SnapshotError.
+    running it again finishes it.
     """
     for entry, _parts in entries:
         if entry.kind == "file" and len(_blob(get_blob, entry.sha256, f"file {one_line(entry.path)}")) != entry.size:
             raise SnapshotError(f"cannot restore file {one_line(entry.path)}: its blob has the wrong size")
-    wanted = {"/".join(parts): entry for entry, parts in entries}
+    root_real = os.path.realpath(root)
     problems: list[str] = []
-    current = dict(walk(os.path.realpath(root), problems))
+    current = {rel: st for rel, st in walk(root_real, problems) if rel not in keep}
     if problems:
         raise SnapshotError(f"cannot restore {one_line(str(root))}: {problems[0]}")
+    held = _held(root_real)
+    wanted = {}
+    for entry, parts in entries:
+        rel = "/".join(parts)
+        if rel in keep:
+            continue
+        inside = next((h for h in _ancestors(rel, itself=True) if h in held), None)
+        if inside is not None:
+            what = "it" if inside == rel else one_line(inside)
+            raise SnapshotError(f"cannot restore {one_line(rel)}: {what} is another plugin now, or never snapshotted; "
+                                "move it, then restore again (nothing was changed)")
+        wanted[rel] = entry
+    holding = {a for path in (*held, *keep) for a in _ancestors(path, itself=False)}
+    for rel, st in current.items():
+        entry = wanted.get(rel)
+        if stat.S_ISDIR(st.st_mode) and entry is not None and entry.kind != "dir" and rel in holding:
+            raise SnapshotError(
+                f"cannot restore {one_line(rel)}: the snapshot has a {entry.kind} there, and the directory there "
+                "now holds what no snapshot holds (another plugin, .git, the log); move it, then restore again "
+                "(nothing was changed)")
     removed: list[str] = []
     try:
         root_fd = open_dir(root, [])
@@ -321,16 +345,14 @@ def _restore_root(get_blob: Callable[[str], bytes], root: Path, manifest: Manife
                     os.rmdir(parts[-1], dir_fd=fd)
                 except OSError as e:
                     if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise
-                    if entry is not None:
-                        raise SnapshotError(
-                            f"cannot restore {one_line(rel)}: the snapshot has a {entry.kind} there, and the "
-                            "directory there now holds what no snapshot holds (.git, node_modules, another "
-                            "plugin); move it, then restore again") from e
+                        raise  # not left empty: it holds what no snapshot holds, which stays
             finally:
                 os.close(fd)
         for entry, parts in entries:
-            now = current.get("/".join(parts))
+            rel = "/".join(parts)
+            if rel not in wanted:
+                continue
+            now = current.get(rel)
             fd = open_dir(root_fd, parts[:-1])
             try:
                 _put(get_blob, fd, parts[-1], entry, now is not None and _kind(now) == entry.kind)
@@ -342,6 +364,33 @@ def _restore_root(get_blob: Callable[[str], bytes], root: Path, manifest: Manife
     finally:
         os.close(root_fd)
     return removed
+
+
+def _held(start: str) -> set[str]:
+    """What no snapshot holds below `start`, that a walk leaves out: the SKIP_DIRS directories and
+    the directories holding a plugin (relative paths; symlinks never followed)."""
+    held: set[str] = set()
+    stack = [""]
+    while stack:
+        prefix = stack.pop()
+        try:
+            with os.scandir(os.path.join(start, prefix) if prefix else start) as it:
+                entries = [(e.name, e.path) for e in it if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for name, path in entries:
+            rel = f"{prefix}/{name}" if prefix else name
+            if name in SKIP_DIRS or holds_plugin(path):
+                held.add(rel)
+            else:
+                stack.append(rel)
+    return held
+
+
+def _ancestors(rel: str, *, itself: bool) -> list[str]:
+    """The directories on the way to `rel` ("a", "a/b" for "a/b/c"), and `rel` itself if asked."""
+    parts = rel.split("/")
+    return ["/".join(parts[:n]) for n in range(1, len(parts) + (1 if itself else 0))]
 
 
 def _kind(st: os.stat_result) -> str | None:

@@ -1279,6 +1279,68 @@ def test_a_plugin_at_the_marketplace_root_is_restored_in_place(tmp_path, emu):
     assert_healthy(root)
 
 
+def root_plugin(tmp_path: Path) -> Path:
+    root = tmp_path / "solo"
+    manifest(root, [{"name": "solo", "source": "./"}])
+    plugin(root, ".", "solo", description="Format code.", files={
+        "README.md": "# Solo\n\nFormats code.\n", "docs/usage.md": "# Usage\n\nRun it.\n"})
+    return root
+
+
+def test_a_root_restore_refuses_before_it_changes_anything_what_it_could_not_finish(tmp_path, emu):
+    """`docs` became a plugin of its own after the write: the restore deleted the files added
+    since, then failed ("File exists") each time it was run again, and kept no copy of them."""
+    root = root_plugin(tmp_path)
+    assert run(root, emu).exit_code == 0
+    write(root / "docs" / ".claude-plugin" / "plugin.json", '{"name": "docs-tool"}')
+    write(root / "NOTES.md", "my notes\n")
+    refused = overnight("restore-plugin", "solo", root)
+    assert refused.exit_code == 1
+    assert refused.stderr == ("error: cannot restore docs: it is another plugin now, or never snapshotted; "
+                              "move it, then restore again (nothing was changed)\n")
+    assert (root / "NOTES.md").read_text() == "my notes\n" and (root / "skills" / "solo" / "SKILL.md").is_file()
+    (root / "docs" / ".claude-plugin" / "plugin.json").unlink()
+    assert overnight("restore-plugin", "solo", root).exit_code == 0
+    assert not (root / "NOTES.md").exists() and not (root / "skills").exists()
+
+
+def test_a_root_restore_leaves_the_marketplace_manifest_and_a_backup_kept_there_alone(tmp_path, emu):
+    root = root_plugin(tmp_path)
+    assert run(root, emu).exit_code == 0
+    manifest(root, [{"name": "solo", "source": "./", "category": "formatting"}])  # the marketplace's own edit
+    listed = (root / ".claude-plugin" / "marketplace.json").read_bytes()
+    assert overnight("backup", root, "--to", f"file:{root / 'offsite.db'}").exit_code == 0
+    restored = overnight("restore-plugin", "solo", root)
+    assert restored.exit_code == 0, restored.output
+    assert (root / ".claude-plugin" / "marketplace.json").read_bytes() == listed
+    assert (root / "offsite.db").is_file() and not (root / "skills").exists()
+    assert overnight("backup", "verify", "--from", f"file:{root / 'offsite.db'}").exit_code == 0
+
+
+def test_a_root_restore_cut_short_keeps_the_files_it_replaces_listed(tmp_path, emu, monkeypatch):
+    """Recorded only once it was through, a root restore cut short left the files it had taken
+    away in no snapshot listed, and the next restore's copy held the half-restored tree."""
+    from statemachine import snapshots
+
+    root = root_plugin(tmp_path)
+    assert run(root, emu).exit_code == 0
+    write(root / "NOTES.md", "my notes\n")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill midway: the files the snapshot lacks are gone already
+
+    monkeypatch.setattr(snapshots, "_put", crash)
+    assert overnight("restore-plugin", "solo", root).exit_code == 130
+    monkeypatch.undo()
+    assert not (root / "NOTES.md").exists()
+    listing = json.loads(overnight("restore-plugin", "solo", root, "--list", "--json").stdout)["snapshots"]
+    replaced = next(s["id"] for s in listing if s["taken"] == "before a restore")
+    assert overnight("restore-plugin", "solo", root).exit_code == 0  # run again: finished
+    assert overnight("restore-plugin", "solo", root, "--snapshot", replaced).exit_code == 0
+    assert (root / "NOTES.md").read_text() == "my notes\n" and (root / "skills" / "solo" / "SKILL.md").is_file()
+    assert_healthy(root)
+
+
 def test_a_plugin_at_the_root_leaves_the_other_plugins_temporary_files_alone(tmp_path, emu):
     """The clean-up before a plugin's write removed every `.overnight-tmp-*` file below it; for
     the plugin at the root, those of the other plugins' writes in flight too: they failed with
