@@ -73,6 +73,9 @@ class WriterLock:
         except OSError as e:
             if os.path.islink(self.path):
                 raise EventStoreError(f"{self.path} is a symlink; overnight never follows one: remove it") from e
+            if isinstance(e, IsADirectoryError):
+                raise EventStoreError(f"{self.path} is not a regular file: remove it (overnight makes its lock "
+                                      "file)") from e
             raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)

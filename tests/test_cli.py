@@ -583,6 +583,10 @@ def test_a_lock_file_that_is_a_symlink_or_a_fifo_is_refused_untouched(market, tm
         assert result.returncode == 1, result.stderr
         assert result.stderr == f"error: {lock} is not a regular file: remove it (overnight makes its lock file)\n"
     lock.unlink()
+    lock.mkdir()
+    result = run("scan", market)
+    assert result.output == f"error: {lock} is not a regular file: remove it (overnight makes its lock file)\n"
+    lock.rmdir()
     assert run("status", market).exit_code == 0 and run("scan", market).exit_code == 0
 
 
