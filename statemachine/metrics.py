@@ -128,15 +128,12 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
         options = msgspec.json.decode(config)
         model = options["gemini"]["model"]
         limits = run_limits(store, run_id, model, Limits(**options["limits"]), options.get("explicit_limits", ()))
-        tokens, today = store.query(
-            "SELECT (SELECT coalesce(sum(est_input_tokens), 0) FROM quota_ledger WHERE run_id = ? "
-            "AND outcome IS NOT 'rate_limited'), "
-            "(SELECT count(*) FROM quota_ledger WHERE model = ? AND sent_at >= ?)",
-            (run_id, model, day_start(now)))[0]
+        (today,) = store.query("SELECT count(*) FROM quota_ledger WHERE model = ? AND sent_at >= ?",
+                               (model, day_start(now)))[0]
         recent = [at for (at,) in store.query("SELECT sent_at FROM quota_ledger WHERE model = ? AND sent_at > ?",
                                               (model, now - MINUTE))]
-        until = round(eta(limits, remaining, finished, requests[1], tokens, today, now, options["dry_run"], recent,
-                          answer_latency(store, run_id)))
+        until = round(eta(limits, remaining, finished, requests[1], tokens_each(store, run_id), today, now,
+                          options["dry_run"], recent, answer_latency(store, run_id)))
     # wall time, pauses included (as the estimate counts them): until the run ended, until now
     # while a process runs it, else until its last event in any stream (a killed process
     # records no end; its last events are its plugins' and its requests')
@@ -277,7 +274,22 @@ def answer_latency(store: EventStore | Journal, run_id: str) -> float:
     return DEFAULT_LATENCY_S if latency is None else latency
 
 
-def eta(limits: Limits, remaining: int, finished: int, requests: int, input_tokens: int, used_today: int,
+def tokens_each(store: EventStore | Journal, run_id: str) -> float:
+    """Input tokens the scheduler reserves for one of the run's requests: their estimates'
+    average so far; before its first request, the average of the estimate made when it
+    began (0 when there is none)."""
+    sent, tokens, planned, planned_tokens = store.query(
+        "SELECT (SELECT count(*) FROM quota_ledger WHERE run_id = ?1 AND outcome IS NOT 'rate_limited'), "
+        "(SELECT coalesce(sum(est_input_tokens), 0) FROM quota_ledger WHERE run_id = ?1 "
+        "AND outcome IS NOT 'rate_limited'), "
+        "json_extract(config, '$.estimate.requests'), json_extract(config, '$.estimate.input_tokens') "
+        "FROM runs WHERE run_id = ?1", (run_id,))[0]
+    if sent:
+        return tokens / sent
+    return planned_tokens / planned if planned else 0.0
+
+
+def eta(limits: Limits, remaining: int, finished: int, requests: int, tokens_each: float, used_today: int,
         now: float, dry_run: bool, recent: Iterable[float], latency: float) -> float:
     """Seconds until a run's `remaining` plugins are through: the requests they still owe,
     answered in `latency` seconds each, `limits.concurrency` at a time, and never sooner than
@@ -287,9 +299,9 @@ def eta(limits: Limits, remaining: int, finished: int, requests: int, input_toke
 
     Owed: at the requests per plugin measured so far (at most a plan and a skill a plugin),
     less those already sent; `requests` are the run's requests that no 429 refused, those of
-    its `finished` plugins and those the others sent already. Tokens per request, from
-    `input_tokens` (the estimates the scheduler reserves, not Gemini's counts), may make the
-    tokens per minute bind before the requests per minute, in whole requests a minute. The
+    its `finished` plugins and those the others sent already. The tokens the scheduler reserves
+    for a request (`tokens_each`, estimated, not Gemini's counts) may make the tokens per minute
+    bind before the requests per minute, in whole requests a minute. The
     first plugins go out in a burst, before the per-minute limit binds: their pace alone
     promises far too early an end. Requests that fit today go as the scheduler admits them,
     in a sliding window that the last minute's requests (sent at the times `recent`) still
@@ -301,8 +313,8 @@ def eta(limits: Limits, remaining: int, finished: int, requests: int, input_toke
     if owed <= 0:
         return 0.0
     rate = float(limits.rpm)
-    if requests and input_tokens and limits.tpm:
-        rate = min(rate, per_minute_by_tokens(limits.tpm, input_tokens / requests))
+    if tokens_each and limits.tpm:
+        rate = min(rate, per_minute_by_tokens(limits.tpm, tokens_each))
     if not limits.rpd or owed <= limits.rpd - used_today:  # today's room holds them (a midnight gives more)
         quota = _sliding_finish(owed, rate, recent, now)
     else:

@@ -30,7 +30,7 @@ from events.remote import display_url
 from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
 from statemachine.errors import OvernightError
-from statemachine.metrics import Prices, answer_latency, estimate, eta, expected_output
+from statemachine.metrics import Prices, answer_latency, estimate, eta, expected_output, tokens_each
 from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
 from statemachine.journal import Journal, JournalClosed
@@ -537,12 +537,10 @@ class Runner:
             requests = stats.requests - stats.rate_limited
         # Through the journal: this runs on the main thread while workers write the log (a query
         # on the store itself, beside a worker's long write, failed: "busy in another thread").
-        # What the scheduler reserves for a request: its estimate (Gemini's count may be lower).
-        tokens = self.journal.query("SELECT coalesce(sum(est_input_tokens), 0) FROM quota_ledger "
-                                    "WHERE run_id = ? AND outcome IS NOT 'rate_limited'", (ctx.run_id,))[0][0]
         scheduler = ctx.scheduler
-        return eta(scheduler.limits, remaining, finished, requests, tokens, scheduler.used()["day_requests"],
-                   self.clock(), dry_run, scheduler.recent(), answer_latency(self.journal, ctx.run_id))
+        return eta(scheduler.limits, remaining, finished, requests, tokens_each(self.journal, ctx.run_id),
+                   scheduler.used()["day_requests"], self.clock(), dry_run, scheduler.recent(),
+                   answer_latency(self.journal, ctx.run_id))
 
     def _counts(self, run_id: str, selection: list[str]) -> tuple[
             dict[str, int], dict[str, int], list[tuple[str, str, str]]]:

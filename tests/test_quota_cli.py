@@ -328,6 +328,10 @@ def test_the_eta_counts_whole_requests_a_minute_under_the_tokens_per_minute(tmp_
     result = run(root, emu, "--tpm", "2000", "--rpm", "100", "--concurrency", "1", "--max-requests", "2")
     assert result.exit_code == 0, result.output
     assert _eta(result, "1/2") >= 110, result.stderr  # the skill request went at 60 s: then 120 s, 180 s
+    # before any request, from the estimate the run began with: 4 requests, one a minute
+    first = result.stderr.splitlines()[0]
+    minutes, seconds = re.search(r"  ETA (?:(\d+)m )?(\d+)s$", first).groups()
+    assert int(minutes or 0) * 60 + int(seconds) >= 170, first
 
 
 def test_the_eta_after_a_wait_for_the_minute_counts_no_wait_that_is_over(tmp_path):

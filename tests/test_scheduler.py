@@ -601,7 +601,7 @@ def test_the_quota_share_of_the_eta_is_the_same_just_before_pacific_midnight(to_
 
     now = next_day_start(datetime(2026, 11, 23, 12, tzinfo=timezone.utc).timestamp()) - to_midnight
     recent = [now - 10 + i * 0.5 for i in range(20)]  # this minute's 20 requests, sent 10 s to 0.5 s ago
-    seconds = eta(Limits(rpm=20, rpd=1000), remaining=15, finished=0, requests=0, input_tokens=0, used_today=20,
+    seconds = eta(Limits(rpm=20, rpd=1000), remaining=15, finished=0, requests=0, tokens_each=0, used_today=20,
                   now=now, dry_run=False, recent=recent, latency=0.0)
     # 30 requests: the next 20 as this minute's expire (the 10th at now - 5.5 + 60), the last 10 a minute later
     assert seconds == pytest.approx(114.5)
