@@ -91,12 +91,13 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     restored = c.PluginRestored(tree_sha256=chosen.id, replaced_sha256=replaced)
     in_place = os.path.realpath(plugin_dir) == os.path.realpath(root)
     if in_place:
-        # Not one atomic step (see snapshots._restore_root): recorded first, so the files it
-        # replaces stay listed even when it is cut short, and running it again finishes it.
-        _record(store, plugin_id, restored)
-    removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id,
-                                keep=_not_the_plugins(store, root) if in_place else ())
-    if not in_place:
+        # Not one atomic step (see snapshots._restore_root): recorded once its checks passed and
+        # before it changes anything, so the files it replaces stay listed even when it is cut
+        # short, and running it again finishes it.
+        removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id, keep=_not_the_plugins(store, root),
+                                    begin=lambda: _record(store, plugin_id, restored))
+    else:
+        removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id)
         _record(store, plugin_id, restored)
     scan(store, root)
     manifest = msgspec.json.decode(store.get_blob(chosen.id))

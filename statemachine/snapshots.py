@@ -162,7 +162,7 @@ def _read(start: str, rel: str) -> bytes:
 
 
 def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
-            tree_sha256: str, keep: Collection[str] = ()) -> list[str]:
+            tree_sha256: str, keep: Collection[str] = (), begin: Callable[[], None] | None = None) -> list[str]:
     """Make plugin_dir exactly the snapshot `tree_sha256` (created when missing), keeping what
     no snapshot holds (see `writes.swap_dir`); returns the paths of those that had to go,
     because the snapshot has something else of that name.
@@ -170,13 +170,14 @@ def restore(get_blob: Callable[[str], bytes], root: Path, plugin_dir: Path,
     Refuses, with SnapshotError and before changing anything: a missing or corrupt blob, a
     malformed manifest, an entry path with '..', '.', an absolute path, an empty or NUL
     segment, a plugin_dir not inside root, or reached through a symlink.
-    A plugin at the marketplace root cannot be swapped whole: see `_restore_root` (and `keep`).
+    A plugin at the marketplace root cannot be swapped whole: see `_restore_root` (`keep`, and
+    `begin`, called once every check passed, before the first change).
     """
     manifest = _load(get_blob, tree_sha256)
     entries = _validated(manifest)
     parts = _plugin_parts(root, plugin_dir)
     if not parts:
-        return _restore_root(get_blob, Path(root), manifest, entries, keep)
+        return _restore_root(get_blob, Path(root), manifest, entries, keep, begin)
     try:
         parent_fd = open_dir(Path(root), parts[:-1], create=True)
     except WriteError as e:
@@ -276,7 +277,8 @@ def _plugin_parts(root: Path, plugin_dir: Path) -> list[str]:
 
 
 def _restore_root(get_blob: Callable[[str], bytes], root: Path, manifest: Manifest,
-                  entries: list[tuple[Entry, list[str]]], keep: Collection[str]) -> list[str]:
+                  entries: list[tuple[Entry, list[str]]], keep: Collection[str],
+                  begin: Callable[[], None] | None) -> list[str]:
     """Restore the plugin at the marketplace root (`"source": "./"`) in place: the root also
     holds the log and the other plugins, so it is not swapped whole. `keep`: files below the
     root that are not the plugin's though its tree holds them (the marketplace's manifest, a
@@ -321,6 +323,8 @@ def _restore_root(get_blob: Callable[[str], bytes], root: Path, manifest: Manife
                 f"cannot restore {one_line(rel)}: the snapshot has a {entry.kind} there, and the directory there "
                 "now holds what no snapshot holds (another plugin, .git, the log); move it, then restore again "
                 "(nothing was changed)")
+    if begin is not None:
+        begin()
     removed: list[str] = []
     try:
         root_fd = open_dir(root, [])

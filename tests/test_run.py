@@ -1299,6 +1299,7 @@ def test_a_root_restore_refuses_before_it_changes_anything_what_it_could_not_fin
     assert refused.stderr == ("error: cannot restore docs: it is another plugin now, or never snapshotted; "
                               "move it, then restore again (nothing was changed)\n")
     assert (root / "NOTES.md").read_text() == "my notes\n" and (root / "skills" / "solo" / "SKILL.md").is_file()
+    assert states(root)["."] == "done"  # nor recorded
     (root / "docs" / ".claude-plugin" / "plugin.json").unlink()
     assert overnight("restore-plugin", "solo", root).exit_code == 0
     assert not (root / "NOTES.md").exists() and not (root / "skills").exists()
