@@ -202,7 +202,7 @@ def _file_digest(start: str, rel: str, problems: list[str]) -> str:
 def analyze(root: Path, candidate: Candidate, tree: Tree) -> PluginFacts:
     """Structure facts of one plugin that discovery found processable.
 
-    version/description/keywords come from plugin.json, the manifest entry as fallback.
+    version/description/keywords/license come from plugin.json, the manifest entry as fallback.
     Markdown that is not UTF-8 (README, commands, agents) is a warning; a skill's SKILL.md
     is checked with the reference validator's own functions on content read safely here.
     """
@@ -224,6 +224,7 @@ def analyze(root: Path, candidate: Candidate, tree: Tree) -> PluginFacts:
         version=pick("version"),
         description=pick("description"),
         keywords=[k for k in keywords if isinstance(k, str)],
+        license=pick("license"),
         readme_bytes=readme,
         commands=_markdown_stems(root_real, plugin, "commands", warnings),
         agents=_markdown_stems(root_real, plugin, "agents", warnings),
@@ -356,7 +357,9 @@ def _skill(root_real: str, skill_dir: Path) -> SkillFact:
     except Exception as e:  # noqa: BLE001 - strictyaml raises AttributeError on some control chars
         return SkillFact(dir=skill_dir.name, bytes=len(data),
                          errors=[f"{found} frontmatter cannot be parsed ({type(e).__name__})"])
-    return SkillFact(dir=skill_dir.name, bytes=len(data), valid=not errors, errors=errors)
+    license = metadata.get("license")
+    return SkillFact(dir=skill_dir.name, bytes=len(data), valid=not errors, errors=errors,
+                     license=license if isinstance(license, str) and license.strip() else None)
 
 
 def _scripts(plugin: Path) -> int:

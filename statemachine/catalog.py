@@ -29,6 +29,7 @@ class SkillFact(msgspec.Struct, frozen=True, kw_only=True):
     bytes: int = 0
     valid: bool = False
     errors: list[str] = []
+    license: str | None = None  # its frontmatter's, kept when overnight replaces the SKILL.md
 
 
 class PluginFacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,6 +38,7 @@ class PluginFacts(msgspec.Struct, frozen=True, kw_only=True):
     version: str | None = None
     description: str | None = None
     keywords: list[str] = []
+    license: str | None = None  # plugin.json's (the manifest entry's as fallback)
     readme_bytes: int | None = None
     commands: list[str] = []
     agents: list[str] = []

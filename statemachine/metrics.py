@@ -28,6 +28,7 @@ from statemachine.prompts import (
     load_standards,
     plan_prompt,
     plugin_data,
+    replaced_skill,
     skill_prompt,
     system_instruction,
 )
@@ -225,12 +226,14 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
         state, step, path, name, category, skill_name, facts = row[0]
         if state in _PAST_SKILL:
             continue  # its SKILL.md came: what is left needs no request
-        data = plugin_data(root, path, name, category, msgspec.json.decode(facts, type=c.PluginFacts))
+        facts = msgspec.json.decode(facts, type=c.PluginFacts)
+        data = plugin_data(root, path, name, category, facts, skill_name)
+        replaces = replaced_skill(facts, skill_name)
         needs_plan = (state in ("analyzed", "planning", "new", "discovered") or state in FINAL
                       or (state == "retrying" and step == "plan"))
-        plan_in = estimate_tokens(system, plan_prompt(data, skill_name)) if needs_plan else 0
+        plan_in = estimate_tokens(system, plan_prompt(data, skill_name, replaces)) if needs_plan else 0
         # the skill prompt with no plan in it: the least the real one (with the plan) can be
-        skill_least = 0 if plan_only else estimate_tokens(system, skill_prompt(data, skill_name, empty_plan, gates, []))
+        skill_least = 0 if plan_only else estimate_tokens(system, skill_prompt(data, skill_name, replaces, empty_plan, gates, []))
         if limits.tpm and max(plan_in, skill_least) > limits.tpm:
             unsendable.append((plugin_id, max(plan_in, skill_least)))
             continue

@@ -43,7 +43,15 @@ from statemachine.gateway import (
 )
 from statemachine.journal import Journal
 from statemachine.lifecycle import FINAL, PluginCursor, State
-from statemachine.prompts import Standards, estimate_tokens, plan_prompt, plugin_data, skill_prompt, system_instruction
+from statemachine.prompts import (
+    Standards,
+    estimate_tokens,
+    plan_prompt,
+    plugin_data,
+    replaced_skill,
+    skill_prompt,
+    system_instruction,
+)
 from statemachine.scheduler import DailyQuotaExhausted, Scheduler
 
 _METRICS = {"GenerateRequestsPerMinute": "rpm", "GenerateRequestsPerDay": "rpd",
@@ -363,15 +371,16 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         raise PluginChanged()  # a prompt from files the analysis never saw, or a plugin gone: quota for nothing
     details = _details(ctx, cursor.plugin_id, "facts", "plan", "feedback")
     facts = msgspec.json.decode(details["facts"], type=c.PluginFacts)
-    data = plugin_data(ctx.root, row["path"], row["name"], row["category"], facts)
+    data = plugin_data(ctx.root, row["path"], row["name"], row["category"], facts, row["skill_name"])
+    replaces = replaced_skill(facts, row["skill_name"])
     system = system_instruction(ctx.standards)
     feedback: list[str] = []
     if step == "plan":
-        prompt, schema = plan_prompt(data, row["skill_name"]), c.Plan
+        prompt, schema = plan_prompt(data, row["skill_name"], replaces), c.Plan
     else:
         plan = msgspec.json.decode(details["plan"], type=c.Plan)
         feedback = msgspec.json.decode(details["feedback"]) if details["feedback"] else []
-        prompt, schema = skill_prompt(data, row["skill_name"], plan, ctx.settings.gates, feedback), c.SkillDraft
+        prompt, schema = skill_prompt(data, row["skill_name"], replaces, plan, ctx.settings.gates, feedback), c.SkillDraft
     est = estimate_tokens(system, prompt)
     tpm = ctx.scheduler.limits.tpm
     if tpm and est > tpm:  # Gemini would answer every attempt with a 429, a request a minute, for ever
@@ -518,12 +527,13 @@ def _sha(data: bytes) -> str:
 
 
 def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
-    details = _details(ctx, cursor.plugin_id, "draft")
+    details = _details(ctx, cursor.plugin_id, "draft", "facts")
     draft = msgspec.json.decode(ctx.journal.blob(details["draft"]), type=c.SkillDraft)
+    facts = msgspec.json.decode(details["facts"], type=c.PluginFacts)
     name = row["skill_name"]
-    skill_md = skillmd.compose(name, draft)
     plugin_dir = ctx.root / row["path"]
     legacy = legacy_skill_dir(plugin_dir, name)
+    skill_md = skillmd.compose(name, draft, license=_license(facts, legacy.name if legacy else name))
     existing = _existing(plugin_dir / "skills" / name) | (_existing(legacy) if legacy else set())
     reasons = gates.check(name, skill_md, draft.files, existing, ctx.settings.gates)
     if reasons:
@@ -538,6 +548,12 @@ def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     files = [c.FileWrite(path=path, sha256=_sha(data)) for path, data in contents.items()]
     ctx.journal.record(cursor, c.SkillValidated(run_id=ctx.run_id, skill_name=name, files=files),
                        blobs=list(contents.values()))
+
+
+def _license(facts: c.PluginFacts, replaced: str) -> str | None:
+    """The license the SKILL.md states: the one of the SKILL.md it replaces (in skills/<replaced>/),
+    else the plugin's own (plugin.json)."""
+    return next((s.license for s in facts.skills if s.dir == replaced and s.license), facts.license)
 
 
 def _existing(skill_dir: Path) -> set[str]:

@@ -17,14 +17,14 @@ from pathlib import Path
 import msgspec
 
 from statemachine.catalog import Plan, PluginFacts
-from statemachine.discovery import Unreadable, read_inside
+from statemachine.discovery import LEGACY_SKILL_DIR, Unreadable, read_inside
 from statemachine.gates import GateConfig
 
 DATA_OPEN = "<<<PLUGIN_DATA"
 DATA_CLOSE = "PLUGIN_DATA>>>"
 # How much of each file goes into a prompt; the whole prompt stays far below model limits.
 EXCERPT_CHARS = {"readme": 12_000, "plugin.json": 4_000, "command": 3_000, "agent": 3_000,
-                 "skill": 6_000}
+                 "skill": 6_000, "replaced": 64_000}
 MAX_EXCERPT_FILES = 6
 READ_LIMIT = 512 * 1024
 
@@ -68,8 +68,17 @@ def _excerpt(root_real: str, path: Path, limit: int) -> str | None:
     return text if len(text) <= limit else text[:limit] + "\n[... truncated ...]"
 
 
-def plugin_data(root: Path, plugin_path: str, name: str, category: str, facts: PluginFacts) -> str:
-    """The delimited data block: facts, then excerpts of the plugin's own files."""
+def replaced_skill(facts: PluginFacts, skill_name: str) -> str | None:
+    """The directory under skills/ whose SKILL.md the new skill replaces: skills/<skill_name>/,
+    else the legacy skills/skill-adapter/ (a write moves it there); None when there is none."""
+    dirs = {s.dir for s in facts.skills}
+    return next((d for d in (skill_name, LEGACY_SKILL_DIR) if d in dirs), None)
+
+
+def plugin_data(root: Path, plugin_path: str, name: str, category: str, facts: PluginFacts,
+                skill_name: str) -> str:
+    """The delimited data block: facts, then excerpts of the plugin's own files. The SKILL.md
+    the new skill replaces comes first among the skills, whole up to EXCERPT_CHARS["replaced"]."""
     root_real = str(root.resolve())
     plugin = root / plugin_path
     parts = [
@@ -92,8 +101,12 @@ def plugin_data(root: Path, plugin_path: str, name: str, category: str, facts: P
               for c in facts.commands[:MAX_EXCERPT_FILES]]
     files += [(f"agents/{a}.md", plugin / "agents" / f"{a}.md", EXCERPT_CHARS["agent"])
               for a in facts.agents[:MAX_EXCERPT_FILES]]
-    files += [(f"skills/{s.dir}/SKILL.md", plugin / "skills" / s.dir / "SKILL.md", EXCERPT_CHARS["skill"])
-              for s in facts.skills[:2]]
+    replaced = replaced_skill(facts, skill_name)
+    if replaced:
+        files.append((f"skills/{replaced}/SKILL.md (the current version of the skill to write)",
+                      plugin / "skills" / replaced / "SKILL.md", EXCERPT_CHARS["replaced"]))
+    files += [(f"skills/{d}/SKILL.md", plugin / "skills" / d / "SKILL.md", EXCERPT_CHARS["skill"])
+              for d in [s.dir for s in facts.skills if s.dir != replaced][:2]]
     for label, path, limit in files:
         text = _excerpt(root_real, path, limit)
         if text is not None:
@@ -101,9 +114,18 @@ def plugin_data(root: Path, plugin_path: str, name: str, category: str, facts: P
     return f"{DATA_OPEN}\n{_neutralize(chr(10).join(parts))}\n{DATA_CLOSE}"
 
 
-def plan_prompt(data: str, skill_name: str) -> str:
+def _replacing(replaces: str | None) -> str:
+    if replaces is None:
+        return ""
+    return (f"The skill replaces the plugin's current skills/{replaces}/SKILL.md (in the data below): keep "
+            "every instruction, command and fact of value from it, moving detail into references/ files "
+            "when it would not fit.\n")
+
+
+def plan_prompt(data: str, skill_name: str, replaces: str | None) -> str:
     return (
         f"Assess this plugin and plan one Agent Skill for it, named '{skill_name}'.\n"
+        + _replacing(replaces) +
         "Return: the gaps in the plugin's current documentation and skills, by priority; a "
         "quality score (0-100) now and the score expected after the skill exists; the SKILL.md "
         "sections to write; bundled files to create under scripts/, references/ or assets/ "
@@ -112,11 +134,12 @@ def plan_prompt(data: str, skill_name: str) -> str:
     )
 
 
-def skill_prompt(data: str, skill_name: str, plan: Plan, gates: GateConfig,
+def skill_prompt(data: str, skill_name: str, replaces: str | None, plan: Plan, gates: GateConfig,
                  feedback: list[str]) -> str:
     plan_json = msgspec.json.encode(plan).decode("utf-8")
     lines = [
         f"Write the Agent Skill '{skill_name}' for this plugin, following the plan below.",
+        *([_replacing(replaces).rstrip()] if replaces else []),
         "Return the content fields only; the name and frontmatter are added by the caller.",
         "- description: what the skill does and when to use it, with trigger phrases; "
         f"at most {gates.max_description} characters.",

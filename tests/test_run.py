@@ -18,12 +18,13 @@ from urllib.parse import urlsplit
 import apsw
 import pytest
 from click.testing import CliRunner
+from skills_ref.parser import parse_frontmatter
 from skills_ref.validator import validate
 
 from cli.main import main
 from statemachine.analysis import hash_tree
 from tests.emulator import Emulator
-from tests.marketplace_builder import deep_tree, manifest, plugin, remove_deep, write
+from tests.marketplace_builder import deep_tree, manifest, plugin, remove_deep, skill_md, write
 from tests.privileges import needs_permissions, unprivileged
 
 KEY = "fake-key-OVERNIGHT-7f3a9c"
@@ -104,8 +105,8 @@ def test_run_enhances_every_plugin_and_the_log_matches_the_emulator(market, emu)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["outcome"] == "complete" and summary["by_state"] == {"done": 4}
-    for skill_md in market.glob("plugins/*/*/skills/*/SKILL.md"):
-        assert validate(skill_md.parent) == [], skill_md
+    for skill_file in market.glob("plugins/*/*/skills/*/SKILL.md"):
+        assert validate(skill_file.parent) == [], skill_file
     assert len(list(market.glob("plugins/*/*/skills/*/SKILL.md"))) == 4
     for written in market.glob("plugins/*/*/skills/*/**/*"):  # a script (#!) can be run as it is
         if written.is_file():
@@ -1394,3 +1395,26 @@ def test_a_crash_between_the_write_and_done_is_finished_by_resume_not_rediscover
     assert types(one)[-2:] == ["WriteCompleted", "PluginDone"]
     assert len(generate_requests(emu)) == 2
     assert overnight("scan", one, "--json").stdout.count('"events": 0') == 1
+
+
+def test_the_skill_replaced_is_in_its_prompts_whole_and_its_license_is_kept(tmp_path, emu):
+    """The SKILL.md a run replaces reaches both prompts in full, even behind other skills and
+    longer than an excerpt; the new one keeps its license, or plugin.json's when there was none."""
+    root = tmp_path / "m"
+    manifest(root, [{"name": "zeta", "source": "./plugins/t/zeta"}, {"name": "omega", "source": "./plugins/t/omega"}])
+    long_body = "".join(f"Step {i}: run the zeta check number {i}.\n" for i in range(900)) + "ZETA-LAST-LINE\n"
+    old = skill_md("zeta", license="Apache-2.0").replace("Body.\n", long_body)
+    plugin(root, "plugins/t/zeta", "zeta", license="MIT",
+           files={"README.md": "# Zeta\n", "skills/alpha/SKILL.md": skill_md("alpha"),
+                  "skills/beta/SKILL.md": skill_md("beta"), "skills/zeta/SKILL.md": old})
+    plugin(root, "plugins/t/omega", "omega", license="BSD-3-Clause", files={"README.md": "# Omega\n"})
+    assert run(root, emu).exit_code == 0
+    zeta = [r for r in generate_requests(emu) if "plugin name: zeta" in r.text]
+    assert [r.phase for r in zeta] == ["plan", "skill"]
+    for request in zeta:
+        assert "ZETA-LAST-LINE" in request.text and "Step 899:" in request.text
+        assert "replaces the plugin's current skills/zeta/SKILL.md" in request.text
+    metadata = {p.parent.parent.parent.name: parse_frontmatter(p.read_text())[0]
+                for p in root.glob("plugins/t/*/skills/*/SKILL.md") if p.parent.name in ("zeta", "omega")}
+    assert metadata["zeta"]["license"] == "Apache-2.0"
+    assert metadata["omega"]["license"] == "BSD-3-Clause"
