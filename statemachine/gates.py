@@ -31,6 +31,7 @@ _SHOWN = 5
 _MAX_FRONTMATTER_CHARS = 16_000
 _MAX_FRONTMATTER_LINES = 100
 _MAX_SEGMENT_BYTES = 255
+_NOT_ON_WINDOWS = frozenset('<>:"|?*')
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def check(
     bundled = [f.path for f in files]
     reasons += _links(links, bundled, existing)
     reasons += _absolute_paths(doc, links)
-    reasons += _containment(bundled, links)
+    reasons += _containment(bundled, links, existing)
     return reasons
 
 
@@ -379,17 +380,36 @@ def _token_at(line: str, start: int) -> str:
     return _show((match[0] if match else "").rstrip(".,;:!?"))
 
 
-def _containment(bundled: list[str], links: list[_Link]) -> list[str]:
-    """Bundled files only under scripts/, references/, assets/; nothing leaves the skill dir."""
+def _containment(bundled: list[str], links: list[_Link], existing: set[str]) -> list[str]:
+    """Bundled files only under scripts/, references/, assets/, each with a name every file
+    system and git keep apart from the others; nothing leaves the skill dir."""
     problems = []
     seen: dict[str, str] = {}
+    safe: list[str] = []
     for path in bundled:
         if problem := _path_problem(path, bundled=True):
             problems.append(f"bundled file {_show(path)} {problem}")
-        elif (folded := path.casefold()) in seen:
+        elif (folded := _fold(path)) in seen:
             problems.append(f"bundled file {_show(path)} collides with {_show(seen[folded])}")
         else:
             seen[folded] = path
+            safe.append(path)
+    on_disk = {_fold(path): path for path in existing}
+    files = {**on_disk, **seen}
+    directories = {}
+    for path in files.values():
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            directories.setdefault(_fold("/".join(parts[:i])), path)
+    for path in safe:
+        folded = _fold(path)
+        if (same := on_disk.get(folded, path)) != path:
+            problems.append(f"bundled file {_show(path)} differs only in letter case or Unicode form from the "
+                            f"existing {_show(same)}")
+        elif folded in directories:
+            problems.append(f"bundled file {_show(path)} is also the directory of {_show(directories[folded])}")
+        elif parent := next((files[d] for d in _parents(folded) if d in files), None):
+            problems.append(f"bundled file {_show(path)} needs {_show(parent)}, a file, to be a directory")
     for link in links:
         path = link.relative_path
         if path is not None and (problem := _path_problem(path.removesuffix("/"), bundled=False)):
@@ -397,6 +417,16 @@ def _containment(bundled: list[str], links: list[_Link]) -> list[str]:
     if not problems:
         return []
     return [f"containment: {'; '.join(problems[:_SHOWN])}{_more(problems)}"]
+
+
+def _fold(path: str) -> str:
+    """The key under which two names are one file on some file system (case, Unicode form)."""
+    return unicodedata.normalize("NFC", path).casefold()
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _path_problem(path: str, *, bundled: bool) -> str | None:
@@ -418,6 +448,14 @@ def _path_problem(path: str, *, bundled: bool) -> str | None:
         return None
     if any(len(s.encode("utf-8", "surrogatepass")) > _MAX_SEGMENT_BYTES for s in segments):
         return f"has a segment longer than {_MAX_SEGMENT_BYTES} bytes"
+    if any(s.startswith(".") for s in segments):
+        return "has a segment starting with '.' (hidden: left out of listings, and often ignored by git)"
+    if any(s != s.strip() or s.endswith(".") for s in segments):
+        return "has a segment that begins or ends with a space, or ends with '.'"
+    if any(c in _NOT_ON_WINDOWS for c in path):
+        return "holds a character Windows cannot name a file with (one of < > : \" | ? *)"
+    if unicodedata.normalize("NFC", path) != path:
+        return "is not in Unicode NFC form"
     if segments[-1].casefold() == "skill.md":
         return "is named SKILL.md, which only the composer writes"
     if segments[0] not in BUNDLE_DIRS or len(segments) < 2:

@@ -22,6 +22,10 @@ _PLAIN = re.compile(r"[A-Za-z0-9(][A-Za-z0-9 .,;()'/+_=?!*-]*")
 # contain three hyphens in a row as written; in double quotes a hyphen can be spelled \x2d.
 _HYPHEN_AFTER_HYPHEN = re.compile(r"(?<=-)-")
 
+# A comma outside parentheses separates two tools ("Write, Edit"); one inside belongs to a
+# tool's pattern ("Bash(git add:*, git rm:*)").
+_TOOL_SEPARATOR = re.compile(r",(?![^(]*\))")
+
 _ESCAPES = {"\\": "\\\\", '"': '\\"'}
 
 _FRONTMATTER_OPEN = re.compile(r"---[ \t]*\r?\n")
@@ -32,13 +36,14 @@ def compose(name: str, draft: SkillDraft, *, license: str | None = None) -> str:
     """The full SKILL.md text: YAML frontmatter composed in code from the fields, then the body.
 
     Frontmatter fields, in order: name, description, allowed-tools (the tools joined by single
-    spaces, as the Agent Skills spec has it; omitted when there are none), license (omitted when
+    spaces, as the Agent Skills spec has it, an entry listing several split at its commas;
+    omitted when there are none), license (omitted when
     None or blank). Whitespace inside every value collapses to single spaces. Any frontmatter
     the model put at the top of the body is dropped. The body is stripped and the file ends
     with exactly one newline.
     """
     fields = [("name", _one_line(name)), ("description", _one_line(draft.description))]
-    tools = _unique(_one_line(tool) for tool in draft.allowed_tools)
+    tools = _unique(_one_line(tool) for entry in draft.allowed_tools for tool in _TOOL_SEPARATOR.split(entry))
     if tools:
         fields.append(("allowed-tools", " ".join(tools)))
     if license is not None and _one_line(license):

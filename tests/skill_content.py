@@ -23,7 +23,7 @@ SECTIONS = ("Overview", "Prerequisites", "Instructions", "Output", "Error Handli
             "Examples", "Resources")
 MIN_BYTES, MAX_BYTES = 8_000, 14_000
 GATES = ("size_small", "size_large", "sections", "voice", "fences", "examples", "links",
-         "absolute", "escape")
+         "absolute", "escape", "hidden")
 
 FENCE = "```"
 SECOND_PERSON = re.compile(r"\byou(?:r|rs|'re|rself|rselves)?\b", re.IGNORECASE)
@@ -428,6 +428,8 @@ def bad_skill(gate: str, name_hint: str = "the plugin") -> dict[str, Any]:
             "\nKeep this file")
         draft["body"] = _body(name_hint, sections)
         draft["files"] = draft["files"] + [{"path": "../outside.md", "content": "# Notes\n"}]
+    elif gate == "hidden":
+        draft["files"] = draft["files"] + [{"path": "scripts/.env", "content": "TOKEN=x\n"}]
     else:
         raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
     return draft
@@ -475,6 +477,8 @@ def check(draft: dict[str, Any], name: str = "x") -> list[str]:
         failed.append("absolute")
     if ".." in body or any(".." in p.split("/") for p in paths):
         failed.append("escape")
+    if any(seg.startswith(".") and seg != ".." for p in paths for seg in p.split("/")):
+        failed.append("hidden")
     return failed
 
 

@@ -156,6 +156,11 @@ def test_compose_joins_tools_with_spaces_dropping_duplicates():
     assert parse_frontmatter(text)[0]["allowed-tools"] == "Read Grep Bash(git:*)"
 
 
+def test_compose_splits_a_tools_entry_that_lists_several_at_its_commas():
+    text = compose(NAME, draft("Body.", tools=["Write, Edit", "Read,Grep", "Bash(git add:*, git rm:*)", "Edit"]))
+    assert parse_frontmatter(text)[0]["allowed-tools"] == "Write Edit Read Grep Bash(git add:*, git rm:*)"
+
+
 @pytest.mark.parametrize(
     "description",
     [
@@ -197,11 +202,12 @@ def test_compose_round_trips_random_unicode():
     alphabet = "abc :#'\"\\-\n\t{}[]&*!|>%@`?,~" + "é😀\u2028\x00\x7f\ufeff"
     for _ in range(300):
         value = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
-        text = compose(NAME, draft("Body.", description=value, tools=[value]), license=value)
+        tool = value.replace(",", "")  # a comma separates tools: tested above
+        text = compose(NAME, draft("Body.", description=value, tools=[tool]), license=value)
         metadata, _ = parse_frontmatter(text)
         expected = " ".join(value.split())
         assert metadata["description"] == expected
-        assert metadata.get("allowed-tools", "") == expected
+        assert metadata.get("allowed-tools", "") == " ".join(tool.split())
         assert metadata.get("license", "") == expected
 
 
@@ -436,6 +442,13 @@ def test_not_absolute_paths(text: str):
         ("~/x", "is absolute"),
         ("", "is empty"),
         ("references/" + "a" * 300, "longer than 255 bytes"),
+        ("assets/.git/config", "segment starting with '.'"),
+        ("scripts/.env", "segment starting with '.'"),
+        ("references/notes.md ", "begins or ends with a space"),
+        ("references/ notes.md", "begins or ends with a space"),
+        ("references/notes.", "ends with '.'"),
+        ("references/a:b.md", "Windows cannot name"),
+        ("references/cafe\u0301.md", "not in Unicode NFC form"),
     ],
 )
 def test_containment_of_bundled_files(path: str, problem: str):
@@ -449,6 +462,23 @@ def test_bundled_files_may_not_collide():
     reasons = run(files=files)
     assert gates(reasons) == ["containment"]
     assert "collides with 'references/guide.md'" in reasons[0]
+
+
+@pytest.mark.parametrize(("files", "existing", "problem"), [
+    (["references/guide.md/more.md"], [], "'references/guide.md' is also the directory of 'references/guide.md/more.md'"),
+    (["scripts/run"], ["scripts/run/x.sh"], "'scripts/run' is also the directory of 'scripts/run/x.sh'"),
+    (["assets/img/logo.svg"], ["assets/img"], "'assets/img/logo.svg' needs 'assets/img', a file, to be a directory"),
+    ([], ["references/Guide.md"], "'references/guide.md' differs only in letter case or Unicode form from the "
+                                  "existing 'references/Guide.md'"),
+])
+def test_bundled_files_keep_apart_from_each_other_and_from_files_on_disk(files, existing, problem):
+    reasons = run(files=[GUIDE, *(DraftFile(path=p, content="x") for p in files)], existing=frozenset(existing))
+    assert gates(reasons) == ["containment"]
+    assert problem in reasons[0]
+
+
+def test_a_bundled_file_may_replace_the_same_file_on_disk():
+    assert run(existing=frozenset({"references/guide.md", "scripts/old.sh"})) == []
 
 
 @pytest.mark.parametrize(
