@@ -544,7 +544,7 @@ def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
             ctx.journal.record(cursor, c.SkillGateFailed(run_id=ctx.run_id, attempt=attempt, reasons=reasons))
         return
     contents = {f"skills/{name}/SKILL.md": skill_md.encode("utf-8")}
-    contents.update({f"skills/{name}/{f.path}": f.content.encode("utf-8") for f in draft.files})
+    contents.update({f"skills/{name}/{f.path}": skillmd.tidy(f.content).encode("utf-8") for f in draft.files})
     files = [c.FileWrite(path=path, sha256=_sha(data)) for path, data in contents.items()]
     ctx.journal.record(cursor, c.SkillValidated(run_id=ctx.run_id, skill_name=name, files=files),
                        blobs=list(contents.values()))

@@ -54,6 +54,13 @@ def compose(name: str, draft: SkillDraft, *, license: str | None = None) -> str:
     return f"{text}\n{body}\n" if body else text
 
 
+def tidy(content: str) -> str:
+    """A bundled text file as written: no byte order mark, LF line endings (a CRLF script's
+    shebang line names an interpreter 'bash\r'), ending with one newline unless it is empty."""
+    text = content.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    return text.rstrip("\n") + "\n" if text.strip("\n") else ""
+
+
 def _one_line(value: str) -> str:
     return " ".join(value.split())
 

@@ -224,9 +224,15 @@ def _check_existing(base: int, rel: str, parts: list[str]) -> None:
         os.close(fd)
 
 
+def _mode(replaced: os.stat_result | None, data: bytes) -> int:
+    mode = stat.S_IMODE(replaced.st_mode) & 0o777 if replaced and stat.S_ISREG(replaced.st_mode) else 0o644
+    return mode | (mode & 0o444) >> 2 if data.startswith(b"#!") else mode
+
+
 def write_atomic(plugin_dir: Path | int, rel: str, data: bytes) -> None:
-    """Write `data` to plugin_dir/rel so a crash leaves the old or the new bytes. The mode is
-    0o755 for a script (its bytes start with `#!`), else 0o644.
+    """Write `data` to plugin_dir/rel so a crash leaves the old or the new bytes. A file that
+    replaces one keeps its permissions (0o600 stays private); a new one gets 0o644. A script (its
+    bytes start with `#!`) is made executable by whoever may read it.
 
     Parents are created as needed; a symlink anywhere on the way is refused, a symlink at the
     target is replaced by the file (its own target is never touched).
@@ -243,7 +249,7 @@ def write_atomic(plugin_dir: Path | int, rel: str, data: bytes) -> None:
                       0o600, dir_fd=fd)
         try:
             try:
-                os.fchmod(out, 0o755 if data.startswith(b"#!") else 0o644)  # whatever the umask
+                os.fchmod(out, _mode(st, data))  # whatever the umask
                 view = memoryview(data)
                 while view:
                     view = view[os.write(out, view[:_CHUNK]):]

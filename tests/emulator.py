@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
-from tests.skill_content import GATES, bad_skill, good_skill
+from tests.skill_content import GATES, bad_skill, good_skill, untidy_files
 
 PACIFIC = ZoneInfo("America/Los_Angeles")
 DEFAULT_MODELS = frozenset({"gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite"})
@@ -53,7 +53,7 @@ METRIC_TOKENS = "generativelanguage.googleapis.com/generate_content_free_tier_in
 
 FAULTS = ("rate_limit_minute", "rate_limit_day", "rate_limit_tokens", "rate_limit_bare",
           "server_error", "unavailable", "bad_request", "timeout", "reset", "malformed_body", "invalid_json",
-          "schema_mismatch", "blocked", "max_tokens", "safety", "recitation", "empty",
+          "schema_mismatch", "blocked", "max_tokens", "safety", "recitation", "empty", "untidy_files",
           *(f"gate_{g}" for g in GATES))
 
 _TYPE = "type.googleapis.com/google.rpc."
@@ -482,6 +482,8 @@ class Emulator:
             hint = name_hint(text)
             if fault is not None and fault.kind.startswith("gate_"):
                 draft = bad_skill(fault.kind[len("gate_"):], hint)
+            elif fault is not None and fault.kind == "untidy_files":
+                draft = untidy_files(hint)
             else:
                 draft = good_skill(hint)
             return json.dumps(draft, ensure_ascii=False)

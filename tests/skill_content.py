@@ -364,6 +364,16 @@ def good_skill(name_hint: str = "the plugin") -> dict[str, Any]:
             "files": _files(t, _slug(name_hint))}
 
 
+def untidy_files(name_hint: str = "the plugin") -> dict[str, Any]:
+    """A good draft whose bundled files come as an editor on another system might leave them:
+    CRLF line endings, a byte order mark before the first, no newline at the end of the last."""
+    draft = good_skill(name_hint)
+    files = [dict(f, content=f["content"].replace("\n", "\r\n")) for f in draft["files"]]
+    files[0]["content"] = "\ufeff" + files[0]["content"]
+    files[-1]["content"] = files[-1]["content"].rstrip("\r\n")
+    return dict(draft, files=files)
+
+
 _FILLER = """### Note {n}
 
 Keep every run small and auditable. Record the command, its exit status and the files it

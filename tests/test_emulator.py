@@ -361,6 +361,16 @@ def test_gate_faults_fail_exactly_one_gate(emu, client, gate):
     assert sc.check(msgspec.to_builtins(draft)) == [gate]
 
 
+def test_untidy_files_are_a_good_skill_with_crlf_a_bom_and_no_final_newline(emu, client):
+    emu.script("untidy_files", phase="skill")
+    draft = msgspec.to_builtins(msgspec.json.decode(skill_call(client, "Plugin: web-scraper\nGo.").text,
+                                                    type=SkillDraft))
+    assert sc.check(draft) == []
+    contents = [f["content"] for f in draft["files"]]
+    assert all("\r\n" in text for text in contents)
+    assert contents[0].startswith("\ufeff") and not contents[-1].endswith("\n")
+
+
 def test_every_fault_kind_has_a_test():
     source = Path(__file__).read_text()
     for kind in FAULTS:
