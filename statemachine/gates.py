@@ -389,20 +389,20 @@ def _containment(bundled: list[str], links: list[_Link], existing: set[str]) -> 
     for path in bundled:
         if problem := _path_problem(path, bundled=True):
             problems.append(f"bundled file {_show(path)} {problem}")
-        elif (folded := _fold(path)) in seen:
+        elif (folded := fold(path)) in seen:
             problems.append(f"bundled file {_show(path)} collides with {_show(seen[folded])}")
         else:
             seen[folded] = path
             safe.append(path)
-    on_disk = {_fold(path): path for path in existing}
+    on_disk = {fold(path): path for path in existing}
     files = {**on_disk, **seen}
     directories = {}
     for path in files.values():
         parts = path.split("/")
         for i in range(1, len(parts)):
-            directories.setdefault(_fold("/".join(parts[:i])), path)
+            directories.setdefault(fold("/".join(parts[:i])), path)
     for path in safe:
-        folded = _fold(path)
+        folded = fold(path)
         if (same := on_disk.get(folded, path)) != path:
             problems.append(f"bundled file {_show(path)} differs only in letter case or Unicode form from the "
                             f"existing {_show(same)}")
@@ -419,7 +419,7 @@ def _containment(bundled: list[str], links: list[_Link], existing: set[str]) -> 
     return [f"containment: {'; '.join(problems[:_SHOWN])}{_more(problems)}"]
 
 
-def _fold(path: str) -> str:
+def fold(path: str) -> str:
     """The key under which two names are one file on some file system (case, Unicode form)."""
     return unicodedata.normalize("NFC", path).casefold()
 

@@ -9,6 +9,7 @@ done) is left alone: resume settles it and records its new content hash.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,8 +19,8 @@ from statemachine import catalog as c
 from statemachine import writes
 from statemachine.analysis import analyze, hash_tree
 from statemachine.binding import bind
-from statemachine.discovery import LEGACY_SKILL_DIR, Candidate, discover, holds_plugin, legacy_skill_dir
-from statemachine.gates import BUNDLE_DIRS
+from statemachine.discovery import LEGACY_SKILL_DIR, Candidate, discover, holds_plugin, legacy_skill_dir, one_line
+from statemachine.gates import BUNDLE_DIRS, fold
 from statemachine.lifecycle import Lifecycle, State
 
 # States in which the plugin's files are being changed by overnight itself.
@@ -106,6 +107,10 @@ def _target_problem(root: Path, plugin_dir: Path, skill: str | None, clear: bool
                     f"(or move to skills/{skill}); move one of the two plugins")
     if clear:
         return None
+    twin = _case_twin(plugin_dir / "skills", skill)
+    if twin is not None:
+        return (f"skills/{one_line(twin)}/ differs from skills/{skill}/, the skill directory overnight writes, only in "
+                f"letter case or Unicode form (one directory on macOS and Windows): rename it to skills/{skill}/")
     legacy = legacy_skill_dir(plugin_dir, skill)
     held = f"skills/{legacy.name}" if legacy else f"skills/{skill}"  # where the files go: moved with it
     probes = {f"{held}/{bundle}/{_PROBE}": bundle for bundle in BUNDLE_DIRS}
@@ -119,6 +124,15 @@ def _target_problem(root: Path, plugin_dir: Path, skill: str | None, clear: bool
                         f"{str(e).removeprefix(f'{probe}: ')}")
         return f"its SKILL.md cannot be written: {e}"
     return None
+
+
+def _case_twin(skills: Path, skill: str) -> str | None:
+    """An entry of skills/ other than `skill` that some file system takes for it."""
+    try:
+        names = sorted(os.listdir(skills))
+    except OSError:
+        return None
+    return next((n for n in names if n != skill and fold(n) == fold(skill)), None)
 
 
 def _nested_plugin(plugin_dir: Path, rel: str) -> str | None:

@@ -479,6 +479,18 @@ def test_plugins_overnight_could_never_snapshot_or_write_are_refused_before_any_
         "cannot be written: skills/meeting-notes/SKILL.md: skills is a symlink; refusing to follow it)\n")
 
 
+def test_a_skill_dir_differing_from_the_one_overnight_writes_only_in_case_is_refused_before_any_request(one, emu):
+    write(one / "plugins" / "tools" / "widget" / "skills" / "Widget" / "SKILL.md", skill_md("widget"))
+    result = run(one, emu)
+    assert result.exit_code == 0, result.output
+    assert states(one) == {"plugins/tools/widget": "invalid"}
+    assert query(one, "SELECT reason FROM plugins") == [(
+        "skills/Widget/ differs from skills/widget/, the skill directory overnight writes, only in letter case or "
+        "Unicode form (one directory on macOS and Windows): rename it to skills/widget/",)]
+    assert generate_requests(emu) == []
+    assert not (one / "plugins" / "tools" / "widget" / "skills" / "widget").exists()
+
+
 @needs_permissions
 def test_unreadable_files_refuse_a_plugin_and_a_read_only_skill_dir_fails_it_alone(market, emu):
     secret = market / "plugins/security/secret-scanner/README.md"
