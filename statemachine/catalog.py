@@ -326,7 +326,7 @@ class RunResumed(Event, frozen=True, tag="RunResumed"):
 
 
 class RunInterrupted(Event, frozen=True, tag="RunInterrupted"):
-    """SIGINT or SIGTERM stopped the run cleanly."""
+    """SIGINT, SIGTERM or SIGHUP (the terminal closed, unless nohup ignores it) stopped the run cleanly."""
 
     run_id: str
     signal: str

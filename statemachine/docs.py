@@ -56,14 +56,26 @@ def _type_name(tp: object) -> str:
     return re.sub(r"\b(typing|statemachine\.catalog)\.", "", text).replace("NoneType", "None")
 
 
-def _stream(tag: str) -> str:
-    if tag in BY_TAG:
-        return "plugin:&lt;id&gt;"
-    if tag == "LimitLearned":
-        return "quota:&lt;model&gt;"
-    if tag == "BackupCompleted":
-        return "backup"
-    return "run:&lt;id&gt;"
+# The stream of every event that is not a plugin's, as docs show it (tests check real logs).
+STREAMS = {
+    "RunStarted": "run:<id>", "LimitsChanged": "run:<id>", "BackupTargetChanged": "run:<id>",
+    "RunPaused": "run:<id>", "RunResumed": "run:<id>", "RunInterrupted": "run:<id>",
+    "BudgetExhausted": "run:<id>", "RunFinished": "run:<id>", "RequestLost": "run:<id>",
+    "LimitLearned": "quota:<model>", "BackupCompleted": "backup", "MarketplaceBound": "marketplace",
+}
+
+
+def stream_of(tag: str) -> str:
+    """The stream an event of type `tag` is appended to, with <placeholders>."""
+    return "plugin:<id>" if tag in BY_TAG else STREAMS[tag]
+
+
+def _meaning(cls: type) -> str:
+    """The first paragraph of the type's docstring, on one line; the transition's own text when
+    it has none."""
+    paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+    tag = cls.__struct_config__.tag
+    return " ".join(paragraph.split()) or (BY_TAG[tag].doc if tag in BY_TAG else "")
 
 
 def event_catalogue() -> str:
@@ -73,8 +85,9 @@ def event_catalogue() -> str:
         fields = ", ".join(
             f"{f.name}: {_type_name(f.type)}" for f in msgspec.structs.fields(cls)
         ).replace("|", "\\|")
-        doc = (cls.__doc__ or "").strip().split("\n")[0] or (BY_TAG[tag].doc if tag in BY_TAG else "")
-        lines.append(f"| `{tag}` | {_stream(tag)} | v{cls.schema_version} | {fields} | {doc} |")
+        stream = stream_of(tag).replace("<", "&lt;").replace(">", "&gt;")
+        meaning = _meaning(cls).replace("|", "\\|")
+        lines.append(f"| `{tag}` | {stream} | v{cls.schema_version} | {fields} | {meaning} |")
     return "\n".join(lines)
 
 

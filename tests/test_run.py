@@ -23,6 +23,7 @@ from skills_ref.validator import validate
 
 from cli.main import main
 from statemachine.analysis import hash_tree
+from statemachine.docs import stream_of
 from tests.emulator import Emulator
 from tests.marketplace_builder import deep_tree, manifest, plugin, remove_deep, skill_md, write
 from tests.privileges import needs_permissions, unprivileged
@@ -95,6 +96,8 @@ def generate_requests(emu: Emulator) -> list:
 def assert_healthy(root: Path) -> None:
     verify = overnight("audit", "verify", root, "--json")
     assert verify.exit_code == 0, verify.stdout
+    for tag, stream in query(root, "SELECT DISTINCT type, stream FROM events"):  # as the catalogue says
+        assert re.fullmatch(re.sub(r"<\w+>", ".+", stream_of(tag)), stream), (tag, stream)
     assert overnight("audit", "replay", root).exit_code == 0
     leftovers = [p for p in root.rglob("*") if re.search(r"\.overnight-(tmp|restore|old)-", p.name)]
     assert leftovers == []
