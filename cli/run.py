@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -38,7 +39,8 @@ def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "(--wait: sleep until the quota comes back; the default, and what resume --wait "
                           "asks of a run started with --no-wait)."),
         click.option("--json-log", type=click.File("a", encoding="utf-8"),
-                     help="Append one JSON line per recorded event to this file ('-' for stdout)."),
+                     help="Append one JSON line per recorded event to this file ('-': stdout, which then holds "
+                          "nothing else but the --json summary; the text summary goes to stderr)."),
         click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."),
         click.option("--max-requests", type=click.IntRange(min=0), help="Stop the run after this many requests."),
         click.option("--max-tokens", type=click.IntRange(min=0), help="Stop the run after this many tokens."),
@@ -207,7 +209,10 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             store.close()
-    _render(result, as_json, where(root, db))
+    # `--json-log -`: stdout carries the JSON lines alone (with --json, its summary too: one more line)
+    to_stderr = not as_json and getattr(json_log, "name", None) == "<stdout>"
+    with contextlib.redirect_stdout(sys.stderr) if to_stderr else contextlib.nullcontext():
+        _render(result, as_json, where(root, db))
     if result.outcome == "interrupted" or runner.signal:  # also a signal that stopped the closing backup
         raise click.exceptions.Exit(EXIT_SIGNAL.get(runner.signal or "", 130))
     if not result.ok or result.backup_failed:

@@ -439,6 +439,16 @@ def cli_process(*args: object) -> subprocess.CompletedProcess:
                           env={**env, "GOOGLE_API_KEY": KEY}, capture_output=True, text=True, timeout=300)
 
 
+def test_a_json_log_on_stdout_leaves_stdout_json_lines_only(one, emu):
+    result = cli_process("run", one, "--base-url", emu.url, *FAST, "--json-log", "-")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[-1]["type"] == "RunFinished" and len(lines) == query(one, "SELECT count(*) FROM events")[0][0]
+    assert "run " in result.stderr and ": complete; 1 plugin selected (done 1)" in result.stderr
+    with_summary = cli_process("run", one, "--base-url", emu.url, *FAST, "--force", "--json-log", "-", "--json")
+    assert [json.loads(line) for line in with_summary.stdout.splitlines()][-1]["outcome"] == "complete"
+
+
 def test_plugins_overnight_could_never_snapshot_or_write_are_refused_before_any_request(market, emu, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
