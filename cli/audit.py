@@ -32,7 +32,7 @@ def verify(path: Path, db: Path | None, as_json: bool) -> None:
     head = f"seq {result.head['seq']} {result.head['hash']}" if result.head["seq"] else "no events yet"
     report_check(as_json, result.as_json(),
                  f"ok: {result.events} events, hash chain intact, projections match the log; head: {head}",
-                 result.problems)
+                 result.problems, f"{result.events} events; head: {head}")
 
 
 @audit.command()

@@ -57,9 +57,11 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def report_check(as_json: bool, report: dict[str, Any], ok_line: str, problems: list[str]) -> None:
+def report_check(as_json: bool, report: dict[str, Any], ok_line: str, problems: list[str],
+                 last_line: str | None = None) -> None:
     """A check's outcome: `report` as one JSON object, or for a person `ok_line` when nothing
-    is wrong and one `problem:` line each otherwise; then exit 1 if there is any problem."""
+    is wrong and one `problem:` line each (then `last_line`, if any) otherwise; then exit 1 if
+    there is any problem."""
     if as_json:
         emit_json(report)
     else:
@@ -67,6 +69,8 @@ def report_check(as_json: bool, report: dict[str, Any], ok_line: str, problems: 
             click.echo(ok_line)
         for problem in problems:
             click.echo(f"problem: {problem}")
+        if problems and last_line:
+            click.echo(last_line)
     if problems:
         from cli.options import EXIT_PROBLEMS
 

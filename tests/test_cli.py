@@ -263,6 +263,7 @@ def test_audit_verify_names_a_changed_byte_and_a_deleted_event(market):
     assert "seq 2: hash mismatch (the stored event was altered)" in as_json(changed)["problems"]
     human = run("audit", "verify", market)
     assert human.exit_code == 1 and "problem: seq 2: hash mismatch" in human.stdout
+    assert human.stdout.endswith(f"\n9 events; head: seq 9 {head[0]}\n")  # to compare with one kept elsewhere
 
     conn = apsw.Connection(str(db_of(market)))
     conn.execute("DELETE FROM events WHERE seq = 5")
