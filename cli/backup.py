@@ -57,6 +57,17 @@ class _BackupGroup(click.Group):
             args = [NOW, *args]
         return super().parse_args(ctx, args)
 
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return ["[PATH] [OPTIONS]", "|", "COMMAND [ARGS]..."]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The options of the backup itself (a hidden subcommand), then the subcommands."""
+        records = [record for param in self.commands[NOW].get_params(ctx)
+                   if isinstance(param, click.Option) and (record := param.get_help_record(ctx)) is not None]
+        with formatter.section("Options"):
+            formatter.write_dl(records)
+        self.format_commands(ctx, formatter)
+
 
 @click.group(cls=_BackupGroup)
 def backup() -> None:

@@ -443,6 +443,14 @@ def test_every_command_has_help():
         assert "Usage: " in result.stdout and len(result.stdout.splitlines()) > 3, path
 
 
+def test_backup_help_shows_the_options_of_the_backup_itself():
+    shown = run("backup", "--help").stdout
+    assert shown.startswith("Usage: main backup [PATH] [OPTIONS] | COMMAND [ARGS]...\n")  # main: CliRunner's name
+    for option in ("--to URL", "--json", "--db FILE", "--debug"):
+        assert f"\n  {option}" in shown, option
+    assert "\n  list " in shown and "\n  verify " in shown and "\n  now" not in shown
+
+
 def test_errors_are_one_line_with_a_nonzero_exit(tmp_path):
     missing = run("status", tmp_path / "nope")
     assert missing.exit_code == 2  # wrong usage
