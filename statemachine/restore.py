@@ -28,7 +28,7 @@ class SnapshotInfo(NamedTuple):
     id: str
     seq: int
     at: str
-    run_id: str  # "" for the files a restore replaced
+    run_id: str | None  # None for the files a restore replaced: no run took them
     taken: str = BEFORE_WRITE  # or BEFORE_RESTORE
 
 
@@ -51,7 +51,7 @@ def snapshots_of(store: EventStore, plugin: str) -> list[SnapshotInfo]:
         if tag == "PluginSnapshotted":
             found.append(SnapshotInfo(event["tree_sha256"], seq, at, event["run_id"]))
         elif event.get("replaced_sha256"):
-            found.append(SnapshotInfo(event["replaced_sha256"], seq, at, "", BEFORE_RESTORE))
+            found.append(SnapshotInfo(event["replaced_sha256"], seq, at, None, BEFORE_RESTORE))
     return found
 
 

@@ -1247,6 +1247,7 @@ def test_a_restore_keeps_the_files_it_replaces_so_it_can_be_undone(market, emu):
     listed = json.loads(overnight("restore-plugin", "deploy-checker", market, "--list", "--json").stdout)
     assert [(s["id"], s["taken"]) for s in listed["snapshots"]] == [
         (done["replaced"], "before a restore"), (done["snapshot"], "before a write")]
+    assert listed["snapshots"][0]["run_id"] is None and listed["snapshots"][1]["run_id"]  # a restore is no run
     undo = overnight("restore-plugin", "deploy-checker", market, "--snapshot", done["replaced"][:12])
     assert undo.exit_code == 0, undo.output
     assert {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*") if p.is_file()} == enhanced
