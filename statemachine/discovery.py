@@ -518,8 +518,12 @@ def _mark_duplicates(candidates: list[Candidate], holders: Mapping[str, str]) ->
         if owner == cand.plugin_id:
             result.append(cand)
             continue
+        named = one_line(owners[key].name or key)
         problem = cand.problem or (
             f"duplicate plugin name '{one_line(cand.name or key)}' (also used by {owner})"
+            if (cand.name or key) == (owners[key].name or key) else
+            f"its name '{one_line(cand.name or key)}' makes the skill name '{key}', which {owner} "
+            f"(named '{named}') has"
         )
         result.append(Candidate(plugin_id=cand.plugin_id, name=cand.name,
                                 category=cand.category, path=cand.path, listed=cand.listed,

@@ -69,11 +69,20 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
         first = "run `overnight scan` first" + (", or pass --db" if db is None else " with the same --db")
         raise OvernightError(f"no event log at {path} ({first})")
     try:
+        if db is None and writer and create and not (root / STATE_DIR).exists():
+            _make_state_dir(root / STATE_DIR)
         return EventStore.open(path, registry=REGISTRY, projections=PROJECTIONS,
                                views=VIEWS, writer=writer, clock=clock, synchronous=synchronous)
     except OSError as e:
         hint = f"; {elsewhere}" if db is None else ""
         raise OvernightError(f"cannot open the event log {path}: {e.strerror or e}{hint}") from e
+
+
+def _make_state_dir(directory: Path) -> None:
+    """The marketplace's .overnight/, with a .gitignore that keeps the log out of its git history."""
+    directory.mkdir()
+    (directory / ".gitignore").write_text("# overnight's event log and its lock: never committed\n*\n",
+                                         encoding="utf-8")
 
 
 @contextmanager

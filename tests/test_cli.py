@@ -58,6 +58,11 @@ def test_scan_records_every_plugin_and_a_second_scan_appends_nothing(market):
     second = as_json(run("scan", market, "--json"))
     assert (second["unchanged"], second["events"]) == (4, 0)
     assert event_count(market) == 9
+    git = subprocess.run(["git", "init", "-q", str(market)], capture_output=True)
+    assert git.returncode == 0, git.stderr
+    untracked = subprocess.run(["git", "-C", str(market), "status", "--porcelain", "--untracked-files=all"],
+                               capture_output=True, text=True, check=True).stdout
+    assert ".overnight" not in untracked and "plugins/" in untracked  # the log is kept out of git
 
 
 def test_scan_sees_changed_vanished_and_repaired_plugins(market):
@@ -649,7 +654,7 @@ def test_a_log_in_a_directory_this_user_cannot_write_can_still_be_read(market):
     assert ended["scan"].returncode == 1 and ended["scan"].stderr == (
         f"error: {state / 'overnight.db'}: cannot write it: its directory or disk is read-only here (the commands "
         "that only read it, such as status, metrics and audit verify, can)\n")
-    assert sorted(p.name for p in state.iterdir()) == ["overnight.db", "overnight.db.lock"]
+    assert sorted(p.name for p in state.iterdir()) == [".gitignore", "overnight.db", "overnight.db.lock"]
 
 
 def test_control_characters_in_directory_names_reach_the_terminal_escaped(tmp_path):

@@ -267,14 +267,14 @@ def test_names_that_cannot_become_skill_names_are_problems(tmp_path, name, expec
 def test_the_first_plugin_by_id_keeps_a_duplicate_name(tmp_path):
     plugin(tmp_path, "plugins/a/x", "Formatter")
     plugin(tmp_path, "plugins/b/x", "formatter")
-    plugin(tmp_path, "plugins/c/x", "formatter")
+    plugin(tmp_path, "plugins/c/x", "Formatter")
     cands = by_id(tmp_path)
     assert cands["plugins/a/x"].problem is None
     assert cands["plugins/a/x"].skill_name == "formatter"
-    for later in ("plugins/b/x", "plugins/c/x"):
-        assert cands[later].problem == (
-            "duplicate plugin name 'formatter' (also used by plugins/a/x)")
-        assert cands[later].skill_name is None
+    assert cands["plugins/b/x"].problem == (
+        "its name 'formatter' makes the skill name 'formatter', which plugins/a/x (named 'Formatter') has")
+    assert cands["plugins/c/x"].problem == "duplicate plugin name 'Formatter' (also used by plugins/a/x)"
+    assert cands["plugins/b/x"].skill_name is None and cands["plugins/c/x"].skill_name is None
 
 
 # ------------------------------------------------------------------ tree hash
