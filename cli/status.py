@@ -18,7 +18,8 @@ from statemachine.workspace import marketplace_root, read_log
 @click.command()
 @marketplace_argument
 @click.option("--plugin", help="Only this plugin (name or id).")
-@click.option("--state", type=click.Choice([s.value for s in State]), help="Only plugins in this state.")
+@click.option("--state", type=click.Choice([s.value for s in State if s is not State.NEW]),  # new: never recorded
+              help="Only plugins in this state.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print one JSON object: {"plugins": N, "by_state": {...}, "items": [...]}.')
 @common

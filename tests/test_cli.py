@@ -448,6 +448,11 @@ def test_every_command_has_help():
         assert "Usage: " in result.stdout and len(result.stdout.splitlines()) > 3, path
 
 
+def test_status_offers_only_the_states_a_plugin_can_be_in():
+    refused = run("status", "--state", "new")
+    assert refused.exit_code == 2 and "'new' is not one of 'discovered'" in refused.stderr
+
+
 def test_backup_help_shows_the_options_of_the_backup_itself():
     shown = run("backup", "--help").stdout
     assert shown.startswith("Usage: main backup [PATH] [OPTIONS] | COMMAND [ARGS]...\n")  # main: CliRunner's name
