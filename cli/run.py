@@ -197,7 +197,8 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
     display = _Display(enabled=interactive() and not as_json)
     with marketplace_lock(root):
         store = open_log(root, db, create=create)
-        runner = Runner(store, root, backend=backend, json_log=json_log, on_progress=display.update)
+        runner = Runner(store, root, backend=backend, json_log=json_log, on_progress=display.update,
+                        on_scan=display.scanning)
         # SIGHUP (the terminal closed) stops the run cleanly too, unless it is ignored (nohup)
         hangup = signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
         stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hangup else ())
@@ -271,9 +272,9 @@ def _render(result, as_json: bool, place: str) -> None:
 
 
 class _Display:
-    """A live progress view on a terminal. Otherwise (cron, nohup) a line when the run begins,
-    one line per plugin it finishes, naming it and its outcome, and a line when a quota pause
-    begins (saying until when) and when it ends."""
+    """A live progress view on a terminal. Otherwise (cron, nohup) a line when its scan begins,
+    one when the run begins, one line per plugin it finishes, naming it and its outcome, and a
+    line when a quota pause begins (saying until when) and when it ends."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -294,6 +295,17 @@ class _Display:
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             self._live.__exit__(*exc)
+
+    def scanning(self, done: int, total: int, plugin_id: str) -> None:
+        """The run's scan, before its first request: plugin by plugin on a terminal, otherwise one line."""
+        if self._live is not None:
+            from rich.text import Text
+
+            # shown at once, then as the view refreshes: a quick scan is seen too, a long one costs nothing
+            self._live.update(Text(f"scanning {done}/{plural(total, 'plugin')}  {shown(plugin_id)}"),
+                              refresh=done == 0)
+        elif done == 0:
+            _note(f"scanning {plural(total, 'plugin')}")
 
     def update(self, progress) -> None:
         eta = f"  ETA {duration(progress.eta)}" if progress.eta is not None else ""

@@ -39,6 +39,7 @@ from statemachine.pipeline import (Context, Finished, Interrupted, PluginChanged
                                   StepSettings, advance)
 from statemachine.projections import OUTPUT_TOKENS
 from statemachine.prompts import Standards, load_standards
+from statemachine.scan import Progress as ScanProgress
 from statemachine.scan import scan
 from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso,
                                     run_limits)
@@ -230,7 +231,9 @@ class Runner:
                  gateway_factory: Callable[[GeminiSettings, Backend], Gateway] = Gateway,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], object] | None = None,
                  json_log: IO[str] | None = None,
-                 on_progress: Callable[[Progress], None] | None = None) -> None:
+                 on_progress: Callable[[Progress], None] | None = None,
+                 on_scan: ScanProgress | None = None) -> None:
+        """on_progress: the run's progress, as it goes; on_scan: the first scan's, plugin by plugin."""
         self.store = store
         self.root = root
         self.backend = backend
@@ -238,6 +241,7 @@ class Runner:
         self.clock = clock
         self.journal = Journal(store, json_log)
         self.on_progress = on_progress
+        self.on_scan = on_scan
         self.stopping = threading.Event()
         # Waiting on the stop event, a signal ends a wait (a quota pause of hours) at once.
         self.sleep = sleep or self.stopping.wait
@@ -326,7 +330,7 @@ class Runner:
         """Scan the marketplace; `again`: once more during the execution, for plugins whose
         files changed under it (what the first scan found still counts)."""
         before = self.store.last_seq
-        report = scan(self.store, self.root)
+        report = scan(self.store, self.root, progress=None if again else self.on_scan)
         self.journal.echo(before)
         if again:
             self._scan_warnings += [w for w in report.warnings if w not in self._scan_warnings]

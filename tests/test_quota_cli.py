@@ -21,6 +21,13 @@ from tests.emulator import Emulator
 from tests.test_run import FAST, KEY, REPO, emu, market, one, overnight, query, run  # noqa: F401 (fixtures)
 
 
+def progress_lines(result) -> list[str]:
+    """The progress lines a run printed (not on a terminal) after its scan's."""
+    lines = result.stderr.splitlines()
+    assert re.fullmatch(r"scanning \d+ plugins?", lines[0]), result.stderr
+    return lines[1:]
+
+
 def test_a_request_budget_stops_cleanly_and_resume_with_a_larger_one_finishes(market, emu):
     stopped = run(market, emu, "--max-requests", "3", "--concurrency", "1", "--json")
     assert stopped.exit_code == 0, stopped.output
@@ -71,7 +78,7 @@ def test_a_run_whose_progress_reader_goes_away_goes_on_to_the_end(market, emu):
                         "--concurrency", "1"])
     piped = subprocess.run(["bash", "-c", f"{command} 2>&1 | head -1; exit ${{PIPESTATUS[0]}}"], cwd=REPO,
                            env={**env, "GOOGLE_API_KEY": KEY}, capture_output=True, text=True, timeout=120)
-    assert re.match(r"\d/4 plugins  ", piped.stdout), piped.stdout  # the one line head took
+    assert piped.stdout == "scanning 4 plugins\n", piped.stdout  # the one line head took
     assert query(market, "SELECT status FROM runs") == [("complete",)]
     assert query(market, "SELECT state, count(*) FROM plugins GROUP BY state") == [("done", 4)]
 
@@ -259,7 +266,7 @@ def test_a_quota_pause_is_told_on_stderr_when_it_begins_and_when_it_ends(one, em
     assert result.exit_code == 0, result.output
     until = query(one, "SELECT json_extract(data, '$.until') FROM events WHERE type = 'RunPaused'")[0][0]
     local = datetime.fromisoformat(until).astimezone(tokyo).strftime("%Y-%m-%d %H:%M JST")
-    lines = result.stderr.splitlines()
+    lines = progress_lines(result)
     assert lines[1:3] == [f"paused for the quota until {until} ({local} local time)", "quota pause over: going on"]
     assert len(lines) == 4
     assert lines[0].startswith("0/1 plugin  ")
@@ -307,7 +314,7 @@ def test_the_first_progress_line_gives_the_eta_already(market, emu):
     assert run(market, emu, "--plugin", "meeting-notes").exit_code == 0  # 2 requests, this minute
     result = run(market, emu, "--rpm", "6", "--concurrency", "1", "--max-requests", "4")
     assert result.exit_code == 0, result.output
-    first = result.stderr.splitlines()[0]
+    first = progress_lines(result)[0]
     assert first.startswith("0/3 plugins  "), result.stderr
     minutes, seconds = re.search(r"  ETA (?:(\d+)m )?(\d+)s$", first).groups()
     # 6 requests: 4 go now, the last 2 when the first run's 2 leave the minute's window
@@ -329,7 +336,7 @@ def test_the_eta_counts_whole_requests_a_minute_under_the_tokens_per_minute(tmp_
     assert result.exit_code == 0, result.output
     assert _eta(result, "1/2") >= 110, result.stderr  # the skill request went at 60 s: then 120 s, 180 s
     # before any request, from the estimate the run began with: 4 requests, one a minute
-    first = result.stderr.splitlines()[0]
+    first = progress_lines(result)[0]
     minutes, seconds = re.search(r"  ETA (?:(\d+)m )?(\d+)s$", first).groups()
     assert int(minutes or 0) * 60 + int(seconds) >= 170, first
 
@@ -417,7 +424,7 @@ def test_a_limit_restated_on_resume_wins_over_one_learned_since_the_run_began(on
 def test_counts_of_one_are_singular(one, emu):
     planned = run(one, emu, "--dry-run")
     assert planned.exit_code == 0, planned.output
-    lines = planned.stderr.splitlines()
+    lines = progress_lines(planned)
     assert lines[0].startswith("0/1 plugin  0 requests  ")
     assert lines[-1].startswith("1/1  planned   plugins/tools/widget  (1 request  ")
     assert planned.stdout.startswith("run ") and "complete; 1 plugin selected (planned 1)" in planned.stdout
@@ -487,7 +494,7 @@ def test_without_a_terminal_each_finished_plugin_gets_a_line_naming_it_and_its_o
     emu.script("bad_request", phase="plan", message="the request is malformed")
     first = run(market, emu, "--concurrency", "1", "--max-requests", "3")
     assert first.exit_code == 0, first.output  # a budget stop
-    lines = first.stderr.splitlines()
+    lines = progress_lines(first)
     assert lines[0].startswith("0/4 plugins  0 requests  ")
     named = [line for line in lines[1:] if re.match(r"\d/4  ", line)]
     assert len(named) == 2, first.stderr
@@ -497,7 +504,7 @@ def test_without_a_terminal_each_finished_plugin_gets_a_line_naming_it_and_its_o
     assert re.match(r"2/4  done      plugins/\S+  \(3 requests  ", done), done  # the run's totals then
     resumed = overnight("resume", market, "--max-requests", "100")
     assert resumed.exit_code == 1, resumed.output  # complete but for the failed plugin
-    assert resumed.stderr.startswith("2/4 plugins  3 requests  ")
+    assert progress_lines(resumed)[0].startswith("2/4 plugins  3 requests  ")
     again = [line for line in resumed.stderr.splitlines() if re.match(r"\d/4  ", line)]
     assert [line.split()[:2] for line in again] == [["3/4", "done"], ["4/4", "done"]], resumed.stderr
     named_plugins = {line.split()[2] for line in named + again}
@@ -557,6 +564,12 @@ def test_a_terminal_shows_which_quota_window_a_plugin_waits_for_and_the_plugins_
     assert code == 130
     assert re.search(r"1 plugin waiting to retry, the first in 4[01]s", screen)
     assert re.search(r"asking for a plan, waits 4[01]s \(the retry delay of a 429\)", screen)
+
+
+def test_a_terminal_shows_the_runs_scan_before_its_progress(one, emu):
+    screen, _ = _watch(["run", str(one), "--base-url", emu.url, *FAST], until=["1/1 plugin  "])
+    assert "scanning 0/1 plugin  plugins/tools/widget" in screen, screen
+    assert screen.index("scanning 0/1 plugin") < screen.index("1/1 plugin  "), screen
 
 
 def test_a_terminal_lists_the_last_plugins_finished_with_their_outcome(market, emu):
