@@ -97,6 +97,10 @@ def test_fault_once(tmp_path, kind, phases):
         skill = "skill" in phases
         assert gates == int(skill) and len(sent) == 2 + int(skill)  # gate faults apply to SKILL.md only
         outcome = "plan: no effect (emulator); skill: regenerated with the reasons; done"
+    elif kind == "untidy_files":  # CRLF, a byte order mark, no final newline: written tidy
+        assert result.exit_code == 0, result.output
+        assert state == "done" and failures == [] and len(sent) == 2
+        outcome = "plan: no effect (emulator); skill: written with LF, no BOM, one final newline; done"
     elif kind not in TRANSIENT and kind not in QUOTA:  # other 4xx (bad_request): fail at once
         assert result.exit_code == 1, result.output
         assert state == "failed" and len(sent) == (1 if phases == ("plan",) else 2)

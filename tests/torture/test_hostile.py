@@ -94,7 +94,7 @@ def build(around: Path) -> tuple[Path, dict[str, tuple[str, str]]]:
     plugin(root, "plugins/dup/a-formatter", "Formatter", files={"README.md": "# Formatter\n\nFormats code.\n"})
     plugin(root, "plugins/dup/b-formatter", "formatter")
     expect["plugins/dup/a-formatter"] = ("done", "")
-    expect["plugins/dup/b-formatter"] = ("invalid", "duplicate plugin name 'formatter'")
+    expect["plugins/dup/b-formatter"] = ("invalid", "makes the skill name 'formatter', which plugins/dup/a-formatter")
     # missing plugin.json, manifest sources outside, absolute, missing, remote
     write(root / "plugins/bad/missing/README.md", "# missing\n")
     entries += [{"name": "missing", "source": "./plugins/bad/missing"},
