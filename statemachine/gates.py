@@ -396,7 +396,7 @@ def _containment(bundled: list[str], links: list[_Link], existing: set[str]) -> 
             safe.append(path)
     on_disk = {fold(path): path for path in existing}
     files = {**on_disk, **seen}
-    directories = {}
+    directories: dict[str, str] = {}  # folded directory -> a file below it
     for path in files.values():
         parts = path.split("/")
         for i in range(1, len(parts)):

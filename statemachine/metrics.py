@@ -233,7 +233,8 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
                       or (state == "retrying" and step == "plan"))
         plan_in = estimate_tokens(system, plan_prompt(data, skill_name, replaces)) if needs_plan else 0
         # the skill prompt with no plan in it: the least the real one (with the plan) can be
-        skill_least = 0 if plan_only else estimate_tokens(system, skill_prompt(data, skill_name, replaces, empty_plan, gates, []))
+        skill_least = 0 if plan_only else estimate_tokens(
+            system, skill_prompt(data, skill_name, replaces, empty_plan, gates, []))
         if limits.tpm and max(plan_in, skill_least) > limits.tpm:
             unsendable.append((plugin_id, max(plan_in, skill_least)))
             continue

@@ -380,7 +380,8 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
     else:
         plan = msgspec.json.decode(details["plan"], type=c.Plan)
         feedback = msgspec.json.decode(details["feedback"]) if details["feedback"] else []
-        prompt, schema = skill_prompt(data, row["skill_name"], replaces, plan, ctx.settings.gates, feedback), c.SkillDraft
+        prompt = skill_prompt(data, row["skill_name"], replaces, plan, ctx.settings.gates, feedback)
+        schema = c.SkillDraft
     est = estimate_tokens(system, prompt)
     tpm = ctx.scheduler.limits.tpm
     if tpm and est > tpm:  # Gemini would answer every attempt with a 429, a request a minute, for ever

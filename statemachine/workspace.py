@@ -80,7 +80,10 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
 
 def _make_state_dir(directory: Path) -> None:
     """The marketplace's .overnight/, with a .gitignore that keeps the log out of its git history."""
-    directory.mkdir()
+    try:
+        directory.mkdir()
+    except FileExistsError:  # another process made it first: its .gitignore is its to write
+        return
     (directory / ".gitignore").write_text("# overnight's event log and its lock: never committed\n*\n",
                                          encoding="utf-8")
 

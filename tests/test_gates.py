@@ -465,7 +465,8 @@ def test_bundled_files_may_not_collide():
 
 
 @pytest.mark.parametrize(("files", "existing", "problem"), [
-    (["references/guide.md/more.md"], [], "'references/guide.md' is also the directory of 'references/guide.md/more.md'"),
+    (["references/guide.md/more.md"], [],
+     "'references/guide.md' is also the directory of 'references/guide.md/more.md'"),
     (["scripts/run"], ["scripts/run/x.sh"], "'scripts/run' is also the directory of 'scripts/run/x.sh'"),
     (["assets/img/logo.svg"], ["assets/img"], "'assets/img/logo.svg' needs 'assets/img', a file, to be a directory"),
     ([], ["references/Guide.md"], "'references/guide.md' differs only in letter case or Unicode form from the "

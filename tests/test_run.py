@@ -1124,8 +1124,9 @@ def test_retry_takes_only_the_failed_or_rejected_plugins_again(market, emu):
     (waiting,) = [p for p, s in before.items() if s == "analyzed"]
     unfinished = run(market, emu, "--plugin", waiting, "--retry", "failed")
     assert unfinished.exit_code == 1
-    assert without_scan(unfinished.stderr) == (f"error: not failed: {waiting} is analyzed; --retry takes only the plugins in that "
-                                 f"state ({waiting} not finished: a run without --retry takes it)\n")
+    assert without_scan(unfinished.stderr) == (
+        f"error: not failed: {waiting} is analyzed; --retry takes only the plugins in that "
+        f"state ({waiting} not finished: a run without --retry takes it)\n")
     dry = run(market, emu, "--dry-run", "--retry", "failed")
     assert dry.exit_code == 2
     assert f"(`overnight estimate {market} --retry failed` tells what it would cost)" in dry.stderr
