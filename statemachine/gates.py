@@ -384,8 +384,7 @@ def _containment(bundled: list[str], links: list[_Link], existing: set[str]) -> 
     """Bundled files only under scripts/, references/, assets/, each with a name every file
     system and git keep apart from the others; nothing leaves the skill dir."""
     problems = []
-    seen: dict[str, str] = {}
-    safe: list[str] = []
+    seen: dict[str, str] = {}  # folded -> the bundled path that has it
     for path in bundled:
         if problem := _path_problem(path, bundled=True):
             problems.append(f"bundled file {_show(path)} {problem}")
@@ -393,16 +392,13 @@ def _containment(bundled: list[str], links: list[_Link], existing: set[str]) -> 
             problems.append(f"bundled file {_show(path)} collides with {_show(seen[folded])}")
         else:
             seen[folded] = path
-            safe.append(path)
     on_disk = {fold(path): path for path in existing}
     files = {**on_disk, **seen}
     directories: dict[str, str] = {}  # folded directory -> a file below it
-    for path in files.values():
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            directories.setdefault(fold("/".join(parts[:i])), path)
-    for path in safe:
-        folded = fold(path)
+    for folded, path in files.items():
+        for directory in _parents(folded):
+            directories.setdefault(directory, path)
+    for folded, path in seen.items():
         if (same := on_disk.get(folded, path)) != path:
             problems.append(f"bundled file {_show(path)} differs only in letter case or Unicode form from the "
                             f"existing {_show(same)}")

@@ -227,8 +227,8 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
         if state in _PAST_SKILL:
             continue  # its SKILL.md came: what is left needs no request
         facts = msgspec.json.decode(facts, type=c.PluginFacts)
-        data = plugin_data(root, path, name, category, facts, skill_name)
         replaces = replaced_skill(facts, skill_name)
+        data = plugin_data(root, path, name, category, facts, replaces)
         needs_plan = (state in ("analyzed", "planning", "new", "discovered") or state in FINAL
                       or (state == "retrying" and step == "plan"))
         plan_in = estimate_tokens(system, plan_prompt(data, skill_name, replaces)) if needs_plan else 0

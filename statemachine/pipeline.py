@@ -49,6 +49,7 @@ from statemachine.prompts import (
     plan_prompt,
     plugin_data,
     replaced_skill,
+    skill_license,
     skill_prompt,
     system_instruction,
 )
@@ -371,8 +372,8 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         raise PluginChanged()  # a prompt from files the analysis never saw, or a plugin gone: quota for nothing
     details = _details(ctx, cursor.plugin_id, "facts", "plan", "feedback")
     facts = msgspec.json.decode(details["facts"], type=c.PluginFacts)
-    data = plugin_data(ctx.root, row["path"], row["name"], row["category"], facts, row["skill_name"])
     replaces = replaced_skill(facts, row["skill_name"])
+    data = plugin_data(ctx.root, row["path"], row["name"], row["category"], facts, replaces)
     system = system_instruction(ctx.standards)
     feedback: list[str] = []
     if step == "plan":
@@ -534,7 +535,7 @@ def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     name = row["skill_name"]
     plugin_dir = ctx.root / row["path"]
     legacy = legacy_skill_dir(plugin_dir, name)
-    skill_md = skillmd.compose(name, draft, license=_license(facts, legacy.name if legacy else name))
+    skill_md = skillmd.compose(name, draft, license=skill_license(facts, name))
     existing = _existing(plugin_dir / "skills" / name) | (_existing(legacy) if legacy else set())
     reasons = gates.check(name, skill_md, draft.files, existing, ctx.settings.gates)
     if reasons:
@@ -549,12 +550,6 @@ def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     files = [c.FileWrite(path=path, sha256=_sha(data)) for path, data in contents.items()]
     ctx.journal.record(cursor, c.SkillValidated(run_id=ctx.run_id, skill_name=name, files=files),
                        blobs=list(contents.values()))
-
-
-def _license(facts: c.PluginFacts, replaced: str) -> str | None:
-    """The license the SKILL.md states: the one of the SKILL.md it replaces (in skills/<replaced>/),
-    else the plugin's own (plugin.json)."""
-    return next((s.license for s in facts.skills if s.dir == replaced and s.license), facts.license)
 
 
 def _existing(skill_dir: Path) -> set[str]:

@@ -75,10 +75,18 @@ def replaced_skill(facts: PluginFacts, skill_name: str) -> str | None:
     return next((d for d in (skill_name, LEGACY_SKILL_DIR) if d in dirs), None)
 
 
+def skill_license(facts: PluginFacts, skill_name: str) -> str | None:
+    """The license the new SKILL.md states: the one of the SKILL.md it replaces, else the
+    plugin's own (plugin.json)."""
+    replaced = replaced_skill(facts, skill_name)
+    return next((s.license for s in facts.skills if s.dir == replaced and s.license), facts.license)
+
+
 def plugin_data(root: Path, plugin_path: str, name: str, category: str, facts: PluginFacts,
-                skill_name: str) -> str:
+                replaced: str | None) -> str:
     """The delimited data block: facts, then excerpts of the plugin's own files. The SKILL.md
-    the new skill replaces comes first among the skills, whole up to EXCERPT_CHARS["replaced"]."""
+    the new skill replaces (in skills/<replaced>/, see replaced_skill) comes first among the
+    skills, whole up to EXCERPT_CHARS["replaced"]."""
     root_real = str(root.resolve())
     plugin = root / plugin_path
     parts = [
@@ -101,7 +109,6 @@ def plugin_data(root: Path, plugin_path: str, name: str, category: str, facts: P
               for c in facts.commands[:MAX_EXCERPT_FILES]]
     files += [(f"agents/{a}.md", plugin / "agents" / f"{a}.md", EXCERPT_CHARS["agent"])
               for a in facts.agents[:MAX_EXCERPT_FILES]]
-    replaced = replaced_skill(facts, skill_name)
     if replaced:
         files.append((f"skills/{replaced}/SKILL.md (the current version of the skill to write)",
                       plugin / "skills" / replaced / "SKILL.md", EXCERPT_CHARS["replaced"]))

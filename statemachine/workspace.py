@@ -69,7 +69,7 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
         first = "run `overnight scan` first" + (", or pass --db" if db is None else " with the same --db")
         raise OvernightError(f"no event log at {path} ({first})")
     try:
-        if db is None and writer and create and not (root / STATE_DIR).exists():
+        if db is None and writer and create:
             _make_state_dir(root / STATE_DIR)
         return EventStore.open(path, registry=REGISTRY, projections=PROJECTIONS,
                                views=VIEWS, writer=writer, clock=clock, synchronous=synchronous)
@@ -79,10 +79,11 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
 
 
 def _make_state_dir(directory: Path) -> None:
-    """The marketplace's .overnight/, with a .gitignore that keeps the log out of its git history."""
+    """The marketplace's .overnight/, with a .gitignore that keeps the log out of its git history;
+    one that exists already (this or another process made it) is left as it is."""
     try:
         directory.mkdir()
-    except FileExistsError:  # another process made it first: its .gitignore is its to write
+    except FileExistsError:
         return
     (directory / ".gitignore").write_text("# overnight's event log and its lock: never committed\n*\n",
                                          encoding="utf-8")
