@@ -281,6 +281,7 @@ class EventStore:
                     raise unready(
                         f"{path}: the tables {', '.join(stale)} were built by another version of overnight; rebuild "
                         "them from the log with `overnight audit replay --apply` (or any writing command)")
+                store._shadow_views(views or {})
             return store
         except apsw.Error as e:
             if lock:
@@ -339,6 +340,16 @@ class EventStore:
                 for name, statement in changed.items():
                     self.conn.execute(f"DROP VIEW IF EXISTS main.{name}")
                     self.conn.execute(statement)
+
+    def _shadow_views(self, views: Mapping[str, str]) -> None:
+        """For a reader, which cannot rewrite the stored views: those stored with another
+        definition (by another version of overnight; a writer recreates them) are shadowed, on
+        this connection only, by TEMP views of this definition (SQLite looks up a name in
+        `temp` before `main`)."""
+        existing = dict(self.conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'view'"))
+        for name, select in views.items():
+            if existing.get(name) != f"CREATE VIEW {name} AS {select}":
+                self.conn.execute(f"CREATE TEMP VIEW {name} AS {select}")
 
     def _rebuild(self, stale: Sequence[Projection], retired: Sequence[str]) -> None:
         """Build the `stale` projections from the log into fresh tables, then, in one

@@ -335,6 +335,28 @@ def test_a_log_written_by_a_newer_version_is_refused_unchanged_by_readers_and_wr
     assert event_count(market) == 9
 
 
+def test_a_log_last_written_by_an_older_version_is_read_with_this_versions_views(market):
+    """Readers cannot rewrite the stored views (a writing command does): they use this
+    version's, never an older one that lacks a column the commands read."""
+    from statemachine.projections import VIEWS
+
+    run("scan", market)
+    conn = apsw.Connection(str(db_of(market)))
+    conn.execute("DROP VIEW run_summary; CREATE VIEW run_summary AS SELECT run_id, command, status FROM runs")
+    conn.close()
+    before = db_of(market).read_bytes()
+    for command in (["status"], ["status", "--json"], ["metrics"], ["metrics", "--json"]):
+        result = run(*command, market)
+        assert (result.exit_code, result.stderr) == (0, ""), command
+    assert "4 plugins (analyzed 4)" in run("status", market).stdout
+    assert db_of(market).read_bytes() == before
+    run("scan", market)
+    conn = apsw.Connection(str(db_of(market)))
+    stored = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'run_summary'").fetchone()[0]
+    conn.close()
+    assert stored == f"CREATE VIEW run_summary AS {VIEWS['run_summary']}"
+
+
 def test_audit_replay_equals_live_and_apply_repairs_an_edited_projection(market):
     run("scan", market)
     same = run("audit", "replay", market, "--json")
