@@ -70,8 +70,12 @@ def _expected(kind: click.ParamType) -> tuple[tuple[type, ...], str]:
 def _settable(ctx: click.Context) -> dict[str, click.Parameter]:
     """The options a config file may set (KNOWN), taken from every command of the program
     (commands sharing an option share its type)."""
+    root = ctx.find_root()
+    group = root.command
+    commands = ([group.get_command(root, name) for name in group.list_commands(root)]
+                if isinstance(group, click.Group) else [])
     found: dict[str, click.Parameter] = {}
-    for command in [*getattr(ctx.find_root().command, "commands", {}).values(), ctx.command]:
+    for command in [*commands, ctx.command]:
         found.update((p.name, p) for p in command.params if p.name in KNOWN)
     return found
 

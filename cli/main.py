@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import click
 
-from cli import audit, backup, metrics, restore_plugin, run, scan, status
 from cli.options import OvernightGroup, debug_option
 
+# Each command's module is imported when the command is used.
+COMMANDS = {
+    "scan": "cli.scan:scan",
+    "status": "cli.status:status",
+    "audit": "cli.audit:audit",
+    "run": "cli.run:run",
+    "resume": "cli.run:resume",
+    "restore-plugin": "cli.restore_plugin:restore_plugin",
+    "metrics": "cli.metrics:metrics",
+    "estimate": "cli.metrics:estimate",
+    "backup": "cli.backup:backup",
+    "restore": "cli.backup:restore",
+}
 
-@click.group(cls=OvernightGroup, context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=OvernightGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @debug_option
 @click.version_option(package_name="overnight")
 def main() -> None:
@@ -18,14 +31,3 @@ def main() -> None:
     status, audit and metrics are read from it.
     """
 
-
-main.add_command(scan.scan)
-main.add_command(status.status)
-main.add_command(audit.audit)
-main.add_command(run.run)
-main.add_command(run.resume)
-main.add_command(restore_plugin.restore_plugin)
-main.add_command(metrics.metrics)
-main.add_command(metrics.estimate)
-main.add_command(backup.backup)
-main.add_command(backup.restore)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import shlex
@@ -143,7 +144,24 @@ class OvernightGroup(click.Group):
     errors are mapped (tests that use click's CliRunner see the same behaviour). Wrong usage
     (click's own checks, a bad config file, contradictory options, a PATH that is not a
     directory) exits 2; a failed operation 1.
+
+    `lazy` maps a command's name to the "module:attribute" defining it, imported only when the
+    command is used (click's "lazily loading subcommands"): `overnight status` need not import
+    what backup or run use.
     """
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attribute = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         global _debug

@@ -18,10 +18,8 @@ What must always hold:
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import urllib.parse
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -545,7 +543,11 @@ class EventStore:
                 last = self.query("SELECT max(seq) FROM events")[0][0] or 0
                 if last > parallel_threshold and self.path.exists():
                     # The second core checks the chain while this process folds; the worker
-                    # stops at `last`, the end of this transaction's snapshot.
+                    # stops at `last`, the end of this transaction's snapshot. (Imported here: a
+                    # command that only reads the log, such as status, starts faster without them.)
+                    import multiprocessing
+                    from concurrent.futures import ProcessPoolExecutor
+
                     context = multiprocessing.get_context("spawn")
                     with ProcessPoolExecutor(1, mp_context=context) as pool:
                         chain = pool.submit(check_file, str(self.path), last)

@@ -337,15 +337,23 @@ _PLUGIN_DETAILS = ", ".join((
             c.WriteIntended) + " AS intent",
 )) + " FROM plugins p"
 
-# Views for people at the sqlite3 shell and for the services (documented in README.md).
-# Recreated whenever their definition changes.
+_FINAL_STATES = ("done", "skipped", "rejected", "failed", "planned")
+
+
 def _final_count(state: str) -> str:
     """A finished run's count of plugins in `state`, as its RunFinished recorded it (later runs
-    do not rewrite history); an unfinished run's, from its plugins now."""
-    return (f"CASE WHEN r.counts IS NULL THEN (SELECT count(*) FROM plugins p WHERE p.run_id = r.run_id "
-            f"AND p.state = '{state}') ELSE coalesce(json_extract(r.counts, '$.{state}'), 0) END AS {state}")
+    do not rewrite history); an unfinished run's, from its plugins now (`live`, below)."""
+    return (f"CASE WHEN r.counts IS NULL THEN coalesce(live.{state}, 0) "
+            f"ELSE coalesce(json_extract(r.counts, '$.{state}'), 0) END AS {state}")
 
 
+# Each run's plugins per final state now, counted in one pass over the plugins table.
+_LIVE_COUNTS = ("(SELECT run_id, " + ", ".join(f"sum(state = '{s}') AS {s}" for s in _FINAL_STATES)
+                + " FROM plugins GROUP BY run_id) live")
+
+
+# Views for people at the sqlite3 shell and for the services (documented in README.md).
+# Recreated whenever their definition changes.
 VIEWS = {
     "plugin_details": _PLUGIN_DETAILS,
     "state_counts": "SELECT state, count(*) AS plugins FROM plugins GROUP BY state ORDER BY plugins DESC",
@@ -360,8 +368,8 @@ VIEWS = {
         "(SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger q WHERE q.run_id = r.run_id) AS input_tokens, "
         f"(SELECT coalesce(sum({OUTPUT_TOKENS}), 0) FROM quota_ledger q "
         "WHERE q.run_id = r.run_id) AS output_tokens, "
-        + ", ".join(_final_count(state) for state in ("done", "skipped", "rejected", "failed", "planned"))
-        + " FROM runs r",
+        + ", ".join(_final_count(state) for state in _FINAL_STATES)
+        + f" FROM runs r LEFT JOIN {_LIVE_COUNTS} ON live.run_id = r.run_id",
     "requests_per_minute":
         "SELECT model, strftime('%Y-%m-%d %H:%M', sent_at, 'unixepoch') AS minute, count(*) AS requests, "
         "sum(coalesce(input_tokens, est_input_tokens)) AS input_tokens "

@@ -455,7 +455,11 @@ def test_a_config_value_of_the_wrong_type_names_the_key_the_file_and_what_it_mus
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()):
-    for name, command in group.commands.items():
+    """Every command's path, through click's own lookup (the root group loads its commands when used)."""
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None and command.name == name, (prefix, name)
         yield prefix + (name,)
         if isinstance(command, click.Group):
             yield from _commands(command, prefix + (name,))
