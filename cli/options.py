@@ -202,12 +202,32 @@ class OvernightGroup(click.Group):
             _fail(e, EXIT_USAGE)
         except (OvernightError, EventStoreError) as e:
             _fail(e, EXIT_PROBLEMS)
-        except Exception as e:  # a bug: say so, and keep the traceback one flag away
+        except Exception as e:
+            signalled = _signal_behind(e)
+            if signalled:
+                _fail(e, EXIT_SIGNAL[signalled], f"interrupted by {signalled}")
+            # a bug: say so, and keep the traceback one flag away
             if _debug:
                 traceback.print_exc()
             click.echo(f"error: internal error {type(e).__name__}: {e}"
                        + ("" if _debug else " (rerun with --debug for the traceback)"), err=True)
             raise click.exceptions.Exit(EXIT_INTERNAL) from e
+
+
+def _signal_behind(e: BaseException) -> str | None:
+    """The signal an error was raised in the handling of, if any: Python turns a KeyboardInterrupt
+    (or our Terminated) raised inside some of its machinery, such as a class's __set_name__ while
+    a module is imported, into another error raised from it."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return "SIGINT"
+        if isinstance(cause, Terminated):
+            return cause.args[0]
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _usage(e: click.UsageError) -> NoReturn:

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
+from cli.options import Terminated
 from tests.marketplace_builder import manifest, plugin, write
 from tests.privileges import needs_permissions, unprivileged
 
@@ -531,6 +532,26 @@ def test_debug_shows_the_traceback(tmp_path):
     assert debug.exit_code == 1 and "Traceback (most recent call last)" in debug.stderr
     late = run("audit", "verify", tmp_path, "--debug")
     assert "Traceback (most recent call last)" in late.stderr
+
+
+@pytest.mark.parametrize("signalled, name, code", [(KeyboardInterrupt(), "SIGINT", 130),
+                                                   (Terminated("SIGTERM"), "SIGTERM", 143)])
+def test_a_signal_python_wraps_in_another_error_is_still_an_interruption(market, monkeypatch, signalled, name, code):
+    """Ctrl-C while a command imports its modules (google-genai's pydantic classes, at the start
+    of a run) reaches the command as a RuntimeError raised from the KeyboardInterrupt (Python
+    wraps what a class's __set_name__ raises): an interruption, not an internal error."""
+    import statemachine.status
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise signalled
+        except BaseException as e:
+            raise RuntimeError("Error calling __set_name__ on 'PydanticDescriptorProxy' instance") from e
+
+    run("scan", market)
+    monkeypatch.setattr(statemachine.status, "status", interrupted)
+    result = run("status", market)
+    assert (result.exit_code, result.stderr) == (code, f"error: interrupted by {name}\n")
 
 
 def test_a_second_writer_is_refused_and_the_first_is_unharmed(market):
