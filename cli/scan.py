@@ -46,14 +46,15 @@ def scan(path: Path, db: Path | None, as_json: bool, rebind: bool) -> None:
     if as_json:
         emit_json({
             "plugins": report.plugins, "new": report.new, "changed": report.changed,
-            "unchanged": report.unchanged, "invalid": report.invalid, "vanished": report.vanished,
+            "reanalyzed": report.reanalyzed, "unchanged": report.unchanged, "invalid": report.invalid, "vanished": report.vanished,
             "events": report.events,
             "problems": [{"plugin": p, "reason": r} for p, r in report.problems],
             "warnings": report.warnings,
         })
         return
+    reanalyzed = f"{report.reanalyzed} analyzed again (by this newer overnight), " if report.reanalyzed else ""
     click.echo(f"{plural(report.plugins, 'plugin')}: {report.new} new, {report.changed} changed, "
-               f"{report.unchanged} unchanged, {report.vanished} vanished; "
+               f"{reanalyzed}{report.unchanged} unchanged, {report.vanished} vanished; "
                f"{report.invalid} invalid; {plural(report.events, 'event')} recorded")
     for plugin_id, reason in report.problems:
         click.echo(f"  invalid  {shown(plugin_id)}: {shown(reason)}")

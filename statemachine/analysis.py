@@ -199,6 +199,12 @@ def _file_digest(start: str, rel: str, problems: list[str]) -> str:
 # ------------------------------------------------------------------ facts
 
 
+# What analyze() reads, as a number: bumped when it reads more (2: licenses). A plugin waiting for
+# its first request with facts of an older analysis is analyzed again by the scan, and --force
+# or --retry analyzes a finished plugin again, so no request is made on facts missing something.
+ANALYZER = 2
+
+
 def analyze(root: Path, candidate: Candidate, tree: Tree) -> PluginFacts:
     """Structure facts of one plugin that discovery found processable.
 
@@ -236,6 +242,7 @@ def analyze(root: Path, candidate: Candidate, tree: Tree) -> PluginFacts:
         files=tree.files,
         bytes=tree.bytes,
         warnings=warnings,
+        analyzer=ANALYZER,
     )
 
 

@@ -49,6 +49,9 @@ class PluginFacts(msgspec.Struct, frozen=True, kw_only=True):
     files: int = 0
     bytes: int = 0
     warnings: list[str] = []
+    # The analysis that found these facts (analysis.ANALYZER); 1 (the default, so facts recorded
+    # before the field existed read as 1) did not read licenses.
+    analyzer: int = 1
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):

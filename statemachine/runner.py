@@ -28,7 +28,9 @@ from events import EventStore, EventStoreError
 from statemachine import catalog as c
 from events.remote import display_url
 from events.store import format_at
+from statemachine.analysis import analyze, hash_tree
 from statemachine.budget import BudgetReached, Budgets, Spending
+from statemachine.discovery import Candidate
 from statemachine.errors import OvernightError
 from statemachine.metrics import Prices, answer_latency, estimate, eta, expected_output, tokens_each
 from statemachine.gates import GateConfig
@@ -375,20 +377,20 @@ class Runner:
         return self.store.query("SELECT state FROM plugins WHERE plugin_id = ?", (plugin_id,))[0][0]
 
     def _reopen(self, plugin_ids: list[str]) -> None:
-        """--force and --retry: finished plugins are discovered and analyzed again (same facts: the scan
-        just confirmed their content), which puts them back at the start of the pipeline."""
+        """--force and --retry: finished plugins are discovered and analyzed again, which puts them
+        back at the start of the pipeline. Analyzed, not their facts copied: those an older
+        overnight recorded lack what this one reads (ANALYZER)."""
         for plugin_id in plugin_ids:
-            row = self.store.query(
-                "SELECT p.name, p.category, p.path, p.listed, p.skill_name, p.content_hash, d.facts "
-                "FROM plugins p JOIN plugin_details d USING (plugin_id) WHERE plugin_id = ?", (plugin_id,))[0]
-            name, category, path, listed, skill_name, content_hash, facts = row
+            name, category, path, listed, skill_name = self.store.query(
+                "SELECT name, category, path, listed, skill_name FROM plugins WHERE plugin_id = ?", (plugin_id,))[0]
+            tree = hash_tree(self.root, self.root / path)
+            facts = analyze(self.root, Candidate(plugin_id, name, category, path, bool(listed), skill_name, None), tree)
             cursor = self.journal.cursor(plugin_id)
             try:
                 self.journal.record(cursor, c.PluginDiscovered(
                     plugin_id=plugin_id, name=name, category=category, path=path, listed=bool(listed),
                     skill_name=skill_name))
-                self.journal.record(cursor, c.PluginAnalyzed(
-                    content_hash=content_hash, facts=msgspec.json.decode(facts, type=c.PluginFacts)))
+                self.journal.record(cursor, c.PluginAnalyzed(content_hash=tree.content_hash, facts=facts))
             finally:
                 self.journal.release(cursor)
 

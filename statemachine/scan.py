@@ -2,8 +2,9 @@
 
 Invariant: scanning an unchanged marketplace appends no event. A plugin is (re)discovered
 when it is new, when its identity (name, category, path, listing, skill name) changed, when
-its content hash changed, or when it was invalid and is not any more; a plugin that left the
-marketplace vanishes. A plugin in the middle of a write (writing, or written and not yet
+its content hash changed, when it was invalid and is not any more, or when it waits for its
+first request (analyzed) with facts of an older analysis (ANALYZER: an older overnight read less
+of it); a plugin that left the marketplace vanishes. A plugin in the middle of a write (writing, or written and not yet
 done) is left alone: resume settles it and records its new content hash.
 """
 
@@ -17,11 +18,11 @@ from typing import Callable
 from events import EventStore
 from statemachine import catalog as c
 from statemachine import writes
-from statemachine.analysis import analyze, hash_tree
+from statemachine.analysis import ANALYZER, analyze, hash_tree
 from statemachine.binding import bind
 from statemachine.discovery import LEGACY_SKILL_DIR, Candidate, discover, holds_plugin, legacy_skill_dir, one_line
 from statemachine.gates import BUNDLE_DIRS, fold
-from statemachine.lifecycle import Lifecycle, State
+from statemachine.lifecycle import STREAM_PREFIX, Lifecycle, State
 
 # States in which the plugin's files are being changed by overnight itself.
 _MID_WRITE = frozenset({State.WRITING, State.WRITTEN})
@@ -36,6 +37,7 @@ class ScanReport:
     plugins: int = 0
     new: int = 0
     changed: int = 0
+    reanalyzed: int = 0  # unchanged, analyzed again: their facts were an older analysis's
     unchanged: int = 0
     invalid: int = 0
     vanished: int = 0
@@ -68,6 +70,7 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
             "FROM plugins"
         )
     }
+    outdated = _outdated(store)
     found = discover(root, holders={plugin_id: row["skill_name"] or row["name"] for plugin_id, row in known.items()
                                     if row["state"] not in (State.INVALID, State.GONE)})
     report.warnings.extend(found.warnings)
@@ -80,7 +83,7 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
                 if progress:
                     progress(i, len(candidates), candidate.plugin_id)
                 _scan_one(store, lifecycle, root, candidate, known.pop(candidate.plugin_id, None),
-                          report, place)
+                          candidate.plugin_id in outdated, report, place)
     with store.batch():
         for plugin_id, row in sorted(known.items()):
             if row["state"] == State.GONE or row["state"] in _MID_WRITE:
@@ -153,8 +156,16 @@ def _nested_plugin(plugin_dir: Path, rel: str) -> str | None:
     return None
 
 
+def _outdated(store: EventStore) -> set[str]:
+    """Plugins waiting for their first request (analyzed) whose facts an older analysis found."""
+    return {plugin_id for (plugin_id,) in store.query(
+        "SELECT plugin_id FROM plugins p WHERE state = ? AND coalesce((SELECT json_extract(e.data, '$.facts.analyzer') "
+        "FROM events e WHERE e.stream = ? || p.plugin_id AND e.type = 'PluginAnalyzed' ORDER BY e.version DESC "
+        "LIMIT 1), 1) < ?", (State.ANALYZED, STREAM_PREFIX, ANALYZER))}
+
+
 def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Candidate,
-              row: dict | None, report: ScanReport, place: str) -> None:
+              row: dict | None, outdated: bool, report: ScanReport, place: str) -> None:
     discovered = c.PluginDiscovered(
         plugin_id=candidate.plugin_id, name=candidate.name or "", category=candidate.category,
         path=candidate.path, listed=candidate.listed, skill_name=candidate.skill_name,
@@ -185,7 +196,7 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
             # still needs its analysis.
             unchanged = (same_identity and problem is None and row["state"] not in (State.GONE, State.DISCOVERED)
                          and row["content_hash"] == tree.content_hash)
-        if unchanged:
+        if unchanged and not outdated:
             report.unchanged += 1
             return
         if row["state"] in _MID_WRITE:
@@ -198,6 +209,8 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
             return
     if row is None:
         report.new += 1
+    elif unchanged:
+        report.reanalyzed += 1
     else:
         report.changed += 1
     cursor = lifecycle.cursor(candidate.plugin_id)

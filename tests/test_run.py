@@ -1486,3 +1486,57 @@ def test_the_skill_replaced_is_in_its_prompts_whole_and_its_license_is_kept(tmp_
                 for p in root.glob("plugins/t/*/skills/*/SKILL.md") if p.parent.name in ("zeta", "omega")}
     assert metadata["zeta"]["license"] == "Apache-2.0"
     assert metadata["omega"]["license"] == "BSD-3-Clause"
+
+
+def _record_as_an_older_overnight(root: Path, plugin_id: str, done_in: str | None = None) -> None:
+    """Record the plugin analyzed again as an overnight before licenses were read would have (facts
+    without them, analyzer 1), then, with `done_in` (a run id), finished."""
+    import msgspec
+
+    from statemachine import catalog as c
+    from statemachine.lifecycle import Lifecycle
+    from statemachine.workspace import open_log
+
+    with open_log(root) as store:
+        (name, category, path, skill_name, content_hash, facts), = store.query(
+            "SELECT name, category, path, skill_name, content_hash, d.facts FROM plugins "
+            "JOIN plugin_details d USING (plugin_id) WHERE plugin_id = ?", (plugin_id,))
+        facts = msgspec.json.decode(facts, type=c.PluginFacts)
+        older = msgspec.structs.replace(facts, license=None, analyzer=1, skills=[
+            msgspec.structs.replace(skill, license=None) for skill in facts.skills])
+        lifecycle = Lifecycle(store)
+        cursor = lifecycle.cursor(plugin_id)
+        lifecycle.record(cursor, c.PluginDiscovered(plugin_id=plugin_id, name=name, category=category, path=path,
+                                                    listed=True, skill_name=skill_name))
+        lifecycle.record(cursor, c.PluginAnalyzed(content_hash=content_hash, facts=older))
+        if done_in:
+            lifecycle.record(cursor, c.PluginDone(run_id=done_in, content_hash=content_hash))
+        lifecycle.release(cursor)
+
+
+def test_facts_an_older_overnight_recorded_are_found_again_before_a_request_is_made_on_them(tmp_path, emu):
+    """A log an overnight before licenses were read wrote: a plugin still waiting for its first
+    request is analyzed again by the scan, and --force analyzes a finished one again (never
+    copying its facts), so the SKILL.md written keeps the license."""
+    root = tmp_path / "m"
+    manifest(root, [{"name": "zeta", "source": "./plugins/t/zeta"}, {"name": "omega", "source": "./plugins/t/omega"}])
+    plugin(root, "plugins/t/zeta", "zeta", license="MIT", files={"README.md": "# Zeta\n"})
+    plugin(root, "plugins/t/omega", "omega", files={"README.md": "# Omega\n",
+                                                     "skills/omega/SKILL.md": skill_md("omega", license="Apache-2.0")})
+    assert run(root, emu, "--plugin", "omega").exit_code == 0
+    (run_id,), = query(root, "SELECT run_id FROM runs")
+    _record_as_an_older_overnight(root, "plugins/t/zeta")
+    _record_as_an_older_overnight(root, "plugins/t/omega", done_in=run_id)
+
+    scanned = overnight("scan", root)
+    assert scanned.stdout.startswith("2 plugins: 0 new, 0 changed, 1 analyzed again (by this newer overnight), "
+                                     "1 unchanged, 0 vanished; 0 invalid; 2 events recorded"), scanned.stdout
+    assert overnight("scan", root, "--json").stdout.count('"events": 0') == 1  # once is enough
+    assert run(root, emu, "--plugin", "zeta").exit_code == 0
+    assert run(root, emu, "--force", "--plugin", "omega").exit_code == 0
+    licenses = {p.parent.name: parse_frontmatter(p.read_text())[0].get("license")
+                for p in root.glob("plugins/t/*/skills/*/SKILL.md")}
+    assert licenses == {"zeta": "MIT", "omega": "Apache-2.0"}
+    analyses = query(root, "SELECT substr(stream, 18), json_extract(data, '$.facts.analyzer') FROM events "
+                           "WHERE type = 'PluginAnalyzed' ORDER BY seq")
+    assert analyses == [("omega", 2), ("zeta", 2), ("zeta", 1), ("omega", 1), ("zeta", 2), ("omega", 2)]
