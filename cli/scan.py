@@ -46,8 +46,8 @@ def scan(path: Path, db: Path | None, as_json: bool, rebind: bool) -> None:
     if as_json:
         emit_json({
             "plugins": report.plugins, "new": report.new, "changed": report.changed,
-            "reanalyzed": report.reanalyzed, "unchanged": report.unchanged, "invalid": report.invalid, "vanished": report.vanished,
-            "events": report.events,
+            "reanalyzed": report.reanalyzed, "unchanged": report.unchanged, "invalid": report.invalid,
+            "vanished": report.vanished, "events": report.events,
             "problems": [{"plugin": p, "reason": r} for p, r in report.problems],
             "warnings": report.warnings,
         })

@@ -3,9 +3,10 @@
 Invariant: scanning an unchanged marketplace appends no event. A plugin is (re)discovered
 when it is new, when its identity (name, category, path, listing, skill name) changed, when
 its content hash changed, when it was invalid and is not any more, or when it waits for its
-first request (analyzed) with facts of an older analysis (ANALYZER: an older overnight read less
-of it); a plugin that left the marketplace vanishes. A plugin in the middle of a write (writing, or written and not yet
-done) is left alone: resume settles it and records its new content hash.
+first request (analyzed) with facts of an older analysis (ANALYZER: an older overnight read
+less of it); a plugin that left the marketplace vanishes. A plugin in the middle of a write
+(writing, or written and not yet done) is left alone: resume settles it and records its new
+content hash.
 """
 
 from __future__ import annotations
