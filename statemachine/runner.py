@@ -28,9 +28,7 @@ from events import EventStore, EventStoreError
 from statemachine import catalog as c
 from events.remote import display_url
 from events.store import format_at
-from statemachine.analysis import analyze, hash_tree
 from statemachine.budget import BudgetReached, Budgets, Spending
-from statemachine.discovery import Candidate
 from statemachine.errors import OvernightError
 from statemachine.metrics import Prices, answer_latency, estimate, eta, expected_output, tokens_each
 from statemachine.gates import GateConfig
@@ -42,7 +40,7 @@ from statemachine.pipeline import (Context, Finished, Interrupted, PluginChanged
 from statemachine.projections import OUTPUT_TOKENS
 from statemachine.prompts import Standards, load_standards
 from statemachine.scan import Progress as ScanProgress
-from statemachine.scan import scan
+from statemachine.scan import analyze_again, scan
 from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso,
                                     run_limits)
 from statemachine.status import UNFINISHED
@@ -370,29 +368,13 @@ class Runner:
     def _select(self, options: RunOptions) -> list[str]:
         chosen = select(self.store, options)
         if options.force or options.retry:
-            self._reopen([p for p in chosen if self._state(p) in FINAL])
+            before = self.store.last_seq
+            analyze_again(self.store, self.root, [p for p in chosen if self._state(p) in FINAL])
+            self.journal.echo(before)
         return chosen
 
     def _state(self, plugin_id: str) -> str:
         return self.store.query("SELECT state FROM plugins WHERE plugin_id = ?", (plugin_id,))[0][0]
-
-    def _reopen(self, plugin_ids: list[str]) -> None:
-        """--force and --retry: finished plugins are discovered and analyzed again, which puts them
-        back at the start of the pipeline. Analyzed, not their facts copied: those an older
-        overnight recorded lack what this one reads (ANALYZER)."""
-        for plugin_id in plugin_ids:
-            name, category, path, listed, skill_name = self.store.query(
-                "SELECT name, category, path, listed, skill_name FROM plugins WHERE plugin_id = ?", (plugin_id,))[0]
-            tree = hash_tree(self.root, self.root / path)
-            facts = analyze(self.root, Candidate(plugin_id, name, category, path, bool(listed), skill_name, None), tree)
-            cursor = self.journal.cursor(plugin_id)
-            try:
-                self.journal.record(cursor, c.PluginDiscovered(
-                    plugin_id=plugin_id, name=name, category=category, path=path, listed=bool(listed),
-                    skill_name=skill_name))
-                self.journal.record(cursor, c.PluginAnalyzed(content_hash=tree.content_hash, facts=facts))
-            finally:
-                self.journal.release(cursor)
 
     def _history(self, model: str) -> list[tuple[float, int]]:
         since = day_start(self.clock())

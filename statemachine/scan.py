@@ -29,6 +29,8 @@ from statemachine.lifecycle import STREAM_PREFIX, Lifecycle, State
 _MID_WRITE = frozenset({State.WRITING, State.WRITTEN})
 # A name no file has, to check the directories a skill's bundled files would be written in.
 _PROBE = ".overnight-probe"
+# The columns of a plugin's row the scan compares with what it finds.
+_ROW = ("plugin_id", "name", "category", "path", "listed", "skill_name", "state", "content_hash", "reason")
 # Plugins per transaction: a scan is repeatable, so it trades per-plugin durability for speed.
 BATCH = 256
 
@@ -63,14 +65,7 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
     moved = bind(store, root, rebind=rebind)
     if moved:
         report.warnings.append(moved)
-    known = {
-        row[0]: dict(zip(("plugin_id", "name", "category", "path", "listed", "skill_name",
-                          "state", "content_hash", "reason"), row))
-        for row in store.query(
-            "SELECT plugin_id, name, category, path, listed, skill_name, state, content_hash, reason "
-            "FROM plugins"
-        )
-    }
+    known = {row[0]: dict(zip(_ROW, row)) for row in store.query(f"SELECT {', '.join(_ROW)} FROM plugins")}
     outdated = _outdated(store)
     found = discover(root, holders={plugin_id: row["skill_name"] or row["name"] for plugin_id, row in known.items()
                                     if row["state"] not in (State.INVALID, State.GONE)})
@@ -95,6 +90,20 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
             report.vanished += 1
     report.events = store.last_seq - first_seq
     return report
+
+
+def analyze_again(store: EventStore, root: Path, plugin_ids: list[str]) -> None:
+    """--force and --retry: these finished plugins scanned as if their analysis were outdated:
+    discovered and analyzed again from their files (never their facts copied: an older
+    overnight's lack what this one reads), which puts them back at the start of the pipeline."""
+    lifecycle = Lifecycle(store)
+    with store.batch():
+        for plugin_id in plugin_ids:
+            row = dict(zip(_ROW, store.query(f"SELECT {', '.join(_ROW)} FROM plugins WHERE plugin_id = ?",
+                                             (plugin_id,))[0]))
+            candidate = Candidate(plugin_id, row["name"], row["category"], row["path"], bool(row["listed"]),
+                                  row["skill_name"], None)
+            _scan_one(store, lifecycle, root, candidate, row, True, ScanReport(), "")
 
 
 def _target_problem(root: Path, plugin_dir: Path, skill: str | None, clear: bool = False) -> str | None:
@@ -169,6 +178,7 @@ def _outdated(store: EventStore) -> set[str]:
 
 def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Candidate,
               row: dict | None, outdated: bool, report: ScanReport, place: str) -> None:
+    """Record what changed about one plugin; `outdated`: analyze it again even when unchanged."""
     discovered = c.PluginDiscovered(
         plugin_id=candidate.plugin_id, name=candidate.name or "", category=candidate.category,
         path=candidate.path, listed=candidate.listed, skill_name=candidate.skill_name,
