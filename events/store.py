@@ -330,24 +330,26 @@ class EventStore:
         stale = self._stale_projections()
         if stale or retired:
             self._rebuild(stale, retired)
-        existing = dict(self.conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'view'"))
-        changed = {name: f"CREATE VIEW {name} AS {select}" for name, select in views.items()
-                   if existing.get(name) != f"CREATE VIEW {name} AS {select}"}
+        changed = self._changed_views(views)
         if changed:
             with self._transaction():
-                for name, statement in changed.items():
+                for name, select in changed.items():
                     self.conn.execute(f"DROP VIEW IF EXISTS main.{name}")
-                    self.conn.execute(statement)
+                    self.conn.execute(f"CREATE VIEW {name} AS {select}")
 
     def _shadow_views(self, views: Mapping[str, str]) -> None:
         """For a reader, which cannot rewrite the stored views: those stored with another
         definition (by another version of overnight; a writer recreates them) are shadowed, on
         this connection only, by TEMP views of this definition (SQLite looks up a name in
         `temp` before `main`)."""
+        for name, select in self._changed_views(views).items():
+            self.conn.execute(f"CREATE TEMP VIEW {name} AS {select}")
+
+    def _changed_views(self, views: Mapping[str, str]) -> dict[str, str]:
+        """The views (name -> SELECT) stored with another definition, or not at all."""
         existing = dict(self.conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'view'"))
-        for name, select in views.items():
-            if existing.get(name) != f"CREATE VIEW {name} AS {select}":
-                self.conn.execute(f"CREATE TEMP VIEW {name} AS {select}")
+        return {name: select for name, select in views.items()
+                if existing.get(name) != f"CREATE VIEW {name} AS {select}"}
 
     def _rebuild(self, stale: Sequence[Projection], retired: Sequence[str]) -> None:
         """Build the `stale` projections from the log into fresh tables, then, in one
