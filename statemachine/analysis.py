@@ -46,11 +46,13 @@ class Tree:
 # ------------------------------------------------------------------ the tree
 
 
-def walk(start: str, problems: list[str]) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative posix path, lstat) of every entry below `start`, directories included.
+def walk(start: str, problems: list[str],
+         leave_out: frozenset[str] = frozenset()) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative posix path, lstat) of every entry below `start` (a real path), directories included.
 
-    Symlinks are reported, not followed; SKIP_DIRS and plugins nested inside are left out
-    (discovery.holds_plugin); a directory reached twice
+    Symlinks are reported, not followed; SKIP_DIRS, plugins nested inside
+    (discovery.holds_plugin) and the real paths in `leave_out` (overnight's own files:
+    workspace.own_files) are left out; a directory reached twice
     (bind mounts) is not entered again; an entry that cannot be read is added to `problems`.
     """
     seen: set[tuple[int, int]] = set()
@@ -65,7 +67,7 @@ def walk(start: str, problems: list[str]) -> Iterator[tuple[str, os.stat_result]
             problems.append(f"cannot read directory {one_line(prefix or '.')}: {e.strerror}")
             continue
         for entry in items:
-            if entry.name in SKIP_DIRS:
+            if entry.name in SKIP_DIRS or entry.path in leave_out:
                 continue
             rel = f"{prefix}/{entry.name}" if prefix else entry.name
             try:
@@ -81,10 +83,11 @@ def walk(start: str, problems: list[str]) -> Iterator[tuple[str, os.stat_result]
                 stack.append(rel)
 
 
-def hash_tree(root: Path, plugin_dir: Path) -> Tree:
+def hash_tree(root: Path, plugin_dir: Path, leave_out: frozenset[str] = frozenset()) -> Tree:
     """Walk plugin_dir with os.scandir (never following symlinks, never opening FIFOs/devices),
     stream each regular file through sha256 in chunks. Symlinks are hashed by their target
-    text, not followed. Survives loops and unreadable files (hashed as 'unreadable').
+    text, not followed. Survives loops and unreadable files (hashed as 'unreadable'). Leaves out
+    `leave_out` (overnight's own files, see `walk`).
 
     `problem` says why the plugin cannot be processed: over the limits (more than MAX_ENTRIES
     entries or MAX_BYTES bytes: the walk stops, no file is read, and the hash covers only the
@@ -104,7 +107,7 @@ def hash_tree(root: Path, plugin_dir: Path) -> Tree:
     entries: list[tuple[str, str, int, str]] = []  # (path, kind, size, digest)
     files = total = 0
     too_large = None
-    for rel, st in walk(start, problems):
+    for rel, st in walk(start, problems, leave_out):
         mode = st.st_mode
         if not is_utf8(rel):
             problems.append(f"the name {one_line(rel)} is not UTF-8")

@@ -52,13 +52,13 @@ from typing import Any, Iterator
 
 from events import EventStore, EventStoreError, replication
 from events.chain import EVENT_COLUMNS, GENESIS, ChainCheck
-from events.remote import Remote, display_url, file_path, open_remote
+from events.remote import Remote, display_url, open_remote
 from events.store import blob_hash, format_at
 from statemachine import audit
 from statemachine.binding import bind
 from statemachine.catalog import REGISTRY, BackupCompleted
 from statemachine.errors import OvernightError
-from statemachine.workspace import STATE_DIR, open_log
+from statemachine.workspace import STATE_DIR, open_log, own_files
 from statemachine.writes import WriteError, remove_tree
 
 EXCLUDED = frozenset({STATE_DIR, ".git"})
@@ -172,18 +172,16 @@ def encode_node(entries: list[dict[str, Any]]) -> bytes:
                       separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def snapshot_tree(root: Path, *databases: str | Path | None) -> Tree:
+def snapshot_tree(root: Path, leave_out: frozenset[str]) -> Tree:
     """Hash the marketplace at `root` into a Merkle tree, never following a symlink. Left out:
-    `.overnight/` and `.git/`, the `databases` (the event log, wherever `--db` put it, and a
-    `file:` backup; None is none) and their companion files (the log is shipped apart, event by event: a
-    copy of an open database file is no backup; a backup inside the marketplace would hold
-    itself), and, with a warning, a symlink restore would refuse and what is no file,
-    directory or symlink (a fifo, a socket, a device)."""
+    `.overnight/` and `.git/`, overnight's own files wherever they are (`leave_out`, real
+    paths: the event log, shipped apart event by event, for a copy of an open database file is
+    no backup; and the `file:` backups, which would hold themselves; see workspace.own_files),
+    and, with a warning, a symlink restore would refuse and what is no file, directory or
+    symlink (a fifo, a socket, a device)."""
     tree = Tree()
     top = Path(os.path.realpath(root))  # real paths on both sides: entries are compared as paths
-    skipped = {os.path.realpath(db) + suffix for db in databases if db is not None
-               for suffix in ("", "-wal", "-shm", "-journal", ".lock")}
-    tree.root = _walk(tree, top, skipped)
+    tree.root = _walk(tree, top, leave_out)
     return tree
 
 
@@ -199,7 +197,7 @@ class _Dir:
     total: int = 0
 
 
-def _walk(tree: Tree, top: Path, skipped: set[str]) -> str:
+def _walk(tree: Tree, top: Path, leave_out: frozenset[str]) -> str:
     """Hash every directory below `top` after its children, with a stack of the directories
     on the way down instead of recursion (a tree however deep); the root node's hash."""
     stack = [_dir(top, {})]
@@ -216,7 +214,7 @@ def _walk(tree: Tree, top: Path, skipped: set[str]) -> str:
             continue
         item = here.items[here.done]
         here.done += 1
-        if item.name in EXCLUDED or item.path in skipped:
+        if item.name in EXCLUDED or item.path in leave_out:
             continue
         try:
             entry = _entry(tree, top, item)
@@ -324,7 +322,7 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
         last_seq = store.last_seq
         last_hash = store.query("SELECT hash FROM events WHERE seq = ?", (last_seq,))
         head = replication.check_head(store, remote, last_seq)
-        tree = snapshot_tree(root, store.path, file_path(url))  # a backup kept inside is no part of it
+        tree = snapshot_tree(root, own_files(store, url))
         writer = replication.Writer(remote)
         warnings = ([moved] if moved else []) + tree.warnings + _lost_snapshot(store, remote, target)
         damaged = _mend_log_blobs(store, tree, remote, target, warnings)

@@ -155,6 +155,8 @@ class Context:
     # A quota pause the user lifted on resume by changing limits: a retry wait that ends by
     # then was waiting for that pause, and is over.
     lifted_until: float = 0.0
+    # overnight's own files, wherever the user put them: no part of a plugin (workspace.own_files)
+    leave_out: frozenset[str] = frozenset()
 
     def should_stop(self) -> bool:
         """A signal stops the run; a fatal error halts this batch."""
@@ -248,7 +250,8 @@ def _file_failure(ctx: Context, cursor: PluginCursor, row: dict, e: BaseExceptio
     cannot read, a directory it cannot write, a plugin that vanished): it fails with the
     reason, and the batch goes on."""
     reason = str(e) if not isinstance(e, OSError) else f"{e.filename or row['path']}: {e.strerror or e}"
-    if row["state"] == State.WRITING and hash_tree(ctx.root, ctx.root / row["path"]).content_hash != row["content_hash"]:
+    if (row["state"] == State.WRITING
+            and hash_tree(ctx.root, ctx.root / row["path"], ctx.leave_out).content_hash != row["content_hash"]):
         reason += (f"; the files written before it stay: `overnight restore-plugin {shlex.quote(row['name'])}` "
                    "puts the plugin back as it was before overnight")
     step = row["step"] if row["state"] == State.RETRYING else _STEP_OF.get(row["state"], row["state"])
@@ -357,7 +360,7 @@ def _edited_by_hand(ctx: Context, cursor: PluginCursor, row: dict) -> list[str]:
 
 def _changed(ctx: Context, row: dict) -> bool:
     """Whether the plugin's files are not those its scan analyzed (edited, removed, unreadable)."""
-    return hash_tree(ctx.root, ctx.root / row["path"]).content_hash != row["content_hash"]
+    return hash_tree(ctx.root, ctx.root / row["path"], ctx.leave_out).content_hash != row["content_hash"]
 
 
 def _retry_step(ctx: Context, cursor: PluginCursor, row: dict) -> None:
@@ -584,7 +587,7 @@ def _validated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
             return
     if _changed(ctx, row):
         raise PluginChanged()  # its SKILL.md was made from files it no longer has
-    snap = snapshots.take(ctx.root, ctx.root / row["path"])
+    snap = snapshots.take(ctx.root, ctx.root / row["path"], ctx.leave_out)
     ctx.journal.record(cursor, c.PluginSnapshotted(run_id=ctx.run_id, tree_sha256=snap.tree_sha256),
                        blobs=snap.blobs)
 
@@ -621,7 +624,7 @@ def _writing(ctx: Context, cursor: PluginCursor, row: dict) -> None:
 
 
 def _written(ctx: Context, cursor: PluginCursor, row: dict) -> None:
-    tree = hash_tree(ctx.root, ctx.root / row["path"])
+    tree = hash_tree(ctx.root, ctx.root / row["path"], ctx.leave_out)
     ctx.journal.record(cursor, c.PluginDone(run_id=ctx.run_id, content_hash=tree.content_hash))
 
 

@@ -9,15 +9,15 @@ from typing import NamedTuple
 import msgspec
 
 from events import EventStore
-from events.remote import file_path
 from statemachine import catalog as c
 from statemachine import snapshots, writes
 from statemachine.audit import resolve_plugin
-from statemachine.discovery import MANIFEST, is_inside
+from statemachine.discovery import MANIFEST, is_inside, one_line
 from statemachine.binding import bind
 from statemachine.errors import OvernightError
 from statemachine.lifecycle import Lifecycle, State, plugin_stream
 from statemachine.scan import scan
+from statemachine.workspace import own_files
 
 
 BEFORE_WRITE = "before a write"  # a snapshot overnight took before writing the plugin
@@ -75,11 +75,22 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     if state[0] == State.WRITING:
         raise OvernightError(f"{plugin_id} is in the middle of a write; run `overnight resume{place}` first")
     plugin_dir = root / state[1]
+    in_place = os.path.realpath(plugin_dir) == os.path.realpath(root)
+    own = own_files(store)
+    if not in_place:
+        inside = sorted(real for real in own if os.path.lexists(real)
+                        and is_inside(real, os.path.realpath(plugin_dir)))
+        if inside:
+            # A restore replaces the directory whole: these would go with the files it replaces.
+            raise OvernightError(f"{plugin_id}: its directory holds {one_line(inside[0])}, which overnight keeps "
+                                 "(the log or a backup) and a restore would take away with the plugin's files; "
+                                 "move it out of the plugin (--db, or another backup target), then restore "
+                                 "again (nothing was changed)")
     replaced = None
     if os.path.lexists(plugin_dir):  # a deleted plugin directory is made again: there is nothing to keep
         writes.cleanup_temp(root, plugin_dir)  # a restore or write cut short earlier is finished first
         try:
-            current = snapshots.take(root, plugin_dir)
+            current = snapshots.take(root, plugin_dir, own)
         except snapshots.SnapshotError as e:
             raise OvernightError(f"{plugin_id}: a restore first keeps a copy of the files it replaces, and "
                                  f"{e}; nothing was changed") from e
@@ -89,12 +100,11 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
             for blob in current.blobs:
                 store.put_blob(blob)
     restored = c.PluginRestored(tree_sha256=chosen.id, replaced_sha256=replaced)
-    in_place = os.path.realpath(plugin_dir) == os.path.realpath(root)
     if in_place:
         # Not one atomic step (see snapshots._restore_root): recorded once its checks passed and
         # before it changes anything, so the files it replaces stay listed even when it is cut
         # short, and running it again finishes it.
-        removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id, keep=_not_the_plugins(store, root),
+        removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id, keep=_not_the_plugins(root, own),
                                     begin=lambda: _record(store, plugin_id, restored))
     else:
         removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id)
@@ -112,21 +122,12 @@ def _record(store: EventStore, plugin_id: str, event: c.PluginRestored) -> None:
     lifecycle.release(cursor)
 
 
-def _not_the_plugins(store: EventStore, root: Path) -> set[str]:
+def _not_the_plugins(root: Path, own: frozenset[str]) -> set[str]:
     """Files below `root` that the plugin at the root holds in its tree but are not its own, as
-    paths relative to `root`: the marketplace's manifest, this log (and the files SQLite keeps
-    beside it) and the `file:` backups made from it, when kept there."""
+    paths relative to `root`: the marketplace's manifest and overnight's own files kept there."""
     root_real = os.path.realpath(root)
-    targets = [t for (t,) in store.query("SELECT DISTINCT json_extract(data, '$.target') FROM events "
-                                         "WHERE type = 'BackupCompleted'")]
-    files = [str(store.path)] + [path for path in map(file_path, targets) if path]
-    keep = {MANIFEST}
-    for path in files:
-        for name in (path, f"{path}-wal", f"{path}-shm", f"{path}-journal", f"{path}.lock"):
-            real = os.path.realpath(name)
-            if is_inside(real, root_real) and real != root_real:
-                keep.add(os.path.relpath(real, root_real).replace(os.sep, "/"))
-    return keep
+    return {MANIFEST} | {os.path.relpath(real, root_real).replace(os.sep, "/")
+                         for real in own if is_inside(real, root_real) and real != root_real}
 
 
 def _entries(manifest: object) -> list[dict]:

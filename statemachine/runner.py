@@ -44,6 +44,7 @@ from statemachine.scan import analyze_again, scan
 from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso,
                                     run_limits)
 from statemachine.status import UNFINISHED
+from statemachine.workspace import own_files
 
 # The states a complete run leaves its plugins in: a plugin that turned invalid or left the
 # marketplace while the run went on is one it had no more to do with, as if its scan had
@@ -409,7 +410,7 @@ class Runner:
                                   force=options.force or bool(options.retry)),
             standards=standards, clock=self.clock, stopping=self.stopping, stats=stats,
             secrets=(self.backend.api_key or "",), sleep=self.sleep,
-            spending=spending, lifted_until=lifted,
+            spending=spending, lifted_until=lifted, leave_out=own_files(self.store, options.backup_to),
         )
         changed: set[str] = set()
         rescans = 0

@@ -24,6 +24,7 @@ from statemachine.binding import bind
 from statemachine.discovery import LEGACY_SKILL_DIR, Candidate, discover, holds_plugin, legacy_skill_dir, one_line
 from statemachine.gates import BUNDLE_DIRS, fold
 from statemachine.lifecycle import STREAM_PREFIX, Lifecycle, State
+from statemachine.workspace import own_files
 
 # States in which the plugin's files are being changed by overnight itself.
 _MID_WRITE = frozenset({State.WRITING, State.WRITTEN})
@@ -71,6 +72,7 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
                                     if row["state"] not in (State.INVALID, State.GONE)})
     report.warnings.extend(found.warnings)
     lifecycle = Lifecycle(store)
+    leave_out = own_files(store)
     candidates = found.candidates
     report.plugins = len(candidates)
     for start in range(0, len(candidates), BATCH):
@@ -79,7 +81,7 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
                 if progress:
                     progress(i, len(candidates), candidate.plugin_id)
                 _scan_one(store, lifecycle, root, candidate, known.pop(candidate.plugin_id, None),
-                          candidate.plugin_id in outdated, report, place)
+                          candidate.plugin_id in outdated, report, place, leave_out)
     with store.batch():
         for plugin_id, row in sorted(known.items()):
             if row["state"] == State.GONE or row["state"] in _MID_WRITE:
@@ -97,13 +99,14 @@ def analyze_again(store: EventStore, root: Path, plugin_ids: list[str]) -> None:
     discovered and analyzed again from their files (never their facts copied: an older
     overnight's lack what this one reads), which puts them back at the start of the pipeline."""
     lifecycle = Lifecycle(store)
+    leave_out = own_files(store)
     with store.batch():
         for plugin_id in plugin_ids:
             row = dict(zip(_ROW, store.query(f"SELECT {', '.join(_ROW)} FROM plugins WHERE plugin_id = ?",
                                              (plugin_id,))[0]))
             candidate = Candidate(plugin_id, row["name"], row["category"], row["path"], bool(row["listed"]),
                                   row["skill_name"], None)
-            _scan_one(store, lifecycle, root, candidate, row, True, ScanReport(), "")
+            _scan_one(store, lifecycle, root, candidate, row, True, ScanReport(), "", leave_out)
 
 
 def _target_problem(root: Path, plugin_dir: Path, skill: str | None, clear: bool = False) -> str | None:
@@ -177,8 +180,10 @@ def _outdated(store: EventStore) -> set[str]:
 
 
 def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Candidate,
-              row: dict | None, outdated: bool, report: ScanReport, place: str) -> None:
-    """Record what changed about one plugin; `outdated`: analyze it again even when unchanged."""
+              row: dict | None, outdated: bool, report: ScanReport, place: str,
+              leave_out: frozenset[str]) -> None:
+    """Record what changed about one plugin; `outdated`: analyze it again even when unchanged;
+    `leave_out`: overnight's own files, no part of any plugin (workspace.own_files)."""
     discovered = c.PluginDiscovered(
         plugin_id=candidate.plugin_id, name=candidate.name or "", category=candidate.category,
         path=candidate.path, listed=candidate.listed, skill_name=candidate.skill_name,
@@ -186,7 +191,7 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
     problem = candidate.problem
     tree = None
     if problem is None:
-        tree = hash_tree(root, root / candidate.path)
+        tree = hash_tree(root, root / candidate.path, leave_out)
         # Found without a problem before, and unchanged: its tree hash covers every file, directory
         # and symlink on the way to what a write touches, so that way is as clear as it was.
         clear = (row is not None and row["state"] not in (State.INVALID, State.GONE, State.DISCOVERED)

@@ -78,8 +78,9 @@ _decoder = msgspec.json.Decoder(Manifest)
 # ------------------------------------------------------------------ taking
 
 
-def take(root: Path, plugin_dir: Path) -> Snapshot:
-    """Snapshot plugin_dir (which must resolve to a directory inside root).
+def take(root: Path, plugin_dir: Path, leave_out: frozenset[str] = frozenset()) -> Snapshot:
+    """Snapshot plugin_dir (which must resolve to a directory inside root), without `leave_out`
+    (overnight's own files, see analysis.walk).
 
     Raises SnapshotError when the tree cannot be captured completely (an unreadable file or
     directory, a name that is not UTF-8, more than analysis.MAX_ENTRIES entries or
@@ -95,7 +96,7 @@ def take(root: Path, plugin_dir: Path) -> Snapshot:
     entries: list[Entry] = []
     blobs: dict[str, bytes] = {}
     total = 0
-    for rel, st in walk(start, problems):
+    for rel, st in walk(start, problems, leave_out):
         _require_utf8(rel, "name")
         mode = stat.S_IMODE(st.st_mode) & ~_STRIP
         if stat.S_ISDIR(st.st_mode):

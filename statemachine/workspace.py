@@ -12,6 +12,7 @@ from typing import Iterator
 
 from events import EventStore
 from events.lock import WriterLock
+from events.remote import file_path
 from events.store import Clock, utc_now
 from statemachine.catalog import REGISTRY
 from statemachine.discovery import MANIFEST, PLUGINS_DIR
@@ -33,6 +34,22 @@ def marketplace_root(path: Path | str) -> Path:
         raise NotAMarketplace(f"{root.resolve()} does not look like a marketplace (no {PLUGINS_DIR}/ directory "
                               f"and no {MANIFEST}); give the marketplace's path")
     return root.resolve()
+
+
+# The files SQLite and overnight keep beside a database.
+_COMPANIONS = ("", "-wal", "-shm", "-journal", ".lock")
+
+
+def own_files(store: EventStore, *backup_urls: str | None) -> frozenset[str]:
+    """Real paths of the files overnight keeps wherever the user put them, which may be inside a
+    plugin's directory: this log and every `file:` backup made from it (recorded, configured for a
+    run, or given here), each with the files kept beside it. They change as overnight works and
+    are not the plugin's: its content hash, snapshots and restores leave them out."""
+    urls = [url for (url,) in store.query(
+        "SELECT json_extract(data, '$.target') FROM events WHERE stream = 'backup' AND type = 'BackupCompleted' "
+        "UNION SELECT json_extract(config, '$.backup_to') FROM runs")]
+    paths = [str(store.path)] + [path for url in [*urls, *backup_urls] if url and (path := file_path(url))]
+    return frozenset(os.path.realpath(path + suffix) for path in paths for suffix in _COMPANIONS)
 
 
 def default_db(root: Path) -> Path:

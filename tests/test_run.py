@@ -1411,6 +1411,50 @@ def test_a_root_restore_cut_short_keeps_the_files_it_replaces_listed(tmp_path, e
     assert_healthy(root)
 
 
+def test_a_log_and_backups_kept_inside_a_plugin_are_no_part_of_it(tmp_path, emu):
+    """With --db (or a `file:` backup) inside a plugin's directory, the log changed the plugin it
+    records: a scan found the plugin at the root changed each time, and a run never enhanced it
+    ("its files changed each time the run took it up again, 3 times")."""
+    root = root_plugin(tmp_path)
+    log = root / "state.db"
+
+    def scanned() -> dict:
+        return json.loads(overnight("scan", root, "--db", log, "--json").stdout)
+
+    assert scanned()["new"] == 1 and scanned()["events"] == 0
+    ran = run(root, emu, "--db", log, "--backup-to", f"file:{root / 'offsite.db'}", "--json")
+    assert ran.exit_code == 0, ran.output
+    assert (root / "skills" / "solo" / "SKILL.md").is_file() and (root / "offsite.db").is_file()
+    assert overnight("backup", root, "--db", log, "--to", f"file:{root / 'other.db'}").exit_code == 0
+    again = scanned()
+    assert (again["unchanged"], again["events"]) == (1, 0)
+    back = tmp_path / "back"  # the second backup holds neither the log nor the first backup
+    assert overnight("restore", "--from", f"file:{root / 'other.db'}", "--to", back).exit_code == 0
+    assert sorted(p.name for p in back.iterdir()) == [".claude-plugin", ".overnight", "README.md", "docs", "skills"]
+    restored = overnight("restore-plugin", "solo", root, "--db", log, "--json")
+    assert restored.exit_code == 0, restored.output
+    assert json.loads(restored.stdout)["files"] == 4  # README.md, docs/usage.md, the two JSON files: no database
+    assert not (root / "skills").exists() and (root / "offsite.db").is_file() and (root / "other.db").is_file()
+    assert overnight("audit", "verify", root, "--db", log).exit_code == 0
+
+
+def test_a_restore_refuses_to_take_away_the_log_kept_inside_the_plugin(market, emu):
+    """A plugin that is not at the root is restored by replacing its directory whole: the log
+    inside it would have gone with the files it replaced."""
+    log = market / "plugins" / "devops" / "deploy-checker" / "state.db"
+    assert run(market, emu, "--db", log).exit_code == 0
+    assert json.loads(overnight("status", market, "--db", log, "--json").stdout)["by_state"] == {"done": 4}
+    skill = market / "plugins" / "devops" / "deploy-checker" / "skills" / "deploy-checker" / "SKILL.md"
+    refused = overnight("restore-plugin", "deploy-checker", market, "--db", log)
+    assert refused.exit_code == 1
+    assert refused.stderr == (f"error: plugins/devops/deploy-checker: its directory holds {log}, which overnight "
+                              "keeps (the log or a backup) and a restore would take away with the plugin's files; "
+                              "move it out of the plugin (--db, or another backup target), then restore again "
+                              "(nothing was changed)\n")
+    assert skill.is_file() and log.is_file()
+    assert overnight("audit", "verify", market, "--db", log).exit_code == 0
+
+
 def test_a_plugin_at_the_root_leaves_the_other_plugins_temporary_files_alone(tmp_path, emu):
     """The clean-up before a plugin's write removed every `.overnight-tmp-*` file below it; for
     the plugin at the root, those of the other plugins' writes in flight too: they failed with
