@@ -83,6 +83,20 @@ def walk(start: str, problems: list[str],
                 stack.append(rel)
 
 
+def reaches(plugin_dir: str, real: str) -> bool:
+    """Whether `walk` of the real directory `plugin_dir` reaches the real path `real`: it is below,
+    and neither it nor a directory on the way is skipped (SKIP_DIRS) or a plugin of its own."""
+    if real == plugin_dir or not is_inside(real, plugin_dir):
+        return False
+    parts = os.path.relpath(real, plugin_dir).split(os.sep)
+    here = plugin_dir
+    for part in parts[:-1]:
+        here = os.path.join(here, part)
+        if part in SKIP_DIRS or holds_plugin(here):
+            return False
+    return parts[-1] not in SKIP_DIRS
+
+
 def hash_tree(root: Path, plugin_dir: Path, leave_out: frozenset[str] = frozenset()) -> Tree:
     """Walk plugin_dir with os.scandir (never following symlinks, never opening FIFOs/devices),
     stream each regular file through sha256 in chunks. Symlinks are hashed by their target

@@ -1438,6 +1438,24 @@ def test_a_log_and_backups_kept_inside_a_plugin_are_no_part_of_it(tmp_path, emu)
     assert overnight("audit", "verify", root, "--db", log).exit_code == 0
 
 
+def test_a_json_log_inside_a_plugin_is_refused_before_a_line_goes_to_it(tmp_path, emu):
+    """--json-log in the directory of a plugin at the root (the current directory, say) grew
+    with every event: the run found the plugin changed each time it took it up, and never
+    enhanced it; outside the run, each scan would have found it changed again."""
+    root = root_plugin(tmp_path)
+    inside = root / "events.jsonl"
+    refused = run(root, emu, "--json-log", inside)
+    assert refused.exit_code == 1
+    assert refused.stderr.endswith(f"error: --json-log {inside} is inside plugin ., whose files it would change as "
+                                   "the run goes; write it outside the plugin (in .overnight/, for example)\n")
+    assert inside.read_text() == "" and generate_requests(emu) == []
+    kept = root / ".overnight" / "events.jsonl"
+    ran = run(root, emu, "--json-log", kept)
+    assert ran.exit_code == 0, ran.output
+    assert states(root) == {".": "done"} and "PluginDone" in kept.read_text()
+    assert json.loads(overnight("scan", root, "--json").stdout)["events"] == 0
+
+
 def test_a_restore_refuses_to_take_away_the_log_kept_inside_the_plugin(market, emu):
     """A plugin that is not at the root is restored by replacing its directory whole: the log
     inside it would have gone with the files it replaced."""
