@@ -62,7 +62,8 @@ class Registry:
     def decode(self, tag: str, schema_version: int, data: bytes | str) -> Event:
         cls = self.types.get(tag)
         if cls is None:
-            raise UndecodableEvent(f"unknown event type {tag!r}")
+            raise UndecodableEvent(f"unknown event type {tag!r} (written by a newer version of this program, "
+                                   "which added it, or damaged)")
         try:
             if schema_version == cls.schema_version:
                 event = self._decoder.decode(data)

@@ -264,6 +264,9 @@ def test_missing_upcaster_and_newer_version_are_undecodable(db):
     registry = Registry([PriceSetV1])
     with pytest.raises(UndecodableEvent, match="newer than this program knows"):
         registry.decode("PriceSet", 3, msgspec.json.encode({"type": "PriceSet", "cents": 1}))
+    # an event type a newer version added is named as one (older versions called it only "unknown")
+    with pytest.raises(UndecodableEvent, match=r"^unknown event type 'PriceDropped' \(written by a newer version"):
+        registry.decode("PriceDropped", 1, msgspec.json.encode({"type": "PriceDropped"}))
 
 
 # ---------------------------------------------------------------- single writer
