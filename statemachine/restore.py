@@ -11,6 +11,7 @@ import msgspec
 from events import EventStore
 from statemachine import catalog as c
 from statemachine import snapshots, writes
+from statemachine.analysis import reaches
 from statemachine.audit import resolve_plugin
 from statemachine.discovery import MANIFEST, is_inside, one_line
 from statemachine.binding import bind
@@ -78,10 +79,10 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     in_place = os.path.realpath(plugin_dir) == os.path.realpath(root)
     own = own_files(store)
     if not in_place:
-        inside = sorted(real for real in own if os.path.lexists(real)
-                        and is_inside(real, os.path.realpath(plugin_dir)))
+        inside = sorted(real for real in own if os.path.lexists(real) and reaches(os.path.realpath(plugin_dir), real))
         if inside:
-            # A restore replaces the directory whole: these would go with the files it replaces.
+            # A restore replaces the directory whole: these would go with the files it replaces
+            # (what no snapshot holds, such as .overnight/ or a nested plugin, is carried over).
             raise OvernightError(f"{plugin_id}: its directory holds {one_line(inside[0])}, which overnight keeps "
                                  "(the log or a backup) and a restore would take away with the plugin's files; "
                                  "move it out of the plugin (--db, or another backup target), then restore "
