@@ -38,7 +38,7 @@ def limit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="When the daily quota is used up, exit 0 saying when to resume instead of sleeping "
                           "(--wait: sleep until the quota comes back; the default, and what resume --wait "
                           "asks of a run started with --no-wait)."),
-        click.option("--json-log", type=click.File("a", encoding="utf-8"),
+        click.option("--json-log", type=click.File("a", encoding="utf-8", lazy=True),
                      help="Append one JSON line per recorded event to this file ('-': stdout, which then holds "
                           "nothing else but the --json summary; the text summary goes to stderr)."),
         click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."),
@@ -193,6 +193,8 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
     from statemachine.workspace import marketplace_lock, marketplace_root, open_log
 
     root = marketplace_root(path)
+    if json_log is not None:
+        _open_json_log(root, json_log)
     backend = backend_from_env()
     display = _Display(enabled=interactive() and not as_json)
     with marketplace_lock(root):
@@ -211,13 +213,30 @@ def _execute(path: Path, db: Path | None, json_log: IO[str] | None, as_json: boo
                 signal.signal(sig, handler)
             store.close()
     # `--json-log -`: stdout carries the JSON lines alone (with --json, its summary too: one more line)
-    to_stderr = not as_json and getattr(json_log, "name", None) == "<stdout>"
+    to_stderr = not as_json and getattr(json_log, "name", None) == "-"
     with contextlib.redirect_stdout(sys.stderr) if to_stderr else contextlib.nullcontext():
         _render(result, as_json, where(root, db))
     if result.outcome == "interrupted" or runner.signal:  # also a signal that stopped the closing backup
         raise click.exceptions.Exit(EXIT_SIGNAL.get(runner.signal or "", 130))
     if not result.ok or result.backup_failed:
         raise click.exceptions.Exit(EXIT_PROBLEMS)
+
+
+def _open_json_log(root: Path, json_log: click.utils.LazyFile) -> None:
+    """--json-log's file grows with every event: inside a plugin's directory it would change the
+    plugin the run works on, and every later scan would find it changed again. Refused before
+    the file is made; then opened, so that a path that cannot be written stops the run before
+    it starts."""
+    from statemachine.analysis import holder
+
+    if json_log.name != "-" and (plugin := holder(root, json_log.name)) is not None:
+        raise click.BadParameter(f"{shown(json_log.name)} is inside plugin {plugin}, whose files it would change "
+                                 "as the run goes; write it outside the plugin (outside the marketplace, or in "
+                                 ".overnight/)", param_hint="'--json-log'")
+    try:
+        json_log.open()
+    except click.FileError as e:
+        raise click.BadParameter(e.format_message(), param_hint="'--json-log'") from e
 
 
 def _render(result, as_json: bool, place: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from statemachine.catalog import PluginFacts, SkillFact
 from statemachine.discovery import (
     MAX_PLUGIN_JSON, MANIFEST, PLUGIN_JSON, SKIP_DIRS, Candidate, Unreadable, is_inside,
-    holds_plugin, is_utf8, load_json, manifest_entries, one_line, read_inside, special_kind,
+    discover, holds_plugin, is_utf8, load_json, manifest_entries, one_line, read_inside, special_kind,
 )
 
 MAX_ENTRIES = 20_000
@@ -51,8 +51,8 @@ def walk(start: str, problems: list[str],
     """(relative posix path, lstat) of every entry below `start` (a real path), directories included.
 
     Symlinks are reported, not followed; SKIP_DIRS, plugins nested inside
-    (discovery.holds_plugin) and the real paths in `leave_out` (overnight's own files:
-    workspace.own_files) are left out; a directory reached twice
+    (discovery.holds_plugin) and the real paths in `leave_out` (files of no plugin:
+    workspace.not_plugin_files) are left out; a directory reached twice
     (bind mounts) is not entered again; an entry that cannot be read is added to `problems`.
     """
     seen: set[tuple[int, int]] = set()
@@ -97,11 +97,19 @@ def reaches(plugin_dir: str, real: str) -> bool:
     return parts[-1] not in SKIP_DIRS
 
 
+def holder(root: Path, path: str) -> str | None:
+    """The plugin (its id) whose tree holds the file at `path` (analysis reads it, snapshots take
+    it, a restore replaces it), or None."""
+    real = os.path.realpath(path)
+    return next((c.plugin_id for c in discover(root).candidates
+                 if c.problem is None and reaches(os.path.realpath(root / c.path), real)), None)
+
+
 def hash_tree(root: Path, plugin_dir: Path, leave_out: frozenset[str] = frozenset()) -> Tree:
     """Walk plugin_dir with os.scandir (never following symlinks, never opening FIFOs/devices),
     stream each regular file through sha256 in chunks. Symlinks are hashed by their target
     text, not followed. Survives loops and unreadable files (hashed as 'unreadable'). Leaves out
-    `leave_out` (overnight's own files, see `walk`).
+    `leave_out` (files of no plugin, see `walk`).
 
     `problem` says why the plugin cannot be processed: over the limits (more than MAX_ENTRIES
     entries or MAX_BYTES bytes: the walk stops, no file is read, and the hash covers only the

@@ -322,7 +322,7 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
         last_seq = store.last_seq
         last_hash = store.query("SELECT hash FROM events WHERE seq = ?", (last_seq,))
         head = replication.check_head(store, remote, last_seq)
-        tree = snapshot_tree(root, own_files(store, url))
+        tree = snapshot_tree(root, own_files(store, root, url))
         writer = replication.Writer(remote)
         warnings = ([moved] if moved else []) + tree.warnings + _lost_snapshot(store, remote, target)
         damaged = _mend_log_blobs(store, tree, remote, target, warnings)

@@ -155,7 +155,7 @@ class Context:
     # A quota pause the user lifted on resume by changing limits: a retry wait that ends by
     # then was waiting for that pause, and is over.
     lifted_until: float = 0.0
-    # overnight's own files, wherever the user put them: no part of a plugin (workspace.own_files)
+    # files no part of any plugin: the manifest, overnight's own (workspace.not_plugin_files)
     leave_out: frozenset[str] = frozenset()
 
     def should_stop(self) -> bool:

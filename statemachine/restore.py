@@ -13,12 +13,12 @@ from statemachine import catalog as c
 from statemachine import snapshots, writes
 from statemachine.analysis import reaches
 from statemachine.audit import resolve_plugin
-from statemachine.discovery import MANIFEST, is_inside, one_line
+from statemachine.discovery import is_inside, one_line
 from statemachine.binding import bind
 from statemachine.errors import OvernightError
 from statemachine.lifecycle import Lifecycle, State, plugin_stream
 from statemachine.scan import scan
-from statemachine.workspace import own_files
+from statemachine.workspace import not_plugin_files
 
 
 BEFORE_WRITE = "before a write"  # a snapshot overnight took before writing the plugin
@@ -77,9 +77,10 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
         raise OvernightError(f"{plugin_id} is in the middle of a write; run `overnight resume{place}` first")
     plugin_dir = root / state[1]
     in_place = os.path.realpath(plugin_dir) == os.path.realpath(root)
-    own = own_files(store)
+    others = not_plugin_files(store, root)  # the manifest, overnight's own files
     if not in_place:
-        inside = sorted(real for real in own if os.path.lexists(real) and reaches(os.path.realpath(plugin_dir), real))
+        inside = sorted(real for real in others
+                        if os.path.lexists(real) and reaches(os.path.realpath(plugin_dir), real))
         if inside:
             # A restore replaces the directory whole: these would go with the files it replaces
             # (what no snapshot holds, such as .overnight/ or a nested plugin, is carried over).
@@ -91,7 +92,7 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
     if os.path.lexists(plugin_dir):  # a deleted plugin directory is made again: there is nothing to keep
         writes.cleanup_temp(root, plugin_dir)  # a restore or write cut short earlier is finished first
         try:
-            current = snapshots.take(root, plugin_dir, own)
+            current = snapshots.take(root, plugin_dir, others)
         except snapshots.SnapshotError as e:
             raise OvernightError(f"{plugin_id}: a restore first keeps a copy of the files it replaces, and "
                                  f"{e}; nothing was changed") from e
@@ -105,7 +106,7 @@ def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str 
         # Not one atomic step (see snapshots._restore_root): recorded once its checks passed and
         # before it changes anything, so the files it replaces stay listed even when it is cut
         # short, and running it again finishes it.
-        removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id, keep=_not_the_plugins(root, own),
+        removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id, keep=_not_the_plugins(root, others),
                                     begin=lambda: _record(store, plugin_id, restored))
     else:
         removed = snapshots.restore(store.get_blob, root, plugin_dir, chosen.id)
@@ -123,12 +124,12 @@ def _record(store: EventStore, plugin_id: str, event: c.PluginRestored) -> None:
     lifecycle.release(cursor)
 
 
-def _not_the_plugins(root: Path, own: frozenset[str]) -> set[str]:
-    """Files below `root` that the plugin at the root holds in its tree but are not its own, as
-    paths relative to `root`: the marketplace's manifest and overnight's own files kept there."""
+def _not_the_plugins(root: Path, others: frozenset[str]) -> set[str]:
+    """Of the files of no plugin (`others`: the manifest, overnight's own), those below `root`
+    that the plugin at the root holds in its tree, as paths relative to `root`."""
     root_real = os.path.realpath(root)
-    return {MANIFEST} | {os.path.relpath(real, root_real).replace(os.sep, "/")
-                         for real in own if is_inside(real, root_real) and real != root_real}
+    return {os.path.relpath(real, root_real).replace(os.sep, "/")
+            for real in others if is_inside(real, root_real) and real != root_real}
 
 
 def _entries(manifest: object) -> list[dict]:

@@ -29,8 +29,6 @@ from statemachine import catalog as c
 from events.remote import display_url
 from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
-from statemachine.analysis import reaches
-from statemachine.discovery import one_line
 from statemachine.errors import OvernightError
 from statemachine.metrics import Prices, answer_latency, estimate, eta, expected_output, tokens_each
 from statemachine.gates import GateConfig
@@ -46,7 +44,7 @@ from statemachine.scan import analyze_again, scan
 from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso,
                                     run_limits)
 from statemachine.status import UNFINISHED
-from statemachine.workspace import own_files
+from statemachine.workspace import followed_backup, not_plugin_files
 
 # The states a complete run leaves its plugins in: a plugin that turned invalid or left the
 # marketplace while the run went on is one it had no more to do with, as if its scan had
@@ -243,7 +241,6 @@ class Runner:
         self.gateway_factory = gateway_factory
         self.clock = clock
         self.journal = Journal(store, json_log)
-        self._json_log = getattr(json_log, "name", None)  # its path (opened), or a name such as <stdout>
         self.on_progress = on_progress
         self.on_scan = on_scan
         self.stopping = threading.Event()
@@ -287,6 +284,11 @@ class Runner:
         run_id, config_json, status, paused_until = found[0]
         config = msgspec.json.decode(config_json)
         options = options_from_config(config)
+        followed = followed_backup(self.store, self.root, options.backup_to)
+        if followed:  # the marketplace moved, with the backup kept inside it
+            self.journal.append(f"run:{run_id}", c.BackupTargetChanged(
+                run_id=run_id, backup_to=display_url(followed), reason="the marketplace moved, and its backup with it"))
+            options = dataclasses.replace(options, backup_to=followed)
         blob = self._standards_blob(config["standards_sha256"])
         standards = Standards(blob.decode("utf-8"))
         limits_changed = False
@@ -335,7 +337,6 @@ class Runner:
         files changed under it (what the first scan found still counts)."""
         before = self.store.last_seq
         report = scan(self.store, self.root, progress=None if again else self.on_scan)
-        self._check_json_log()  # before the first line goes to it
         self.journal.echo(before)
         if again:
             self._scan_warnings += [w for w in report.warnings if w not in self._scan_warnings]
@@ -345,18 +346,6 @@ class Runner:
             self._scan_warnings = report.warnings
             self._new_invalid = report.newly_invalid
             self._mid_write = report.mid_write
-
-    def _check_json_log(self) -> None:
-        """--json-log's file grows as the run goes: inside a plugin, it would change the plugin the
-        run works on (and each later scan would find it changed again), so it is refused."""
-        if not isinstance(self._json_log, str) or not os.path.isfile(self._json_log):
-            return
-        real = os.path.realpath(self._json_log)
-        for plugin_id, path in self.store.query("SELECT plugin_id, path FROM plugins WHERE state != ?", (State.GONE,)):
-            if reaches(os.path.realpath(self.root / path), real):
-                raise OvernightError(f"--json-log {one_line(self._json_log)} is inside plugin {plugin_id}, whose files "
-                                     "it would change as the run goes; write it outside the plugin (in .overnight/, "
-                                     "for example)")
 
     def _warnings(self) -> list[str]:
         """The scans' warnings, but for the writes cut short that this execution has settled since."""
@@ -426,7 +415,8 @@ class Runner:
                                   force=options.force or bool(options.retry)),
             standards=standards, clock=self.clock, stopping=self.stopping, stats=stats,
             secrets=(self.backend.api_key or "",), sleep=self.sleep,
-            spending=spending, lifted_until=lifted, leave_out=own_files(self.store, options.backup_to),
+            spending=spending, lifted_until=lifted,
+            leave_out=not_plugin_files(self.store, self.root, options.backup_to),
         )
         changed: set[str] = set()
         rescans = 0

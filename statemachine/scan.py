@@ -24,7 +24,7 @@ from statemachine.binding import bind
 from statemachine.discovery import LEGACY_SKILL_DIR, Candidate, discover, holds_plugin, legacy_skill_dir, one_line
 from statemachine.gates import BUNDLE_DIRS, fold
 from statemachine.lifecycle import STREAM_PREFIX, Lifecycle, State
-from statemachine.workspace import own_files
+from statemachine.workspace import not_plugin_files
 
 # States in which the plugin's files are being changed by overnight itself.
 _MID_WRITE = frozenset({State.WRITING, State.WRITTEN})
@@ -72,7 +72,7 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
                                     if row["state"] not in (State.INVALID, State.GONE)})
     report.warnings.extend(found.warnings)
     lifecycle = Lifecycle(store)
-    leave_out = own_files(store)
+    leave_out = not_plugin_files(store, root)
     candidates = found.candidates
     report.plugins = len(candidates)
     for start in range(0, len(candidates), BATCH):
@@ -99,7 +99,7 @@ def analyze_again(store: EventStore, root: Path, plugin_ids: list[str]) -> None:
     discovered and analyzed again from their files (never their facts copied: an older
     overnight's lack what this one reads), which puts them back at the start of the pipeline."""
     lifecycle = Lifecycle(store)
-    leave_out = own_files(store)
+    leave_out = not_plugin_files(store, root)
     with store.batch():
         for plugin_id in plugin_ids:
             row = dict(zip(_ROW, store.query(f"SELECT {', '.join(_ROW)} FROM plugins WHERE plugin_id = ?",
@@ -183,7 +183,7 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
               row: dict | None, outdated: bool, report: ScanReport, place: str,
               leave_out: frozenset[str]) -> None:
     """Record what changed about one plugin; `outdated`: analyze it again even when unchanged;
-    `leave_out`: overnight's own files, no part of any plugin (workspace.own_files)."""
+    `leave_out`: files no part of any plugin (workspace.not_plugin_files)."""
     discovered = c.PluginDiscovered(
         plugin_id=candidate.plugin_id, name=candidate.name or "", category=candidate.category,
         path=candidate.path, listed=candidate.listed, skill_name=candidate.skill_name,

@@ -80,7 +80,7 @@ _decoder = msgspec.json.Decoder(Manifest)
 
 def take(root: Path, plugin_dir: Path, leave_out: frozenset[str] = frozenset()) -> Snapshot:
     """Snapshot plugin_dir (which must resolve to a directory inside root), without `leave_out`
-    (overnight's own files, see analysis.walk).
+    (files of no plugin, see analysis.walk).
 
     Raises SnapshotError when the tree cannot be captured completely (an unreadable file or
     directory, a name that is not UTF-8, more than analysis.MAX_ENTRIES entries or

@@ -12,10 +12,10 @@ from typing import Iterator
 
 from events import EventStore
 from events.lock import WriterLock
-from events.remote import file_path
+from events.remote import absolute_url, file_path
 from events.store import Clock, utc_now
 from statemachine.catalog import REGISTRY
-from statemachine.discovery import MANIFEST, PLUGINS_DIR
+from statemachine.discovery import MANIFEST, PLUGINS_DIR, is_inside
 from statemachine.errors import NotAMarketplace, OvernightError
 from statemachine.projections import PROJECTIONS, VIEWS
 
@@ -40,16 +40,44 @@ def marketplace_root(path: Path | str) -> Path:
 _COMPANIONS = ("", "-wal", "-shm", "-journal", ".lock")
 
 
-def own_files(store: EventStore, *backup_urls: str | None) -> frozenset[str]:
+def own_files(store: EventStore, root: Path, *backup_urls: str | None) -> frozenset[str]:
     """Real paths of the files overnight keeps wherever the user put them, which may be inside a
     plugin's directory: this log and every `file:` backup made from it (recorded, configured for a
-    run, or given here), each with the files kept beside it. They change as overnight works and
-    are not the plugin's: its content hash, snapshots and restores leave them out."""
+    run, or given here), each with the files kept beside it. A backup kept inside a marketplace
+    the log served before it moved (or was copied) is counted where it is now, in `root`."""
     urls = [url for (url,) in store.query(
         "SELECT json_extract(data, '$.target') FROM events WHERE stream = 'backup' AND type = 'BackupCompleted' "
         "UNION SELECT json_extract(config, '$.backup_to') FROM runs")]
-    paths = [str(store.path)] + [path for url in [*urls, *backup_urls] if url and (path := file_path(url))]
+    paths = [os.path.realpath(store.path)]
+    for path in (os.path.realpath(path) for url in [*urls, *backup_urls] if url and (path := file_path(url))):
+        paths += [path, *_moved(store, root, path)]
     return frozenset(os.path.realpath(path + suffix) for path in paths for suffix in _COMPANIONS)
+
+
+def _moved(store: EventStore, root: Path, path: str) -> list[str]:
+    """Where the real path `path` is now, when it was inside a marketplace the log served before
+    and was moved or copied to `root`."""
+    here = os.path.realpath(root)
+    return [os.path.join(here, os.path.relpath(path, old)) for (old,) in store.query(
+        "SELECT DISTINCT json_extract(data, '$.root') FROM events WHERE stream = 'marketplace'")
+        if old != here and is_inside(path, old)]
+
+
+def followed_backup(store: EventStore, root: Path, url: str | None) -> str | None:
+    """A run's `file:` backup URL when the backup was kept inside the marketplace the log served
+    before it moved (or was copied) to `root`: the URL of the same place in `root`, which the
+    backup moved to with it; None when the URL needs no change."""
+    path = file_path(url) if url else None
+    moved = _moved(store, root, os.path.realpath(path)) if path else []
+    return absolute_url(f"file:{moved[-1]}") if moved else None
+
+
+def not_plugin_files(store: EventStore, root: Path, *backup_urls: str | None) -> frozenset[str]:
+    """Real paths of the files that may lie in a plugin's directory (a plugin at the root holds
+    most of the marketplace) but are no part of it: the marketplace's manifest, and overnight's
+    own files (`own_files`), which change as it works. A plugin's content hash, snapshots and
+    restores leave them out."""
+    return own_files(store, root, *backup_urls) | {os.path.realpath(root / MANIFEST)}
 
 
 def default_db(root: Path) -> Path:

@@ -1433,27 +1433,68 @@ def test_a_log_and_backups_kept_inside_a_plugin_are_no_part_of_it(tmp_path, emu)
     assert sorted(p.name for p in back.iterdir()) == [".claude-plugin", ".overnight", "README.md", "docs", "skills"]
     restored = overnight("restore-plugin", "solo", root, "--db", log, "--json")
     assert restored.exit_code == 0, restored.output
-    assert json.loads(restored.stdout)["files"] == 4  # README.md, docs/usage.md, the two JSON files: no database
+    assert json.loads(restored.stdout)["files"] == 3  # README.md, docs/usage.md, plugin.json: no database
     assert not (root / "skills").exists() and (root / "offsite.db").is_file() and (root / "other.db").is_file()
     assert overnight("audit", "verify", root, "--db", log).exit_code == 0
 
 
-def test_a_json_log_inside_a_plugin_is_refused_before_a_line_goes_to_it(tmp_path, emu):
+def test_a_json_log_inside_a_plugin_is_refused_before_it_is_made(tmp_path, emu):
     """--json-log in the directory of a plugin at the root (the current directory, say) grew
     with every event: the run found the plugin changed each time it took it up, and never
     enhanced it; outside the run, each scan would have found it changed again."""
     root = root_plugin(tmp_path)
     inside = root / "events.jsonl"
     refused = run(root, emu, "--json-log", inside)
-    assert refused.exit_code == 1
-    assert refused.stderr.endswith(f"error: --json-log {inside} is inside plugin ., whose files it would change as "
-                                   "the run goes; write it outside the plugin (in .overnight/, for example)\n")
-    assert inside.read_text() == "" and generate_requests(emu) == []
-    kept = root / ".overnight" / "events.jsonl"
+    assert refused.exit_code == 2
+    assert refused.stderr.endswith(f"error: Invalid value for '--json-log': {inside} is inside plugin ., whose files "
+                                   "it would change as the run goes; write it outside the plugin (outside the "
+                                   "marketplace, or in .overnight/)\n")
+    assert not inside.exists() and generate_requests(emu) == [] and not (root / ".overnight").exists()
+    nowhere = run(root, emu, "--json-log", tmp_path / "no" / "events.jsonl")
+    assert nowhere.exit_code == 2 and "Invalid value for '--json-log'" in nowhere.stderr
+    assert not (root / ".overnight").exists()  # stopped before the run began
+    kept = tmp_path / "events.jsonl"
     ran = run(root, emu, "--json-log", kept)
     assert ran.exit_code == 0, ran.output
     assert states(root) == {".": "done"} and "PluginDone" in kept.read_text()
     assert json.loads(overnight("scan", root, "--json").stdout)["events"] == 0
+
+
+def test_a_plugin_at_the_root_is_not_changed_by_the_marketplace_listing_or_a_move(tmp_path, emu):
+    """The manifest is in the directory of a plugin at the root but is the marketplace's: an edit
+    of it (a description, another plugin's entry) made the root plugin changed, and the next run
+    asked Gemini for it again. A `file:` backup kept in the repository counted as the root
+    plugin's once the repository moved (its recorded path was the old one), and a restore of
+    the plugin deleted it."""
+    root = root_plugin(tmp_path)
+    assert run(root, emu, "--backup-to", f"file:{root / 'x.db'}").exit_code == 0
+    sent = len(generate_requests(emu))
+    manifest(root, [{"name": "solo", "source": "./", "description": "Formats code, listed."}])
+    assert json.loads(overnight("scan", root, "--json").stdout)["changed"] == 0
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    assert json.loads(overnight("scan", moved, "--json").stdout)["changed"] == 0
+    assert run(moved, emu).exit_code == 0 and len(generate_requests(emu)) == sent
+    restored = overnight("restore-plugin", "solo", moved)
+    assert restored.exit_code == 0, restored.output
+    assert (moved / "x.db").is_file() and not (moved / "skills").exists()
+    assert overnight("backup", "verify", "--from", f"file:{moved / 'x.db'}").exit_code == 0
+
+
+def test_a_run_resumed_after_its_marketplace_moved_backs_up_where_its_backup_went(tmp_path, emu):
+    """`--backup-to file:./x.db` is recorded as an absolute path: resumed after the repository
+    moved, the run's backup failed ("unable to open database file") at the old place."""
+    root = root_plugin(tmp_path)
+    first = run(root, emu, "--backup-to", f"file:{root / 'x.db'}", "--max-requests", "1", "--json")
+    assert json.loads(first.stdout)["outcome"] == "budget_exhausted", first.output
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    resumed = overnight("resume", moved, "--max-requests", "10", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["backups"][-1].startswith(f"backup to file://{moved / 'x.db'} (run complete)")
+    assert len(generate_requests(emu)) == 2  # the plan, then the SKILL.md: none asked again
+    assert overnight("backup", "verify", "--from", f"file:{moved / 'x.db'}").exit_code == 0
+    assert overnight("audit", "verify", moved).exit_code == 0
 
 
 def test_a_restore_refuses_to_take_away_the_log_kept_inside_the_plugin(market, emu):
