@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from cli.config import config_option
-from cli.options import Number, common, marketplace_argument, retry_option, retry_states, stated_limits
+from cli.options import (Number, common, marketplace_argument, model_option, retry_option, retry_states,
+                         standards_option, stated_limits)
 from cli.render import duration, emit_json, plural, shown
 
 price_options = [
@@ -103,13 +104,16 @@ def _pct(value: float | None) -> str:
 @click.option("--force", is_flag=True, help="Count finished plugins too.")
 @retry_option
 @quota_limits
+@model_option
+@standards_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @prices
 @config_option
 @common
 def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: str | None, limit: int | None,
              force: bool, retry: tuple[str, ...], rpm: int | None, rpd: int | None, tpm: int | None,
-             concurrency: int | None, as_json: bool, price_input: float, price_output: float) -> None:
+             concurrency: int | None, model: str, standards: Path | None, as_json: bool, price_input: float,
+             price_output: float) -> None:
     """What a run would cost: plugins, requests, tokens, time (days when needed) and dollars.
 
     Scans first (recording only changes), then builds each plugin's real prompts.
@@ -120,7 +124,6 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
     from statemachine.runner import RunOptions, select
     from statemachine.scan import scan
     from events.store import format_at
-    from statemachine.gateway import GeminiSettings
     from statemachine.scheduler import Limits, effective_limits
     from statemachine.workspace import marketplace_root, open_log
 
@@ -133,10 +136,9 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
         chosen = select(store, RunOptions(plugins=plugins, category=category, limit=limit, force=force,
                                                retry=retry))
         stated = stated_limits(rpm=rpm, rpd=rpd, tpm=tpm)
-        model = GeminiSettings().model
         limits = effective_limits(store, model, given, stated, format_at(store.clock()))
         result = compute(store, root, chosen, limits, model=model, now=store.clock().timestamp(),
-                         prices=Prices(price_input, price_output))
+                         prices=Prices(price_input, price_output), standards_path=standards)
     learned = [k for k in ("rpm", "rpd", "tpm") if getattr(limits, k) != getattr(given, k)]
     if as_json:
         emit_json(result.as_json() | {"limits": limits.as_dict(), "learned_limits": learned})

@@ -113,6 +113,31 @@ class HttpUrl(click.ParamType):
         return str(value)
 
 
+class TextFile(click.Path):
+    """An existing file of UTF-8 text, read up front: a file that cannot be read is wrong usage,
+    not an internal error once the run has begun."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = super().convert(value, param, ctx)
+        try:
+            Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            self.fail(f"{click.format_filename(path)!r} is not UTF-8 text (byte {e.start} cannot be read as such)",
+                      param, ctx)
+        except OSError as e:
+            self.fail(f"cannot read {click.format_filename(path)!r}: {e.strerror}", param, ctx)
+        return path
+
+
+# What a run sends to Gemini, for run and for estimate (which builds the same prompts).
+model_option = click.option("--model", default="gemini-2.5-flash", show_default=True, help="Gemini model.")
+standards_option = click.option("--standards", type=TextFile(),
+                                help="Authoring standards text sent with every prompt (default: the shipped one).")
+
+
 def backup_url(url: str, flag: str = "") -> str:
     """A backup URL as given (`--backup-to`, `--to`, `--from`): an unknown scheme is wrong
     usage; a `file:` path is made absolute and normal, so a recorded URL names the same file

@@ -22,8 +22,10 @@ from cli.options import (
     backup_url,
     common,
     marketplace_argument,
+    model_option,
     retry_option,
     retry_states,
+    standards_option,
     stated_limits,
     where,
 )
@@ -59,13 +61,12 @@ def _override(base, **values):
 
 @click.command()
 @marketplace_argument
-@click.option("--model", default="gemini-2.5-flash", show_default=True, help="Gemini model.")
+@model_option
 @click.option("--base-url", type=HttpUrl(), envvar="GOOGLE_GEMINI_BASE_URL", show_envvar=True,
               help="Gemini endpoint (a proxy, or the emulator: python -m tests.emulator).")
 @click.option("--timeout", type=Number(min=1), default=120.0, show_default=True,
               help="Seconds to wait for one Gemini answer.")
-@click.option("--standards", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Authoring standards text sent with every prompt (default: the shipped one).")
+@standards_option
 @click.option("--min-bytes", type=click.IntRange(min=0), default=8000, show_default=True,
               help="Smallest acceptable SKILL.md.")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=14000, show_default=True,

@@ -397,6 +397,34 @@ def test_estimate_names_the_plugins_with_a_prompt_larger_than_the_tokens_per_min
     assert len([r for r in emu.requests if r.method == "POST"]) == 0
 
 
+def test_estimate_builds_the_prompts_of_the_standards_and_model_a_run_would_use(market, emu, tmp_path):
+    """`standards` and `model` in a config file (or as flags) were run's only: estimate built
+    its prompts with the shipped standards, so a run's unsendable plugins went unnamed, and it
+    counted another model's requests today. A standards file that is not UTF-8 stopped the run
+    with an internal error (exit 4) after it had made the log."""
+    big = tmp_path / "standards.md"
+    big.write_text("Write clear skills.\n" * 100_000, encoding="utf-8")
+    config = tmp_path / "overnight.toml"
+    config.write_text(f'standards = "{big}"\nmodel = "gemini-2.5-pro"\n', encoding="utf-8")
+    assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0  # one flash request sent today
+    plain = json.loads(overnight("estimate", market, "--json").stdout)
+    configured = json.loads(overnight("estimate", market, "--json", "--config", config).stdout)
+    assert plain["unsendable"] == [] and plain["used_today"] == len([r for r in emu.requests if r.method == "POST"])
+    assert len(configured["unsendable"]) == 3 and configured["used_today"] == 0, configured
+    flagged = json.loads(overnight("estimate", market, "--json", "--standards", big).stdout)
+    assert flagged["unsendable"] == configured["unsendable"]
+    garbled = tmp_path / "latin1.md"
+    garbled.write_bytes("Qualit\xe9 first.\n".encode("latin-1"))
+    fresh = tmp_path / "fresh"
+    shutil.copytree(market, fresh, ignore=shutil.ignore_patterns(".overnight"))
+    for command in ("run", "estimate"):
+        refused = overnight(command, fresh, "--standards", garbled)
+        assert refused.exit_code == 2, refused.output
+        assert (f"Invalid value for '--standards': '{garbled}' is not UTF-8 text (byte 6 cannot be read as such)"
+                in refused.stderr), refused.stderr
+    assert not (fresh / ".overnight").exists()
+
+
 def test_estimate_counts_a_plan_still_owed_and_takes_no_429_for_a_retry_rate(one, emu):
     emu.script("rate_limit_day", retry_delay=None, phase="plan")
     assert run(one, emu, "--no-wait").exit_code == 0
