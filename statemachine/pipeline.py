@@ -267,7 +267,7 @@ def _ts(at: str | None) -> float:
 
 def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     if not ctx.settings.force:
-        if row["done_hash"] is not None and row["done_hash"] == row["content_hash"] and _skill_passes(ctx, row):
+        if _as_left(ctx, row) and _skill_passes(ctx, row):
             # found again with its files as overnight left them (its listing changed, its
             # plugin.json was broken and mended, a --force run stopped before its requests)
             ctx.journal.record(cursor, c.PluginDone(run_id=ctx.run_id, content_hash=row["content_hash"]))
@@ -277,6 +277,15 @@ def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
             ctx.journal.record(cursor, c.PluginSkipped(run_id=ctx.run_id, reason=reason))
             return
     _request(ctx, cursor, row, "plan")
+
+
+def _as_left(ctx: Context, row: dict) -> bool:
+    """Whether the plugin's files are as overnight left them when it was last done: its content
+    hash is the one recorded then; or, recorded by an overnight that counted the marketplace's
+    manifest (and its own files) as part of a plugin at the root, the hash of its whole tree."""
+    done = row["done_hash"]
+    return done is not None and (done == row["content_hash"]
+                                 or done == hash_tree(ctx.root, ctx.root / row["path"]).content_hash)
 
 
 def _already_good(ctx: Context, cursor: PluginCursor, row: dict) -> str | None:

@@ -1481,6 +1481,28 @@ def test_a_plugin_at_the_root_is_not_changed_by_the_marketplace_listing_or_a_mov
     assert overnight("backup", "verify", "--from", f"file:{moved / 'x.db'}").exit_code == 0
 
 
+def test_a_plugin_at_the_root_done_when_its_hash_covered_the_manifest_is_not_asked_for_again(tmp_path, emu,
+                                                                                             monkeypatch):
+    """Until the manifest was left out of a plugin at the root, its content hash covered it: after
+    the upgrade the plugin's hash is another, and the next run asked Gemini for it again and wrote
+    its SKILL.md anew. It is done again, with no request."""
+    from statemachine import runner, scan as scanning
+
+    root = root_plugin(tmp_path)
+    with monkeypatch.context() as before:  # as an older overnight: every file below the plugin counted
+        for module in (runner, scanning):
+            before.setattr(module, "not_plugin_files", lambda store, root, *urls: frozenset())
+        assert run(root, emu).exit_code == 0
+    skill = (root / "skills" / "solo" / "SKILL.md").read_bytes()
+    sent = len(generate_requests(emu))
+    assert json.loads(overnight("scan", root, "--json").stdout)["changed"] == 1  # its hash is another now
+    again = run(root, emu)
+    assert again.exit_code == 0, again.output
+    assert states(root) == {".": "done"} and len(generate_requests(emu)) == sent
+    assert (root / "skills" / "solo" / "SKILL.md").read_bytes() == skill
+    assert json.loads(overnight("scan", root, "--json").stdout)["events"] == 0
+
+
 def test_a_run_resumed_after_its_marketplace_moved_backs_up_where_its_backup_went(tmp_path, emu):
     """`--backup-to file:./x.db` is recorded as an absolute path: resumed after the repository
     moved, the run's backup failed ("unable to open database file") at the old place."""
