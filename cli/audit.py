@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
-from cli.options import EXIT_PROBLEMS, common, marketplace_argument
+from cli.options import EXIT_PROBLEMS, common, debug_option, marketplace_argument
 from cli.render import emit_json, report_check, shown
 from statemachine import audit as audit_service
 from statemachine.workspace import marketplace_root, open_log, read_log
 
 
 @click.group()
+@debug_option
 def audit() -> None:
     """Prove what happened: verify the log, rebuild its projections, read its history."""
 

@@ -532,6 +532,8 @@ def test_debug_shows_the_traceback(tmp_path):
     assert debug.exit_code == 1 and "Traceback (most recent call last)" in debug.stderr
     late = run("audit", "verify", tmp_path, "--debug")
     assert "Traceback (most recent call last)" in late.stderr
+    between = run("audit", "--debug", "verify", tmp_path)  # on the group: refused as no such option before
+    assert between.exit_code == 1 and "Traceback (most recent call last)" in between.stderr
 
 
 @pytest.mark.parametrize("signalled, name, code", [(KeyboardInterrupt(), "SIGINT", 130),
