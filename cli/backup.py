@@ -53,7 +53,8 @@ class _BackupGroup(click.Group):
     """`overnight backup [PATH]` backs up; `overnight backup verify|list` are subcommands."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not (args and (args[0] in self.commands or args[0] in ctx.help_option_names)):
+        first = next((arg for arg in args if arg != "--debug"), None)  # --debug may come first: the group's
+        if not (first in self.commands or first in ctx.help_option_names):
             args = [NOW, *args]
         return super().parse_args(ctx, args)
 
@@ -70,6 +71,7 @@ class _BackupGroup(click.Group):
 
 
 @click.group(cls=_BackupGroup)
+@debug_option
 def backup() -> None:
     """Back up the log and the marketplace to libSQL (Turso): `overnight backup [PATH] [--to URL]`.
 

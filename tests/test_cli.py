@@ -534,6 +534,11 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback (most recent call last)" in late.stderr
     between = run("audit", "--debug", "verify", tmp_path)  # on the group: refused as no such option before
     assert between.exit_code == 1 and "Traceback (most recent call last)" in between.stderr
+    missing = f"file:{tmp_path / 'no-backup.db'}"
+    for args in (["backup", "--debug", "list", "--from", missing], ["backup", "list", "--from", missing, "--debug"]):
+        listed = run(*args)  # on the backup group: it was taken for a PATH to back up before
+        assert listed.exit_code == 1 and "no backup there" in listed.stderr, args
+        assert "Traceback (most recent call last)" in listed.stderr, args
 
 
 @pytest.mark.parametrize("signalled, name, code", [(KeyboardInterrupt(), "SIGINT", 130),
