@@ -324,6 +324,12 @@ class Runner:
             lifted = until
         elif until > self.clock():
             if not options.wait:
+                if status != "paused":  # stopped by a signal while it waited: now paused again, as it says
+                    (reason,), = self.store.query(
+                        "SELECT json_extract(data, '$.reason') FROM events WHERE stream = ? AND type = 'RunPaused' "
+                        "ORDER BY seq DESC LIMIT 1", (f"run:{run_id}",))
+                    self.journal.append(f"run:{run_id}", c.RunResumed(run_id=run_id))
+                    self.journal.append(f"run:{run_id}", c.RunPaused(run_id=run_id, reason=reason, until=paused_until))
                 return self._finish(run_id, selection, options, "paused", paused_until=paused_until)
             self._wait_until(until, self._stats(run_id), selection)
             if self.stopping.is_set():

@@ -289,10 +289,21 @@ def test_a_signal_ends_a_quota_pause_at_once(tmp_path):
             code = proc.wait(timeout=15)  # the pause lasts until Pacific midnight; the old wait slept 30 s
         finally:
             proc.kill()
-    assert code == 130, proc.stderr.read().decode()
-    assert query(root, "SELECT status FROM runs")[0][0] == "interrupted"
-    (until,) = query(root, "SELECT json_extract(data, '$.until') FROM events WHERE type = 'RunPaused'")[0]
-    assert json.loads(proc.stdout.read())["paused_until"] == until  # as `status` says it (it said null)
+        assert code == 130, proc.stderr.read().decode()
+        assert query(root, "SELECT status FROM runs")[0][0] == "interrupted"
+        (until,) = query(root, "SELECT json_extract(data, '$.until') FROM events WHERE type = 'RunPaused'")[0]
+        assert json.loads(proc.stdout.read())["paused_until"] == until  # as `status` says it (it said null)
+        # resumed without waiting while the day is still spent: paused again, and status says so
+        # (it said "paused" while the log kept the run interrupted)
+        resumed = subprocess.run([sys.executable, "-m", "cli", "resume", str(root), "--no-wait", "--json"],
+                                 cwd=REPO, env={**env, "GOOGLE_API_KEY": KEY}, capture_output=True, text=True,
+                                 timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (json.loads(resumed.stdout)["outcome"], json.loads(resumed.stdout)["paused_until"]) == ("paused", until)
+    last_run = json.loads(cli("status", str(root), "--json").stdout)["last_run"]
+    assert (last_run["status"], last_run["paused_until"]) == ("paused", until)
+    assert [t for t, in query(root, "SELECT type FROM events WHERE stream LIKE 'run:%' ORDER BY seq")][-2:] == [
+        "RunResumed", "RunPaused"]
 
 
 def test_larger_limits_on_resume_lift_a_pause_that_a_signal_cut_short(tmp_path):
