@@ -205,10 +205,10 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     plan_out, skill_out = output["plan"], output["skill"]
     # Requests Gemini answered (well or not) per useful answer: retries included; left out, as
     # they say nothing of Gemini's answers: requests whose process stopped before the answer
-    # (lost, pending), and 429s (the quota's, which the limits pace; one plugin's 429s made
-    # every future request count several times).
+    # (lost, pending), 429s (the quota's, which the limits pace; one plugin's 429s made
+    # every future request count several times), and failed connections (the network's).
     settled, answers, latency = store.query(
-        "SELECT count(*) FILTER (WHERE outcome NOT IN ('pending', 'lost', 'rate_limited')), "
+        "SELECT count(*) FILTER (WHERE outcome NOT IN ('pending', 'lost', 'rate_limited', 'connection')), "
         "coalesce(sum(outcome = 'ok'), 0), "
         "avg(settled_at - sent_at) FILTER (WHERE outcome = 'ok') FROM quota_ledger")[0]
     latency = latency if answers else DEFAULT_LATENCY_S

@@ -439,6 +439,17 @@ def test_estimate_counts_a_plan_still_owed_and_takes_no_429_for_a_retry_rate(one
     assert again["requests"] == 2, again  # two 429s in four requests are the quota's, not Gemini's failures
 
 
+def test_estimate_takes_no_connection_failure_for_a_retry_rate(one, emu):
+    """Connections that failed (the network, the endpoint) say nothing of Gemini's answers: a
+    run that got through after four resets made every later request count three times."""
+    emu.script("reset", times=4, phase="plan")
+    assert run(one, emu, "--backoff", "0").exit_code == 0
+    assert query(one, "SELECT outcome, count(*) FROM quota_ledger GROUP BY outcome") == [("connection", 4),
+                                                                                          ("ok", 2)]
+    again = json.loads(overnight("estimate", one, "--force", "--json").stdout)
+    assert again["requests"] == 2, again
+
+
 def test_a_limit_restated_on_resume_wins_over_one_learned_since_the_run_began(one, emu):
     """`resume --rpm 30` on a run begun with --rpm 30 recorded nothing, so the rpm 5 a 429 had
     taught since still paced it, without a word."""
