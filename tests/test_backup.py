@@ -170,12 +170,16 @@ def test_second_backup_sends_only_what_changed_and_is_an_event(market, server):
 
 def test_round_trip_through_a_file_url(market, tmp_path):
     (market / "plugins" / "back\\slash.txt").write_text("a backslash is an ordinary character in a POSIX name\n")
+    vendored = market / "plugins" / "devops" / "deploy-checker" / "node_modules" / "dep" / "index.js"
+    vendored.parent.mkdir(parents=True)
+    vendored.write_text("module.exports = 1;\n")  # a plugin's undo snapshot leaves it out, a backup does not
     url = f"file:{tmp_path / 'offsite.db'}"
     backup_json(market, url)
     before = tree_hashes(market)
     dest = tmp_path / "again"
     assert run("restore", "--from", url, "--to", dest).exit_code == 0
     assert tree_hashes(dest) == {k: v for k, v in before.items() if not k.startswith(".git/")}
+    assert (dest / vendored.relative_to(market)).read_text() == "module.exports = 1;\n"
     assert run("audit", "verify", dest).exit_code == 0
 
 
