@@ -16,7 +16,7 @@ from typing import Any, Callable, NoReturn
 import click
 
 from events import EventStoreError, StoreLocked
-from statemachine.errors import NotAMarketplace, OvernightError
+from statemachine.errors import NotAMarketplace, OvernightError, StoppedBySignal
 from statemachine.lifecycle import RETRYABLE
 
 # Exit codes (documented in README.md).
@@ -221,6 +221,8 @@ class OvernightGroup(click.Group):
         except (KeyboardInterrupt, Terminated) as e:  # click would say "Aborted!" and exit 1
             name = "SIGINT" if isinstance(e, KeyboardInterrupt) else e.args[0]
             _fail(e, EXIT_SIGNAL[name], f"interrupted by {name}")
+        except StoppedBySignal as e:  # before the run began: no run to resume
+            _fail(e, EXIT_SIGNAL[e.signal], f"{e}, before the run began (what its scan recorded is kept)")
         except StoreLocked as e:
             _fail(e, EXIT_LOCKED)
         except NotAMarketplace as e:

@@ -29,7 +29,7 @@ from statemachine import catalog as c
 from events.remote import display_url
 from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
-from statemachine.errors import OvernightError
+from statemachine.errors import OvernightError, StoppedBySignal
 from statemachine.metrics import Prices, answer_latency, estimate, eta, expected_output, tokens_each
 from statemachine.gates import GateConfig
 from statemachine.gateway import Backend, Gateway, GeminiSettings
@@ -260,7 +260,9 @@ class Runner:
         standards = load_standards(options.standards)
         gateway = self.gateway_factory(options.gemini, self.backend)
         gateway.check_access()
-        self._scan()
+        self._scan(stoppable=True)
+        if self.stopping.is_set():  # a signal after the scan's last plugin: still no run
+            raise StoppedBySignal(self.signal or "SIGINT")
         selection = self._select(options)
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         config = options.config(standards, self.backend)
@@ -338,12 +340,23 @@ class Runner:
         self._scan()
         return self._execute(run_id, options, standards, gateway, selection, lifted=lifted)
 
-    def _scan(self, again: bool = False) -> None:
+    def _scan(self, again: bool = False, stoppable: bool = False) -> None:
         """Scan the marketplace; `again`: once more during the execution, for plugins whose
-        files changed under it (what the first scan found still counts)."""
+        files changed under it (what the first scan found still counts). `stoppable`: a signal
+        stops it at the next plugin (`StoppedBySignal`; the plugins scanned so far stay recorded),
+        before the run it is the start of exists."""
         before = self.store.last_seq
-        report = scan(self.store, self.root, progress=None if again else self.on_scan)
-        self.journal.echo(before)
+
+        def progress(done: int, total: int, plugin_id: str) -> None:
+            if stoppable and self.stopping.is_set():
+                raise StoppedBySignal(self.signal or "SIGINT")
+            if self.on_scan is not None:
+                self.on_scan(done, total, plugin_id)
+
+        try:
+            report = scan(self.store, self.root, progress=None if again else progress)
+        finally:
+            self.journal.echo(before)  # --json-log: what the scan recorded, also when a signal stopped it
         if again:
             self._scan_warnings += [w for w in report.warnings if w not in self._scan_warnings]
             self._new_invalid |= report.newly_invalid

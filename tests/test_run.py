@@ -955,6 +955,35 @@ def test_a_symlink_put_where_the_skill_goes_after_its_requests_is_never_written_
     assert list(outside.iterdir()) == []
 
 
+@pytest.mark.parametrize("at", [2, 4])  # of the example's four plugins: amid the scan, at its last plugin
+def test_a_signal_during_the_runs_scan_starts_no_run(market, emu, monkeypatch, at):
+    """Ctrl-C while a run scanned: the scan went on to its end, and a run was started and
+    recorded as interrupted, for `resume` to take up a run its user never let begin."""
+    import signal
+
+    import statemachine.scan
+
+    scan_one, calls = statemachine.scan._scan_one, []
+
+    def scan_one_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signal.SIGINT)  # the run's handler takes it
+        return scan_one(*args, **kwargs)
+
+    monkeypatch.setattr(statemachine.scan, "_scan_one", scan_one_then_signal)
+    stopped = run(market, emu)
+    assert (stopped.exit_code, stopped.stderr.splitlines()[-1]) == (
+        130, "error: interrupted by SIGINT, before the run began (what its scan recorded is kept)")
+    assert len(calls) == at and not [r for r in emu.requests if r.method == "POST"]
+    assert query(market, "SELECT count(*) FROM events WHERE stream LIKE 'run:%'") == [(0,)]
+    assert overnight("resume", market).stderr == "error: no unfinished run to resume; start one with `overnight run`\n"
+    monkeypatch.undo()
+    assert overnight("audit", "verify", market).exit_code == 0
+    again = run(market, emu)
+    assert again.exit_code == 0 and "complete; 4 plugins selected (done 4)" in again.stdout, again.output
+
+
 def test_run_tells_what_its_scan_could_not_use(market, emu):
     """A marketplace.json that does not parse drops every entry of it (its names, its
     sources): `scan` said so, `run` said nothing and exited 0."""
