@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -68,13 +69,17 @@ def is_inside(real: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def read_inside(root_real: str, path: Path | str, limit: int) -> bytes:
-    """The bytes of a regular file that resolves inside the marketplace, at most `limit` bytes.
+def read_inside(root_real: str, path: Path | str, limit: int, *, head: bool = False) -> bytes:
+    """The bytes of a regular file that resolves inside the marketplace, at most `limit` bytes
+    (`head`: the first `limit` bytes of a larger file).
 
     Raises Unreadable (message like "is a symlink loop") for a missing file, a dangling,
     looping or escaping symlink, a directory, FIFO or device, a file over `limit` (which is
-    never read), or any OSError. A FIFO is never opened in blocking mode.
+    never read) unless `head`, or any OSError. A FIFO is never opened in blocking mode.
     """
+    most = limit
+    if head:
+        limit = sys.maxsize
     path = os.fspath(path)
     try:
         st = os.lstat(path)
@@ -109,15 +114,15 @@ def read_inside(root_real: str, path: Path | str, limit: int) -> bytes:
         fst = os.fstat(fd)
         _require_regular(fst.st_mode, fst.st_size, limit)
         chunks, total = [], 0
-        while True:
+        while total <= most:
             chunk = os.read(fd, _CHUNK)
             if not chunk:
                 break
             chunks.append(chunk)
             total += len(chunk)
-            if total > limit:
-                raise Unreadable(f"is too large (more than {limit} bytes)")
-        return b"".join(chunks)
+        if total > most and not head:
+            raise Unreadable(f"is too large (more than {most} bytes)")
+        return b"".join(chunks)[:most]
     except OSError as e:
         raise Unreadable(f"cannot be read: {e.strerror}") from None
     finally:

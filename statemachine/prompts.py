@@ -60,8 +60,10 @@ def _neutralize(text: str) -> str:
 
 
 def _excerpt(root_real: str, path: Path, limit: int) -> str | None:
+    """The first `limit` characters of a file (read no further than READ_LIMIT bytes, which
+    hold them in any UTF-8), or None when it cannot be read safely."""
     try:
-        data = read_inside(root_real, path, READ_LIMIT)
+        data = read_inside(root_real, path, READ_LIMIT, head=True)
     except Unreadable:
         return None
     text = data.decode("utf-8", errors="replace")

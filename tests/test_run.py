@@ -607,6 +607,16 @@ def test_base_url_and_standards_reach_the_client(one, emu, tmp_path):
     assert config["standards_sha256"] == hashlib.sha256(standards.read_bytes()).hexdigest()
 
 
+def test_a_readme_larger_than_a_prompt_reads_goes_in_as_its_beginning(one, emu):
+    """A README over 512 KiB was left out of the prompts without a word (read whole or not at all)."""
+    readme = one / "plugins" / "tools" / "widget" / "README.md"
+    readme.write_text("# Widget\n\nBEGIN-OF-README builds widgets.\n" + "More about widgets. " * 40_000 + "END-OF-README\n")
+    assert run(one, emu).exit_code == 0
+    plan = generate_requests(emu)[0]
+    assert plan.phase == "plan" and "BEGIN-OF-README builds widgets." in plan.text, plan.text[:2000]
+    assert "END-OF-README" not in plan.text and "[... truncated ...]" in plan.text
+
+
 def test_vertex_needs_a_project_and_a_location(one, emu):
     result = CliRunner().invoke(main, ["run", str(one), "--base-url", emu.url], env={
         "GOOGLE_GENAI_USE_VERTEXAI": "true", "GOOGLE_CLOUD_PROJECT": None, "GOOGLE_API_KEY": None},
