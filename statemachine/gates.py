@@ -31,6 +31,10 @@ _SHOWN = 5
 _MAX_FRONTMATTER_CHARS = 16_000
 _MAX_FRONTMATTER_LINES = 100
 _MAX_SEGMENT_BYTES = 255
+# The license a SKILL.md states (skillmd.compose) is a license's name or a license file's name on
+# one line, bounded like the spec's other one-line fields (a description: 1,024 characters). A
+# license's whole text would keep every generated SKILL.md from passing the gates.
+MAX_LICENSE_CHARS = 1024
 _NOT_ON_WINDOWS = frozenset('<>:"|?*')
 
 
@@ -45,6 +49,17 @@ class GateConfig:
     max_second_person: int = 2
     min_code_blocks: int = 2
     max_description: int = 1024
+
+
+def license_problem(license: str | None) -> str | None:
+    """Why no SKILL.md stating this license could ever pass the gates, or None."""
+    stated = " ".join(license.split()) if license else ""
+    if len(stated) <= MAX_LICENSE_CHARS:
+        return None
+    return (f"its license is {len(stated):,} characters long (from plugin.json, its marketplace entry or the "
+            "SKILL.md it replaces): the SKILL.md states it in its frontmatter, which takes a license's name or "
+            f"a license file's name, at most {MAX_LICENSE_CHARS:,} characters; correct it, and the next run takes "
+            "the plugin up again")
 
 
 def check(

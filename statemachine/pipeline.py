@@ -395,6 +395,10 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         feedback = msgspec.json.decode(details["feedback"]) if details["feedback"] else []
         prompt = skill_prompt(data, row["skill_name"], replaces, plan, ctx.settings.gates, feedback)
         schema = c.SkillDraft
+    unstatable = gates.license_problem(skill_license(facts, row["skill_name"]))
+    if unstatable:  # every SKILL.md would be rejected: no request is spent on it
+        ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=unstatable))
+        return
     est = estimate_tokens(system, prompt)
     tpm = ctx.scheduler.limits.tpm
     if tpm and est > tpm:  # Gemini would answer every attempt with a 429, a request a minute, for ever

@@ -617,6 +617,20 @@ def test_a_readme_larger_than_a_prompt_reads_goes_in_as_its_beginning(one, emu):
     assert "END-OF-README" not in plan.text and "[... truncated ...]" in plan.text
 
 
+def test_a_license_no_skill_md_could_state_fails_the_plugin_before_any_request(market, emu):
+    """A plugin.json license of 100,000 characters (a license's text) goes into the frontmatter:
+    a plan and three SKILL.md requests were spent on a rejection no generation could avoid."""
+    plugin(market, "plugins/tools/licensed", "licensed", description="Has a license text.",
+           license="Permission is hereby granted " * 4_000)
+    result = run(market, emu)
+    assert result.exit_code == 1
+    assert [r for r in generate_requests(emu) if "licensed" in r.text] == []
+    (state, reason), = query(market, "SELECT state, reason FROM plugins WHERE name = 'licensed'")
+    assert state == "failed" and reason.startswith("its license is 115,999 characters long (from plugin.json"), reason
+    assert "licensed: its license is 115,999 characters long" in result.stdout
+    assert query(market, "SELECT count(*) FROM plugins WHERE state = 'done'") == [(4,)]  # the others
+
+
 def test_vertex_needs_a_project_and_a_location(one, emu):
     result = CliRunner().invoke(main, ["run", str(one), "--base-url", emu.url], env={
         "GOOGLE_GENAI_USE_VERTEXAI": "true", "GOOGLE_CLOUD_PROJECT": None, "GOOGLE_API_KEY": None},
