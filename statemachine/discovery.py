@@ -331,8 +331,8 @@ def plugin_dirs(root: Path) -> tuple[list[str], list[str]]:
     warnings about what could not be searched.
 
     Symlinks are never followed; `.git`, `node_modules` and `.overnight` are skipped. A
-    directory that cannot be read, or whose name is not UTF-8 (it cannot be a plugin id), is
-    a warning, so a plugin is never lost without a word.
+    directory that cannot be read, or whose name is not UTF-8 (it cannot be a plugin id), and
+    a symlink to a plugin are warnings, so a plugin is never lost without a word.
     """
     found: list[str] = []
     warnings: list[str] = []
@@ -368,9 +368,12 @@ def plugin_dirs(root: Path) -> tuple[list[str], list[str]]:
             except OSError as e:
                 warnings.append(f"cannot read {one_line(rel + '/' + entry.name)}: {e.strerror}")
                 continue
-            if not is_dir:
-                continue
             child = f"{rel}/{entry.name}"
+            if not is_dir:
+                if entry.is_symlink() and holds_plugin(Path(root) / child):  # through the link
+                    warnings.append(f"skipped {one_line(child)}: a symlink to a plugin (never followed); "
+                                    "move the plugin there, or list its real directory in marketplace.json")
+                continue
             if not is_utf8(entry.name):
                 warnings.append(f"skipped directory {one_line(child)}: its name is not UTF-8")
                 continue

@@ -162,6 +162,21 @@ def test_a_marketplace_json_that_python_cannot_read_is_a_warning_and_the_scan_go
     assert as_json(run("status", market, "--json"))["by_state"] == {"analyzed": 4}
 
 
+def test_a_symlink_to_a_plugin_under_plugins_is_a_warning(tmp_path):
+    """A plugin reached through a symlink under plugins/ was left out without a word."""
+    root = tmp_path / "market"
+    plugin(root, "plugins/a/real", "real")
+    plugin(root, "vendor/linked", "linked")
+    os.symlink("../../vendor/linked", root / "plugins" / "a" / "linked")
+    os.symlink("../../nowhere", root / "plugins" / "a" / "dangling")  # no plugin there: no word
+    (root / "docs").mkdir()
+    os.symlink("../../docs", root / "plugins" / "a" / "docs")  # a directory, no plugin: no word
+    report = as_json(run("scan", root, "--json"))
+    assert report["plugins"] == 1 and report["warnings"] == [
+        "skipped plugins/a/linked: a symlink to a plugin (never followed); move the plugin there, or list its "
+        "real directory in marketplace.json"]
+
+
 def test_status_json_contract_and_filters(market):
     run("scan", market)
     everything = as_json(run("status", market, "--json"))
