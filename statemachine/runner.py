@@ -29,6 +29,7 @@ from statemachine import catalog as c
 from events.remote import display_url
 from events.store import format_at
 from statemachine.budget import BudgetReached, Budgets, Spending
+from statemachine.discovery import one_line
 from statemachine.errors import OvernightError, StoppedBySignal
 from statemachine.metrics import Prices, answer_latency, estimate, eta, expected_output, tokens_each
 from statemachine.gates import GateConfig
@@ -149,9 +150,10 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
                                  f"{'it' if len(left) == 1 else 'them'} again")
     categories = sorted({r[2] for r in rows})
     if options.category and options.category not in categories:
-        raise OvernightError(f"no plugin in category {options.category!r} (categories: {', '.join(categories)})")
+        raise OvernightError(f"no plugin in category {options.category!r} "
+                             f"(categories: {', '.join(one_line(c, 60) for c in categories)})")
     if wanted and options.category:  # both filters hold: a plugin named outside the category is no run of nothing
-        outside = [f"{pid} is in {category!r}" for pid, name, category, _, _ in rows
+        outside = [f"{pid} is in {one_line(repr(category), 60)}" for pid, name, category, _, _ in rows
                    if (pid in wanted or name in wanted) and category != options.category]
         if outside:
             raise OvernightError(f"not in category {options.category!r}: {'; '.join(outside)}")

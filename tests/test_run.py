@@ -738,6 +738,22 @@ def states_after_scan(root: Path) -> list[str]:
     return list(states(root))
 
 
+def test_categories_named_in_an_error_are_one_short_line(tmp_path, emu):
+    """A manifest category with a newline and an escape sequence split the error in two lines
+    (and coloured the terminal); one of 5,000 characters was printed whole."""
+    root = tmp_path / "cats"
+    manifest(root, [{"name": "a", "source": "./plugins/x/a", "category": "line1\nline2\x1b[31m"},
+                    {"name": "b", "source": "./plugins/x/b", "category": "c" * 5000}])
+    plugin(root, "plugins/x/a", "a")
+    plugin(root, "plugins/x/b", "b")
+    result = run(root, emu, "--category", "nosuch")
+    assert result.exit_code == 1 and without_scan(result.output) == (
+        f"error: no plugin in category 'nosuch' (categories: {'c' * 57}..., line1\\u000aline2\\u001b[31m)\n")
+    apart = run(root, emu, "--plugin", "b", "--category", "line1\nline2\x1b[31m")
+    assert apart.exit_code == 1 and without_scan(apart.output) == (
+        f"error: not in category 'line1\\nline2\\x1b[31m': plugins/x/b is in '{'c' * 56}...\n")
+
+
 def test_selection_by_plugin_category_and_limit(market, emu):
     assert run(market, emu, "--plugin", "meeting-notes").exit_code == 0
     assert states(market)["plugins/productivity/meeting-notes"] == "done"
