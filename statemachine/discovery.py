@@ -282,6 +282,8 @@ def _source_problem(root: Path, root_real: str, source: Any) -> str | None:
                     "root, like ./plugins/<name>")
         if _is_url(source):
             return f"source '{shown}' is a URL; only plugins inside the repository are processed"
+        if "\x00" in source:
+            return f"source '{shown}' holds a NUL character, which no path can"
         return f"source '{shown}' points outside the repository"
     skipped = next((part for part in normalized.split("/") if part in SKIP_DIRS), None)
     if skipped:

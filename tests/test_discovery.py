@@ -126,7 +126,7 @@ def test_a_broken_manifest_falls_back_to_directories(tmp_path, content, expected
     ("./plugins/x/y", "source './plugins/x/y' does not exist"),
     ("./plugins/a/.git", "source './plugins/a/.git' is inside .git, which is never a plugin"),
     ("node_modules/pkg", "source 'node_modules/pkg' is inside node_modules, which is never a plugin"),
-    ("plugins/a/\u0000x", "points outside the repository"),
+    ("plugins/a/\u0000x", "source 'plugins/a/\\u0000x' holds a NUL character, which no path can"),
     ({"source": "github", "repo": "owner/x"}, "remote github source"),
     ({"source": "url", "url": "https://example.com/x.git"}, "remote url source"),
 ])
