@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from statemachine.discovery import SKIP_DIRS, holds_plugin, one_line
+from statemachine.discovery import SKIP_DIRS, holds_plugin, one_line, special_kind
 from statemachine.errors import OvernightError
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -177,8 +177,8 @@ def plan_targets(plugin_dir: Path | int, skill_dir_rel: str, files: dict[str, by
     """Validate every target before anything is written; raise WriteError naming a bad path.
 
     Each key must lie strictly under `skill_dir_rel`; no existing component on the way may be a
-    symlink or a non-directory, and the target itself must not be a directory (an existing
-    symlink there is fine: it is replaced, not followed). No key may be another key's directory.
+    symlink or a non-directory, and the target itself must not be a directory, a FIFO, a socket
+    or a device (an existing symlink there is fine: it is replaced, not followed). No key may be another key's directory.
     """
     skill = _checked(skill_dir_rel)
     paths = {rel: _checked(rel) for rel in files}
@@ -211,6 +211,8 @@ def _check_existing(base: int, rel: str, parts: list[str]) -> None:
             if last:
                 if stat.S_ISDIR(st.st_mode):
                     raise WriteError(f"{one_line(rel)} is an existing directory")
+                if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):  # no snapshot could hold it
+                    raise WriteError(f"{one_line(rel)} is {special_kind(st.st_mode)}; overnight writes over files only")
                 return
             shown = one_line("/".join(parts[: i + 1]))
             if stat.S_ISLNK(st.st_mode):

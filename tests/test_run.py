@@ -631,6 +631,21 @@ def test_a_license_no_skill_md_could_state_fails_the_plugin_before_any_request(m
     assert query(market, "SELECT count(*) FROM plugins WHERE state = 'done'") == [(4,)]  # the others
 
 
+def test_a_fifo_where_a_skill_md_goes_is_never_replaced(market, emu):
+    """A FIFO in the SKILL.md's place was replaced by the file (the plugin ended done), and
+    restore-plugin could not bring it back: no snapshot holds one."""
+    target = market / "plugins" / "devops" / "deploy-checker" / "skills" / "deploy-checker" / "SKILL.md"
+    target.parent.mkdir(parents=True)
+    os.mkfifo(target)
+    result = run(market, emu)
+    assert result.exit_code == 0, result.output
+    (state, reason), = query(market, "SELECT state, reason FROM plugins WHERE name = 'deploy-checker'")
+    assert (state, reason) == ("invalid", "its SKILL.md cannot be written: skills/deploy-checker/SKILL.md is a "
+                                          "FIFO; overnight writes over files only")
+    assert stat.S_ISFIFO(os.lstat(target).st_mode)
+    assert not [r for r in generate_requests(emu) if "deploy-checker" in r.text]
+
+
 def test_vertex_needs_a_project_and_a_location(one, emu):
     result = CliRunner().invoke(main, ["run", str(one), "--base-url", emu.url], env={
         "GOOGLE_GENAI_USE_VERTEXAI": "true", "GOOGLE_CLOUD_PROJECT": None, "GOOGLE_API_KEY": None},
