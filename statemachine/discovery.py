@@ -168,6 +168,11 @@ def one_line(text: str, limit: int = 120) -> str:
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
+def _not_json(constant: str) -> Any:
+    """NaN and Infinity, which Python's json module reads but JSON (and Claude Code) does not."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def load_json(root_real: str, path: Path, limit: int, label: str) -> Any:
     """Parsed JSON of a file inside the marketplace. Raises Unreadable with a full message."""
     try:
@@ -181,7 +186,7 @@ def load_json(root_real: str, path: Path, limit: int, label: str) -> Any:
     except UnicodeDecodeError as e:
         raise Unreadable(f"{label} is not UTF-8 (invalid byte at offset {e.start})") from None
     try:
-        parsed = json.loads(text)
+        parsed = json.loads(text, parse_constant=_not_json)
         json.dumps(parsed, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as e:
         raise Unreadable(

@@ -179,6 +179,8 @@ def test_a_source_directory_without_plugin_json_says_so(tmp_path):
     (b'{"name": 42}', ".claude-plugin/plugin.json: 'name' is not a string"),
     (b"[" * 100_000 + b"]" * 100_000,
      ".claude-plugin/plugin.json: invalid JSON: nested too deeply"),
+    (b'{"name": "x", "version": NaN}', ".claude-plugin/plugin.json: invalid JSON: NaN is not JSON"),
+    (b'{"name": "x", "size": -Infinity}', ".claude-plugin/plugin.json: invalid JSON: -Infinity is not JSON"),
 ])
 def test_bad_plugin_json_is_a_one_line_problem(tmp_path, content, expected):
     write(tmp_path / "plugins/a/x" / PJ, content)
