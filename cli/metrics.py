@@ -60,7 +60,8 @@ def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, pric
         return
     click.echo(f"requests {m['requests']} ({m['rate_limited']} rate-limited, success rate "
                f"{_pct(m['success_rate'])}); tokens {m['input_tokens']:,} in / {m['output_tokens']:,} out; "
-               f"cost ${m['cost_usd']:.4f}")
+               f"cost ${m['cost_usd']:.4f}"
+               + _estimated(m["estimated"]["requests"]))
     click.echo(f"plugins {m['plugins']}: "
                + (", ".join(f"{s} {n}" for s, n in sorted(m["by_state"].items())) or "none in the log"))
     if m["pending"]:
@@ -90,6 +91,11 @@ def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, pric
             line += (f" (estimated {plural(run['estimate']['requests'], 'request')}, "
                      f"{duration(run['estimate']['seconds'])})")
         click.echo(line)
+
+
+def _estimated(n: int) -> str:
+    return (f" (counting {plural(n, 'request')} never answered at {'its' if n == 1 else 'their'} estimate, "
+            "as the budgets do)") if n else ""
 
 
 def _pct(value: float | None) -> str:

@@ -74,6 +74,16 @@ def metrics(store: EventStore, *, now: float | None = None, prices: Prices = Pri
     retries = dict(q("SELECT kind, count(*) FROM (SELECT json_extract(data, '$.kind') AS kind FROM events "
                      "WHERE type = 'RequestFailed' UNION ALL SELECT 'lost' FROM quota_ledger "
                      "WHERE outcome = 'lost') GROUP BY kind ORDER BY 2 DESC, 1"))
+    # Requests whose answer never came (their process stopped: lost; or past --timeout), which
+    # Gemini may have billed: counted at their estimate, as the budgets count them.
+    expected = expected_output(store)
+    unanswered = dict(zip(("requests", "input_tokens", "output_tokens"), q(
+        "SELECT count(*), coalesce(sum(est_input_tokens), 0), "
+        "coalesce(sum(CASE phase WHEN 'plan' THEN ? ELSE ? END), 0) FROM quota_ledger "
+        "WHERE outcome IN ('lost', 'timeout') AND input_tokens IS NULL",
+        (expected["plan"], expected["skill"]))[0]))
+    input_tokens += unanswered["input_tokens"]
+    output_tokens += unanswered["output_tokens"]
     # Gemini's success rate: over the requests it answered, not those whose process stopped.
     answered = requests - lost - pending
     # Drafts that failed a gate: those regenerated, and each rejected plugin's last one.
@@ -99,7 +109,7 @@ def metrics(store: EventStore, *, now: float | None = None, prices: Prices = Pri
                q("SELECT model, metric, value FROM quota_limits ORDER BY model, metric")]
     result: dict[str, Any] = {
         "requests": requests, "input_tokens": input_tokens, "output_tokens": output_tokens,
-        "rate_limited": rate_limited, "retries": retries, "gate_failures": gate_failures,
+        "estimated": unanswered, "rate_limited": rate_limited, "retries": retries, "gate_failures": gate_failures,
         "lost": lost, "pending": pending, "success_rate": round(ok / answered, 4) if answered else None,
         "cost_usd": round(prices.cost(input_tokens, output_tokens), 4),
         "plugins": sum(by_state.values()), "plugins_done": by_state.get("done", 0), "by_state": by_state,

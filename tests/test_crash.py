@@ -386,6 +386,12 @@ def test_budgets_count_the_requests_a_killed_run_left_unanswered_at_their_estima
     ((estimated,),) = query(root, "SELECT sum(est_input_tokens) FROM quota_ledger WHERE outcome = 'lost'")
     assert query(root, "SELECT json_extract(data, '$.used') FROM events WHERE type = 'BudgetExhausted'") == [
         (estimated + 2 * 900,)]  # two plans: their prompts, and the default answer before any was seen
+    # metrics count them as the budget did (they left them out: a cost below what --max-cost had counted)
+    m = json.loads(cli("metrics", str(root), "--json").stdout)
+    ((answered_in,),) = query(root, "SELECT coalesce(sum(input_tokens), 0) FROM quota_ledger")
+    assert m["estimated"] == {"requests": 2, "input_tokens": estimated, "output_tokens": 2 * 900}
+    assert m["input_tokens"] == answered_in + estimated
+    assert "(counting 2 requests never answered at their estimate, as the budgets do)" in cli("metrics", str(root)).stdout
 
 
 def test_status_shows_an_older_unfinished_run_and_a_run_that_finishes_its_plugins_finishes_it(tmp_path):
