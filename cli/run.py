@@ -252,7 +252,8 @@ def _render(result, as_json: bool, place: str) -> None:
                    "message": result.message,
                    "problems": [{"plugin": p, "state": s, "reason": r} for p, s, r in result.problems],
                    "invalid": [{"plugin": p, "reason": r, "new": p in result.new_invalid} for p, r in result.invalid],
-                   "backups": result.backups, "backup_failed": result.backup_failed, "warnings": result.warnings})
+                   "backups": result.backups, "backup_failed": result.backup_failed, "warnings": result.warnings,
+                   "left_alone": result.left_alone})
         if result.message and result.outcome != "budget_exhausted":
             click.echo(f"error: {shown(result.message)}", err=True)
         for line in result.backup_errors:
@@ -262,6 +263,10 @@ def _render(result, as_json: bool, place: str) -> None:
     others = ", ".join(f"{s} {n}" for s, n in sorted(result.by_other_runs.items(), key=lambda kv: -kv[1]))
     click.echo(f"run {result.run_id}: {result.outcome}; {plural(result.selected, 'plugin')} selected "
                f"({counts or 'none'})" + (f"; finished by other runs: {others}" if others else ""))
+    if result.left_alone:
+        finished = ", ".join(f"{s} {n}" for s, n in sorted(result.left_alone.items(), key=lambda kv: -kv[1]))
+        click.echo(f"nothing to do: {plural(sum(result.left_alone.values()), 'plugin')} finished before ({finished}); "
+                   "--force processes them again, --retry failed or --retry rejected those that ended so")
     if result.outcome == "budget_exhausted":
         click.echo(f"{result.message}: `{shown(resume)} --max-{result.budget} N` goes on with a larger budget")
     if result.paused_until:

@@ -215,6 +215,7 @@ class RunResult:
     backups: list[str] = field(default_factory=list)  # one line per backup made or failed
     backup_errors: list[str] = field(default_factory=list)  # of `backups`, those that failed or were stopped
     warnings: list[str] = field(default_factory=list)  # the scan's: what it could not read or use
+    left_alone: dict[str, int] = field(default_factory=dict)  # none selected: the finished ones, by state
 
     @property
     def backup_failed(self) -> bool:
@@ -593,13 +594,18 @@ class Runner:
         if options.dry_run:
             problems = [p for p in problems if p[1] != State.PLANNED]
         invalid = self._invalid()
+        left_alone: dict[str, int] = {}
+        if not selection and not options.retry:  # a run of nothing: say why (they all finished before)
+            for plugin_id in select(self.store, dataclasses.replace(options, force=True, limit=None)):
+                state = self._state(plugin_id)
+                left_alone[state] = left_alone.get(state, 0) + 1
         if outcome != "paused":  # a pause was backed up when it began
             self._backup(options, f"run {outcome}")
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
                          selected=len(selection), invalid=invalid, problems=problems, message=message,
                          budget=budget, paused_until=paused_until, backups=list(self._backups),
                          backup_errors=self._backup_errors, warnings=self._warnings(),
-                         new_invalid=self._new_invalid)
+                         new_invalid=self._new_invalid, left_alone=left_alone)
 
     def _finish_older_runs(self, run_id: str) -> None:
         """An older unfinished run whose every plugin this run finished is finished too, so

@@ -133,6 +133,11 @@ def test_run_enhances_every_plugin_and_the_log_matches_the_emulator(market, emu)
     assert_healthy(market)
     again = run(market, emu, "--json")  # nothing left: no request, exit 0
     assert again.exit_code == 0 and json.loads(again.stdout)["selected"] == 0
+    assert json.loads(again.stdout)["left_alone"] == {"done": 4}
+    told = run(market, emu)  # and it says why (it said "0 plugins selected (none)")
+    assert told.exit_code == 0 and without_scan(told.stdout).splitlines()[1] == (
+        "nothing to do: 4 plugins finished before (done 4); --force processes them again, --retry failed or "
+        "--retry rejected those that ended so")
     assert len(generate_requests(emu)) == 8
     assert overnight("scan", market, "--json").stdout.count('"events": 0') == 1
 
