@@ -351,6 +351,20 @@ def test_the_eta_counts_whole_requests_a_minute_under_the_tokens_per_minute(tmp_
     assert int(minutes or 0) * 60 + int(seconds) >= 170, first
 
 
+def test_the_eta_counts_the_tokens_a_request_holds_in_the_minute_as_the_scheduler_does(market, emu):
+    """The scheduler settles a request at Gemini's count; the ETA paced the tokens per minute by
+    the estimates (some 15% higher), and said a minute was left while the last requests went."""
+    from statemachine.metrics import tokens_each
+    from statemachine.workspace import open_log
+
+    assert run(market, emu).exit_code == 0
+    with open_log(market, writer=False) as store:
+        (run_id, counted, estimated), = store.query(
+            "SELECT run_id, avg(input_tokens), avg(est_input_tokens) FROM quota_ledger GROUP BY run_id")
+        assert counted < estimated  # the emulator counts as Gemini does, below overnight's estimate
+        assert tokens_each(store, run_id) == pytest.approx(counted)
+
+
 def test_the_eta_after_a_wait_for_the_minute_counts_no_wait_that_is_over(tmp_path):
     """The pace since the run began counted the minute spent waiting for the quota: with the
     window open again and one plugin left, it said 10 s for what took none."""
