@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -50,13 +52,16 @@ def status(path: Path, db: Path | None, plugin: str | None, state: str | None, a
                    "restore-plugin, or a run scanning before it starts (counts may move)")
     if report.last_run:
         r = report.last_run
+        over = (r["status"] == "paused" and not r["waiting"] and r["paused_until"] is not None
+                and datetime.fromisoformat(r["paused_until"]).timestamp() <= time.time())
         click.echo(f"last run {r['run_id']}: {r['status']}, {r['done']} done, {r['skipped']} skipped, "
                    f"{r['rejected']} rejected, {r['failed']} failed, "
                    + (f"{r['planned']} planned, " if r["planned"] else "") + plural(r['requests'], 'request')
                    + ("; a dry run" if r["dry_run"] else "")
                    + (f": `overnight run{here}` goes on from the plans" if r["dry_run"] and r["planned"] else "")
                    + (f"; paused until {moment(r['paused_until'])}" if r["paused_until"] else "")
-                   + (f"; no overnight process is waiting for it: `overnight resume{here} --wait` sleeps until "
+                   + (f"; that time has come: `overnight resume{here}` goes on" if over else
+                      f"; no overnight process is waiting for it: `overnight resume{here} --wait` sleeps until "
                       "then and goes on" if r["status"] == "paused" and not r["waiting"] else "")
                    + (f"; no overnight process is running it: `overnight resume{here}` continues it"
                       if r["status"] == "stopped" else "")

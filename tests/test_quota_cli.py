@@ -708,6 +708,17 @@ def test_resume_wait_sleeps_through_a_pause_that_run_no_wait_left(one, emu, monk
     assert "paused for the quota until " in resumed.stderr and "quota pause over: going on" in resumed.stderr
 
 
+def test_status_tells_a_pause_whose_time_has_come(one, emu, monkeypatch):
+    """Past the end of a --no-wait pause, status still said `resume --wait` sleeps until then."""
+    monkeypatch.setattr(scheduler, "next_day_start", lambda now: now + 1.0)  # the pause ends a second later
+    emu.script("rate_limit_day", retry_delay="0s", phase="skill")
+    assert run(one, emu, "--no-wait").exit_code == 0
+    (until,), = query(one, "SELECT paused_until FROM runs")
+    time.sleep(max(0.0, datetime.fromisoformat(until).timestamp() - time.time()) + 0.1)
+    text = overnight("status", one).stdout
+    assert f"; that time has come: `overnight resume {one}` goes on" in text and "sleeps until then" not in text
+
+
 def test_status_tells_a_paused_run_no_process_waits_for_from_one_a_process_sleeps_through(one, emu):
     from events.lock import WriterLock
     emu.script("rate_limit_day", retry_delay="0s", phase="skill")
