@@ -134,7 +134,8 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     requests = store.query("SELECT count(*), count(*) FILTER (WHERE outcome IS NOT 'rate_limited'), max(sent_at) "
                            "FROM quota_ledger WHERE run_id = ?", (run_id,))[0]
     until = None
-    if status == "running" and len(selection) > finished:
+    live = status == "running" or (held and status == "paused")  # held: a process waits out the pause
+    if live and len(selection) > finished:
         remaining = len(selection) - finished
         options = msgspec.json.decode(config)
         model = options["gemini"]["model"]
@@ -148,7 +149,6 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
     # wall time, pauses included (as the estimate counts them): until the run ended, until now
     # while a process runs it, else until its last event in any stream (a killed process
     # records no end; its last events are its plugins' and its requests')
-    live = status == "running" or (held and status == "paused")  # held: a process waits out the pause
     if live:
         end = now
     elif every_run[0]["ended_at"]:

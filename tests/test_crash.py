@@ -285,6 +285,11 @@ def test_a_signal_ends_a_quota_pause_at_once(tmp_path):
                     has_run(root) and query(root, "SELECT status FROM runs")[0][0] == "paused"):
                 time.sleep(0.05)
             assert query(root, "SELECT status FROM runs")[0][0] == "paused"
+            # from another terminal: the ETA of the run a process waits on (it was null)
+            measured = json.loads(cli("metrics", str(root), "--json").stdout)["run"]
+            ((paused_until,),) = query(root, "SELECT paused_until FROM runs")
+            assert measured["status"] == "paused" and measured["eta_s"] is not None
+            assert measured["eta_s"] >= datetime.fromisoformat(paused_until).timestamp() - time.time() - 1, measured
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=15)  # the pause lasts until Pacific midnight; the old wait slept 30 s
         finally:
