@@ -8,8 +8,8 @@ import click
 
 from cli.config import config_option
 from cli.options import (Number, common, marketplace_argument, model_option, retry_option, retry_states,
-                         standards_option, stated_limits)
-from cli.render import duration, emit_json, plural, shown
+                         standards_option, stated_limits, where)
+from cli.render import duration, emit_json, moment, plural, shown
 
 price_options = [
     click.option("--price-input", type=Number(min=0), default=0.30, show_default=True,
@@ -93,6 +93,21 @@ def metrics(path: Path, db: Path | None, as_json: bool, price_input: float, pric
         click.echo(line)
 
 
+def _unfinished_run(store) -> dict | None:
+    """The latest run `resume` would continue, with the limits it recorded (or None)."""
+    import msgspec
+
+    from statemachine.status import UNFINISHED
+
+    found = store.query("SELECT run_id, status, paused_until, config FROM runs WHERE status IN (?, ?, ?, ?) "
+                        "ORDER BY started_at DESC LIMIT 1", UNFINISHED)
+    if not found:
+        return None
+    run_id, status, paused_until, config = found[0]
+    return {"run_id": run_id, "status": "stopped" if status == "running" else status, "paused_until": paused_until,
+            "limits": msgspec.json.decode(config)["limits"]}
+
+
 def _estimated(n: int) -> str:
     return (f" (counting {plural(n, 'request')} never answered at {'its' if n == 1 else 'their'} estimate, "
             "as the budgets do)") if n else ""
@@ -145,9 +160,11 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
         limits = effective_limits(store, model, given, stated, format_at(store.clock()))
         result = compute(store, root, chosen, limits, model=model, now=store.clock().timestamp(),
                          prices=Prices(price_input, price_output), standards_path=standards)
+        unfinished = _unfinished_run(store)
     learned = [k for k in ("rpm", "rpd", "tpm") if getattr(limits, k) != getattr(given, k)]
     if as_json:
-        emit_json(result.as_json() | {"limits": limits.as_dict(), "learned_limits": learned})
+        emit_json(result.as_json() | {"limits": limits.as_dict(), "learned_limits": learned,
+                                      "unfinished_run": unfinished})
         return
     if learned:
         click.echo("limits learned from Gemini's 429 answers: "
@@ -161,6 +178,14 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
                f"{duration(result.seconds)}" + (f" ({plural(result.days, 'daily reset')})" if result.days else "")
                + (f"; {result.used_today} of today's {limits.rpd} already used" if result.used_today else ""))
     click.echo(f"basis: {result.basis}")
+    if unfinished:
+        r, lim = unfinished, unfinished["limits"]
+        click.echo(f"run {r['run_id']} is unfinished ({r['status']}"
+                   + (f", paused until {moment(r['paused_until'])}" if r["paused_until"] else "")
+                   + f"): `overnight resume{where(root, db)}` continues it at its own limits "
+                   f"({lim['rpm']} requests/min, {lim['tpm']:,} input tokens/min, {lim['rpd']}/day); "
+                   "the figures above are a new run's, "
+                   "with these flags")
     for plugin_id, tokens in result.unsendable:
         click.echo(f"  cannot be sent: {shown(plugin_id)}: a prompt of it is about {tokens:,} tokens, more than the "
                    f"{limits.tpm:,} tokens per minute allowed (if your quota allows more, state it with --tpm)")

@@ -708,6 +708,20 @@ def test_resume_wait_sleeps_through_a_pause_that_run_no_wait_left(one, emu, monk
     assert "paused for the quota until " in resumed.stderr and "quota pause over: going on" in resumed.stderr
 
 
+def test_estimate_names_the_unfinished_run_resume_would_continue_and_its_limits(market, emu):
+    """During a --no-wait pause, estimate gave a new run's time at the default limits and said
+    nothing of the paused run, whose own limits resume keeps."""
+    assert run(market, emu, "--rpd", "3", "--rpm", "600", "--no-wait").exit_code == 0
+    (run_id, until), = query(market, "SELECT run_id, paused_until FROM runs")
+    text = overnight("estimate", market).stdout
+    assert f"run {run_id} is unfinished (paused, paused until {until}" in text
+    assert (f"`overnight resume {market}` continues it at its own limits (600 requests/min, 250,000 input "
+            "tokens/min, 3/day); the figures above are a new run's, with these flags") in text
+    unfinished = json.loads(overnight("estimate", market, "--json").stdout)["unfinished_run"]
+    assert unfinished["run_id"] == run_id and unfinished["paused_until"] == until
+    assert (unfinished["limits"]["rpd"], unfinished["limits"]["rpm"]) == (3, 600)
+
+
 def test_status_tells_a_pause_whose_time_has_come(one, emu, monkeypatch):
     """Past the end of a --no-wait pause, status still said `resume --wait` sleeps until then."""
     monkeypatch.setattr(scheduler, "next_day_start", lambda now: now + 1.0)  # the pause ends a second later
