@@ -35,8 +35,10 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
             open_log(root, db, writer=not list_only, create=False) as store:
         if list_only:
             shots = restore.snapshots_of(store, name)
+            broken = {s.id: restore.blob_problem(store, s.id) for s in shots}
             if as_json:
-                emit_json({"plugin": name, "snapshots": [s._asdict() for s in shots]})
+                emit_json({"plugin": name, "snapshots": [s._asdict() | {"blob_problem": broken[s.id]}
+                                                         for s in shots]})
             elif not shots:
                 click.echo(f"{shown(name)} has no snapshot: overnight never changed it")
             else:
@@ -45,7 +47,9 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
                     notes = (["the files a restore replaced: restoring this undoes that restore"]
                              * (s.taken == restore.BEFORE_RESTORE)
                              + ["the default: before overnight's latest write"] * (s is default)
-                             + ["before overnight's first change"] * (s is shots[-1]))
+                             + ["before overnight's first change"] * (s is shots[-1])
+                             + [f"{broken[s.id]}; `overnight audit verify` names what is missing"]
+                             * bool(broken[s.id]))
                     click.echo(f"{s.id}  seq {s.seq}  {s.at}" + (f"  run {s.run_id}" if s.run_id else "")
                                + (f"  ({'; '.join(notes)})" if notes else ""))
             return

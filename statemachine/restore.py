@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from events import EventStore
+from events import EventStore, EventStoreError
 from statemachine import catalog as c
 from statemachine import snapshots, writes
 from statemachine.analysis import reaches
@@ -54,6 +54,19 @@ def snapshots_of(store: EventStore, plugin: str) -> list[SnapshotInfo]:
         elif event.get("replaced_sha256"):
             found.append(SnapshotInfo(event["replaced_sha256"], seq, at, None, BEFORE_RESTORE))
     return found
+
+
+def blob_problem(store: EventStore, snapshot_id: str) -> str | None:
+    """What this log lacks of the snapshot (as after a restore from a backup that had lost a
+    blob), or None: its manifest (it cannot be restored), or the content of some of its files
+    (put back only while those files are as they were)."""
+    try:
+        files = snapshots.manifest_files(store.get_blob(snapshot_id))
+    except (EventStoreError, snapshots.SnapshotError) as e:
+        return f"cannot be restored: its manifest cannot be read: {e}"
+    missing = sum(1 for digest in {digest for _, digest in files} if not store.has_blob(digest))
+    return (f"the log lacks the content of {missing} of its files: it can be restored only while they are as "
+            "they were" if missing else None)
 
 
 def restore_plugin(store: EventStore, root: Path, plugin: str, snapshot_id: str | None,

@@ -878,6 +878,27 @@ def test_an_edit_restore_plugin_brought_back_is_kept_by_a_plain_run(one, emu):
     assert_healthy(one)
 
 
+def test_restore_plugin_list_marks_a_snapshot_whose_blobs_the_log_lacks(one, emu):
+    """A log restored from a backup that had lost a blob listed its snapshot as any other, and
+    restore-plugin failed only when asked for it."""
+    assert run(one, emu).exit_code == 0
+    readme = (one / "plugins" / "tools" / "widget" / "README.md").read_bytes()
+    with db(one) as conn:
+        conn.execute("DELETE FROM blobs WHERE hash = ?", (hashlib.sha256(readme).hexdigest(),))
+    listed = overnight("restore-plugin", "widget", one, "--list")
+    note = "the log lacks the content of 1 of its files: it can be restored only while they are as they were"
+    assert listed.exit_code == 0 and f"{note}; `overnight audit verify` names what is missing" in listed.stdout
+    (shot,) = json.loads(overnight("restore-plugin", "widget", one, "--list", "--json").stdout)["snapshots"]
+    assert shot["blob_problem"] == note
+    assert overnight("restore-plugin", "widget", one).exit_code == 0  # the README is as it was
+    with db(one) as conn:  # its manifest gone: no restore at all
+        conn.execute("DELETE FROM blobs WHERE hash = ?", (shot["id"],))
+    shots = json.loads(overnight("restore-plugin", "widget", one, "--list", "--json").stdout)["snapshots"]
+    shot = next(s for s in shots if s["id"] == shot["id"])
+    assert shot["blob_problem"].startswith("cannot be restored: its manifest cannot be read: "), shot
+    assert overnight("restore-plugin", "widget", one, "--snapshot", shot["id"]).exit_code == 1
+
+
 def test_a_hand_edit_made_while_its_plugin_is_under_way_is_kept(one, emu, monkeypatch):
     from statemachine import pipeline
     from statemachine.lifecycle import State
