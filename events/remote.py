@@ -181,10 +181,13 @@ def _query_token(url: str) -> str | None:
 
 def check_url(url: str) -> None:
     """RemoteError unless `url` has a scheme a backup can use (checked before a run starts)."""
-    scheme = urllib.parse.urlsplit(url).scheme
-    if scheme not in SCHEMES:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in SCHEMES:
         raise RemoteError(f"{display_url(url) or 'the backup URL'}: unsupported scheme "
-                          f"{scheme!r} (use one of {', '.join(SCHEMES)})")
+                          f"{parts.scheme!r} (use one of {', '.join(SCHEMES)})")
+    if "@" in parts.netloc:  # libsql-client refuses it with its own words about headers
+        raise RemoteError(f"{display_url(url)}: credentials in the URL are not used; give the token in "
+                          "TURSO_AUTH_TOKEN")
 
 
 def open_remote(url: str, token: str | None = None, *, must_exist: bool = False, **options: Any) -> Remote:

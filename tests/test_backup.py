@@ -652,6 +652,10 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
         refused = run(*command, "bogus://x")
         assert (refused.exit_code, refused.output) == (2, "error: bogus://x: unsupported scheme 'bogus' "
                                                           "(use one of file, http, https, ws, wss, libsql)\n")
+        # libsql-client refused these with "Cannot combine AUTHORIZATION header with AUTH argument..."
+        refused = run(*command, "http://user:SECRET-PW-1@127.0.0.1:9/db")
+        assert (refused.exit_code, refused.output) == (2, "error: http://127.0.0.1:9/db: credentials in the URL "
+                                                          "are not used; give the token in TURSO_AUTH_TOKEN\n")
     assert emu.requests == [] and not (root / ".overnight").exists()
     paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "2", "--no-wait",
                  "--backup-to", f"file:{offsite}", "--json", env=env)
