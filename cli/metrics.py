@@ -184,8 +184,7 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
                    + (f", paused until {moment(r['paused_until'])}" if r["paused_until"] else "")
                    + f"): `overnight resume{where(root, db)}` continues it at its own limits "
                    f"({lim['rpm']} requests/min, {lim['tpm']:,} input tokens/min, {lim['rpd']}/day); "
-                   "the figures above are a new run's, "
-                   "with these flags")
+                   "the figures above are a new run's, with these flags")
     for plugin_id, tokens in result.unsendable:
         click.echo(f"  cannot be sent: {shown(plugin_id)}: a prompt of it is about {tokens:,} tokens, more than the "
                    f"{limits.tpm:,} tokens per minute allowed (if your quota allows more, state it with --tpm)")
