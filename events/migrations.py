@@ -50,12 +50,17 @@ MIGRATIONS: list[Callable[[apsw.Connection], None]] = [_1_core]
 LATEST = len(MIGRATIONS)
 
 
-def migrate(conn: apsw.Connection) -> None:
+def migrate(conn: apsw.Connection, fresh: Callable[[apsw.Connection], None] | None = None) -> None:
+    """Apply the migrations the log lacks, each in a transaction of its own. `fresh` runs in the
+    last one when the log is new (it creates the derived tables): a log is never found
+    migrated but without them, as a process killed between the two transactions left it."""
     current = conn.execute("PRAGMA user_version").fetchone()[0]
     for number in range(current + 1, LATEST + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
             MIGRATIONS[number - 1](conn)
+            if fresh is not None and current == 0 and number == LATEST:
+                fresh(conn)
             conn.execute(f"PRAGMA user_version = {number}")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -189,6 +189,15 @@ class _Transaction:
             store._in_tx = False
 
 
+def _create_derived(conn: apsw.Connection, projections: Sequence[Projection], views: Mapping[str, str]) -> None:
+    """The projection tables (empty) and views of a new log, inside its schema's transaction."""
+    for p in projections:
+        conn.execute(p.create_sql())
+        conn.execute("INSERT INTO projection_versions (name, version) VALUES (?, ?)", (p.name, p.version))
+    for name, select in views.items():
+        conn.execute(f"CREATE VIEW {name} AS {select}")
+
+
 class EventStore:
     """Open with `EventStore.open(...)`; close with `close()` or use as a context manager."""
 
@@ -264,7 +273,7 @@ class EventStore:
                 )
             if writer:
                 conn.execute("PRAGMA journal_mode = WAL")
-                migrate(conn)
+                migrate(conn, fresh=lambda c: _create_derived(c, projections, views or {}))
             elif version < LATEST:
                 raise unready(
                     f"{path} has schema version {version}, this program expects {LATEST}; "

@@ -80,7 +80,7 @@ def migrated(root: Path) -> bool:
 
 
 def has_run(root: Path) -> bool:
-    # the projection tables are created just after the migrations, in a transaction of their own
+    # a run's table exists once the log does (created in its schema's transaction); its row, once a run began
     return (migrated(root) and bool(query(root, "SELECT 1 FROM sqlite_schema WHERE name = 'runs'"))
             and bool(query(root, "SELECT 1 FROM runs LIMIT 1")))
 

@@ -419,3 +419,42 @@ def test_a_projection_whose_columns_changed_is_rebuilt_even_at_the_same_version(
     with EventStore.open(db, registry=REGISTRY, projections=[wider]) as store:
         assert store.query("SELECT note FROM accounts WHERE account = 'acct-0'") == [("Deposited",)]
         assert store.verify() == []
+
+
+
+def test_a_new_log_is_never_left_migrated_without_its_projection_tables(tmp_path, monkeypatch):
+    """Killed just after its schema's transaction (the crash test hit it), a new log was
+    migrated with no projection tables: every reader refused it as built by another version.
+    The derived tables of a new log now come in its schema's transaction."""
+    db = tmp_path / "log.db"
+
+    def killed(self, views):
+        raise KeyboardInterrupt  # as a kill stops the process right after the schema's commit
+
+    with monkeypatch.context() as m:
+        m.setattr(EventStore, "_ensure_projections", killed)
+        with pytest.raises(KeyboardInterrupt):
+            open_store(db)
+    with open_store(db, writer=False) as reader:  # readable as it is, and sound
+        assert reader.verify() == []
+
+
+def test_a_new_log_whose_schema_transaction_is_cut_short_is_left_empty(tmp_path, monkeypatch):
+    import events.store
+
+    def killed_midway(conn, projections, views):
+        conn.execute(projections[0].create_sql())
+        raise KeyboardInterrupt
+
+    db = tmp_path / "log.db"
+    with monkeypatch.context() as m:
+        m.setattr(events.store, "_create_derived", killed_midway)
+        with pytest.raises(KeyboardInterrupt):
+            open_store(db)
+    conn = apsw.Connection(str(db))
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] == 0
+    conn.close()
+    open_store(db).close()  # made whole by the next writer
+    with open_store(db, writer=False) as reader:
+        assert reader.verify() == []
