@@ -346,6 +346,11 @@ def backup(store: EventStore, root: Path, url: str, token: str | None) -> Backup
                    (*asdict(snapshot).values(), last_seq, last_seq, snapshot.last_hash))
         writer.flush()
         if not remote.execute("SELECT 1 FROM snapshots WHERE id = ?", (snapshot_id,)):
+            theirs = remote.execute("SELECT hash FROM events WHERE seq = 1")
+            if theirs and theirs[0][0] != store.query("SELECT hash FROM events WHERE seq = 1")[0][0]:
+                raise BackupError(
+                    f"{target}: another log backed up there at the same time, and the remote holds its events now: "
+                    "this backup made no snapshot there (back this log up to another URL)")
             raise BackupError(
                 f"{target}: its event {last_seq} is not this log's: another copy of this log backed up there at "
                 "the same time, and its events are there now; this backup made no snapshot there (back this log up "

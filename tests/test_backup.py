@@ -455,6 +455,29 @@ def test_of_two_copies_of_a_log_backing_up_at_once_the_one_that_lost_makes_no_sn
     assert (tmp_path / "again" / "plugins" / "devops" / "deploy-checker" / "NOTES.md").read_text() == "edited on twin\n"
 
 
+def test_of_two_logs_backing_up_at_once_to_an_empty_remote_the_loser_is_told_it_is_another_log(
+        market, server, tmp_path, monkeypatch):
+    """Two marketplaces backing up to one new URL at the same time: the one that lost was told
+    "another copy of this log" had backed up there."""
+    other = tmp_path / "other"
+    shutil.copytree(EXAMPLE, other, ignore=shutil.ignore_patterns(".overnight"))
+    assert run("scan", other).exit_code == 0  # a log of its own
+    ship = replication.ship_events
+
+    def other_first(store, writer, head, last_seq):
+        monkeypatch.setattr(replication, "ship_events", ship)
+        with open_log(other) as theirs:
+            backup_service.backup(theirs, other, server.url, TOKEN)  # after our (empty) head was checked
+        return ship(store, writer, head, last_seq)
+
+    monkeypatch.setattr(replication, "ship_events", other_first)
+    lost = run("backup", market, "--to", server.url)
+    assert lost.exit_code == 1
+    assert "another log backed up there at the same time, and the remote holds its events now" in lost.stderr, \
+        lost.stderr
+    assert run("backup", "verify", "--from", server.url).exit_code == 0
+
+
 def test_a_backup_cut_short_in_a_big_file_sends_only_its_missing_chunks_again(market, server, tmp_path):
     """A backup killed after some of a big file's chunks sent them all again: on a link that
     keeps dropping, a big file might never get there."""
