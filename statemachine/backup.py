@@ -665,14 +665,21 @@ def restore(url: str, token: str | None, dest: Path, snapshot_id: str | None = N
         for leftover in leftovers:
             _remove_stage(leftover)
             report.warnings.append(f"removed {leftover}, left behind by a restore that was killed")
-        stage, lock = _make_stage(dest)
+        name = _stage_prefix(dest) + secrets.token_hex(4)
+        stage, lock = None, None
         try:
+            stage, lock = _make_stage(dest, name)
             dirs = _restore_tree(remote, snapshot, stage, report)
             _restore_log(remote, snapshot, newest, stage, report)
             top_modes = _settle_tree(stage, dirs)
         except BaseException as e:
-            _remove_stage(stage)
-            os.close(lock)
+            # by its name: a signal may come while the stage is being made, before it is returned
+            for made in (dest.parent / name, dest / name):
+                _remove_stage(made)
+            if lock is not None:
+                os.close(lock)
+            if stage is None and isinstance(e, BackupError):
+                raise  # the stage could not be made: said so already
             if isinstance(e, (OSError, EventStoreError, OvernightError)):
                 reason = _os_reason(e) if isinstance(e, OSError) else str(e)
                 raise BackupError(f"restore abandoned, nothing was put in {dest}: {reason}") from e
@@ -723,12 +730,11 @@ def _killed_stages(dest: Path) -> list[Path]:
     return found
 
 
-def _make_stage(dest: Path) -> tuple[Path, int]:
-    """An empty directory beside `dest` (same file system, so a rename puts it in place), or
-    inside `dest` when that is an existing directory whose parent this user cannot write, or
+def _make_stage(dest: Path, name: str) -> tuple[Path, int]:
+    """An empty directory `name` beside `dest` (same file system, so a rename puts it in place),
+    or inside `dest` when that is an existing directory whose parent this user cannot write, or
     a mount point (a fresh disk: beside it is another file system, where no rename reaches);
     with an open descriptor holding its lock (`_killed_stages`) until the caller closes it."""
-    name = _stage_prefix(dest) + secrets.token_hex(4)
     if os.path.lexists(dest.parent) and not dest.parent.is_dir():
         raise BackupError(f"cannot restore into {dest}: {dest.parent} is not a directory")
     try:

@@ -566,6 +566,23 @@ def test_a_signal_stops_a_restore_and_leaves_nothing_behind(market, server, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["market", "remote.db"]
 
 
+def test_a_signal_while_the_restore_makes_its_stage_leaves_nothing_behind(market, tmp_path, monkeypatch):
+    """The signal test hit it once: a SIGHUP just after the staging directory was made, before
+    the restore held it, left the directory behind."""
+    import statemachine.backup
+
+    url = f"file:{tmp_path / 'offsite.db'}"
+    backup_json(market, url)
+
+    def signalled_now(fd, operation):
+        raise KeyboardInterrupt  # as a signal's handler raises it here
+
+    monkeypatch.setattr(statemachine.backup.fcntl, "flock", signalled_now)
+    stopped = run("restore", "--from", url, "--to", tmp_path / "restored")
+    assert (stopped.exit_code, stopped.stderr) == (130, "error: interrupted by SIGINT\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["market", "offsite.db"]
+
+
 def test_a_killed_restores_leftovers_are_removed_by_the_next_restore_there(market, server, tmp_path):
     backup_json(market, server.url)
     server.latency = 0.3
