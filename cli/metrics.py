@@ -97,13 +97,12 @@ def _unfinished_run(store) -> dict | None:
     """The latest run `resume` would continue, with the limits it recorded (or None)."""
     import msgspec
 
-    from statemachine.status import UNFINISHED
+    from statemachine.status import resumable_run
 
-    found = store.query("SELECT run_id, status, paused_until, config FROM runs WHERE status IN (?, ?, ?, ?) "
-                        "ORDER BY started_at DESC LIMIT 1", UNFINISHED)
-    if not found:
+    found = resumable_run(store)
+    if found is None:
         return None
-    run_id, status, paused_until, config = found[0]
+    run_id, config, status, paused_until = found
     return {"run_id": run_id, "status": "stopped" if status == "running" else status, "paused_until": paused_until,
             "limits": msgspec.json.decode(config)["limits"]}
 

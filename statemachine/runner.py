@@ -44,7 +44,7 @@ from statemachine.scan import Progress as ScanProgress
 from statemachine.scan import analyze_again, scan
 from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso,
                                     run_limits)
-from statemachine.status import UNFINISHED
+from statemachine.status import UNFINISHED, resumable_run
 from statemachine.workspace import followed_backup, not_plugin_files
 
 # The states a complete run leaves its plugins in: a plugin that turned invalid or left the
@@ -281,12 +281,10 @@ class Runner:
 
     def resume(self, overrides: Callable[[RunOptions], RunOptions] | None = None,
                reason: str = "") -> RunResult:
-        found = self.store.query(
-            "SELECT run_id, config, status, paused_until FROM runs WHERE status IN (?, ?, ?, ?) "
-            "ORDER BY started_at DESC LIMIT 1", UNFINISHED)
-        if not found:
+        found = resumable_run(self.store)
+        if found is None:
             raise OvernightError("no unfinished run to resume; start one with `overnight run`")
-        run_id, config_json, status, paused_until = found[0]
+        run_id, config_json, status, paused_until = found
         config = msgspec.json.decode(config_json)
         options = options_from_config(config)
         followed = followed_backup(self.store, self.root, options.backup_to)

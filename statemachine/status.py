@@ -47,6 +47,14 @@ class StatusReport:
 # Runs `overnight resume` can continue (the newest of them first); `stopped` is a run recorded
 # as running that no process runs any more (it crashed, or stopped on an error).
 UNFINISHED = ("running", "paused", "interrupted", "budget_exhausted")
+
+
+def resumable_run(store: EventStore) -> tuple[str, str, str, str | None] | None:
+    """The run `overnight resume` continues, the latest unfinished one: (run_id, config JSON,
+    status, paused_until), or None."""
+    found = store.query("SELECT run_id, config, status, paused_until FROM runs WHERE status IN (?, ?, ?, ?) "
+                        "ORDER BY started_at DESC LIMIT 1", UNFINISHED)
+    return found[0] if found else None
 _RUN = ("run_id", "command", "status", "started_at", "ended_at", "paused_until", "plugins", "requests",
         "done", "skipped", "rejected", "failed", "planned")
 
