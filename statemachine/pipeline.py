@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import random
 import shlex
 import stat
@@ -31,7 +32,7 @@ from events.store import format_at
 
 from statemachine import catalog as c
 from statemachine import gates, skillmd, snapshots, writes
-from statemachine.analysis import hash_tree, walk
+from statemachine.analysis import hash_tree, reaches, walk
 from statemachine.budget import Hold, Spending
 from statemachine.discovery import legacy_skill_dir
 from statemachine.gateway import (
@@ -284,8 +285,12 @@ def _as_left(ctx: Context, row: dict) -> bool:
     hash is the one recorded then; or, recorded by an overnight that counted the marketplace's
     manifest (and its own files) as part of a plugin at the root, the hash of its whole tree."""
     done = row["done_hash"]
-    return done is not None and (done == row["content_hash"]
-                                 or done == hash_tree(ctx.root, ctx.root / row["path"]).content_hash)
+    if done is None or done == row["content_hash"]:
+        return done is not None
+    # the whole tree is hashed again only for a plugin whose walk reaches such a file
+    plugin = os.path.realpath(ctx.root / row["path"])
+    return (any(reaches(plugin, path) for path in ctx.leave_out)
+            and done == hash_tree(ctx.root, ctx.root / row["path"]).content_hash)
 
 
 def _already_good(ctx: Context, cursor: PluginCursor, row: dict) -> str | None:
