@@ -189,11 +189,16 @@ class _Transaction:
             store._in_tx = False
 
 
+def _define(conn: apsw.Connection, p: Projection) -> None:
+    """The table of `p`, empty, and the version it was built by."""
+    conn.execute(p.create_sql())
+    conn.execute("INSERT OR REPLACE INTO projection_versions (name, version) VALUES (?, ?)", (p.name, p.version))
+
+
 def _create_derived(conn: apsw.Connection, projections: Sequence[Projection], views: Mapping[str, str]) -> None:
     """The projection tables (empty) and views of a new log, inside its schema's transaction."""
     for p in projections:
-        conn.execute(p.create_sql())
-        conn.execute("INSERT INTO projection_versions (name, version) VALUES (?, ?)", (p.name, p.version))
+        _define(conn, p)
     for name, select in views.items():
         conn.execute(f"CREATE VIEW {name} AS {select}")
 
@@ -375,13 +380,9 @@ class EventStore:
                     self.conn.execute("DELETE FROM projection_versions WHERE name = ?", (name,))
                 for p in stale:
                     self.conn.execute(f"DROP TABLE IF EXISTS main.{p.name}")
-                    self.conn.execute(p.create_sql())
+                    _define(self.conn, p)
                     if self._seq:
                         self.conn.execute(f"INSERT INTO main.{p.name} SELECT * FROM replay.{p.name}")
-                    self.conn.execute(
-                        "INSERT OR REPLACE INTO projection_versions (name, version) VALUES (?, ?)",
-                        (p.name, p.version),
-                    )
         finally:
             self.conn.execute("DETACH DATABASE replay")
 
