@@ -594,9 +594,9 @@ class Runner:
         invalid = self._invalid()
         left_alone: dict[str, int] = {}
         if not selection and not options.retry:  # a run of nothing: say why (they all finished before)
+            states = dict(self.store.query("SELECT plugin_id, state FROM plugins"))
             for plugin_id in select(self.store, dataclasses.replace(options, force=True, limit=None)):
-                state = self._state(plugin_id)
-                left_alone[state] = left_alone.get(state, 0) + 1
+                left_alone[states[plugin_id]] = left_alone.get(states[plugin_id], 0) + 1
         if outcome != "paused":  # a pause was backed up when it began
             self._backup(options, f"run {outcome}")
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
