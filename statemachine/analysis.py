@@ -244,6 +244,9 @@ def analyze(root: Path, candidate: Candidate, tree: Tree) -> PluginFacts:
     meta = _plugin_json(root_real, plugin)
     entry = _manifest_entry(root, candidate.plugin_id) if candidate.listed else {}
 
+    for source, fields in ((PLUGIN_JSON, meta), (f"its entry in {MANIFEST}", entry)):
+        warnings += _unused_fields(source, fields)
+
     def pick(key: str) -> Any:
         return meta[key] if isinstance(meta.get(key), str) else (
             entry[key] if isinstance(entry.get(key), str) else None)
@@ -269,6 +272,25 @@ def analyze(root: Path, candidate: Candidate, tree: Tree) -> PluginFacts:
         warnings=warnings,
         analyzer=ANALYZER,
     )
+
+
+_JSON_KINDS = {dict: "an object", list: "a list", bool: "true or false", int: "a number", float: "a number"}
+
+
+def _unused_fields(source: str, fields: dict[str, Any]) -> list[str]:
+    """Warnings for the fields analyze() reads that hold a value of the wrong type, which it leaves
+    out (a license given npm's way, {"type": "MIT"}, would otherwise vanish from the SKILL.md)."""
+    found = []
+    for key in ("version", "description", "license"):
+        value = fields.get(key)
+        if value is not None and not isinstance(value, str):
+            found.append(f'{source}: "{key}" is {_JSON_KINDS[type(value)]}, not a string; not used')
+    keywords = fields.get("keywords")
+    if keywords is not None and not isinstance(keywords, list):
+        found.append(f'{source}: "keywords" is {_JSON_KINDS.get(type(keywords), "a string")}, not a list; not used')
+    elif keywords and not all(isinstance(k, str) for k in keywords):
+        found.append(f'{source}: "keywords" holds values that are not strings; those are not used')
+    return found
 
 
 def _plugin_json(root_real: str, plugin: Path) -> dict[str, Any]:

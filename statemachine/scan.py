@@ -240,5 +240,6 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
         else:
             facts = analyze(root, candidate, tree)
             lifecycle.record(cursor, c.PluginAnalyzed(content_hash=tree.content_hash, facts=facts))
+            report.warnings += [f"{candidate.plugin_id}: {warning}" for warning in facts.warnings]
     finally:
         lifecycle.release(cursor)

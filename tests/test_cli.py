@@ -177,6 +177,26 @@ def test_a_symlink_to_a_plugin_under_plugins_is_a_warning(tmp_path):
         "real directory in marketplace.json"]
 
 
+def test_fields_of_the_wrong_type_are_warnings_naming_the_plugin_and_the_field(tmp_path):
+    """A license given npm's way ({"type": "MIT"}) was left out of the SKILL.md without a word; so
+    was any other field of the wrong type. What the analysis notes (a README that is not UTF-8)
+    was kept in its event only."""
+    root = tmp_path / "market"
+    plugin(root, "plugins/a/npm", "npm", license={"type": "MIT"}, keywords="a, b", version=2,
+           files={"README.md": b"caf\xe9\n"})
+    plugin(root, "plugins/a/fine", "fine", license="MIT", keywords=["a"], version="1.0.0")
+    manifest(root, [{"name": "npm", "source": "./plugins/a/npm", "description": ["not", "text"]}])
+    report = as_json(run("scan", root, "--json"))
+    assert report["warnings"] == [
+        'plugins/a/npm: .claude-plugin/plugin.json: "version" is a number, not a string; not used',
+        'plugins/a/npm: .claude-plugin/plugin.json: "license" is an object, not a string; not used',
+        'plugins/a/npm: .claude-plugin/plugin.json: "keywords" is a string, not a list; not used',
+        'plugins/a/npm: its entry in .claude-plugin/marketplace.json: "description" is a list, not a string; '
+        "not used",
+        "plugins/a/npm: README.md is not UTF-8"]
+    assert as_json(run("scan", root, "--json"))["warnings"] == []  # told once, when the plugin is analyzed
+
+
 def test_status_json_contract_and_filters(market):
     run("scan", market)
     everything = as_json(run("status", market, "--json"))
