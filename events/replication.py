@@ -359,7 +359,8 @@ def verify_blobs(remote: Remote, read_share: float,
     rng = rng or random.Random()
     sample = hashes if read_share >= 1 else rng.sample(hashes, max(1, round(len(hashes) * read_share))
                                                        if hashes else 0)
+    told = {digest for digest, _problem in problems}  # its structure said it: not once more
     for digest, _data, problem in fetch_blobs(remote, sample):
-        if problem:
+        if problem and digest not in told:
             problems.append((digest, problem))
     return len(sample), problems

@@ -571,6 +571,19 @@ def _read_trees(remote: Remote, root: str) -> tuple[dict[str, list[dict]], list[
     return nodes, problems
 
 
+def _file_paths(nodes: dict[str, list[dict]], root: str) -> Iterator[tuple[str, str]]:
+    """(path, blob hash) of every file below `root` that `nodes` (from `_read_trees`) holds."""
+    pending = [("", root)]
+    while pending:
+        prefix, digest = pending.pop()
+        for entry in nodes.get(digest, ()):
+            path = prefix + entry["name"]
+            if entry["kind"] == "file":
+                yield path, entry["hash"]
+            elif entry["kind"] == "dir":
+                pending.append((path + "/", entry["hash"]))
+
+
 # ------------------------------------------------------------------ verify
 
 
@@ -589,12 +602,7 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
         naming: dict[str, str] = {}
         chain, named = _check_shipped_log(remote, report, naming)
         report.problems += chain
-        report.blobs_read, damaged = replication.verify_blobs(remote, read_share, rng)
-        needed = {digest for digest, _problem in named}  # told with the event that needs it
-        report.problems += [f"remote log: {naming[digest]}: {problem}" if digest in naming else problem
-                            for digest, problem in damaged if digest not in needed]
-        report.problems += [f"remote log: {problem}" for _digest, problem in named]
-        files: set[str] = set()
+        files: dict[str, str] = {}  # file blob -> where a snapshot has it
         trees: set[str] = set()
         for snapshot in snapshots:
             row = remote.execute("SELECT hash FROM events WHERE seq = ?", (snapshot.last_seq,))
@@ -604,10 +612,18 @@ def verify(url: str, token: str | None, read_share: float = 0.0,
             nodes, problems = _read_trees(remote, snapshot.root)
             trees.update(nodes)
             report.problems += [f"snapshot {snapshot.id}: {p}" for p in problems]
-            files.update(e["hash"] for entries in nodes.values() for e in entries if e["kind"] == "file")
+            for path, digest in _file_paths(nodes, snapshot.root):
+                files.setdefault(digest, f"snapshot {snapshot.id}: {path}")
         report.trees = len(trees)
+        report.blobs_read, damaged = replication.verify_blobs(remote, read_share, rng)
+        needed = {digest for digest, _problem in named}  # told with the event that needs it
+        report.problems += [f"remote log: {naming[digest]}: {problem}" if digest in naming else
+                            f"{files[digest]}: {problem}" if digest in files else problem
+                            for digest, problem in damaged if digest not in needed]
+        report.problems += [f"remote log: {problem}" for _digest, problem in named]
         stored = replication.present(remote, "blobs", files)
-        report.problems += [f"file blob {h} is missing from the remote" for h in sorted(files - stored)]
+        report.problems += [f"{files[h]}: file blob {h} is missing from the remote"
+                            for h in sorted(files.keys() - stored)]
     finally:
         remote.close()
     return report

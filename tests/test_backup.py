@@ -323,7 +323,7 @@ def test_backup_killed_at_ten_random_instants_then_completes_and_verifies(market
 
 
 def test_a_tampered_remote_blob_is_reported_and_refused(market, server, tmp_path):
-    backup_json(market, server.url)
+    snapshot = backup_json(market, server.url)["snapshot"]["id"]
     path = next(p for p in sorted(market.rglob("*.md")) if ".overnight" not in p.parts)
     target = hashlib.sha256(path.read_bytes()).hexdigest()
     (data,) = server.sql("SELECT data FROM blob_chunks WHERE hash = ?", (target,))[0]
@@ -331,8 +331,10 @@ def test_a_tampered_remote_blob_is_reported_and_refused(market, server, tmp_path
     server.sql("UPDATE blob_chunks SET data = ? WHERE hash = ?", (tampered, target))
 
     assert run("backup", "verify", "--from", server.url).exit_code == 0  # same size: structure holds
-    result = run("backup", "verify", "--from", server.url, "--read-data", "100")
-    assert result.exit_code == 1 and target in result.output
+    result = run("backup", "verify", "--from", server.url, "--read-data", "100", "--json")
+    rel = path.relative_to(market)
+    assert result.exit_code == 1 and json.loads(result.stdout)["problems"] == [  # named by its file, once
+        f"snapshot {snapshot}: {rel.as_posix()}: blob {target} is corrupt on the remote (its bytes do not match its hash)"]
 
     dest = tmp_path / "restored"
     dest.mkdir()
@@ -341,7 +343,6 @@ def test_a_tampered_remote_blob_is_reported_and_refused(market, server, tmp_path
     assert " is damaged (1 problem below): nothing was put in " in result.output
     assert list(dest.iterdir()) == []  # all or nothing: the destination is as it was
     kept = tmp_path / "restored.incomplete"
-    rel = path.relative_to(market)
     assert not (kept / rel).exists() and (kept / rel).parent.is_dir()
     assert not list(kept.rglob(".restore-*"))
     assert [p.name for p in tmp_path.iterdir() if ".restoring-" in p.name] == []
@@ -352,6 +353,19 @@ def test_a_tampered_remote_blob_is_reported_and_refused(market, server, tmp_path
     assert again.exit_code == 1 and f"is in {tmp_path / 'restored.incomplete-2'}" in again.output
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".restored", "restored"))) == [
         "restored", "restored.incomplete", "restored.incomplete-2"]
+
+
+def test_a_remote_blob_missing_its_chunk_is_told_once_by_the_file_that_has_it(market, server):
+    """`verify --read-data` told it twice ("incomplete", then "missing chunks"), by hash alone."""
+    snapshot = backup_json(market, server.url)["snapshot"]["id"]
+    path = next(p for p in sorted(market.rglob("*.md")) if ".overnight" not in p.parts)
+    target = hashlib.sha256(path.read_bytes()).hexdigest()
+    server.sql("DELETE FROM blob_chunks WHERE hash = ?", (target,))
+    told = (f"snapshot {snapshot}: {path.relative_to(market).as_posix()}: blob {target} is incomplete on the remote "
+            f"(0 of 1 chunks, 0 bytes of {path.stat().st_size})")
+    for share in ("0", "100"):
+        result = run("backup", "verify", "--from", server.url, "--read-data", share, "--json")
+        assert result.exit_code == 1 and json.loads(result.stdout)["problems"] == [told], share
 
 
 def crafted_remote(url: str, root_entries: list[dict], extra: dict[str, list[dict]]) -> None:
