@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import msgspec
 
@@ -172,7 +172,7 @@ class Context:
 
 
 _ROW = ("state", "step", "reason", "name", "skill_name", "path", "category", "content_hash", "done_hash",
-        "not_before", "plan_attempts", "skill_attempts", "gate_failures", "failures")
+        "not_before", "plan_attempts", "skill_attempts", "gate_failures", "failures", "snapshot")
 
 
 def _row(ctx: Context, plugin_id: str) -> dict:
@@ -251,7 +251,7 @@ def _file_failure(ctx: Context, cursor: PluginCursor, row: dict, e: BaseExceptio
     cannot read, a directory it cannot write, a plugin that vanished): it fails with the
     reason, and the batch goes on."""
     reason = str(e) if not isinstance(e, OSError) else f"{e.filename or row['path']}: {e.strerror or e}"
-    if (row["state"] == State.WRITING
+    if (row["state"] == State.WRITING and not isinstance(e, writes.ChangedMeanwhile)
             and hash_tree(ctx.root, ctx.root / row["path"], ctx.leave_out).content_hash != row["content_hash"]):
         reason += (f"; the files written before it stay: `overnight restore-plugin {shlex.quote(row['name'])}` "
                    "puts the plugin back as it was before overnight")
@@ -637,8 +637,19 @@ def _writing(ctx: Context, cursor: PluginCursor, row: dict) -> None:
             return
         writes.cleanup_temp(ctx.root, plugin_dir)
         contents = {path: ctx.journal.blob(digest) for path, digest in files.items()}
-        writes.apply(at, contents, moves)
+        writes.apply(at, contents, moves, _before(ctx, row, files, moves))
     ctx.journal.record(cursor, c.WriteCompleted(run_id=ctx.run_id, settled_by="rename"))
+
+
+def _before(ctx: Context, row: dict, paths: Iterable[str], moves: list[tuple[str, str]]) -> dict[str, str | None]:
+    """What each target held in the snapshot taken before the write: a file of a directory moved
+    is where the move puts it. Anything else there now is someone else's change (see writes.apply)."""
+    held = snapshots.held(ctx.journal.blob(row["snapshot"]))
+
+    def source(rel: str) -> str:
+        return next((src + rel[len(dst):] for src, dst in moves if rel.startswith(dst + "/")), rel)
+
+    return {rel: held.get(source(rel)) for rel in paths}
 
 
 def _written(ctx: Context, cursor: PluginCursor, row: dict) -> None:

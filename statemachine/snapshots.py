@@ -229,6 +229,16 @@ def manifest_files(data: bytes) -> list[tuple[str, str]]:
     return [(e.path, e.sha256) for e in manifest.entries if e.kind == "file"]
 
 
+def held(data: bytes) -> dict[str, str]:
+    """What `writes.found` said of each path of the manifest `data` when it was taken."""
+    try:
+        manifest = _decoder.decode(data)
+    except msgspec.MsgspecError as e:
+        raise SnapshotError(f"malformed manifest: {e}") from e
+    return {e.path: e.sha256 if e.kind == "file" else "directory" if e.kind == "dir" else "symlink " + e.target
+            for e in manifest.entries}
+
+
 def _blob(get_blob: Callable[[str], bytes], digest: str, what: str) -> bytes:
     try:
         data = get_blob(digest)

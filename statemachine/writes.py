@@ -41,6 +41,10 @@ class WriteError(OvernightError):
     pass
 
 
+class ChangedMeanwhile(WriteError):
+    """A target someone else changed since the plugin's snapshot: left as it is."""
+
+
 # ------------------------------------------------------------------ paths and descriptors
 
 
@@ -231,13 +235,18 @@ def _mode(replaced: os.stat_result | None, data: bytes) -> int:
     return mode | (mode & 0o444) >> 2 if data.startswith(b"#!") else mode
 
 
-def write_atomic(plugin_dir: Path | int, rel: str, data: bytes) -> None:
+ANYTHING = object()  # write_atomic's `expect` when the target is not checked
+
+
+def write_atomic(plugin_dir: Path | int, rel: str, data: bytes, expect: str | None | object = ANYTHING) -> None:
     """Write `data` to plugin_dir/rel so a crash leaves the old or the new bytes. A file that
     replaces one keeps its permissions (0o600 stays private); a new one gets 0o644. A script (its
     bytes start with `#!`) is made executable by whoever may read it.
 
     Parents are created as needed; a symlink anywhere on the way is refused, a symlink at the
-    target is replaced by the file (its own target is never touched).
+    target is replaced by the file (its own target is never touched). With `expect` (what
+    `found` must say is at the target), the target is checked again right before the rename,
+    and anything else there is left as it is (WriteError).
     """
     parts = _checked(rel)
     fd = open_dir(plugin_dir, parts[:-1], create=True)
@@ -258,6 +267,8 @@ def write_atomic(plugin_dir: Path | int, rel: str, data: bytes) -> None:
                 os.fsync(out)
             finally:
                 os.close(out)
+            if expect is not ANYTHING and _found(fd, name) != expect:
+                raise ChangedMeanwhile(_edited(rel))
             os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
         except BaseException:
             try:
@@ -320,12 +331,71 @@ def _open_parent(plugin_dir: Path | int, parts: list[str]) -> int:
         raise
 
 
-def apply(plugin_dir: Path | int, files: dict[str, bytes], moves: list[tuple[str, str]]) -> None:
-    """Moves first, then every file through write_atomic; re-running after a crash finishes it."""
+def apply(plugin_dir: Path | int, files: dict[str, bytes], moves: list[tuple[str, str]],
+          before: dict[str, str | None]) -> None:
+    """Moves first, then every file through write_atomic; re-running after a crash finishes it.
+
+    `before`: what each target held when the plugin was snapshotted (see `found`). A target
+    that holds its new bytes already is left alone; one that holds neither those nor what it
+    held then was changed by someone else since, and is never written over: WriteError, before
+    any file is written (and, for a change made while the files are written, right before that
+    file's rename).
+    """
     for src, dst in moves:
         move_dir(plugin_dir, src, dst)
+    pending = []
     for rel in sorted(files):
-        write_atomic(plugin_dir, rel, files[rel])
+        now = found(plugin_dir, rel)
+        if now == hashlib.sha256(files[rel]).hexdigest():
+            continue
+        if now != before.get(rel):
+            raise ChangedMeanwhile(_edited(rel))
+        pending.append(rel)
+    for rel in pending:
+        write_atomic(plugin_dir, rel, files[rel], expect=before.get(rel))
+
+
+def _edited(rel: str) -> str:
+    return (f"{one_line(rel)} changed since overnight took the plugin's snapshot, by someone else: "
+            "it is left as it is, and overnight writes nothing over it (`--retry failed` processes the "
+            "plugin again as it is now)")
+
+
+def found(plugin_dir: Path | int, rel: str) -> str | None:
+    """What is at plugin_dir/rel now, never following a symlink (WriteError when one is on the
+    way): its sha256 for a file, "symlink <text>", "directory", "a FIFO" (a socket, a device), or
+    None when nothing is there. `snapshots.held` says the same of a snapshot's entries."""
+    parts = _checked(rel)
+    fd = _open_parent(plugin_dir, parts)
+    if fd < 0:
+        return None
+    try:
+        return _found(fd, parts[-1])
+    finally:
+        os.close(fd)
+
+
+def _found(dir_fd: int, name: str) -> str | None:
+    st = _lstat(dir_fd, name)
+    if st is None:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink " + os.readlink(name, dir_fd=dir_fd)
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if not stat.S_ISREG(st.st_mode):
+        return special_kind(st.st_mode)
+    f = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        mode = os.fstat(f).st_mode  # what was opened: it may have been replaced since the lstat
+        if not stat.S_ISREG(mode):
+            return special_kind(mode)
+        sha = hashlib.sha256()
+        while chunk := os.read(f, _CHUNK):
+            sha.update(chunk)
+        return sha.hexdigest()
+    finally:
+        os.close(f)
 
 
 def settled(plugin_dir: Path | int, files: dict[str, str], moves: list[tuple[str, str]]) -> bool:
@@ -336,7 +406,10 @@ def settled(plugin_dir: Path | int, files: dict[str, str], moves: list[tuple[str
         if _kind(plugin_dir, src) is not None or _kind(plugin_dir, dst) != stat.S_IFDIR:
             return False
     for rel, expected in files.items():
-        if _sha256(plugin_dir, _checked(rel)) != expected:
+        try:
+            if found(plugin_dir, rel) != expected:
+                return False
+        except (WriteError, OSError):
             return False
     return True
 
@@ -359,29 +432,6 @@ def _kind(plugin_dir: Path | int, parts: list[str]) -> int | None:
         return None if st is None else stat.S_IFMT(st.st_mode)
     finally:
         os.close(fd)
-
-
-def _sha256(plugin_dir: Path | int, parts: list[str]) -> str | None:
-    fd = _parent_or_none(plugin_dir, parts)
-    if fd is None:
-        return None
-    try:
-        f = os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=fd)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    try:
-        if not stat.S_ISREG(os.fstat(f).st_mode):
-            return None
-        sha = hashlib.sha256()
-        while chunk := os.read(f, _CHUNK):
-            sha.update(chunk)
-        return sha.hexdigest()
-    except OSError:
-        return None
-    finally:
-        os.close(f)
 
 
 # ------------------------------------------------------------------ directory swap and recovery

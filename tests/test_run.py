@@ -920,6 +920,60 @@ def test_a_hand_edit_made_while_its_plugin_is_under_way_is_kept(one, emu, monkey
     assert_healthy(one)
 
 
+def test_an_edit_made_after_a_crash_amid_the_write_is_kept_by_resume(one, emu, monkeypatch):
+    """Killed after the SKILL.md was renamed into place but before the write was recorded as
+    done; a person then edits it. Finishing the write put overnight's bytes back over the edit,
+    which no snapshot held."""
+    from statemachine import catalog, pipeline
+    from statemachine.lifecycle import State
+    writing = pipeline._STEPS[State.WRITING]
+
+    def crash_after_the_renames(ctx, cursor, row):
+        record = ctx.journal.record
+
+        def no_completion(cur, event, **kwargs):
+            if isinstance(event, catalog.WriteCompleted):
+                raise RuntimeError("simulated crash after the renames")
+            return record(cur, event, **kwargs)
+        monkeypatch.setattr(ctx.journal, "record", no_completion)
+        writing(ctx, cursor, row)
+    monkeypatch.setitem(pipeline._STEPS, State.WRITING, crash_after_the_renames)
+    assert run(one, emu).exit_code == 4
+    monkeypatch.undo()
+    skill = one / "plugins" / "tools" / "widget" / "skills" / "widget" / "SKILL.md"
+    edited = skill.read_text() + "\nA person's note.\n"
+    skill.write_text(edited)
+    resumed = overnight("resume", one)
+    assert resumed.exit_code == 1 and skill.read_text() == edited, resumed.output
+    assert states(one) == {"plugins/tools/widget": "failed"}
+    reason = query(one, "SELECT reason FROM plugins")[0][0]
+    assert reason == ("skills/widget/SKILL.md changed since overnight took the plugin's snapshot, by someone else: "
+                      "it is left as it is, and overnight writes nothing over it (`--retry failed` processes the "
+                      "plugin again as it is now)")
+    assert "widget: " + reason in resumed.output
+    assert_healthy(one)
+
+
+def test_a_file_made_between_the_snapshot_and_the_write_is_kept(one, emu, monkeypatch):
+    """A person saves a file where the skill goes after overnight snapshotted the plugin: the
+    write used to replace it, and nothing held it any more."""
+    from statemachine import pipeline
+    from statemachine.lifecycle import State
+    snapshotted = pipeline._STEPS[State.SNAPSHOTTED]
+    skill = one / "plugins" / "tools" / "widget" / "skills" / "widget" / "SKILL.md"
+
+    def save_meanwhile(ctx, cursor, row):
+        write(skill, skill_md("widget"))
+        snapshotted(ctx, cursor, row)
+    monkeypatch.setitem(pipeline._STEPS, State.SNAPSHOTTED, save_meanwhile)
+    assert run(one, emu).exit_code == 1
+    assert skill.read_text() == skill_md("widget")
+    assert states(one) == {"plugins/tools/widget": "failed"}
+    assert query(one, "SELECT reason FROM plugins")[0][0].startswith(
+        "skills/widget/SKILL.md changed since overnight took the plugin's snapshot, by someone else")
+    assert_healthy(one)
+
+
 def test_finishing_a_write_never_follows_a_category_directory_swapped_for_a_symlink(one, emu, monkeypatch, tmp_path):
     """Only the plugin directory itself was opened without following a symlink: a category
     directory moved out of the marketplace and linked back took resume's write with it."""

@@ -334,16 +334,43 @@ def test_apply_is_idempotent_and_settled_tells_when_done(tmp_path: Path) -> None
     files = {"skills/new/SKILL.md": b"new skill", "skills/new/references/r.md": b"ref"}
     moves = [("skills/skill-adapter", "skills/new")]
     hashes = {rel: sha(data) for rel, data in files.items()}
+    before = {"skills/new/SKILL.md": sha(b"old"), "skills/new/references/r.md": None}
     assert not settled(plugin, hashes, moves)
-    apply(plugin, files, moves)
+    apply(plugin, files, moves, before)
     once = listing(plugin)
     assert settled(plugin, hashes, moves)
-    apply(plugin, files, moves)
+    apply(plugin, files, moves, before)
     assert listing(plugin) == once
     assert once["skills/new/references/keep.md"][2] == b"keep"
     (plugin / "skills" / "new" / "SKILL.md").write_bytes(b"tampered")
     assert not settled(plugin, hashes, moves)
     assert not settled(plugin, hashes, [("skills/new", "skills/elsewhere")])
+
+
+def test_apply_never_writes_over_a_change_made_since_the_snapshot(tmp_path: Path, monkeypatch) -> None:
+    """A target holding neither what the snapshot saw nor its new bytes is someone else's change:
+    found before anything is written, or, made while the files are written, right before its rename."""
+    plugin = tmp_path / "p"
+    write(plugin / "skills" / "s" / "SKILL.md", "edited by a person")
+    files = {"skills/s/SKILL.md": b"new skill", "skills/s/references/a.md": b"ref"}
+    before = {"skills/s/SKILL.md": sha(b"as snapshotted"), "skills/s/references/a.md": None}
+    with pytest.raises(WriteError, match="^skills/s/SKILL.md changed since overnight took the plugin's snapshot"):
+        apply(plugin, files, [], before)
+    assert sorted(listing(plugin)) == ["skills", "skills/s", "skills/s/SKILL.md"]  # nothing written
+    assert (plugin / "skills/s/SKILL.md").read_text() == "edited by a person"
+
+    write(plugin / "skills" / "s" / "SKILL.md", "as snapshotted")
+    real_fsync = os.fsync
+
+    def meanwhile(fd: int) -> None:  # the person saves the bundled file while overnight writes it
+        real_fsync(fd)
+        if not (plugin / "skills/s/references/a.md").exists():
+            write(plugin / "skills/s/references/a.md", "the person's")
+    monkeypatch.setattr(os, "fsync", meanwhile)
+    with pytest.raises(WriteError, match="^skills/s/references/a.md changed since"):
+        apply(plugin, files, [], before)
+    assert (plugin / "skills/s/references/a.md").read_text() == "the person's"
+    assert leftovers(plugin) == []
 
 
 def test_cleanup_temp_recovers_an_interrupted_swap(tmp_path: Path) -> None:
@@ -391,7 +418,7 @@ os.fsync, os.rename = slow_fsync, rename
 print("go", flush=True)
 if job["kind"] == "apply":
     apply(Path(job["plugin"]), {k: v.encode() for k, v in job["files"].items()},
-          [tuple(m) for m in job["moves"]])
+          [tuple(m) for m in job["moves"]], job["before"])
 else:
     blobs = Path(job["blobs"])
     restore(lambda h: (blobs / h).read_bytes(), Path(job["root"]), Path(job["plugin"]), job["tree"])
@@ -433,7 +460,8 @@ def test_apply_killed_at_any_point_then_rerun_gives_exact_tree(tmp_path: Path, m
     files["skills/new/SKILL.md"] = "new skill\n" * 500
     moves = [("skills/skill-adapter", "skills/new")]
     moved_old = {"skills/new/SKILL.md": "old skill"}
-    job = {"kind": "apply", "plugin": str(plugin), "files": files, "moves": moves}
+    before = {rel: sha(moved_old[rel].encode()) if rel in moved_old else None for rel in files}
+    job = {"kind": "apply", "plugin": str(plugin), "files": files, "moves": moves, "before": before}
 
     def reset() -> None:
         subprocess.run(["rm", "-rf", str(plugin)], check=True)
@@ -449,7 +477,7 @@ def test_apply_killed_at_any_point_then_rerun_gives_exact_tree(tmp_path: Path, m
             path = plugin / rel
             assert not path.exists() or path.read_text() in (text, moved_old.get(rel)), point
         cleanup_temp(plugin.parent, plugin)
-        apply(plugin, {k: v.encode() for k, v in files.items()}, moves)
+        apply(plugin, {k: v.encode() for k, v in files.items()}, moves, before)
         assert listing(plugin) == expected, point
         assert settled(plugin, {k: sha(v.encode()) for k, v in files.items()}, moves)
 
