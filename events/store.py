@@ -228,6 +228,8 @@ class EventStore:
         # Writer-side cache of projection rows, same rules; bounded by clearing it when full.
         self._rows: dict[tuple[str, tuple], Row | None] = {}
         self._seq, self._hash = self._load_head()
+        st = os.stat(path)
+        self._identity = (st.st_dev, st.st_ino)
 
     # ---------------------------------------------------------------- opening
 
@@ -385,6 +387,19 @@ class EventStore:
                         self.conn.execute(f"INSERT INTO main.{p.name} SELECT * FROM replay.{p.name}")
         finally:
             self.conn.execute("DETACH DATABASE replay")
+
+    def check_present(self) -> None:
+        """EventStoreError when the file at `path` is no longer this log: deleted (a `git clean
+        -x`), moved, or replaced. SQLite would go on writing into the unlinked file, and lose all."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._identity:
+            raise EventStoreError(
+                f"{self.path}: the event log was {'deleted or moved' if st is None else 'replaced by another file'} "
+                "while this process wrote it (a `git clean -x` in the marketplace deletes it); stopped, since "
+                "nothing overnight does may go unrecorded")
 
     # ---------------------------------------------------------------- writing
 

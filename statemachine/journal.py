@@ -39,6 +39,10 @@ class Journal:
         if self.closed:
             raise JournalClosed()
 
+    def _writable(self) -> None:
+        self._open()
+        self.store.check_present()
+
     def cursor(self, plugin_id: str) -> PluginCursor:
         with self.lock:
             self._open()
@@ -52,14 +56,14 @@ class Journal:
     def record(self, cursor: PluginCursor, event: Event, blobs: Iterable[bytes] = ()) -> None:
         """Fire the plugin transition `event` belongs to (appended before the state moves)."""
         with self.lock:
-            self._open()
+            self._writable()
             before = self.store.last_seq
             self.lifecycle.record(cursor, event, blobs)
             self._log(before)
 
     def append(self, stream: str, event: Event, blobs: Iterable[bytes] = ()) -> None:
         with self.lock:
-            self._open()
+            self._writable()
             before = self.store.last_seq
             self.store.append(stream, event, blobs=blobs)
             self._log(before)

@@ -974,6 +974,26 @@ def test_a_file_made_between_the_snapshot_and_the_write_is_kept(one, emu, monkey
     assert_healthy(one)
 
 
+def test_a_run_whose_log_is_deleted_stops_before_it_writes(one, emu, monkeypatch):
+    """`git clean -fdx` in the marketplace deleted .overnight amid a run: SQLite went on writing
+    into the unlinked file, and the run wrote every plugin and ended "complete", its log, its
+    snapshots and its audit trail gone."""
+    from statemachine import pipeline
+    from statemachine.lifecycle import State
+    validated = pipeline._STEPS[State.VALIDATED]
+
+    def clean_meanwhile(ctx, cursor, row):
+        shutil.rmtree(one / ".overnight")
+        validated(ctx, cursor, row)
+    monkeypatch.setitem(pipeline._STEPS, State.VALIDATED, clean_meanwhile)
+    result = run(one, emu)
+    assert result.exit_code == 1, result.output
+    assert (f"error: {one / '.overnight' / 'overnight.db'}: the event log was deleted or moved while this process "
+            "wrote it (a `git clean -x` in the marketplace deletes it); stopped, since nothing overnight does may "
+            "go unrecorded") in result.output
+    assert not (one / "plugins" / "tools" / "widget" / "skills").exists()
+
+
 def test_finishing_a_write_never_follows_a_category_directory_swapped_for_a_symlink(one, emu, monkeypatch, tmp_path):
     """Only the plugin directory itself was opened without following a symlink: a category
     directory moved out of the marketplace and linked back took resume's write with it."""
