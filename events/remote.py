@@ -92,7 +92,7 @@ class LibsqlRemote:
 
     def __init__(self, url: str, token: str | None, *, retries: int = 4, backoff: float = 0.25) -> None:
         self.url = display_url(url)
-        self._secrets = [s for s in (token, _query_token(url)) if s]
+        self._secrets = [token] if token else []
         self.retries = retries
         self.backoff = backoff
         self.statements_sent = 0
@@ -174,18 +174,27 @@ class LibsqlRemote:
         return text
 
 
-def _query_token(url: str) -> str | None:
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
-    return (query.get("authToken") or [None])[0]
-
-
 def check_url(url: str) -> None:
     """RemoteError unless `url` has a scheme a backup can use (checked before a run starts)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in SCHEMES:
         raise RemoteError(f"{display_url(url) or 'the backup URL'}: unsupported scheme "
                           f"{parts.scheme!r} (use one of {', '.join(SCHEMES)})")
-    if "@" in parts.netloc:  # libsql-client refuses it with its own words about headers
+    if parts.scheme == "file":
+        if not parts.path:
+            raise RemoteError("file: names no file (file:PATH)")
+        return
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 and parts.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
+        raise RemoteError(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}: its port is not a number from 1 "
+                          "to 65535")
+    if not parts.hostname:
+        raise RemoteError(f"{parts.scheme}://{parts.path}: names no host ({parts.scheme}://HOST)")
+    if "@" in parts.netloc or any(k == "authToken" for k, _ in urllib.parse.parse_qsl(parts.query)):
+        # libsql-client refuses user info with its own words about headers
         raise RemoteError(f"{display_url(url)}: credentials in the URL are not used; give the token in "
                           "TURSO_AUTH_TOKEN")
 

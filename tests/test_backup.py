@@ -280,7 +280,7 @@ def test_transport_errors_never_show_the_token(market, server, tmp_path):
     server.max_body = None
     result = run("backup", market, "--to", server.url, env={"TURSO_AUTH_TOKEN": "wrong-" + TOKEN})
     assert result.exit_code == 1 and "Unauthorized" in result.output and TOKEN not in result.output
-    unreachable = open_remote(f"http://127.0.0.1:9/?authToken={TOKEN}", TOKEN, retries=1, backoff=0.01)
+    unreachable = open_remote("http://127.0.0.1:9/", TOKEN, retries=1, backoff=0.01)
     try:
         with pytest.raises(RemoteError) as caught:
             unreachable.execute("SELECT 1")
@@ -701,6 +701,8 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
     assert typo.exit_code == 2
     assert typo.output == ("error: --backup-to bogus://x: unsupported scheme 'bogus' "
                            "(use one of file, http, https, ws, wss, libsql)\n")
+    no_host = run("run", root, "--base-url", emu.url, "--backup-to", "http://", env=env)
+    assert (no_host.exit_code, no_host.output) == (2, "error: --backup-to http://: names no host (http://HOST)\n")
     for command in (["backup", root, "--to"], ["backup", "list", "--from"], ["backup", "verify", "--from"],
                     ["restore", "--to", tmp_path / "r", "--from"]):
         refused = run(*command, "bogus://x")
@@ -710,6 +712,16 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
         refused = run(*command, "http://user:SECRET-PW-1@127.0.0.1:9/db")
         assert (refused.exit_code, refused.output) == (2, "error: http://127.0.0.1:9/db: credentials in the URL "
                                                           "are not used; give the token in TURSO_AUTH_TOKEN\n")
+        refused = run(*command, "wss://127.0.0.1:9/db?authToken=SECRET-TOKEN-1")  # libsql-client's own way
+        assert (refused.exit_code, refused.output) == (2, "error: wss://127.0.0.1:9/db: credentials in the URL "
+                                                          "are not used; give the token in TURSO_AUTH_TOKEN\n")
+        # an internal error (exit 4) at the first use of the port; or 5 tries to reach no host
+        for url, told in (("http://127.0.0.1:notaport", "http://127.0.0.1:notaport: its port is not a number "
+                                                         "from 1 to 65535"),
+                          ("libsql://", "libsql://: names no host (libsql://HOST)"),
+                          ("file:", "file: names no file (file:PATH)")):
+            refused = run(*command, url)
+            assert (refused.exit_code, refused.output) == (2, f"error: {told}\n"), url
     assert emu.requests == [] and not (root / ".overnight").exists()
     paused = run("run", root, "--base-url", emu.url, "--rpm", "1000", "--rpd", "2", "--no-wait",
                  "--backup-to", f"file:{offsite}", "--json", env=env)
