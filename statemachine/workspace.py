@@ -141,8 +141,9 @@ def marketplace_lock(root: Path) -> Iterator[None]:
     that log only, and a second one with its log elsewhere (--db, OVERNIGHT_DB) would process
     the same plugins again beside the first, each counting only its own requests against the
     quota. A second one is refused (StoreLocked, exit 3). The lock file is in this user's
-    directory under the system's temporary directory, named by the marketplace's real path, so
-    nothing is added to the marketplace."""
+    directory under the system's temporary directory, so nothing is added to the marketplace,
+    and named by the marketplace directory's device and inode, the same by any path to it (a
+    symlink, a bind mount)."""
     directory = Path(tempfile.gettempdir()) / f"overnight-{os.getuid()}"
     try:
         directory.mkdir(mode=0o700, exist_ok=True)
@@ -152,7 +153,11 @@ def marketplace_lock(root: Path) -> Iterator[None]:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o022:
         raise OvernightError(f"{directory} is not a directory of this user's that only this user can write; "
                              "remove it (overnight makes it)")
-    name = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:32]
+    try:
+        st = os.stat(root)
+    except OSError as e:
+        raise OvernightError(f"{root}: {e.strerror}") from e
+    name = hashlib.sha256(f"{st.st_dev}:{st.st_ino}".encode()).hexdigest()[:32]
     lock = WriterLock(root, lock_file=directory / f"{name}.lock", subject=f"the marketplace {root}")
     lock.acquire()
     try:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,6 +238,34 @@ def test_a_second_run_is_refused_also_when_it_keeps_its_log_elsewhere(tmp_path):
             proc.kill()
             proc.wait()
     assert not other.exists()  # refused before its log was made, or any scan or request
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a bind mount needs root and unshare(1)")
+def test_a_second_run_is_refused_when_it_reaches_the_marketplace_by_another_path(tmp_path):
+    """The lock was named by the marketplace's real path: a bind mount of it (another path to the
+    same directory) let a second run write its plugins beside the first."""
+    root, other_path = tmp_path / "market", tmp_path / "mounted"
+    build_marketplace(root, 6)
+    other_path.mkdir()
+    with Emulator(api_key=KEY, latency=(3.0, 3.0), seed=3) as emu:
+        proc = spawn("run", root, emu.url)
+        try:
+            first_request(emu, proc)
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+            # the mount lives as long as this private mount namespace: it goes away by itself
+            second = subprocess.run(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                 'mount --bind "$1" "$2" && exec "$3" -m cli run "$2" --base-url "$4" --db "$5"', "sh",
+                 str(root), str(other_path), sys.executable, emu.url, str(tmp_path / "elsewhere.db")],
+                cwd=REPO, capture_output=True, text=True, env=env | {"GOOGLE_API_KEY": KEY})
+            assert second.returncode == 3, second.stderr
+            assert second.stderr == (f"error: the marketplace {other_path} is in use by another overnight process "
+                                     f"(pid {proc.pid}); wait for it to finish or stop it first\n")
+        finally:
+            proc.kill()
+            proc.wait()
+    assert not (tmp_path / "elsewhere.db").exists()
 
 
 def test_status_tells_a_run_that_died_from_one_that_runs(tmp_path):
