@@ -216,9 +216,10 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     # Requests Gemini answered (well or not) per useful answer: retries included; left out, as
     # they say nothing of Gemini's answers: requests whose process stopped before the answer
     # (lost, pending), 429s (the quota's, which the limits pace; one plugin's 429s made
-    # every future request count several times), and failed connections (the network's).
+    # every future request count several times), failed connections (the network's), and
+    # refused requests (a 4xx other than 429 fails its plugin at once: no retry follows).
     settled, answers, latency = store.query(
-        "SELECT count(*) FILTER (WHERE outcome NOT IN ('pending', 'lost', 'rate_limited', 'connection')), "
+        "SELECT count(*) FILTER (WHERE outcome NOT IN ('pending', 'lost', 'rate_limited', 'connection', 'refused')), "
         "coalesce(sum(outcome = 'ok'), 0), "
         "avg(settled_at - sent_at) FILTER (WHERE outcome = 'ok') FROM quota_ledger")[0]
     latency = latency if answers else DEFAULT_LATENCY_S

@@ -464,6 +464,16 @@ def test_estimate_takes_no_connection_failure_for_a_retry_rate(one, emu):
     assert again["requests"] == 2, again
 
 
+def test_estimate_takes_no_refused_request_for_a_retry_rate(one, emu):
+    """A 400 fails its plugin at once, never retried: counted as a retry Gemini's answers need,
+    it made `estimate --retry failed` after such a night cost some 60% more than the run did."""
+    emu.script("bad_request", phase="skill")
+    assert run(one, emu).exit_code == 1
+    assert query(one, "SELECT outcome, count(*) FROM quota_ledger GROUP BY outcome") == [("ok", 1), ("refused", 1)]
+    again = json.loads(overnight("estimate", one, "--retry", "failed", "--json").stdout)
+    assert again["requests"] == 2, again
+
+
 def test_a_limit_restated_on_resume_wins_over_one_learned_since_the_run_began(one, emu):
     """`resume --rpm 30` on a run begun with --rpm 30 recorded nothing, so the rpm 5 a 429 had
     taught since still paced it, without a word."""
