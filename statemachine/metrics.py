@@ -29,7 +29,7 @@ from statemachine.prompts import (
     plan_prompt,
     plugin_data,
     replaced_skill,
-    skill_prompt,
+    least_skill_prompt,
     system_instruction,
 )
 from statemachine.scheduler import MINUTE, Limits, day_start, next_day_start, run_limits
@@ -226,8 +226,6 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     overhead = settled / answers if answers else 1.0
     requests = input_tokens = output_tokens = 0.0
     unsendable: list[tuple[str, int]] = []
-    empty_plan = c.Plan(gaps=[], quality_before=0, quality_after=0, sections_to_add=[], bundled_files=[],
-                        trigger_phrases=[], allowed_tools=[])
     for plugin_id in plugin_ids:
         row = store.query(
             "SELECT p.state, p.step, p.path, p.name, p.category, p.skill_name, d.facts FROM plugins p "
@@ -243,9 +241,8 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
         needs_plan = (state in ("analyzed", "planning", "new", "discovered") or state in FINAL
                       or (state == "retrying" and step == "plan"))
         plan_in = estimate_tokens(system, plan_prompt(data, skill_name, replaces)) if needs_plan else 0
-        # the skill prompt with no plan in it: the least the real one (with the plan) can be
         skill_least = 0 if plan_only else estimate_tokens(
-            system, skill_prompt(data, skill_name, replaces, empty_plan, gates, []))
+            system, least_skill_prompt(data, skill_name, replaces, gates))
         if limits.tpm and max(plan_in, skill_least) > limits.tpm:
             unsendable.append((plugin_id, max(plan_in, skill_least)))
             continue

@@ -47,6 +47,7 @@ from statemachine.lifecycle import FINAL, PluginCursor, State
 from statemachine.prompts import (
     Standards,
     estimate_tokens,
+    least_skill_prompt,
     plan_prompt,
     plugin_data,
     replaced_skill,
@@ -406,10 +407,17 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         return
     est = estimate_tokens(system, prompt)
     tpm = ctx.scheduler.limits.tpm
-    if tpm and est > tpm:  # Gemini would answer every attempt with a 429, a request a minute, for ever
-        ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=(
-            f"its {step} prompt is about {est:,} tokens, more than the {tpm:,} tokens per minute allowed: it "
-            "can never be sent (if your quota allows more, state it with --tpm)")))
+    # Gemini would answer every attempt with a 429, a request a minute, for ever; the skill prompt
+    # holds the plan's: a plan is not asked for when the skill prompt is too large even without it
+    least = (estimate_tokens(system, least_skill_prompt(data, row["skill_name"], replaces, ctx.settings.gates))
+             if tpm and step == "plan" and not ctx.settings.dry_run else 0)
+    if tpm and max(est, least) > tpm:
+        which, tokens = (step, est) if est > tpm else ("skill", least)
+        ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=which, reason=(
+            f"its {which} prompt is about {tokens:,} tokens"
+            + (" even before the plan is added to it" if which != step else "")
+            + f", more than the {tpm:,} tokens per minute allowed: it can never be sent (if your quota "
+            "allows more, state it with --tpm)")))
         return
     hold = _hold(ctx, cursor.plugin_id, step, est)
     try:

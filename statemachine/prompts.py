@@ -170,6 +170,15 @@ def skill_prompt(data: str, skill_name: str, replaces: str | None, plan: Plan, g
     return "\n".join(lines) + "\n\n" + data
 
 
+_NO_PLAN = Plan(gaps=[], quality_before=0, quality_after=0, sections_to_add=[], bundled_files=[],
+                trigger_phrases=[], allowed_tools=[])
+
+
+def least_skill_prompt(data: str, skill_name: str, replaces: str | None, gates: GateConfig) -> str:
+    """The skill prompt with no plan in it: the least the real one (with its plan) can be."""
+    return skill_prompt(data, skill_name, replaces, _NO_PLAN, gates, [])
+
+
 def estimate_tokens(*texts: str) -> int:
     """A deliberately generous estimate (about 3.5 characters per token) for quota admission."""
     return int(sum(len(t) for t in texts) / 3.5) + 1

@@ -409,6 +409,11 @@ def test_estimate_names_the_plugins_with_a_prompt_larger_than_the_tokens_per_min
     sent = run(market, emu, "--plugin", "deploy-checker", "--tpm", "100")
     assert "tokens, more than the 100 tokens per minute allowed: it can never be sent" in sent.stdout, sent.stdout
     assert len([r for r in emu.requests if r.method == "POST"]) == 0
+    # as estimate says, a run asks for no plan whose skill prompt could never be sent
+    sent = run(market, emu, "--retry", "failed", "--plugin", "deploy-checker", "--tpm", str(tokens - 1))
+    assert (f"its skill prompt is about {tokens:,} tokens even before the plan is added to it, more than the "
+            f"{tokens - 1:,} tokens per minute allowed: it can never be sent") in sent.stdout, sent.stdout
+    assert len([r for r in emu.requests if r.method == "POST"]) == 0
 
 
 def test_estimate_builds_the_prompts_of_the_standards_and_model_a_run_would_use(market, emu, tmp_path):
