@@ -229,11 +229,16 @@ def _open_json_log(root: Path, json_log: click.utils.LazyFile) -> None:
     the file is made; then opened, so that a path that cannot be written stops the run before
     it starts."""
     from statemachine.analysis import holder
+    from statemachine.workspace import STATE_DIR, make_state_dir
 
     if json_log.name != "-" and (plugin := holder(root, json_log.name)) is not None:
         raise click.BadParameter(f"{shown(json_log.name)} is inside plugin {plugin}, whose files it would change "
                                  "as the run goes; write it outside the plugin (outside the marketplace, or in "
                                  ".overnight/)", param_hint="'--json-log'")
+    state = root / STATE_DIR
+    if json_log.name != "-" and os.path.realpath(os.path.dirname(os.path.abspath(json_log.name))) == str(
+            state.resolve()) and not os.path.lexists(state):
+        make_state_dir(state)  # where the README suggests it, before the marketplace's first scan made it
     try:
         json_log.open()
     except click.FileError as e:

@@ -115,7 +115,7 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
         raise OvernightError(f"no event log at {path} ({first})")
     try:
         if db is None and writer and create:
-            _make_state_dir(root / STATE_DIR)
+            make_state_dir(root / STATE_DIR)
         return EventStore.open(path, registry=REGISTRY, projections=PROJECTIONS,
                                views=VIEWS, writer=writer, clock=clock, synchronous=synchronous)
     except OSError as e:
@@ -123,7 +123,7 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
         raise OvernightError(f"cannot open the event log {path}: {e.strerror or e}{hint}") from e
 
 
-def _make_state_dir(directory: Path) -> None:
+def make_state_dir(directory: Path) -> None:
     """The marketplace's .overnight/, with a .gitignore that keeps the log out of its git history;
     one that exists already (this or another process made it) is left as it is."""
     try:

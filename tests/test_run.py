@@ -1637,10 +1637,11 @@ def test_a_json_log_inside_a_plugin_is_refused_before_it_is_made(tmp_path, emu):
     nowhere = run(root, emu, "--json-log", tmp_path / "no" / "events.jsonl")
     assert nowhere.exit_code == 2 and "Invalid value for '--json-log'" in nowhere.stderr
     assert not (root / ".overnight").exists()  # stopped before the run began
-    kept = tmp_path / "events.jsonl"
+    kept = root / ".overnight" / "events.jsonl"  # as advised, before a first scan made .overnight
     ran = run(root, emu, "--json-log", kept)
     assert ran.exit_code == 0, ran.output
     assert states(root) == {".": "done"} and "PluginDone" in kept.read_text()
+    assert (root / ".overnight" / ".gitignore").is_file()
     assert json.loads(overnight("scan", root, "--json").stdout)["events"] == 0
 
 
