@@ -402,8 +402,9 @@ def _request(ctx: Context, cursor: PluginCursor, row: dict, step: str) -> None:
         prompt = skill_prompt(data, row["skill_name"], replaces, plan, ctx.settings.gates, feedback)
         schema = c.SkillDraft
     unstatable = gates.license_problem(skill_license(facts, row["skill_name"]))
-    if unstatable:  # every SKILL.md would be rejected: no request is spent on it
-        ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=unstatable))
+    unwritable = _unwritable(ctx.root / row["path"], row["skill_name"])
+    if unstatable or unwritable:  # no SKILL.md could pass, or go where it must: no request is spent on it
+        ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=unstatable or unwritable))
         return
     est = estimate_tokens(system, prompt)
     tpm = ctx.scheduler.limits.tpm
@@ -547,6 +548,20 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
     ctx.journal.record(cursor, c.RequestFailed(
         run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind, message=message,
         status_code=e.status_code, not_before=_iso_us(now + delay), usage=e.usage))
+
+
+def _unwritable(plugin_dir: Path, skill_name: str) -> str | None:
+    """Why the skill could not be written (the directory it goes in, or the nearest one on the way
+    that exists, is not writable by this user), or None: found before any request is spent."""
+    for rel in (f"skills/{skill_name}", "skills", "."):
+        directory = plugin_dir / rel
+        if directory.is_dir():
+            if os.access(directory, os.W_OK | os.X_OK):
+                return None
+            return (f"cannot write in {rel if rel != '.' else 'the plugin directory'}: this user may not (its "
+                    "permissions, or a read-only disk); nothing was asked of Gemini: make it writable, then "
+                    "`--retry failed`")
+    return None
 
 
 def _iso_us(ts: float) -> str:
