@@ -94,6 +94,7 @@ def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> Pa
             wrong = f"config file {value}: {name} must be {expected}, not {setting!r}"
             if type(setting) not in accepted:  # `type`: TOML's true is a bool, not a whole number
                 raise click.UsageError(wrong)
+            settings[name] = setting = _from(value.parent, option, setting)
             try:
                 option.type_cast_value(ctx, setting)
             except click.BadParameter as e:  # a number out of its range; a path that is no file, in click's words
@@ -102,6 +103,16 @@ def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> Pa
         mine = {p.name for p in ctx.command.params}
         ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in settings.items() if k in mine}}
     return value
+
+
+def _from(directory: Path, option: click.Parameter, setting: Any) -> Any:
+    """A relative path in the file (a file option's, a `file:` backup URL's) is taken from the
+    file's own directory, as it is wherever the command runs (OVERNIGHT_CONFIG names a shared file)."""
+    if isinstance(option.type, click.Path) and not Path(setting).is_absolute():
+        return str(directory / setting)
+    if option.name == "backup_to" and setting.startswith("file:") and not setting.startswith(("file:/", "file://")):
+        return "file:" + str(directory / setting[len("file:"):])
+    return setting
 
 
 def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:

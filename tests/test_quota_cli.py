@@ -3,6 +3,7 @@ file, and what `run` tells a person (wrong usage, progress, pauses, the summary)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -224,6 +225,24 @@ def test_a_config_file_sets_defaults_flags_win_and_a_changed_file_is_recorded_on
     typo.write_text("rmp = 3\n")
     bad = overnight("estimate", market, "--config", typo)
     assert bad.exit_code == 2 and "unknown setting(s) rmp" in bad.stderr
+
+
+def test_relative_paths_in_a_config_file_are_taken_from_its_directory(one, emu, tmp_path, monkeypatch):
+    """`standards = "std.md"` beside the file was looked for in the current directory: a shared
+    file (OVERNIGHT_CONFIG) worked from one directory only."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "std.md").write_text("Write for on-call engineers.\n", encoding="utf-8")
+    (shared / "overnight.toml").write_text('standards = "std.md"\nbackup_to = "file:offsite.db"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = run(one, emu, "--config", shared / "overnight.toml", "--json")
+    assert result.exit_code == 0, result.output
+    config = json.loads(query(one, "SELECT config FROM runs")[0][0])
+    assert config["standards_sha256"] == hashlib.sha256(b"Write for on-call engineers.\n").hexdigest()
+    assert config["backup_to"] == f"file://{shared / 'offsite.db'}" and (shared / "offsite.db").is_file()
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_a_broken_config_file_is_wrong_usage_told_in_one_line(one, emu, tmp_path):
