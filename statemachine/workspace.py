@@ -111,6 +111,9 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
     if db is not None and path.exists() and not path.is_file():  # a FIFO read as a log said the disk failed
         raise OvernightError(f"{path} is not a regular file; --db (or OVERNIGHT_DB) names the log file")
     if not (writer and create) and not path.exists():
+        if WriterLock(path).held():  # a first scan or run is making it at this very moment
+            raise OvernightError(f"no event log at {path} yet: an overnight process is creating it now; try "
+                                 "again in a moment")
         first = "run `overnight scan` first" + (", or pass --db" if db is None else " with the same --db")
         raise OvernightError(f"no event log at {path} ({first})")
     try:

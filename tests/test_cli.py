@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from cli.options import Terminated
+from events.lock import WriterLock
 from tests.marketplace_builder import manifest, plugin, write
 from tests.privileges import needs_permissions, unprivileged
 
@@ -531,6 +532,18 @@ def test_errors_are_one_line_with_a_nonzero_exit(tmp_path):
     no_log = run("audit", "verify", tmp_path)
     assert no_log.exit_code == 1 and no_log.stderr.startswith("error: no event log at")
     assert len(no_log.stderr.strip().splitlines()) == 1
+    # a first run is making it at this moment: `overnight scan` (which it would refuse) is no hint then
+    (tmp_path / ".overnight").mkdir()
+    maker = WriterLock(tmp_path / ".overnight" / "overnight.db")
+    maker.acquire()
+    try:
+        told = (f"error: no event log at {tmp_path / '.overnight' / 'overnight.db'} yet: an overnight process is "
+                "creating it now; try again in a moment\n")
+        for command in (("status", tmp_path, "--json"), ("audit", "verify", tmp_path)):
+            soon = run(*command)
+            assert (soon.exit_code, soon.stderr) == (1, told), command
+    finally:
+        maker.release()
     usage = run("status", tmp_path, "--state", "sleeping")
     assert usage.exit_code == 2
 
