@@ -360,6 +360,9 @@ class Runner:
             self.journal.echo(before)  # --json-log: what the scan recorded, also when a signal stopped it
         if again:
             self._scan_warnings += [w for w in report.warnings if w not in self._scan_warnings]
+            self._scan_warnings += [f"{plugin_id}: new, found by the scan this run made again after it began: "
+                                    "not part of this run (the next `overnight run` takes it)"
+                                    for plugin_id in report.added]
             self._new_invalid |= report.newly_invalid
             self._mid_write |= report.mid_write
         else:

@@ -40,6 +40,7 @@ BATCH = 256
 class ScanReport:
     plugins: int = 0
     new: int = 0
+    added: list[str] = field(default_factory=list)  # the ids of the `new` ones
     changed: int = 0
     reanalyzed: int = 0  # unchanged, analyzed again: their facts were an older analysis's
     unchanged: int = 0
@@ -227,6 +228,7 @@ def _scan_one(store: EventStore, lifecycle: Lifecycle, root: Path, candidate: Ca
             return
     if row is None:
         report.new += 1
+        report.added.append(candidate.plugin_id)
     elif unchanged:
         report.reanalyzed += 1
     else:

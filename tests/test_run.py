@@ -405,6 +405,26 @@ def test_a_plugin_changed_while_its_skill_was_generated_is_scanned_again_before_
     assert "  invalid     plugins/tools/widget: .claude-plugin/marketplace.json entry 'widget': source " in gone.stdout
 
 
+def test_a_plugin_added_amid_a_run_and_found_by_its_second_scan_is_named(one, emu):
+    """The scan a run makes again (for a plugin edited under it) found a plugin added meanwhile,
+    and left it analyzed: the run said "complete", and nothing named it."""
+    widget = one / "plugins/tools/widget"
+
+    def edit(record) -> None:
+        if record.phase == "skill" and not (one / "plugins/tools/gadget").exists():
+            (widget / "README.md").write_text((widget / "README.md").read_text() + "\nEDITED\n")
+            plugin(one, "plugins/tools/gadget", "gadget", description="Gadgets.", files={"README.md": "# Gadget\n"})
+
+    emu.on_request = edit
+    result = run(one, emu)
+    assert result.exit_code == 0, result.output
+    assert ("  warning     plugins/tools/gadget: new, found by the scan this run made again after it began: not "
+            "part of this run (the next `overnight run` takes it)\n") in result.stdout, result.stdout
+    assert states(one) == {"plugins/tools/widget": "done", "plugins/tools/gadget": "analyzed"}
+    emu.on_request = None
+    assert run(one, emu).exit_code == 0 and set(states(one).values()) == {"done"}
+
+
 def test_a_plugin_whose_files_keep_changing_is_left_for_the_next_run_saying_so(one, emu):
     readme = one / "plugins/tools/widget/README.md"
     emu.on_request = lambda record: readme.write_text(readme.read_text() + "x")  # every request, an edit
