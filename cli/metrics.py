@@ -158,7 +158,7 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
         stated = stated_limits(rpm=rpm, rpd=rpd, tpm=tpm)
         limits = effective_limits(store, model, given, stated, format_at(store.clock()))
         result = compute(store, root, chosen, limits, model=model, now=store.clock().timestamp(),
-                         prices=Prices(price_input, price_output), standards_path=standards)
+                         prices=Prices(price_input, price_output), standards_path=standards, force=force)
         unfinished = _unfinished_run(store)
     learned = [k for k in ("rpm", "rpd", "tpm") if getattr(limits, k) != getattr(given, k)]
     if as_json:
@@ -169,9 +169,11 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
         click.echo("limits learned from Gemini's 429 answers: "
                    f"{', '.join(f'{k} {getattr(limits, k)}' for k in learned)} "
                    "(state a limit with its flag to override it)")
-    click.echo(f"{plural(result.plugins, 'plugin')} to process: {plural(result.requests, 'request')}, "
-               f"{result.input_tokens:,} input and {result.output_tokens:,} output tokens, "
-               f"about ${result.cost_usd:.2f}")
+    click.echo(f"{plural(result.plugins, 'plugin')} to process"
+               + (f" ({result.as_left} found as overnight left them: done again with no request)"
+                  if result.as_left else "")
+               + f": {plural(result.requests, 'request')}, {result.input_tokens:,} input and "
+               f"{result.output_tokens:,} output tokens, about ${result.cost_usd:.2f}")
     click.echo(f"time at {limits.rpm} requests/min, {limits.tpm:,} input tokens/min, {limits.rpd}/day, "
                f"concurrency {limits.concurrency}: "
                f"{duration(result.seconds)}" + (f" ({plural(result.days, 'daily reset')})" if result.days else "")

@@ -179,9 +179,12 @@ class Estimate:
     # (plugin id, tokens) of the plugins whose plan prompt, or skill prompt even without its
     # plan, is larger than the tokens per minute: a run fails them, so they count for nothing above
     unsendable: list[tuple[str, int]] = field(default_factory=list)
+    # of `plugins`, those found with their files as overnight left them: done again, no request
+    as_left: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        return {"plugins": self.plugins, "requests": self.requests, "input_tokens": self.input_tokens,
+        return {"plugins": self.plugins, "as_left": self.as_left, "requests": self.requests,
+                "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens, "seconds": round(self.seconds), "days": self.days,
                 "cost_usd": round(self.cost_usd, 4), "basis": self.basis, "used_today": self.used_today,
                 "latency_s": round(self.latency_s, 3),
@@ -203,10 +206,11 @@ _PAST_SKILL = frozenset({"generated", "validated", "snapshotted", "writing", "wr
 
 def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limits, *, model: str, now: float,
              gates: GateConfig | None = None, prices: Prices | None = None,
-             standards_path: Path | None = None, plan_only: bool = False) -> Estimate:
+             standards_path: Path | None = None, plan_only: bool = False, force: bool = False) -> Estimate:
     """Requests, tokens, time and cost to process `plugin_ids` from where each one stands,
     starting at `now` with the requests `model` already sent this Pacific day (`plan_only`:
-    up to the plan, as a dry run)."""
+    up to the plan, as a dry run; `force`: as `run --force`, which asks again for a plugin
+    found with its files as overnight left them)."""
     gates = gates or GateConfig()
     prices = prices or Prices()
     standards = load_standards(standards_path)
@@ -226,15 +230,20 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     overhead = settled / answers if answers else 1.0
     requests = input_tokens = output_tokens = 0.0
     unsendable: list[tuple[str, int]] = []
+    as_left = 0
     for plugin_id in plugin_ids:
         row = store.query(
-            "SELECT p.state, p.step, p.path, p.name, p.category, p.skill_name, d.facts FROM plugins p "
-            "JOIN plugin_details d USING (plugin_id) WHERE plugin_id = ?", (plugin_id,))
+            "SELECT p.state, p.step, p.path, p.name, p.category, p.skill_name, d.facts, "
+            "p.content_hash = p.done_hash FROM plugins p JOIN plugin_details d USING (plugin_id) WHERE plugin_id = ?",
+            (plugin_id,))
         if not row or row[0][6] is None:
             continue
-        state, step, path, name, category, skill_name, facts = row[0]
+        state, step, path, name, category, skill_name, facts, left = row[0]
         if state in _PAST_SKILL:
             continue  # its SKILL.md came: what is left needs no request
+        if state == "analyzed" and left and not force:
+            as_left += 1  # found again as overnight left it (a branch checked out again): done, no request
+            continue
         facts = msgspec.json.decode(facts, type=c.PluginFacts)
         replaces = replaced_skill(facts, skill_name)
         data = plugin_data(root, path, name, category, facts, replaces)
@@ -272,7 +281,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     return Estimate(plugins=len(plugin_ids) - len(unsendable), requests=n, input_tokens=int(input_tokens),
                     output_tokens=int(output_tokens), days=resets, seconds=seconds,
                     cost_usd=prices.cost(input_tokens, output_tokens), basis=basis, used_today=used_today,
-                    latency_s=latency, unsendable=unsendable)
+                    latency_s=latency, unsendable=unsendable, as_left=as_left)
 
 
 def answer_latency(store: EventStore | Journal, run_id: str) -> float:

@@ -273,7 +273,8 @@ class Runner:
                                   format_at(self.store.clock()))
         config["estimate"] = estimate(self.store, self.root, selection, limits, model=options.gemini.model,
                                       now=self.clock(), gates=options.gates, prices=options.prices,
-                                      standards_path=options.standards, plan_only=options.dry_run).as_json()
+                                      standards_path=options.standards, plan_only=options.dry_run,
+                                      force=options.force).as_json()
         self.journal.append(f"run:{run_id}", c.RunStarted(
             run_id=run_id, command="run", config=config,
             plugins=len(selection), selection=selection), blobs=[standards.text.encode("utf-8")])

@@ -488,6 +488,25 @@ def test_estimate_takes_no_connection_failure_for_a_retry_rate(one, emu):
     assert again["requests"] == 2, again
 
 
+def test_estimate_asks_nothing_for_a_plugin_found_as_overnight_left_it(one, emu):
+    """Another branch checked out and back: every plugin is found again with the files overnight
+    left, and a run does them again with no request; estimate counted two requests each."""
+    assert run(one, emu).exit_code == 0
+    readme = one / "plugins/tools/widget/README.md"
+    kept = readme.read_text()
+    readme.write_text(kept + "\nOn another branch.\n")
+    overnight("scan", one)
+    readme.write_text(kept)
+    again = json.loads(overnight("estimate", one, "--json").stdout)
+    assert (again["plugins"], again["as_left"], again["requests"]) == (1, 1, 0), again
+    assert "1 plugin to process (1 found as overnight left them: done again with no request): 0 requests" in (
+        overnight("estimate", one).stdout)
+    assert json.loads(overnight("estimate", one, "--force", "--json").stdout)["requests"] == 2
+    asked = [r for r in emu.requests if r.method == "POST"]
+    assert run(one, emu).exit_code == 0 and [r for r in emu.requests if r.method == "POST"] == asked
+    assert query(one, "SELECT state FROM plugins") == [("done",)]
+
+
 def test_estimate_takes_no_refused_request_for_a_retry_rate(one, emu):
     """A 400 fails its plugin at once, never retried: counted as a retry Gemini's answers need,
     it made `estimate --retry failed` after such a night cost some 60% more than the run did."""
