@@ -186,9 +186,9 @@ def check_url(url: str) -> None:
         return
     try:
         port = parts.port
-    except ValueError:
+    except ValueError:  # not a number, or out of range
         port = 0
-    if port == 0 and parts.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
+    if port == 0:
         raise RemoteError(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}: its port is not a number from 1 "
                           "to 65535")
     if not parts.hostname:

@@ -25,11 +25,11 @@ from statemachine.lifecycle import FINAL
 from statemachine.projections import OUTPUT_TOKENS, epoch
 from statemachine.prompts import (
     estimate_tokens,
+    least_skill_prompt,
     load_standards,
     plan_prompt,
     plugin_data,
     replaced_skill,
-    least_skill_prompt,
     system_instruction,
 )
 from statemachine.scheduler import MINUTE, Limits, day_start, next_day_start, run_limits
