@@ -235,18 +235,15 @@ def _mode(replaced: os.stat_result | None, data: bytes) -> int:
     return mode | (mode & 0o444) >> 2 if data.startswith(b"#!") else mode
 
 
-ANYTHING = object()  # write_atomic's `expect` when the target is not checked
-
-
-def write_atomic(plugin_dir: Path | int, rel: str, data: bytes, expect: str | None | object = ANYTHING) -> None:
+def write_atomic(plugin_dir: Path | int, rel: str, data: bytes, expect: str | None) -> None:
     """Write `data` to plugin_dir/rel so a crash leaves the old or the new bytes. A file that
     replaces one keeps its permissions (0o600 stays private); a new one gets 0o644. A script (its
     bytes start with `#!`) is made executable by whoever may read it.
 
     Parents are created as needed; a symlink anywhere on the way is refused, a symlink at the
-    target is replaced by the file (its own target is never touched). With `expect` (what
-    `found` must say is at the target), the target is checked again right before the rename,
-    and anything else there is left as it is (WriteError).
+    target is replaced by the file (its own target is never touched). `expect`: what `found`
+    must say is at the target right before the rename; anything else there is left as it is
+    (ChangedMeanwhile).
     """
     parts = _checked(rel)
     fd = open_dir(plugin_dir, parts[:-1], create=True)
@@ -267,7 +264,7 @@ def write_atomic(plugin_dir: Path | int, rel: str, data: bytes, expect: str | No
                 os.fsync(out)
             finally:
                 os.close(out)
-            if expect is not ANYTHING and _found(fd, name) != expect:
+            if _found(fd, name) != expect:
                 raise ChangedMeanwhile(_edited(rel))
             os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
         except BaseException:

@@ -259,8 +259,8 @@ def test_take_refuses_a_plugin_outside_root(market: Path, tmp_path: Path) -> Non
 def test_write_atomic_creates_parents_and_leaves_no_temp(tmp_path: Path) -> None:
     plugin = tmp_path / "p"
     plugin.mkdir()
-    write_atomic(plugin, "skills/s/references/x.md", b"hello")
-    write_atomic(plugin, "skills/s/references/x.md", b"hello again")
+    write_atomic(plugin, "skills/s/references/x.md", b"hello", None)
+    write_atomic(plugin, "skills/s/references/x.md", b"hello again", sha(b"hello"))
     target = plugin / "skills" / "s" / "references" / "x.md"
     assert target.read_bytes() == b"hello again"
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
@@ -272,7 +272,7 @@ def test_write_atomic_replaces_a_symlink_target_instead_of_following_it(tmp_path
     plugin = tmp_path / "p"
     (plugin / "skills" / "s").mkdir(parents=True)
     os.symlink(outside, plugin / "skills" / "s" / "SKILL.md")
-    write_atomic(plugin, "skills/s/SKILL.md", b"new")
+    write_atomic(plugin, "skills/s/SKILL.md", b"new", f"symlink {outside}")
     assert outside.read_text() == "keep me"
     assert not (plugin / "skills" / "s" / "SKILL.md").is_symlink()
     assert (plugin / "skills" / "s" / "SKILL.md").read_bytes() == b"new"
@@ -285,7 +285,7 @@ def test_write_atomic_refuses_a_symlinked_parent(tmp_path: Path) -> None:
     plugin.mkdir()
     os.symlink(outside, plugin / "skills")
     with pytest.raises(WriteError, match="skills is a symlink"):
-        write_atomic(plugin, "skills/s/SKILL.md", b"x")
+        write_atomic(plugin, "skills/s/SKILL.md", b"x", None)
     assert list(outside.iterdir()) == []
 
 
