@@ -526,6 +526,10 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
         ctx.journal.record(cursor, c.RequestFailed(
             run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind, message=message,
             status_code=429, not_before=_iso_us(not_before), usage=e.usage))
+        if e.quota_value == 0:  # no request of this model will ever be admitted: retrying spends the day
+            raise RunStopped(f"Gemini says this project's quota for {ctx.settings.model} is 0 ({e.quota_id}): it may "
+                             "not use that model (a free tier without it?); choose another with --model, or raise the "
+                             "quota, then `overnight run` again")
         if e.scope in ("day", "tokens_day"):
             raise DailyQuotaExhausted(not_before, f"daily quota exhausted ({e.quota_id or 'HTTP 429'})")
         return

@@ -228,6 +228,18 @@ def test_rate_limit_with_retry_info_waits_exactly_and_learns_the_limit(one, emu)
         ("rate_limited",), ("ok",), ("ok",)]
 
 
+def test_a_quota_of_zero_stops_the_run_saying_so(one, emu):
+    """Gemini's 429 for a model a free-tier project may not use says `limit: 0`: the run waited
+    out each RetryInfo and asked again until its day was spent, saying only "daily quota used up"."""
+    emu.script("rate_limit_minute", times=100, retry_delay="1s", quota_value="0", phase="plan")
+    result = run(one, emu, "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["outcome"] == "stopped", result.output
+    assert "Gemini says this project's quota for gemini-2.5-flash is 0 (" in result.stderr, result.stderr
+    assert [r.status for r in generate_requests(emu)] == [429]
+    assert states(one) == {"plugins/tools/widget": "retrying"}  # not the plugin's fault: it waits
+    assert query(one, "SELECT metric FROM quota_limits") == []
+
+
 def test_a_learned_daily_limit_holds_until_the_user_states_one(market, emu):
     emu.script("rate_limit_day", retry_delay=None, quota_value="3", phase="plan")
     paused = run(market, emu, "--no-wait", "--json")
