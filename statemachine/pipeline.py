@@ -41,6 +41,7 @@ from statemachine.gateway import (
     GatewayError,
     RateLimited,
     Refused,
+    Unusable,
 )
 from statemachine.journal import Journal
 from statemachine.lifecycle import FINAL, PluginCursor, State
@@ -232,6 +233,8 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
 
 # The longest wait before a retry that a failure itself sets (longer ones come from a 429's RetryInfo).
 MAX_BACKOFF_S = 600.0
+# How long every request waits when the run's last requests all went unanswered (an outage).
+OUTAGE_WAIT_S = 300.0
 # OS errors of the machine rather than of one plugin's files: they stop the run.
 _MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ENOMEM})
 # The step a state performs, as PluginFailed names it.
@@ -540,6 +543,20 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
             run_id=ctx.run_id, request_id=request_id, step=step, kind="access_denied", message=message,
             status_code=e.status_code, not_before=_iso_us(now), usage=e.usage))
         raise RunStopped(message)
+    if isinstance(e, (Unusable, Refused)):
+        ctx.scheduler.succeeded()  # an answer, if not a usable one: Gemini is there
+    elif _outage(ctx.scheduler.unanswered(cursor.plugin_id), ctx.settings.max_attempts) and (
+            row["failures"] + 1 >= ctx.settings.max_attempts):
+        # The run's last requests all went unanswered, and not this plugin's alone: Gemini (or the
+        # way to it) is down. Failing the plugins would fail the whole batch in minutes: the run
+        # holds every request back, and this plugin tries again after that.
+        not_before = ctx.scheduler.hold(OUTAGE_WAIT_S)
+        ctx.journal.record(cursor, c.RequestFailed(
+            run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind,
+            message=f"{message} (the last {ctx.settings.max_attempts} requests of the run had no answer: "
+                    f"every request waits {OUTAGE_WAIT_S:.0f} s)",
+            status_code=e.status_code, not_before=_iso_us(not_before), usage=e.usage))
+        return
     if isinstance(e, Refused) or row["failures"] + 1 >= ctx.settings.max_attempts:
         reason = f"{step} request refused: {message}" if isinstance(e, Refused) else (
             f"{step} failed {row['failures'] + 1} times; last: {e.kind}: {message}")
@@ -552,6 +569,13 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
     ctx.journal.record(cursor, c.RequestFailed(
         run_id=ctx.run_id, request_id=request_id, step=step, kind=e.kind, message=message,
         status_code=e.status_code, not_before=_iso_us(now + delay), usage=e.usage))
+
+
+def _outage(unanswered: tuple[int, int], attempts: int) -> bool:
+    """Whether requests in a row without an answer (how many, of how many plugins) tell of an
+    outage: as many as a plugin may try, of more than one plugin."""
+    requests, plugins = unanswered
+    return requests >= attempts and plugins > 1
 
 
 def _unwritable(plugin_dir: Path, skill_name: str) -> str | None:

@@ -140,6 +140,9 @@ class Scheduler:
         self._day = day_start(clock())
         self._not_before = 0.0
         self._backoff = 0
+        # requests in a row that got no answer (5xx, timeout, connection), and their plugins
+        self._failing: list[str] = []
+        self._not_before_why = "the retry delay of a 429"
         self._rng = rng or random.Random()
         now = clock()
         for at, tokens in sorted(history):
@@ -163,7 +166,7 @@ class Scheduler:
         if len(self._today) >= limits.rpd:
             until = next_day_start(now)
             raise DailyQuotaExhausted(until, f"{len(self._today)} of {limits.rpd} requests per day used")
-        waits = [(self._not_before - now, "the retry delay of a 429")]
+        waits = [(self._not_before - now, self._not_before_why)]
         if len(self._minute) >= limits.rpm:
             waits.append((self._minute[-limits.rpm].at + self.window - now, f"requests per minute: {limits.rpm}"))
         used = sum(s.tokens for s in self._minute)
@@ -225,11 +228,29 @@ class Scheduler:
             if scope in ("day", "tokens_day"):
                 wait = max(wait, next_day_start(now) - now)
             self._not_before = max(self._not_before, now + wait)
+            self._not_before_why = "the retry delay of a 429"
+            self._failing.clear()  # an answer: Gemini is there
             return self._not_before
 
     def succeeded(self) -> None:
+        """An answer came (usable or not): Gemini is there."""
         with self._lock:
             self._backoff = 0
+            self._failing.clear()
+
+    def unanswered(self, plugin_id: str) -> tuple[int, int]:
+        """Record a request of `plugin_id` that got no answer (a 5xx, a timeout, a failed
+        connection); returns how many requests in a row have had none, and of how many plugins."""
+        with self._lock:
+            self._failing.append(plugin_id)
+            return len(self._failing), len(set(self._failing))
+
+    def hold(self, seconds: float) -> float:
+        """Hold every request back for `seconds` (Gemini is down); returns the not-before time."""
+        with self._lock:
+            self._not_before = max(self._not_before, self.clock() + seconds)
+            self._not_before_why = "no answer from Gemini lately (an outage?)"
+            return self._not_before
 
     def learn(self, metric: str, value: int) -> bool:
         """Use a limit learned from a QuotaFailure (never above the configured one).

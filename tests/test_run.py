@@ -465,7 +465,25 @@ def test_a_plugin_finished_twice_in_a_run_never_counts_past_the_total(market, em
     assert counts == ["1/4", "2/4", "3/4", "4/4", "4/4"], result.stderr
 
 
+def test_an_outage_holds_every_request_back_instead_of_failing_the_batch(market, emu, monkeypatch):
+    """Gemini down for a while: each plugin failed after its attempts, and the whole batch
+    with them in minutes (60 plugins in a 30-minute outage at 10 requests a minute)."""
+    from statemachine import pipeline
+    monkeypatch.setattr(pipeline, "OUTAGE_WAIT_S", 1.0)
+    emu.script("server_error", times=6)
+    result = run(market, emu, "--max-attempts", "2", "--concurrency", "2")
+    assert result.exit_code == 0, result.output
+    assert set(states(market).values()) == {"done"}
+    held = query(market, "SELECT json_extract(data, '$.message'), json_extract(data, '$.not_before') FROM events "
+                         "WHERE type = 'RequestFailed' AND json_extract(data, '$.message') LIKE '%request waits%'")
+    assert held and held[0][0].endswith("(the last 2 requests of the run had no answer: every request waits 1 s)")
+    sent = generate_requests(emu)
+    assert [r.status for r in sent[:6]] == [500] * 6 and all(r.status == 200 for r in sent[6:])
+    assert sent[6].time - sent[3].time >= 1.0  # nothing went while the run held its requests back
+
+
 def test_repeated_faults_fail_the_plugin_after_the_allowed_attempts(one, emu):
+    """Requests of one plugin alone going unanswered are no outage (see above): it fails."""
     emu.script("server_error", times=3, phase="plan")
     result = run(one, emu, "--max-attempts", "3")
     assert result.exit_code == 1
