@@ -557,9 +557,12 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
                     f"every request waits {OUTAGE_WAIT_S:.0f} s)",
             status_code=e.status_code, not_before=_iso_us(not_before), usage=e.usage))
         return
-    if isinstance(e, Refused) or row["failures"] + 1 >= ctx.settings.max_attempts:
+    # a prompt blocked twice in a row would be blocked again: the same prompt goes each time
+    blocked_again = e.kind == "blocked" and (row["reason"] or "").startswith("blocked: ")
+    if isinstance(e, Refused) or blocked_again or row["failures"] + 1 >= ctx.settings.max_attempts:
         reason = f"{step} request refused: {message}" if isinstance(e, Refused) else (
-            f"{step} failed {row['failures'] + 1} times; last: {e.kind}: {message}")
+            f"{step} prompt blocked by Gemini twice in a row, and the same prompt would go again: {message}"
+            if blocked_again else f"{step} failed {row['failures'] + 1} times; last: {e.kind}: {message}")
         ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=reason,
                                                   request_id=request_id, status_code=e.status_code,
                                                   kind=e.kind, usage=e.usage))

@@ -351,6 +351,16 @@ def test_each_transient_fault_or_unusable_answer_is_retried_and_recorded(one, em
         assert message.startswith(f"connection to http://{urlsplit(emu.url).netloc} failed ("), message
 
 
+def test_a_prompt_blocked_twice_in_a_row_fails_its_plugin(one, emu):
+    """The same prompt goes each time: blocked twice, it was sent five times for nothing."""
+    emu.script("blocked", times=5, phase="plan")
+    assert run(one, emu).exit_code == 1
+    assert len(generate_requests(emu)) == 2
+    assert query(one, "SELECT state, reason FROM plugins") == [("failed", (
+        "plan prompt blocked by Gemini twice in a row, and the same prompt would go again: prompt blocked by "
+        "Gemini (SAFETY)"))]
+
+
 def test_a_timeout_is_transient(one, emu):
     emu.script("timeout", delay=3, phase="plan")
     assert run(one, emu, "--timeout", "1").exit_code == 0
