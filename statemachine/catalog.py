@@ -175,6 +175,15 @@ class PlanReceived(Event, frozen=True, tag="PlanReceived"):
     usage: Usage
 
 
+class PlanReused(Event, frozen=True, tag="PlanReused"):
+    """`--retry` took up a plugin whose last pass failed at its skill step: the plan that pass
+    received (`request_id`), which a new request would ask for with the very same prompt (the
+    same files, facts, name, model and standards), is used again; nothing is sent."""
+
+    run_id: str
+    request_id: str
+
+
 class SkillRequested(Event, frozen=True, tag="SkillRequested"):
     run_id: str
     request_id: str
@@ -400,7 +409,7 @@ class MarketplaceBound(Event, frozen=True, tag="MarketplaceBound"):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     PluginDiscovered, PluginAnalyzed, PluginInvalid, PluginVanished, PluginSkipped,
-    PlanRequested, PlanReceived, SkillRequested, SkillReceived, RequestFailed,
+    PlanRequested, PlanReceived, PlanReused, SkillRequested, SkillReceived, RequestFailed,
     SkillGateFailed, SkillRejected, SkillValidated, PluginSnapshotted, WriteIntended,
     WriteCompleted, PluginDone, PluginFailed, PluginRestored,
     RunStarted, LimitsChanged, BackupTargetChanged, RunPaused, RunResumed, RunInterrupted, BudgetExhausted,

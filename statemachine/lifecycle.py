@@ -8,9 +8,10 @@ transition and replay can check it with a dict lookup.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Iterable
+from typing import Callable, Iterable
 
 from transitions import Machine
 
@@ -83,6 +84,9 @@ TRANSITIONS: tuple[Transition, ...] = (
        "plan request recorded, then sent"),
     _t("receive_plan", {S.PLANNING}, S.PLANNED, c.PlanReceived,
        "structured plan decoded and recorded"),
+    _t("reuse_plan", {S.ANALYZED}, S.PLANNED, c.PlanReused,
+       "taken up again by --retry after its skill step failed: the plan its last pass received, from "
+       "the very same prompt, is used again (no request)"),
     _t("request_skill", {S.PLANNED, S.GENERATING, S.RETRYING}, S.GENERATING, c.SkillRequested,
        "skill request recorded, then sent"),
     _t("receive_skill", {S.GENERATING}, S.GENERATED, c.SkillReceived,
@@ -133,6 +137,46 @@ def next_state(current: str, tag: str) -> str:
     if current not in move[0]:
         raise ProjectionError(f"illegal transition: {tag} ({BY_TAG[tag].trigger}) in state {current}")
     return move[1]
+
+
+_IDENTITY = ("name", "category", "path", "listed", "skill_name")
+
+
+def reusable_plan(query: Callable[[str, tuple], list[tuple]], plugin_id: str, model: str,
+                  standards_sha256: str) -> str | None:
+    """The request id of the plan that `--retry` may use again for a plugin: its last pass
+    failed at the skill step, after a plan asked for with the very prompt a new request would
+    send (the same files and facts, name and place, model and standards); else None. The plugin
+    is failed still (a retry would take it up), or was just analyzed again by the retry."""
+    rows = query("SELECT type, data FROM events WHERE stream = ? ORDER BY version DESC", (plugin_stream(plugin_id),))
+    passes: list[dict[str, dict]] = [{}, {}]  # the retry's pass, the last pass: the latest event of each type
+    current = 0
+    for number, (tag, data) in enumerate(rows):
+        if number == 0 and tag == "PluginFailed":
+            current = 1  # not taken up again yet: a scan found its files as that pass analyzed them
+        if current == 1 and not passes[1] and tag != "PluginFailed":
+            return None
+        event = json.loads(data)
+        if current == 1 and not passes[1] and event.get("step") != "skill":
+            return None  # the last pass did not end failing at its skill step
+        if tag == "PluginRestored":
+            return None
+        passes[current].setdefault(tag, event)
+        if tag == "PluginDiscovered":
+            current += 1
+            if current == 2:
+                break
+    last = passes[1]
+    now = passes[0] or last
+    plan = last.get("PlanReceived")
+    if current < 2 or plan is None or "PluginAnalyzed" not in now or "PluginAnalyzed" not in last:
+        return None
+    same_files = all(now["PluginAnalyzed"].get(k) == last["PluginAnalyzed"].get(k) for k in ("content_hash", "facts"))
+    same_place = all(now["PluginDiscovered"].get(k) == last["PluginDiscovered"].get(k) for k in _IDENTITY)
+    found = query("SELECT json_extract(config, '$.gemini.model'), json_extract(config, '$.standards_sha256') "
+                  "FROM runs WHERE run_id = ?", (plan["run_id"],))
+    same_run = bool(found) and found[0] == (model, standards_sha256)
+    return plan["request_id"] if same_files and same_place and same_run else None
 
 
 def build_machine() -> Machine:

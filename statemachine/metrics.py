@@ -21,7 +21,7 @@ from events import EventStore
 from statemachine import catalog as c
 from statemachine.gates import GateConfig
 from statemachine.journal import Journal
-from statemachine.lifecycle import FINAL
+from statemachine.lifecycle import FINAL, reusable_plan
 from statemachine.projections import OUTPUT_TOKENS, epoch
 from statemachine.prompts import (
     estimate_tokens,
@@ -247,8 +247,10 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
         facts = msgspec.json.decode(facts, type=c.PluginFacts)
         replaces = replaced_skill(facts, skill_name)
         data = plugin_data(root, path, name, category, facts, replaces)
-        needs_plan = (state in ("analyzed", "planning", "new", "discovered") or state in FINAL
-                      or (state == "retrying" and step == "plan"))
+        needs_plan = ((state in ("analyzed", "planning", "new", "discovered") or state in FINAL
+                       or (state == "retrying" and step == "plan"))
+                      and not (state in ("analyzed", "failed")  # --retry failed uses its plan again
+                               and reusable_plan(store.query, plugin_id, model, standards.sha256)))
         plan_in = estimate_tokens(system, plan_prompt(data, skill_name, replaces)) if needs_plan else 0
         skill_least = 0 if plan_only else estimate_tokens(
             system, least_skill_prompt(data, skill_name, replaces, gates))

@@ -44,7 +44,7 @@ from statemachine.gateway import (
     Unusable,
 )
 from statemachine.journal import Journal
-from statemachine.lifecycle import FINAL, PluginCursor, State
+from statemachine.lifecycle import FINAL, PluginCursor, State, reusable_plan
 from statemachine.prompts import (
     Standards,
     estimate_tokens,
@@ -281,6 +281,10 @@ def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
         if reason:
             ctx.journal.record(cursor, c.PluginSkipped(run_id=ctx.run_id, reason=reason))
             return
+    plan = reusable_plan(ctx.journal.query, cursor.plugin_id, ctx.settings.model, ctx.standards.sha256)
+    if plan is not None:
+        ctx.journal.record(cursor, c.PlanReused(run_id=ctx.run_id, request_id=plan))
+        return
     _request(ctx, cursor, row, "plan")
 
 

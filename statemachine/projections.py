@@ -122,7 +122,7 @@ _PLUGIN_HANDLERS = {
     _tag(c.PluginDiscovered): _on_discovered, _tag(c.PluginAnalyzed): _on_analyzed,
     _tag(c.PluginInvalid): _on_invalid, _tag(c.PluginVanished): _on_reason,
     _tag(c.PluginSkipped): _on_reason, _tag(c.PlanRequested): _on_plan_requested,
-    _tag(c.PlanReceived): _on_received, _tag(c.SkillRequested): _on_skill_requested,
+    _tag(c.PlanReceived): _on_received, _tag(c.PlanReused): _nothing, _tag(c.SkillRequested): _on_skill_requested,
     _tag(c.SkillReceived): _on_received, _tag(c.RequestFailed): _on_request_failed,
     _tag(c.SkillGateFailed): _on_gate_failed, _tag(c.SkillRejected): _on_rejected,
     _tag(c.SkillValidated): _on_validated, _tag(c.PluginSnapshotted): _on_snapshotted,
@@ -328,7 +328,11 @@ def _latest(expr: str, tag: type, after: tuple[type, ...] = (c.PluginDiscovered,
 _PLUGIN_DETAILS = ", ".join((
     "SELECT p.plugin_id",
     _latest("json_extract(e.data, '$.facts')", c.PluginAnalyzed) + " AS facts",
-    _latest("json_extract(e.data, '$.plan')", c.PlanReceived) + " AS plan",
+    # the plan this pass received, or the one of an earlier pass it uses again (PlanReused)
+    "coalesce(" + _latest("json_extract(e.data, '$.plan')", c.PlanReceived) + ", "
+    f"(SELECT json_extract(r.data, '$.plan') FROM events r WHERE r.stream = '{STREAM_PREFIX}' || p.plugin_id "
+    f"AND r.type = '{_tag(c.PlanReceived)}' AND json_extract(r.data, '$.request_id') = "
+    + _latest("json_extract(e.data, '$.request_id')", c.PlanReused) + ")) AS plan",
     _latest("json_extract(e.data, '$.draft_sha256')", c.SkillReceived) + " AS draft",
     _latest("json_extract(e.data, '$.reasons')", c.SkillGateFailed, after=(c.PluginDiscovered, c.PlanReceived))
     + " AS feedback",

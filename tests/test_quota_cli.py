@@ -514,7 +514,31 @@ def test_estimate_takes_no_refused_request_for_a_retry_rate(one, emu):
     assert run(one, emu).exit_code == 1
     assert query(one, "SELECT outcome, count(*) FROM quota_ledger GROUP BY outcome") == [("ok", 1), ("refused", 1)]
     again = json.loads(overnight("estimate", one, "--retry", "failed", "--json").stdout)
-    assert again["requests"] == 2, again
+    assert again["requests"] == 1, again  # the SKILL.md's, once (its plan is used again)
+
+
+def test_retry_failed_uses_again_the_plan_of_a_plugin_whose_skill_step_failed(one, emu, tmp_path):
+    """Each plugin `--retry failed` took up asked for a new plan, though the one its last pass
+    received would be asked for with the very same prompt: one request more each, of a free
+    tier's 20 a day."""
+    emu.script("bad_request", phase="skill")
+    assert run(one, emu).exit_code == 1
+    assert json.loads(overnight("estimate", one, "--retry", "failed", "--json").stdout)["requests"] == 1
+    other = tmp_path / "standards.md"
+    other.write_text("Other standards.\n", encoding="utf-8")
+    assert json.loads(overnight("estimate", one, "--retry", "failed", "--standards", other,
+                                "--json").stdout)["requests"] == 2  # another prompt: a new plan
+    before = [r.phase for r in emu.requests if r.method == "POST"]
+    assert run(one, emu, "--retry", "failed").exit_code == 0
+    assert [r.phase for r in emu.requests if r.method == "POST"][len(before):] == ["skill"]
+    assert query(one, "SELECT state FROM plugins") == [("done",)]
+    (plan_id,), = query(one, "SELECT json_extract(data, '$.request_id') FROM events WHERE type = 'PlanReceived'")
+    assert query(one, "SELECT json_extract(data, '$.request_id') FROM events WHERE type = 'PlanReused'") == [(plan_id,)]
+    # failed again at the skill step, then retried with other standards: the plan is asked for anew
+    emu.script("bad_request", phase="skill")
+    assert run(one, emu, "--force").exit_code == 1
+    assert run(one, emu, "--retry", "failed", "--standards", other).exit_code == 0
+    assert [r.phase for r in emu.requests if r.method == "POST"][-4:] == ["plan", "skill", "plan", "skill"]
 
 
 def test_a_limit_restated_on_resume_wins_over_one_learned_since_the_run_began(one, emu):
