@@ -148,19 +148,17 @@ def reusable_plan(query: Callable[[str, tuple], list[tuple]], plugin_id: str, mo
     failed at the skill step, after a plan asked for with the very prompt a new request would
     send (the same files and facts, name and place, model and standards); else None. The plugin
     is failed still (a retry would take it up), or was just analyzed again by the retry."""
-    rows = query("SELECT type, data FROM events WHERE stream = ? ORDER BY version DESC", (plugin_stream(plugin_id),))
+    stream = plugin_stream(plugin_id)
+    rows = query("SELECT type, data FROM events WHERE stream = ? ORDER BY version DESC", (stream,))
     passes: list[dict[str, dict]] = [{}, {}]  # the retry's pass, the last pass: the latest event of each type
     current = 0
     for number, (tag, data) in enumerate(rows):
         if number == 0 and tag == "PluginFailed":
             current = 1  # not taken up again yet: a scan found its files as that pass analyzed them
-        if current == 1 and not passes[1] and tag != "PluginFailed":
-            return None
         event = json.loads(data)
-        if current == 1 and not passes[1] and event.get("step") != "skill":
-            return None  # the last pass did not end failing at its skill step
-        if tag == "PluginRestored":
-            return None
+        if (current == 1 and not passes[1] and (tag != "PluginFailed" or event.get("step") != "skill")
+                or tag == "PluginRestored"):
+            return None  # the last pass did not end failing at its skill step, or a restore came between
         passes[current].setdefault(tag, event)
         if tag == "PluginDiscovered":
             current += 1
@@ -169,6 +167,10 @@ def reusable_plan(query: Callable[[str, tuple], list[tuple]], plugin_id: str, mo
     last = passes[1]
     now = passes[0] or last
     plan = last.get("PlanReceived")
+    if plan is None and "PlanReused" in last:  # that pass used an earlier plan again: so may this one
+        found = query("SELECT data FROM events WHERE stream = ? AND type = 'PlanReceived' "
+                      "AND json_extract(data, '$.request_id') = ?", (stream, last["PlanReused"]["request_id"]))
+        plan = json.loads(found[0][0]) if found else None
     if current < 2 or plan is None or "PluginAnalyzed" not in now or "PluginAnalyzed" not in last:
         return None
     same_files = all(now["PluginAnalyzed"].get(k) == last["PluginAnalyzed"].get(k) for k in ("content_hash", "facts"))

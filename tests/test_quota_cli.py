@@ -529,11 +529,14 @@ def test_retry_failed_uses_again_the_plan_of_a_plugin_whose_skill_step_failed(on
     assert json.loads(overnight("estimate", one, "--retry", "failed", "--standards", other,
                                 "--json").stdout)["requests"] == 2  # another prompt: a new plan
     before = [r.phase for r in emu.requests if r.method == "POST"]
-    assert run(one, emu, "--retry", "failed").exit_code == 0
-    assert [r.phase for r in emu.requests if r.method == "POST"][len(before):] == ["skill"]
+    emu.script("bad_request", phase="skill")  # failed at the skill step again, after its plan used again
+    assert run(one, emu, "--retry", "failed").exit_code == 1
+    assert run(one, emu, "--retry", "failed").exit_code == 0  # the same plan serves once more
+    assert [r.phase for r in emu.requests if r.method == "POST"][len(before):] == ["skill", "skill"]
     assert query(one, "SELECT state FROM plugins") == [("done",)]
     (plan_id,), = query(one, "SELECT json_extract(data, '$.request_id') FROM events WHERE type = 'PlanReceived'")
-    assert query(one, "SELECT json_extract(data, '$.request_id') FROM events WHERE type = 'PlanReused'") == [(plan_id,)]
+    assert query(one, "SELECT json_extract(data, '$.request_id') FROM events WHERE type = 'PlanReused'") == [
+        (plan_id,), (plan_id,)]
     # failed again at the skill step, then retried with other standards: the plan is asked for anew
     emu.script("bad_request", phase="skill")
     assert run(one, emu, "--force").exit_code == 1
