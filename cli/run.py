@@ -236,8 +236,8 @@ def _open_json_log(root: Path, json_log: click.utils.LazyFile) -> None:
                                  "as the run goes; write it outside the plugin (outside the marketplace, or in "
                                  ".overnight/)", param_hint="'--json-log'")
     state = root / STATE_DIR
-    if json_log.name != "-" and os.path.realpath(os.path.dirname(os.path.abspath(json_log.name))) == str(
-            state.resolve()) and not os.path.lexists(state):
+    if (json_log.name != "-" and not os.path.lexists(state)
+            and Path(json_log.name).absolute().parent.resolve() == state.resolve()):
         make_state_dir(state)  # where the README suggests it, before the marketplace's first scan made it
     try:
         json_log.open()

@@ -220,23 +220,23 @@ def _load(get_blob: Callable[[str], bytes], tree_sha256: str) -> Manifest:
         raise SnapshotError(f"snapshot {tree_sha256} has a malformed manifest: {e}") from e
 
 
-def manifest_files(data: bytes) -> list[tuple[str, str]]:
-    """(path, sha256) of every file a manifest names; SnapshotError if it is malformed."""
+def _entries(data: bytes) -> list[Entry]:
+    """The entries of the manifest `data`; SnapshotError if it is malformed."""
     try:
-        manifest = _decoder.decode(data)
+        return _decoder.decode(data).entries
     except msgspec.MsgspecError as e:
         raise SnapshotError(f"malformed manifest: {e}") from e
-    return [(e.path, e.sha256) for e in manifest.entries if e.kind == "file"]
+
+
+def manifest_files(data: bytes) -> list[tuple[str, str]]:
+    """(path, sha256) of every file a manifest names."""
+    return [(e.path, e.sha256) for e in _entries(data) if e.kind == "file"]
 
 
 def held(data: bytes) -> dict[str, str]:
     """What `writes.found` said of each path of the manifest `data` when it was taken."""
-    try:
-        manifest = _decoder.decode(data)
-    except msgspec.MsgspecError as e:
-        raise SnapshotError(f"malformed manifest: {e}") from e
     return {e.path: e.sha256 if e.kind == "file" else "directory" if e.kind == "dir" else "symlink " + e.target
-            for e in manifest.entries}
+            for e in _entries(data)}
 
 
 def _blob(get_blob: Callable[[str], bytes], digest: str, what: str) -> bytes:

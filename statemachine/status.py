@@ -55,6 +55,8 @@ def resumable_run(store: EventStore) -> tuple[str, str, str, str | None] | None:
     found = store.query("SELECT run_id, config, status, paused_until FROM runs WHERE status IN (?, ?, ?, ?) "
                         "ORDER BY started_at DESC LIMIT 1", UNFINISHED)
     return found[0] if found else None
+
+
 _RUN = ("run_id", "command", "status", "started_at", "ended_at", "paused_until", "plugins", "requests",
         "done", "skipped", "rejected", "failed", "planned")
 
