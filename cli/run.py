@@ -313,6 +313,7 @@ class _Display:
         self._shown = 0  # the number of the last finished plugin shown
         self._recent: deque[str] = deque(maxlen=5)
         self._paused_until: float | None = None
+        self._stopping_told = False
 
     def __enter__(self) -> "_Display":
         if self.enabled:
@@ -338,7 +339,7 @@ class _Display:
             _note(f"scanning {plural(total, 'plugin')}")
 
     def update(self, progress) -> None:
-        eta = f"  ETA {duration(progress.eta)}" if progress.eta is not None else ""
+        eta = f"  ETA {duration(progress.eta)}" if progress.eta is not None and not progress.stopping else ""
         finished = []
         for k, done in enumerate(progress.just_finished):
             # the batch counts a plugin just after it reports it: the count may lag one behind
@@ -354,6 +355,8 @@ class _Display:
             line = f"{progress.finished}/{plural(progress.total, 'plugin')}  {_counters(progress)}{eta}"
             if progress.paused_until:
                 line += f"  paused until {moment(progress.paused_until)}"
+            if progress.stopping:
+                line += "\n" + _stopping(progress)
             self._live.update(Text("\n".join([line] + _plugin_lines(progress) + list(self._recent))))
             return
         if not self._started:
@@ -365,6 +368,19 @@ class _Display:
                   else "quota pause over: going on")
         for line, done, number in finished:  # with the run's counters when that plugin finished
             _note(f"{line}  ({_counters(done)}{eta if number < progress.total else ''})")
+        if progress.stopping and not self._stopping_told:
+            self._stopping_told = True
+            _note(_stopping(progress))
+
+
+def _stopping(progress) -> str:
+    """What a first SIGINT or SIGTERM does while the run waits for the answers under way."""
+    asking = sum(step in ("plan", "skill") and pid not in progress.waiting for pid, step in progress.phases.items())
+    again = "Ctrl-C" if progress.stopping == "SIGINT" else "signal"
+    if not asking:
+        return f"stopping ({progress.stopping}): finishing the steps under way; a second {again} stops at once"
+    return (f"stopping ({progress.stopping}): waiting for the {plural(asking, 'answer')} under way, to record "
+            f"{'them' if asking != 1 else 'it'}; a second {again} stops at once (`resume` asks again)")
 
 
 def _counters(counts) -> str:

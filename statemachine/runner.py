@@ -197,6 +197,7 @@ class Progress:
     retrying: int = 0  # plugins waiting to retry after a fault or a 429
     next_retry: float | None = None  # seconds until the first of them goes again
     just_finished: list[Finished] = field(default_factory=list)  # since the last report, in order
+    stopping: str | None = None  # the signal the run stops on, while it waits for the answers under way
 
 
 @dataclass
@@ -250,6 +251,10 @@ class Runner:
         # Waiting on the stop event, a signal ends a wait (a quota pause of hours) at once.
         self.sleep = sleep or self.stopping.wait
         self.signal: str | None = None
+        # A first SIGINT or SIGTERM lets the requests under way be answered and recorded (a
+        # SKILL.md takes up to a minute, and `resume` would pay for it again); a second signal,
+        # or a SIGHUP (the terminal is gone), stops at once.
+        self.stop_now = threading.Event()
         self._backups: list[str] = []
         self._backup_errors: list[str] = []  # of `_backups`, the backups that failed or were stopped
         self._backing_up = False
@@ -383,9 +388,12 @@ class Runner:
 
     def interrupt(self, signal_name: str) -> None:
         """Called from a signal handler: stop taking work; `_execute` records the interruption.
-        A backup under way (the run has ended or paused) is stopped where it is: the next
-        backup goes on from there."""
-        self.signal = signal_name
+        The first SIGINT or SIGTERM waits for the answers to the requests under way, the next
+        signal (or a SIGHUP) does not. A backup under way (the run has ended or paused) is
+        stopped where it is: the next backup goes on from there."""
+        if self.stopping.is_set() or signal_name == "SIGHUP":
+            self.stop_now.set()
+        self.signal = self.signal or signal_name
         self.stopping.set()
         if self._backing_up:
             raise _BackupStopped(signal_name)
@@ -455,7 +463,7 @@ class Runner:
                         stats.finish(plugin_id, state, reason)
             pending = self._unfinished(selection)
             already = len(selection) - len(pending)
-            outcome = _Batch(ctx, pending, options.limits.concurrency).run(
+            outcome = _Batch(ctx, pending, options.limits.concurrency, self.stop_now).run(
                 lambda batch: self._report(stats, len(selection), batch, already, options.dry_run))
             if self.stopping.is_set() and self.signal:
                 return self._interrupted(run_id, selection)
@@ -549,7 +557,10 @@ class Runner:
         until = None
         if finished < total:
             until = self._eta(batch.ctx, stats, total - finished, finished, dry_run)
-        self.on_progress(self._progress(stats, total, finished, eta=until, retrying=retrying, next_retry=next_retry))
+        progress = self._progress(stats, total, finished, eta=until, retrying=retrying, next_retry=next_retry)
+        if self.stopping.is_set() and not self.stop_now.is_set():
+            progress.stopping = self.signal
+        self.on_progress(progress)
 
     def _eta(self, ctx: Context, stats: Stats, remaining: int, finished: int, dry_run: bool) -> float:
         with stats.lock:
@@ -655,9 +666,9 @@ class Runner:
         self._backups += [f"  warning: {warning}" for warning in report.warnings]
 
     def _interrupted(self, run_id: str, selection: list[str]) -> RunResult:
-        """Record the interruption, with the requests still in flight as lost, and close the
-        log; workers still inside a Gemini call find the journal closed and end without
-        recording (resume re-sends their requests)."""
+        """Record the interruption, with the requests still in flight (a second signal did not
+        wait for them) as lost, and close the log; workers still inside a Gemini call find the
+        journal closed and end without recording (resume re-sends their requests)."""
         with self.journal.lock:
             with self.store.batch():
                 self._settle_lost()
@@ -690,8 +701,9 @@ class _Outcome:
 class _Batch:
     """The work queue of one execution: plugins ordered by when they may continue."""
 
-    def __init__(self, ctx: Context, selection: list[str], concurrency: int) -> None:
+    def __init__(self, ctx: Context, selection: list[str], concurrency: int, stop_now: threading.Event) -> None:
         self.ctx = ctx
+        self.stop_now = stop_now
         self.queue: list[tuple[float, int, str]] = [(0.0, i, pid) for i, pid in enumerate(selection)]
         heapq.heapify(self.queue)
         self.lock = threading.Lock()
@@ -714,8 +726,8 @@ class _Batch:
             for t in threads:
                 t.join(timeout=0.25)
                 report(self)
-                if self.ctx.stopping.is_set():
-                    return self.outcome  # interrupted: do not wait for calls in flight
+                if self.stop_now.is_set():
+                    return self.outcome  # do not wait for the calls in flight
         report(self)
         if self.error is not None:
             raise self.error

@@ -136,29 +136,66 @@ def test_sigkill_at_random_instants_then_resume_loses_and_repeats_nothing(tmp_pa
         assert validate(skill.parent) == []
 
 
+def answered_once(root: Path, emu: Emulator) -> None:
+    """Every request the emulator received is in the ledger, and no plugin was answered twice."""
+    assert query(root, "SELECT count(*) FROM quota_ledger")[0][0] == len([r for r in emu.requests if r.method == "POST"])
+    per_plugin = query(root, "SELECT sum(type = 'PlanReceived'), sum(type = 'SkillReceived') FROM events "
+                             "WHERE stream LIKE 'plugin:%' GROUP BY stream")
+    assert set(per_plugin) == {(1, 1)}, per_plugin
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_a_signal_stops_cleanly_records_the_interruption_and_resume_finishes(tmp_path, sig, code):
+    """SIGINT and SIGTERM wait for the answers under way and record them (resume does not pay
+    for them again); SIGHUP, whose terminal is gone, does not wait: those requests are lost."""
     root = tmp_path / "market"
     build_marketplace(root, 6)
+    name = signal.Signals(sig).name
     with Emulator(api_key=KEY, latency=(1.0, 1.0), seed=5) as emu:
         proc = spawn("run", root, emu.url)
         first_request(emu, proc)
         proc.send_signal(sig)  # a request is in flight: Gemini takes a second to answer
         assert proc.wait(timeout=10) == code
-        name = signal.Signals(sig).name
-        assert f"\nerror: interrupted by {name}\n" in proc.stderr.read().decode()  # as the README says
+        stderr = proc.stderr.read().decode()
+        assert f"\nerror: interrupted by {name}\n" in stderr  # as the README says
         assert query(root, "SELECT json_extract(data, '$.signal') FROM events WHERE type = 'RunInterrupted'") == [
-            (signal.Signals(sig).name,)]
+            (name,)]
         assert query(root, "SELECT status FROM runs") == [("interrupted",)]
         # the clean stop settled its requests in flight itself: none is left pending
         assert query(root, "SELECT count(*) FROM quota_ledger WHERE outcome = 'pending'") == [(0,)]
         lost = query(root, "SELECT request_id FROM quota_ledger WHERE outcome = 'lost'")
-        assert lost and len(lost) == query(root, "SELECT count(*) FROM events WHERE type = 'RequestLost'")[0][0]
+        assert len(lost) == query(root, "SELECT count(*) FROM events WHERE type = 'RequestLost'")[0][0]
         assert json.loads(cli("metrics", str(root), "--json").stdout)["lost"] == len(lost)
+        if sig == signal.SIGHUP:
+            assert lost and "waiting for" not in stderr
+        else:
+            assert not lost and query(root, "SELECT count(*) FROM quota_ledger WHERE outcome = 'ok'")[0][0] >= 1
+            assert f"stopping ({name}): waiting for the " in stderr, stderr
+            assert f"a second {'Ctrl-C' if name == 'SIGINT' else 'signal'} stops at once" in stderr
         assert cli("audit", "verify", str(root)).returncode == 0
         assert spawn("resume", root, emu.url).wait(timeout=60) == 0
+        if sig != signal.SIGHUP:
+            answered_once(root, emu)
     assert query(root, "SELECT state, count(*) FROM plugins GROUP BY state") == [("done", 6)]
     assert query(root, "SELECT status FROM runs") == [("complete",)]
+
+
+def test_a_second_sigint_stops_at_once_without_the_answers_under_way(tmp_path):
+    root = tmp_path / "market"
+    build_marketplace(root, 4)
+    with Emulator(api_key=KEY, latency=(20.0, 20.0), seed=5) as emu:
+        proc = spawn("run", root, emu.url)
+        first_request(emu, proc)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # it waits for the answer, 20 s away
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=5) == 130
+        assert "\nerror: interrupted by SIGINT\n" in proc.stderr.read().decode()
+        assert query(root, "SELECT outcome, count(*) FROM quota_ledger GROUP BY outcome") == [
+            ("lost", len([r for r in emu.requests if r.method == "POST"]))]
+        assert query(root, "SELECT json_extract(data, '$.signal') FROM events WHERE type = 'RunInterrupted'") == [
+            ("SIGINT",)]
 
 
 def test_a_run_stopped_by_a_signal_names_the_plugins_its_scan_found_invalid(tmp_path):
