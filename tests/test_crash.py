@@ -138,7 +138,8 @@ def test_sigkill_at_random_instants_then_resume_loses_and_repeats_nothing(tmp_pa
 
 def answered_once(root: Path, emu: Emulator) -> None:
     """Every request the emulator received is in the ledger, and no plugin was answered twice."""
-    assert query(root, "SELECT count(*) FROM quota_ledger")[0][0] == len([r for r in emu.requests if r.method == "POST"])
+    sent = [r for r in emu.requests if r.method == "POST"]
+    assert query(root, "SELECT count(*) FROM quota_ledger")[0][0] == len(sent)
     per_plugin = query(root, "SELECT sum(type = 'PlanReceived'), sum(type = 'SkillReceived') FROM events "
                              "WHERE stream LIKE 'plugin:%' GROUP BY stream")
     assert set(per_plugin) == {(1, 1)}, per_plugin
