@@ -170,8 +170,24 @@ def select(store: EventStore, options: RunOptions) -> list[str]:
         chosen.append(plugin_id)
     if options.retry and not chosen:  # not a run of nothing that says complete
         raise OvernightError(f"no plugin is {' or '.join(options.retry)}"
-                             + (f" in category {options.category!r}" if options.category else ""))
+                             + (f" in category {options.category!r}" if options.category else "")
+                             + _taken_up(store, {r[0]: r[3] for r in rows}))
     return chosen[: options.limit] if options.limit is not None else chosen
+
+
+def _taken_up(store: EventStore, states: dict[str, str]) -> str:
+    """Where the plugins a --retry looks for may be: an unfinished run took them up (its start
+    analyzed them again) and left some of them unfinished, for `resume`."""
+    found = resumable_run(store)
+    if found is None:
+        return ""
+    run_id, _, status, _ = found
+    (started,), = store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'", (f"run:{run_id}",))
+    left = [pid for pid in msgspec.json.decode(started)["selection"] if states.get(pid) not in FINAL]
+    if not left:
+        return ""
+    return (f"; run {run_id} ({status}) took up {len(left)} plugin{'s' if len(left) != 1 else ''} and did "
+            f"not finish {'it' if len(left) == 1 else 'them'}: `overnight resume` continues it")
 
 
 def _left_alone(state: str, options: RunOptions) -> bool:

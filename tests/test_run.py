@@ -1396,6 +1396,27 @@ def test_retry_takes_only_the_failed_or_rejected_plugins_again(market, emu):
     assert_healthy(market)
 
 
+def test_a_retry_a_budget_stopped_is_continued_by_resume_and_a_new_retry_says_so(market, emu):
+    """A --retry run takes its plugins up at its start (analyzed again): stopped by a budget, it
+    left one of them unfinished, and the next `--retry failed` said only "no plugin is failed"."""
+    emu.script("server_error", phase="skill")
+    emu.script("server_error", phase="skill")
+    assert run(market, emu, "--concurrency", "1", "--max-attempts", "1", "--limit", "2").exit_code == 1
+    failed = sorted(p for p, s in states(market).items() if s == "failed")
+    assert len(failed) == 2
+    stopped = run(market, emu, "--retry", "failed", "--concurrency", "1", "--max-requests", "1", "--json")
+    assert json.loads(stopped.stdout)["outcome"] == "budget_exhausted", stopped.output
+    (run_id,) = query(market, "SELECT run_id FROM runs WHERE status = 'budget_exhausted'")[0]
+    assert [states(market)[p] for p in failed] == ["done", "planned"]
+    again = run(market, emu, "--retry", "failed")
+    assert (again.exit_code, without_scan(again.stderr)) == (1, (
+        f"error: no plugin is failed; run {run_id} (budget_exhausted) took up 1 plugin and did not finish it: "
+        "`overnight resume` continues it\n"))
+    assert overnight("resume", market, "--max-requests", "5", key=KEY).exit_code == 0
+    assert [states(market)[p] for p in failed] == ["done", "done"]
+    assert (run(market, emu, "--retry", "failed").stderr.splitlines()[-1]) == "error: no plugin is failed"
+
+
 def run_config(root: Path, key: str) -> list:
     return [json.loads(v) for (v,) in query(
         root, f"SELECT json_extract(config, '$.{key}') FROM runs ORDER BY started_at")[1:]]
