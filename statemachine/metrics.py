@@ -234,7 +234,7 @@ def estimate(store: EventStore, root: Path, plugin_ids: list[str], limits: Limit
     for plugin_id in plugin_ids:
         row = store.query(
             "SELECT p.state, p.step, p.path, p.name, p.category, p.skill_name, d.facts, "
-            "p.content_hash = p.done_hash FROM plugins p JOIN plugin_details d USING (plugin_id) WHERE plugin_id = ?",
+            "p.content_hash = d.left_hash FROM plugins p JOIN plugin_details d USING (plugin_id) WHERE plugin_id = ?",
             (plugin_id,))
         if not row or row[0][6] is None:
             continue

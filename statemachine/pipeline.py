@@ -272,7 +272,7 @@ def _ts(at: str | None) -> float:
 
 def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     if not ctx.settings.force:
-        if _as_left(ctx, row) and _skill_passes(ctx, row):
+        if _as_left(ctx, cursor.plugin_id, row) and _skill_passes(ctx, row):
             # found again with its files as overnight left them (its listing changed, its
             # plugin.json was broken and mended, a --force run stopped before its requests)
             ctx.journal.record(cursor, c.PluginDone(run_id=ctx.run_id, content_hash=row["content_hash"]))
@@ -288,11 +288,12 @@ def _analyzed(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     _request(ctx, cursor, row, "plan")
 
 
-def _as_left(ctx: Context, row: dict) -> bool:
-    """Whether the plugin's files are as overnight left them when it was last done: its content
-    hash is the one recorded then; or, recorded by an overnight that counted the marketplace's
-    manifest (and its own files) as part of a plugin at the root, the hash of its whole tree."""
-    done = row["done_hash"]
+def _as_left(ctx: Context, plugin_id: str, row: dict) -> bool:
+    """Whether the plugin's files are as overnight left them when it was last done (also once a
+    restore of them was undone): its content hash is the one recorded then; or, recorded by an
+    overnight that counted the marketplace's manifest (and its own files) as part of a plugin
+    at the root, the hash of its whole tree."""
+    done = _details(ctx, plugin_id, "left_hash")["left_hash"]
     if done is None or done == row["content_hash"]:
         return done is not None
     # the whole tree is hashed again only for a plugin whose walk reaches such a file

@@ -339,6 +339,11 @@ _PLUGIN_DETAILS = ", ".join((
     _latest("json_extract(e.data, '$.files')", c.SkillValidated) + " AS validated",
     _latest("json_object('writes', json_extract(e.data, '$.writes'), 'moves', json_extract(e.data, '$.moves'))",
             c.WriteIntended) + " AS intent",
+    # the content hash of the files as overnight last left them done: a restore clears the row's
+    # done_hash (and discovers the plugin again), but undoing that restore brings them back
+    f"coalesce(p.done_hash, (SELECT json_extract(e.data, '$.content_hash') FROM events e WHERE e.stream = "
+    f"'{STREAM_PREFIX}' || p.plugin_id AND e.type = '{_tag(c.PluginDone)}' ORDER BY e.version DESC LIMIT 1)) "
+    "AS left_hash",
 )) + " FROM plugins p"
 
 _FINAL_STATES = ("done", "skipped", "rejected", "failed", "planned")

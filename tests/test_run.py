@@ -1538,6 +1538,20 @@ def test_a_restore_keeps_the_files_it_replaces_so_it_can_be_undone(market, emu):
     assert listing[-1].endswith("(the default: before overnight's latest write; before overnight's first change)")
 
 
+def test_a_plugin_whose_restore_was_undone_is_done_again_without_a_request(market, emu):
+    """Undoing a restore puts back the files as overnight left them: the plugin was `skipped`
+    (its SKILL.md passes the gates, as a maintainer's own would), no longer `done`."""
+    assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0
+    restored = json.loads(overnight("restore-plugin", "deploy-checker", market, "--json").stdout)
+    assert overnight("restore-plugin", "deploy-checker", market, "--snapshot", restored["replaced"]).exit_code == 0
+    estimate = json.loads(overnight("estimate", market, "--plugin", "deploy-checker", "--json").stdout)
+    assert (estimate["as_left"], estimate["requests"]) == (1, 0), estimate
+    emu.clear()
+    assert run(market, emu, "--plugin", "deploy-checker").exit_code == 0
+    assert not generate_requests(emu)
+    assert query(market, "SELECT state, reason FROM plugins WHERE name = 'deploy-checker'") == [("done", None)]
+
+
 def test_a_restore_keeps_what_no_snapshot_holds_and_names_what_it_could_not(market, emu):
     """FIFOs, a .git and nested plugins are never in a snapshot: a restore carries them over,
     making the directories on the way that its snapshot lacks (the nested plugin here was lost
