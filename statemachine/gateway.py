@@ -226,6 +226,9 @@ def check_answer(response: Any, schema: type[T]) -> Answer:
         raise Unusable(f"answer does not fit the schema: {e}", usage=usage, kind="invalid_answer") from None
     except msgspec.DecodeError as e:
         raise Unusable(f"answer is not valid JSON: {e}", usage=usage, kind="invalid_answer") from None
+    except UnicodeEncodeError:  # the response's JSON escaped half a surrogate pair: no UTF-8 holds it
+        raise Unusable("answer holds an unpaired surrogate, which is no Unicode text", usage=usage,
+                       kind="invalid_answer") from None
     return Answer(value=value, usage=usage)
 
 

@@ -351,6 +351,19 @@ def test_each_transient_fault_or_unusable_answer_is_retried_and_recorded(one, em
         assert message.startswith(f"connection to http://{urlsplit(emu.url).netloc} failed ("), message
 
 
+@pytest.mark.parametrize("phase", ["plan", "skill"])
+def test_an_answer_with_half_a_surrogate_pair_is_unusable_not_a_crash(one, emu, phase):
+    """An unpaired surrogate escaped in the response's JSON (a proxy's mangling) reached
+    msgspec as text no UTF-8 holds: an internal error stopped the whole batch."""
+    emu.script("invalid_json", phase=phase, text='{"gaps": "\ud800"}')
+    result = run(one, emu)
+    assert result.exit_code == 0, result.output
+    assert query(one, "SELECT json_extract(data, '$.kind'), json_extract(data, '$.message') FROM events "
+                      "WHERE type = 'RequestFailed'") == [
+        ("invalid_answer", "answer holds an unpaired surrogate, which is no Unicode text")]
+    assert states(one) == {"plugins/tools/widget": "done"}
+
+
 def test_a_prompt_blocked_twice_in_a_row_fails_its_plugin(one, emu):
     """The same prompt goes each time: blocked twice, it was sent five times for nothing."""
     emu.script("blocked", times=5, phase="plan")
