@@ -30,7 +30,17 @@ _SHOWN = 5
 # composed frontmatter is a handful of lines, so longer blocks are refused unread.
 _MAX_FRONTMATTER_CHARS = 16_000
 _MAX_FRONTMATTER_LINES = 100
-_MAX_SEGMENT_BYTES = 255
+# A bundled file's path within the skill directory, in UTF-8 bytes: each name leaves room for
+# the temporary name a write (or a restore) makes beside it, `.<name>.overnight-tmp-<16 hex>`,
+# 32 bytes more within a file system's 255; and the whole stays far below any path limit.
+_MAX_PATH_BYTES = 200
+# A bundled file's size: a reference or a script, not a data dump (a SKILL.md is 14,000 at most).
+MAX_BUNDLED_BYTES = 100_000
+# Names Windows keeps for devices, with any extension ("nul.txt"): such a file cannot be checked out there.
+_WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(1, 10)),
+                              *(f"lpt{n}" for n in range(1, 10))})
+# A reason is one line: quoted values are cut (_show), and so is what a library says.
+_MAX_REASON_CHARS = 1000
 # The license a SKILL.md states (skillmd.compose) is a license's name or a license file's name on
 # one line, bounded like the spec's other one-line fields (a description: 1,024 characters). A
 # license's whole text would keep every generated SKILL.md from passing the gates.
@@ -68,16 +78,19 @@ def check(
     files: list[DraftFile],
     existing: set[str],
     config: GateConfig = GateConfig(),
+    directories: set[str] = frozenset(),
 ) -> list[str]:
     """Every reason the composed SKILL.md (plus the bundled files it would create) fails.
 
-    name: the skill directory name. existing: paths (relative to the skill directory, posix)
-    already on disk there. Gates, in order: encoding, spec (+ description), size, sections,
-    voice, fences, examples, links, absolute paths, containment.
+    name: the skill directory name. existing: the files (paths relative to the skill directory,
+    posix) already on disk there; directories: the directories there. Gates, in order: encoding
+    (+ the bundled files'), spec (+ description), size, sections, voice, fences, examples,
+    links, absolute paths, containment.
     """
     doc = _Document(skill_md)
     reasons: list[str] = []
     reasons += _encoding(doc)
+    reasons += _bundled_content(files)
     reasons += _spec(name, skill_md, config)
     reasons += _size(skill_md, config)
     reasons += _sections(doc, config)
@@ -88,8 +101,8 @@ def check(
     bundled = [f.path for f in files]
     reasons += _links(links, bundled, existing)
     reasons += _absolute_paths(doc, links)
-    reasons += _containment(bundled, links, existing)
-    return reasons
+    reasons += _containment(bundled, links, existing, directories)
+    return [r if len(r) <= _MAX_REASON_CHARS else r[:_MAX_REASON_CHARS - 3] + "..." for r in reasons]
 
 
 # ------------------------------------------------------------------ the document
@@ -214,6 +227,23 @@ def _control_chars(line: str) -> list[str]:
     return [c for c in line if c != "\t" and unicodedata.category(c) in ("Cc", "Cs")]
 
 
+def _bundled_content(files: list[DraftFile]) -> list[str]:
+    """Each bundled file is text a person can read, as the SKILL.md is, and of a bounded size."""
+    problems = []
+    for f in files:
+        size = len(f.content.encode("utf-8", "surrogatepass"))
+        bad = [char for line in f.content.splitlines() for char in _control_chars(line)]
+        if size > MAX_BUNDLED_BYTES:
+            problems.append(f"bundled file {_show(f.path)} is {size:,} bytes, above the maximum of "
+                            f"{MAX_BUNDLED_BYTES:,}")
+        elif bad:
+            problems.append(f"bundled file {_show(f.path)} holds {len(bad)} control or unpaired surrogate "
+                            f"characters (first U+{ord(bad[0]):04X})")
+    if not problems:
+        return []
+    return [f"encoding: {'; '.join(problems[:_SHOWN])}{_more(problems)}"]
+
+
 def _spec(name: str, text: str, config: GateConfig) -> list[str]:
     """The reference validator on the frontmatter, with the directory-name check."""
     end = max(text.find("---", 3), 0) if text.startswith("---") else 0
@@ -232,6 +262,9 @@ def _spec(name: str, text: str, config: GateConfig) -> list[str]:
     except Exception as e:  # noqa: BLE001
         return [f"spec: the frontmatter cannot be parsed ({type(e).__name__})"]
     reasons = [f"spec: {_one_line(problem)}" for problem in problems]
+    for key, value in metadata.items():  # escaped in the YAML, so the text's own encoding gate passed them
+        if isinstance(value, str) and (bad := _control_chars(value)):
+            reasons.append(f"encoding: the {key} holds {len(bad)} control characters (first U+{ord(bad[0]):04X})")
     description = metadata.get("description")
     already_said = any("description" in problem.lower() for problem in problems)
     # The validator already refuses an empty description and one over its own 1,024 limit.
@@ -286,7 +319,8 @@ def _voice(doc: _Document, config: GateConfig) -> list[str]:
 def _fences(doc: _Document) -> list[str]:
     unclosed = [block for block in doc.blocks if not block.closed]
     return [
-        f"fences: the {block.fence} fence opened on line {block.line} is never closed"
+        f"fences: the {block.fence if len(block.fence) <= 10 else block.fence[:3] + '...'} fence "
+        f"opened on line {block.line} is never closed"
         for block in unclosed
     ]
 
@@ -395,7 +429,7 @@ def _token_at(line: str, start: int) -> str:
     return _show((match[0] if match else "").rstrip(".,;:!?"))
 
 
-def _containment(bundled: list[str], links: list[_Link], existing: set[str]) -> list[str]:
+def _containment(bundled: list[str], links: list[_Link], existing: set[str], existing_dirs: set[str]) -> list[str]:
     """Bundled files only under scripts/, references/, assets/, each with a name every file
     system and git keep apart from the others; nothing leaves the skill dir."""
     problems = []
@@ -413,8 +447,11 @@ def _containment(bundled: list[str], links: list[_Link], existing: set[str]) -> 
     for folded, path in files.items():
         for directory in _parents(folded):
             directories.setdefault(directory, path)
+    present = {fold(path): path for path in existing_dirs}
     for folded, path in seen.items():
-        if (same := on_disk.get(folded, path)) != path:
+        if folded in present:
+            problems.append(f"bundled file {_show(path)} is the existing directory {_show(present[folded])}")
+        elif (same := on_disk.get(folded, path)) != path:
             problems.append(f"bundled file {_show(path)} differs only in letter case or Unicode form from the "
                             f"existing {_show(same)}")
         elif folded in directories:
@@ -457,14 +494,16 @@ def _path_problem(path: str, *, bundled: bool) -> str | None:
         return "has an empty or '.' segment"
     if not bundled:
         return None
-    if any(len(s.encode("utf-8", "surrogatepass")) > _MAX_SEGMENT_BYTES for s in segments):
-        return f"has a segment longer than {_MAX_SEGMENT_BYTES} bytes"
+    if len(path.encode("utf-8", "surrogatepass")) > _MAX_PATH_BYTES:
+        return f"is longer than {_MAX_PATH_BYTES} bytes"
     if any(s.startswith(".") for s in segments):
         return "has a segment starting with '.' (hidden: left out of listings, and often ignored by git)"
     if any(s != s.strip() or s.endswith(".") for s in segments):
         return "has a segment that begins or ends with a space, or ends with '.'"
     if any(c in _NOT_ON_WINDOWS for c in path):
         return "holds a character Windows cannot name a file with (one of < > : \" | ? *)"
+    if any(s.split(".", 1)[0].casefold() in _WINDOWS_DEVICES for s in segments):
+        return "has a name Windows keeps for a device (CON, PRN, AUX, NUL, COM1-9, LPT1-9; with any extension)"
     if unicodedata.normalize("NFC", path) != path:
         return "is not in Unicode NFC form"
     if segments[-1].casefold() == "skill.md":

@@ -331,7 +331,7 @@ def _skill_passes(ctx: Context, row: dict) -> bool:
         text = target.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    return not gates.check(row["skill_name"], text, [], _existing(skill_dir), ctx.settings.gates)
+    return not gates.check(row["skill_name"], text, [], _on_disk(skill_dir)[0], ctx.settings.gates)
 
 
 def _kept(edited: list[str]) -> str:
@@ -616,8 +616,11 @@ def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     plugin_dir = ctx.root / row["path"]
     legacy = legacy_skill_dir(plugin_dir, name)
     skill_md = skillmd.compose(name, draft, license=skill_license(facts, name))
-    existing = _existing(plugin_dir / "skills" / name) | (_existing(legacy) if legacy else set())
-    reasons = gates.check(name, skill_md, draft.files, existing, ctx.settings.gates)
+    files, directories = _on_disk(plugin_dir / "skills" / name)
+    if legacy:
+        legacy_files, legacy_directories = _on_disk(legacy)
+        files, directories = files | legacy_files, directories | legacy_directories
+    reasons = gates.check(name, skill_md, draft.files, files, ctx.settings.gates, directories)
     if reasons:
         attempt = row["gate_failures"] + 1
         if attempt >= ctx.settings.gate_attempts:
@@ -632,11 +635,14 @@ def _generated(ctx: Context, cursor: PluginCursor, row: dict) -> None:
                        blobs=list(contents.values()))
 
 
-def _existing(skill_dir: Path) -> set[str]:
-    """Files already in a skill directory, relative to it (never following symlinks)."""
+def _on_disk(skill_dir: Path) -> tuple[set[str], set[str]]:
+    """The files and the directories already in a skill directory, relative to it (never
+    following symlinks)."""
     if not skill_dir.is_dir() or skill_dir.is_symlink():
-        return set()
-    return {rel for rel, st in walk(str(skill_dir), []) if stat.S_ISREG(st.st_mode)}
+        return set(), set()
+    entries = list(walk(str(skill_dir), []))
+    return ({rel for rel, st in entries if stat.S_ISREG(st.st_mode)},
+            {rel for rel, st in entries if stat.S_ISDIR(st.st_mode)})
 
 
 def _former_dir(ctx: Context, cursor: PluginCursor, plugin_dir: Path, name: str) -> Path | None:

@@ -95,9 +95,9 @@ def draft(body: str, *, description: str = DESCRIPTION, files: list[DraftFile] |
 
 def run(body: str | None = None, *, name: str = NAME, files: list[DraftFile] | None = None,
         existing: frozenset[str] = frozenset(), config: GateConfig = GateConfig(),
-        **draft_args) -> list[str]:
+        directories: frozenset[str] = frozenset(), **draft_args) -> list[str]:
     d = draft(good_body() if body is None else body, files=files, **draft_args)
-    return check(name, compose(NAME, d, license="MIT"), d.files, set(existing), config)
+    return check(name, compose(NAME, d, license="MIT"), d.files, set(existing), config, set(directories))
 
 
 def gates(reasons: list[str]) -> list[str]:
@@ -441,7 +441,11 @@ def test_not_absolute_paths(text: str):
         ("C:/x", "is absolute"),
         ("~/x", "is absolute"),
         ("", "is empty"),
-        ("references/" + "a" * 300, "longer than 255 bytes"),
+        ("references/" + "a" * 190, "longer than 200 bytes"),
+        ("references/" + "é" * 95, "longer than 200 bytes"),  # 201 bytes in UTF-8
+        ("references/aux.md", "Windows keeps for a device"),
+        ("scripts/NUL", "Windows keeps for a device"),
+        ("assets/lpt1/x.md", "Windows keeps for a device"),
         ("assets/.git/config", "segment starting with '.'"),
         ("scripts/.env", "segment starting with '.'"),
         ("references/notes.md ", "begins or ends with a space"),
@@ -462,6 +466,47 @@ def test_bundled_files_may_not_collide():
     reasons = run(files=files)
     assert gates(reasons) == ["containment"]
     assert "collides with 'references/guide.md'" in reasons[0]
+
+
+def test_a_bundled_file_where_a_directory_is_fails_at_the_gate():
+    """Gates counted the files on disk only: an empty directory at a bundled path passed, and
+    the plugin failed at its write, after both requests (as would every retry)."""
+    reasons = run(files=[GUIDE], directories=frozenset({"references", "references/Guide.md"}))
+    assert reasons == ["containment: bundled file 'references/guide.md' is the existing directory "
+                       "'references/Guide.md'"]
+    assert run(files=[GUIDE], directories=frozenset({"references"})) == []
+
+
+def test_names_that_only_look_like_windows_devices_are_fine():
+    files = [GUIDE, *(DraftFile(path=f"references/{n}", content="x") for n in ("console.md", "com10.md", "nullify"))]
+    assert run(files=files) == []
+
+
+def test_bundled_files_are_readable_text_of_a_bounded_size():
+    files = [GUIDE, DraftFile(path="references/big.md", content="x" * 100_001),
+             DraftFile(path="scripts/run.sh", content="#!/bin/sh\necho \x1b[2J\x00\n")]
+    assert run(files=files) == ["encoding: bundled file 'references/big.md' is 100,001 bytes, above the maximum of "
+                                "100,000; bundled file 'scripts/run.sh' holds 2 control or unpaired surrogate "
+                                "characters (first U+001B)"]
+    assert run(files=[GUIDE, DraftFile(path="references/ok.md", content="x" * 99_997 + "\r\n\t")]) == []
+
+
+@pytest.mark.parametrize("field", ["description", "allowed_tools"])
+def test_control_characters_in_the_frontmatter_fail_as_in_the_body(field):
+    """The composer escapes them in the YAML (\\x1b), so the text passed its encoding gate, and
+    the frontmatter read back held a terminal's escape sequence."""
+    value = "Clears the screen \x1b[2J and rings \x07."
+    reasons = run(**({"description": value} if field == "description" else {"tools": [value]}))
+    key = "description" if field == "description" else "allowed-tools"
+    assert reasons == [f"encoding: the {key} holds 2 control characters (first U+001B)"]
+
+
+def test_a_reason_stays_one_short_line_however_long_what_it_quotes():
+    fence = "`" * 60_000
+    reasons = run(good_body(extra=f"\n{fence}\nnever closed\n"), config=GateConfig(max_bytes=100_000))
+    assert len(reasons) == 1 and reasons[0].startswith("fences: the ```... fence opened on line "), reasons
+    assert all(len(r) <= 1000 for r in run(files=[GUIDE, *(DraftFile(path=f"x{i}/" + "y" * 150, content="z")
+                                                             for i in range(5))]))
 
 
 @pytest.mark.parametrize(("files", "existing", "problem"), [

@@ -364,6 +364,16 @@ def test_an_answer_with_half_a_surrogate_pair_is_unusable_not_a_crash(one, emu, 
     assert states(one) == {"plugins/tools/widget": "done"}
 
 
+def test_a_bundled_file_where_a_directory_stands_is_refused_by_the_gates_not_the_write(one, emu):
+    """The gates knew only the files on disk: the plugin failed at its write, after its requests,
+    half written, and `--retry failed` would fail it the same way."""
+    (one / "plugins/tools/widget/skills/widget/references/guide.md").mkdir(parents=True)
+    assert run(one, emu, "--gate-attempts", "1").exit_code == 0  # rejected: what the gates are for
+    assert query(one, "SELECT state, reason FROM plugins") == [("rejected", (
+        "containment: bundled file 'references/guide.md' is the existing directory 'references/guide.md'"))]
+    assert not (one / "plugins/tools/widget/skills/widget/SKILL.md").exists()
+
+
 def test_a_prompt_blocked_twice_in_a_row_fails_its_plugin(one, emu):
     """The same prompt goes each time: blocked twice, it was sent five times for nothing."""
     emu.script("blocked", times=5, phase="plan")
