@@ -349,7 +349,29 @@ def apply(plugin_dir: Path | int, files: dict[str, bytes], moves: list[tuple[str
             raise ChangedMeanwhile(_edited(rel))
         pending.append(rel)
     for rel in pending:
+        if (where := _not_writable(plugin_dir, rel)) is not None:
+            raise WriteError(f"cannot write {one_line(rel)}: this user may not write in {one_line(where)} (its "
+                             "permissions, or a read-only disk); no file was written: make it writable, then "
+                             "`--retry failed`")
+    for rel in pending:
         write_atomic(plugin_dir, rel, files[rel], expect=before.get(rel))
+
+
+def _not_writable(plugin_dir: Path | int, rel: str) -> str | None:
+    """The directory on rel's way that a write would create it in (its parent, or the nearest
+    one there is), when this user may not: found before any file is written, not half way."""
+    parts = _checked(rel)
+    for cut in range(len(parts) - 1, -1, -1):
+        fd = _open_parent(plugin_dir, parts[:cut + 1])  # the directory parts[:cut]
+        if fd < 0:
+            continue
+        try:
+            if os.access(".", os.W_OK | os.X_OK, dir_fd=fd):
+                return None
+            return "/".join(parts[:cut]) or "the plugin directory"
+        finally:
+            os.close(fd)
+    return None
 
 
 def _edited(rel: str) -> str:
