@@ -102,7 +102,10 @@ def open_log(root: Path, db: Path | None = None, *, writer: bool = True, create:
     path = db or default_db(root)
     elsewhere = "pass --db FILE (or set OVERNIGHT_DB) to keep the log elsewhere"
     if db is None:
-        for candidate, kind in ((root / STATE_DIR, "directory"), (path, "file")):
+        # SQLite's own files beside the log too: through a symlinked -wal it failed to open, unclear,
+        # and left an empty log behind
+        for candidate, kind in ((root / STATE_DIR, "directory"), (path, "file"), (Path(f"{path}-wal"), "file"),
+                                (Path(f"{path}-shm"), "file")):
             if candidate.is_symlink():
                 raise OvernightError(f"{candidate} is a symlink; overnight never follows one out of the "
                                      f"marketplace: {elsewhere}")

@@ -655,7 +655,15 @@ def test_a_state_directory_overnight_cannot_use_is_one_clear_error(market, tmp_p
     state.mkdir()
     (state / "overnight.db").symlink_to(outside / "evil.db")
     assert run("scan", market).exit_code == 1
-    assert list(outside.iterdir()) == []  # nothing was created through either symlink
+    (state / "overnight.db").unlink()
+    for suffix in ("-wal", "-shm"):  # SQLite's files beside the log: it failed unclearly, and left an empty log
+        (state / f"overnight.db{suffix}").symlink_to(outside / f"evil{suffix}")
+        result = run("scan", market)
+        assert result.exit_code == 1 and result.output.startswith(
+            f"error: {state / f'overnight.db{suffix}'} is a symlink; overnight never follows one"), result.output
+        assert not (state / "overnight.db").exists()
+        (state / f"overnight.db{suffix}").unlink()
+    assert list(outside.iterdir()) == []  # nothing was created through any symlink
     assert run("scan", market, "--db", tmp_path / "elsewhere.db").exit_code == 0
 
 
