@@ -448,6 +448,11 @@ def _mark_aliases(root: Path, candidates: list[Candidate]) -> list[Candidate]:
     return result
 
 
+# A plugin directory's own name, in bytes: a restore builds the plugin beside it and swaps the
+# two, as `.<name>.overnight-restore-<16 hex>` and `.<name>.overnight-old-<16 hex>` (writes.temp_name).
+MAX_DIRECTORY_BYTES = 255 - len(".overnight-restore-") - 16 - 1
+
+
 def _candidate(root: Path, root_real: str, plugin_id: str,
                entry: dict[str, Any] | None) -> Candidate:
     listed = entry is not None
@@ -469,6 +474,11 @@ def _candidate(root: Path, root_real: str, plugin_id: str,
     if problem is None:
         manifest_name, problem = _read_plugin_json(root, root_real, plugin_id, name is not None)
         name = name if name is not None else manifest_name
+    directory = plugin_id.rsplit("/", 1)[-1]
+    if problem is None and len(os.fsencode(directory)) > MAX_DIRECTORY_BYTES:
+        problem = (f"its directory's name is {len(os.fsencode(directory))} bytes long: `restore-plugin` could not "
+                   f"put it back (the temporary names beside it need {255 - MAX_DIRECTORY_BYTES} bytes more, within "
+                   f"the file system's 255); rename it to at most {MAX_DIRECTORY_BYTES} bytes")
     skill = None
     if name is not None:
         try:

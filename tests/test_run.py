@@ -1574,6 +1574,25 @@ def test_a_plugin_whose_restore_was_undone_is_done_again_without_a_request(marke
     assert query(market, "SELECT state, reason FROM plugins WHERE name = 'deploy-checker'") == [("done", None)]
 
 
+def test_a_plugin_directory_too_long_to_be_restored_is_refused_before_anything_is_written(tmp_path, emu):
+    """A 230-byte directory name was processed and written, and then `restore-plugin` failed:
+    its temporary name, `.<name>.overnight-restore-<hex>`, was longer than 255 bytes."""
+    root = tmp_path / "m"
+    fits, too_long = "a" * 219, "b" * 220
+    for directory, name in ((fits, "fits"), (too_long, "too-long")):
+        plugin(root, f"plugins/tools/{directory}", name, description="A tool with a long directory name.",
+               files={"README.md": "# Tool\n\nDoes one thing.\n"})
+    assert run(root, emu).exit_code == 0
+    assert query(root, "SELECT name, state, reason FROM plugins ORDER BY name") == [
+        ("fits", "done", None),
+        ("too-long", "invalid", "its directory's name is 220 bytes long: `restore-plugin` could not put it back "
+                                "(the temporary names beside it need 36 bytes more, within the file system's 255); "
+                                "rename it to at most 219 bytes")]
+    restored = overnight("restore-plugin", "fits", root)
+    assert restored.exit_code == 0, restored.output
+    assert not (root / "plugins/tools" / fits / "skills").exists()
+
+
 def test_a_restore_keeps_what_no_snapshot_holds_and_names_what_it_could_not(market, emu):
     """FIFOs, a .git and nested plugins are never in a snapshot: a restore carries them over,
     making the directories on the way that its snapshot lacks (the nested plugin here was lost
