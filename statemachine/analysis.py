@@ -192,10 +192,10 @@ def _symlink_entry(root_real: str, start: str, rel: str, warnings: list[str],
             reason = "dangling"
         else:
             reason = e.strerror
-        warnings.append(f"skipped symlink {shown} ({reason})")
+        warnings.append(f"symlink {shown} not followed ({reason})")
     else:
         if not is_inside(os.path.realpath(path), root_real):
-            warnings.append(f"skipped symlink {shown} (outside the marketplace)")
+            warnings.append(f"symlink {shown} not followed (outside the marketplace)")
     encoded = os.fsencode(target)
     return rel, "symlink", len(encoded), hashlib.sha256(encoded).hexdigest()
 

@@ -302,7 +302,7 @@ def test_symlinks_and_fifos_in_a_plugin_are_hashed_not_followed(tmp_path):
     tree = hash_tree(root, directory)
     assert tree.files == 2
     leak = f"commands/leak.md -> {tmp_path / 'secret.txt'}"
-    assert f"skipped symlink {leak} (outside the marketplace)" in tree.warnings
+    assert f"symlink {leak} not followed (outside the marketplace)" in tree.warnings
     assert "skipped a FIFO pipe" in tree.warnings
     before = tree.content_hash
     (tmp_path / "secret.txt").write_text("changed\n")
