@@ -327,16 +327,17 @@ class _Display:
         if self._live is not None:
             self._live.__exit__(*exc)
 
-    def scanning(self, done: int, total: int, plugin_id: str) -> None:
-        """The run's scan, before its first request: plugin by plugin on a terminal, otherwise one line."""
+    def scanning(self, done: int, total: int, plugin_id: str, what: str) -> None:
+        """The run's scan (`what`: "scanning", or "analyzing again" for --force and --retry), before
+        its first request: plugin by plugin on a terminal, otherwise one line."""
         if self._live is not None:
             from rich.text import Text
 
             # shown at once, then as the view refreshes: a quick scan is seen too, a long one costs nothing
-            self._live.update(Text(f"scanning {done}/{plural(total, 'plugin')}  {shown(plugin_id)}"),
+            self._live.update(Text(f"{what} {done}/{plural(total, 'plugin')}  {shown(plugin_id)}"),
                               refresh=done == 0)
         elif done == 0:
-            _note(f"scanning {plural(total, 'plugin')}")
+            _note(f"{what} {plural(total, 'plugin')}")
 
     def update(self, progress) -> None:
         eta = f"  ETA {duration(progress.eta)}" if progress.eta is not None and not progress.stopping else ""

@@ -40,7 +40,6 @@ from statemachine.pipeline import (Context, Finished, Interrupted, PluginChanged
                                   StepSettings, advance)
 from statemachine.projections import OUTPUT_TOKENS
 from statemachine.prompts import Standards, load_standards
-from statemachine.scan import Progress as ScanProgress
 from statemachine.scan import analyze_again, scan
 from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso,
                                     run_limits)
@@ -253,8 +252,9 @@ class Runner:
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], object] | None = None,
                  json_log: IO[str] | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
-                 on_scan: ScanProgress | None = None) -> None:
-        """on_progress: the run's progress, as it goes; on_scan: the first scan's, plugin by plugin."""
+                 on_scan: Callable[[int, int, str, str], None] | None = None) -> None:
+        """on_progress: the run's progress, as it goes; on_scan: the first scan's, plugin by plugin
+        (done, total, plugin, what: "scanning", or "analyzing again" for --force and --retry)."""
         self.store = store
         self.root = root
         self.backend = backend
@@ -369,15 +369,8 @@ class Runner:
         stops it at the next plugin (`StoppedBySignal`; the plugins scanned so far stay recorded),
         before the run it is the start of exists."""
         before = self.store.last_seq
-
-        def progress(done: int, total: int, plugin_id: str) -> None:
-            if stoppable and self.stopping.is_set():
-                raise StoppedBySignal(self.signal or "SIGINT")
-            if self.on_scan is not None:
-                self.on_scan(done, total, plugin_id)
-
         try:
-            report = scan(self.store, self.root, progress=None if again else progress)
+            report = scan(self.store, self.root, progress=None if again else self._progress_of("scanning", stoppable))
         finally:
             self.journal.echo(before)  # --json-log: what the scan recorded, also when a signal stopped it
         if again:
@@ -423,9 +416,19 @@ class Runner:
         chosen = select(self.store, options)
         if options.force or options.retry:
             before = self.store.last_seq
-            analyze_again(self.store, self.root, [p for p in chosen if self._state(p) in FINAL])
+            analyze_again(self.store, self.root, [p for p in chosen if self._state(p) in FINAL],
+                          progress=self._progress_of("analyzing again"))
             self.journal.echo(before)
         return chosen
+
+    def _progress_of(self, what: str, stoppable: bool = True) -> Callable[[int, int, str], None]:
+        """A scan's progress, plugin by plugin; `stoppable`: before the run exists, a signal stops it there."""
+        def progress(done: int, total: int, plugin_id: str) -> None:
+            if stoppable and self.stopping.is_set():
+                raise StoppedBySignal(self.signal or "SIGINT")
+            if self.on_scan is not None:
+                self.on_scan(done, total, plugin_id, what)
+        return progress
 
     def _state(self, plugin_id: str) -> str:
         return self.store.query("SELECT state FROM plugins WHERE plugin_id = ?", (plugin_id,))[0][0]

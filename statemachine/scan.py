@@ -95,14 +95,17 @@ def scan(store: EventStore, root: Path, progress: Progress | None = None, place:
     return report
 
 
-def analyze_again(store: EventStore, root: Path, plugin_ids: list[str]) -> None:
+def analyze_again(store: EventStore, root: Path, plugin_ids: list[str], progress: Progress | None = None) -> None:
     """--force and --retry: these finished plugins scanned as if their analysis were outdated:
     discovered and analyzed again from their files (never their facts copied: an older
-    overnight's lack what this one reads), which puts them back at the start of the pipeline."""
+    overnight's lack what this one reads), which puts them back at the start of the pipeline.
+    One transaction: what `progress` raises (a signal) leaves every plugin as it was."""
     lifecycle = Lifecycle(store)
     leave_out = not_plugin_files(store, root)
     with store.batch():
-        for plugin_id in plugin_ids:
+        for i, plugin_id in enumerate(plugin_ids):
+            if progress is not None:
+                progress(i, len(plugin_ids), plugin_id)
             row = dict(zip(_ROW, store.query(f"SELECT {', '.join(_ROW)} FROM plugins WHERE plugin_id = ?",
                                              (plugin_id,))[0]))
             candidate = Candidate(plugin_id, row["name"], row["category"], row["path"], bool(row["listed"]),

@@ -1223,6 +1223,33 @@ def test_a_signal_during_the_runs_scan_starts_no_run(market, emu, monkeypatch, a
     assert again.exit_code == 0 and "complete; 4 plugins selected (done 4)" in again.stdout, again.output
 
 
+def test_a_signal_while_a_forced_run_analyzes_its_plugins_again_starts_no_run(market, emu, monkeypatch):
+    """--force analyzes every finished plugin again before the run begins (20 s for 2,000
+    plugins): Ctrl-C went unheeded until the end, and a run was started and recorded as
+    interrupted, its plugins all taken up, for `resume` to send every request again."""
+    import signal
+
+    import cli.run
+
+    assert run(market, emu).exit_code == 0
+    seen, scanning = [], cli.run._Display.scanning
+
+    def signal_amid(self, done, total, plugin_id, what):
+        seen.append((what, done, total))
+        if (what, done) == ("analyzing again", 2):
+            os.kill(os.getpid(), signal.SIGINT)  # the run's handler takes it
+        return scanning(self, done, total, plugin_id, what)
+
+    monkeypatch.setattr(cli.run._Display, "scanning", signal_amid)
+    stopped = run(market, emu, "--force")
+    assert (stopped.exit_code, stopped.stderr.splitlines()[-1]) == (
+        130, "error: interrupted by SIGINT, before the run began (what its scan recorded is kept)")
+    assert [s for s in seen if s[0] == "analyzing again"] == [("analyzing again", n, 4) for n in range(3)]
+    assert "\nanalyzing again 4 plugins\n" in stopped.stderr
+    assert set(states(market).values()) == {"done"}  # none was taken up
+    assert query(market, "SELECT count(*) FROM runs") == [(1,)]
+
+
 def test_run_tells_what_its_scan_could_not_use(market, emu):
     """A marketplace.json that does not parse drops every entry of it (its names, its
     sources): `scan` said so, `run` said nothing and exited 0."""
