@@ -356,18 +356,20 @@ def per_minute_by_tokens(tpm: int, tokens_each: float) -> int:
 
 def time_to_send(n: int, per_minute: float, rpd: int, used_today: int, now: float) -> tuple[float, int]:
     """Seconds from `now` until `n` requests are sent at `per_minute` under `rpd` a Pacific
-    day, `used_today` of today's being spent already; and the daily resets waited for."""
+    day, `used_today` of today's being spent already; and the daily resets waited for (a
+    midnight the requests only go on through is none)."""
     if not rpd:
         return n / per_minute * 60, 0
     t, left, resets = now, float(n), 0
     room = max(0, rpd - used_today)
     while left > 0:
         midnight = next_day_start(t)
-        today = min(room, (midnight - t) * per_minute / 60)
+        in_time = (midnight - t) * per_minute / 60
+        today = min(room, in_time)
         if left <= today:
             return t + left / per_minute * 60 - now, resets
         left -= today
-        t, room, resets = midnight, rpd, resets + 1
+        t, room, resets = midnight, rpd, resets + (room < in_time)
     return 0.0, 0
 
 

@@ -208,6 +208,19 @@ def test_estimate_counts_plugins_requests_tokens_days_and_cost(market, emu, monk
     assert too_many.exit_code == 2 and "'--concurrency': 65 is not in the range 1<=x<=64" in too_many.stderr
 
 
+def test_an_estimate_that_goes_on_through_midnight_waits_for_no_daily_reset(market, monkeypatch):
+    """8 requests at 6 a minute, midnight 30 s away, 1,000,000 a day: "1m 20s (1 daily reset)"."""
+    from statemachine import metrics
+
+    first = time.time() + 30
+    monkeypatch.setattr(metrics, "next_day_start", lambda t: first + 86400 * max(0, (t - first) // 86400 + 1))
+    monkeypatch.setattr(metrics, "day_start", lambda t: metrics.next_day_start(t) - 86400)
+    e = json.loads(overnight("estimate", market, "--json", "--rpd", "1000000", "--concurrency", "1").stdout)
+    assert (e["requests"], e["days"]) == (8, 0) and e["seconds"] == pytest.approx(80, abs=2), e
+    human = overnight("estimate", market, "--rpd", "1000000", "--concurrency", "1")
+    assert "daily reset" not in human.stdout, human.stdout
+
+
 def test_a_config_file_sets_defaults_flags_win_and_a_changed_file_is_recorded_on_resume(market, emu, tmp_path):
     config = tmp_path / "overnight.toml"
     config.write_text('max-requests = 2\nconcurrency = 1\nrpm = 500\n')
