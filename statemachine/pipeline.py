@@ -255,10 +255,10 @@ def _file_failure(ctx: Context, cursor: PluginCursor, row: dict, e: BaseExceptio
     cannot read, a directory it cannot write, a plugin that vanished): it fails with the
     reason, and the batch goes on."""
     reason = str(e) if not isinstance(e, OSError) else f"{e.filename or row['path']}: {e.strerror or e}"
-    if (row["state"] == State.WRITING and not isinstance(e, writes.ChangedMeanwhile)
-            and hash_tree(ctx.root, ctx.root / row["path"], ctx.leave_out).content_hash != row["content_hash"]):
-        reason += (f"; the files written before it stay: `overnight restore-plugin {shlex.quote(row['name'])}` "
-                   "puts the plugin back as it was before overnight")
+    if row["state"] == State.WRITING and not isinstance(e, writes.ChangedMeanwhile):
+        if writes.begun(ctx.root / row["path"], *_intent(ctx, cursor.plugin_id)):
+            reason += (f"; the files written before it stay: `overnight restore-plugin {shlex.quote(row['name'])}` "
+                       "puts the plugin back as it was before overnight")
     step = row["step"] if row["state"] == State.RETRYING else _STEP_OF.get(row["state"], row["state"])
     ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step or "plan", reason=ctx.scrub(reason)))
 
@@ -690,11 +690,14 @@ def _snapshotted(ctx: Context, cursor: PluginCursor, row: dict) -> None:
     ctx.journal.record(cursor, c.WriteIntended(run_id=ctx.run_id, writes=files, moves=moves))
 
 
+def _intent(ctx: Context, plugin_id: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """The plugin's write intent: the files (path -> sha256) and the moves (src, dst)."""
+    intent = msgspec.json.decode(_details(ctx, plugin_id, "intent")["intent"])
+    return {w["path"]: w["sha256"] for w in intent["writes"]}, [(m["src"], m["dst"]) for m in intent["moves"]]
+
+
 def _writing(ctx: Context, cursor: PluginCursor, row: dict) -> None:
-    details = _details(ctx, cursor.plugin_id, "intent")
-    intent = msgspec.json.decode(details["intent"])
-    files = {w["path"]: w["sha256"] for w in intent["writes"]}
-    moves = [(m["src"], m["dst"]) for m in intent["moves"]]
+    files, moves = _intent(ctx, cursor.plugin_id)
     plugin_dir = ctx.root / row["path"]
     with writes.opened(ctx.root, plugin_dir) as at:
         if writes.settled(at, files, moves):

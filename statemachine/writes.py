@@ -433,6 +433,17 @@ def settled(plugin_dir: Path | int, files: dict[str, str], moves: list[tuple[str
     return True
 
 
+def begun(plugin_dir: Path | int, files: dict[str, str], moves: list[tuple[str, str]]) -> bool:
+    """True when some of the write is in place: a move done (src absent, dst a directory) or a
+    file holding its expected sha256; or when that cannot be told (something refused on the way)."""
+    try:
+        return (any(_kind(plugin_dir, _checked(src)) is None and _kind(plugin_dir, _checked(dst)) == stat.S_IFDIR
+                    for src, dst in moves)
+                or any(found(plugin_dir, rel) == expected for rel, expected in files.items()))
+    except (WriteError, OSError):
+        return True
+
+
 def _parent_or_none(plugin_dir: Path | int, parts: list[str]) -> int | None:
     """The parent directory's descriptor, or None when it is missing or refused (for checks)."""
     try:

@@ -1038,6 +1038,43 @@ def test_an_edit_made_after_a_crash_amid_the_write_is_kept_by_resume(one, emu, m
     assert_healthy(one)
 
 
+def test_a_write_that_fails_before_any_of_it_is_in_place_does_not_say_files_stay(market, emu, monkeypatch):
+    """A person's change beside a write cut short made the plugin's tree differ, and the reason
+    said "the files written before it stay" (and pointed to restore-plugin, which would take
+    that person's file away) when not one of overnight's files was in place."""
+    from statemachine import pipeline
+    from statemachine.lifecycle import State
+
+    def crash(ctx, cursor, row):
+        raise RuntimeError("simulated crash before the write")
+    monkeypatch.setitem(pipeline._STEPS, State.WRITING, crash)
+    assert run(market, emu, "--plugin", "deploy-checker").exit_code == 4
+    monkeypatch.undo()
+    target = market / "plugins/devops/deploy-checker/skills/deploy-checker"
+    write(target / "SKILL.md", "A person's own skill.\n")  # where the legacy skills/skill-adapter/ moves to
+    assert overnight("resume", market).exit_code == 1
+    assert query(market, "SELECT state, reason FROM plugins WHERE name = 'deploy-checker'") == [
+        ("failed", "cannot move skills/skill-adapter: skills/deploy-checker already exists")]
+    assert (target / "SKILL.md").read_text() == "A person's own skill.\n"
+
+
+def test_a_write_that_fails_half_way_says_the_files_written_stay_and_how_to_undo_them(one, emu, monkeypatch):
+    from statemachine import writes
+
+    write_atomic, calls = writes.write_atomic, []
+
+    def fail_the_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise writes.WriteError(f"cannot write {args[1]}: simulated")
+        return write_atomic(*args, **kwargs)
+    monkeypatch.setattr(writes, "write_atomic", fail_the_second)
+    assert run(one, emu).exit_code == 1
+    assert query(one, "SELECT reason FROM plugins") == [(
+        f"cannot write {calls[1]}: simulated; the files written before it stay: `overnight restore-plugin widget` "
+        "puts the plugin back as it was before overnight",)]
+
+
 def test_a_file_made_between_the_snapshot_and_the_write_is_kept(one, emu, monkeypatch):
     """A person saves a file where the skill goes after overnight snapshotted the plugin: the
     write used to replace it, and nothing held it any more."""
