@@ -492,11 +492,11 @@ def _admit(ctx: Context, plugin_id: str, est: int):
     slot. While it waits, the progress display shows for which limit and how long."""
     try:
         while True:
+            if ctx.should_stop():  # first: a run stopping waits for the answers under way, and sends no more
+                raise Interrupted()
             wait, slot, why = ctx.scheduler.try_admit(est)
             if slot is not None:
                 return slot
-            if ctx.should_stop():
-                raise Interrupted()
             if ctx.closed.is_set():
                 raise RequestsClosed()
             ctx.stats.waiting(plugin_id, ctx.clock() + wait, why)

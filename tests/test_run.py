@@ -1287,6 +1287,27 @@ def test_a_signal_while_a_forced_run_analyzes_its_plugins_again_starts_no_run(ma
     assert query(market, "SELECT count(*) FROM runs") == [(1,)]
 
 
+def test_a_signal_while_a_request_is_being_prepared_sends_it_not(one, emu, monkeypatch):
+    """A run stopping on a first Ctrl-C waits for the answers under way: a request admitted
+    after the signal (its prompt was being built as it came) went out all the same."""
+    import signal
+    import time
+
+    from statemachine import pipeline
+
+    plan_prompt = pipeline.plan_prompt
+
+    def signal_while_building(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the run's handler takes it, on the main thread
+        time.sleep(0.5)
+        return plan_prompt(*args, **kwargs)
+    monkeypatch.setattr(pipeline, "plan_prompt", signal_while_building)
+    stopped = run(one, emu)
+    assert stopped.exit_code == 130, stopped.output
+    assert generate_requests(emu) == [] and query(one, "SELECT count(*) FROM quota_ledger") == [(0,)]
+    assert states(one) == {"plugins/tools/widget": "analyzed"}
+
+
 def test_run_tells_what_its_scan_could_not_use(market, emu):
     """A marketplace.json that does not parse drops every entry of it (its names, its
     sources): `scan` said so, `run` said nothing and exited 0."""
