@@ -548,9 +548,12 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
             run_id=ctx.run_id, request_id=request_id, step=step, kind="access_denied", message=message,
             status_code=e.status_code, not_before=_iso_us(now), usage=e.usage))
         raise RunStopped(message)
-    if isinstance(e, (Unusable, Refused)):
+    refused_alike = (0, 0)
+    if isinstance(e, Refused):
+        refused_alike = ctx.scheduler.refused(cursor.plugin_id, message)
+    elif isinstance(e, Unusable):
         ctx.scheduler.succeeded()  # an answer, if not a usable one: Gemini is there
-    elif _outage(ctx.scheduler.unanswered(cursor.plugin_id), ctx.settings.max_attempts) and (
+    elif _in_a_row(ctx.scheduler.unanswered(cursor.plugin_id), ctx.settings.max_attempts) and (
             row["failures"] + 1 >= ctx.settings.max_attempts):
         # The run's last requests all went unanswered, and not this plugin's alone: Gemini (or the
         # way to it) is down. Failing the plugins would fail the whole batch in minutes: the run
@@ -571,6 +574,11 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
         ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step, reason=reason,
                                                   request_id=request_id, status_code=e.status_code,
                                                   kind=e.kind, usage=e.usage))
+        if _in_a_row(refused_alike, ctx.settings.max_attempts):
+            # not these plugins: the request itself (the model, the settings, the key's project)
+            raise RunStopped(f"Gemini refused the last {refused_alike[0]} requests, of {refused_alike[1]} plugins, "
+                             f"the same way ({message}); the run stops rather than fail every plugin: "
+                             "fix the cause, then `overnight run --retry failed`")
         return
     delay = min(MAX_BACKOFF_S, ctx.settings.backoff_s * 2 ** row["failures"])
     delay = delay / 2 + ctx.rng.uniform(0, delay / 2)
@@ -579,10 +587,11 @@ def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id
         status_code=e.status_code, not_before=_iso_us(now + delay), usage=e.usage))
 
 
-def _outage(unanswered: tuple[int, int], attempts: int) -> bool:
-    """Whether requests in a row without an answer (how many, of how many plugins) tell of an
-    outage: as many as a plugin may try, of more than one plugin."""
-    requests, plugins = unanswered
+def _in_a_row(alike: tuple[int, int], attempts: int) -> bool:
+    """Whether requests in a row that failed alike (how many, of how many plugins) tell of the
+    run's trouble, not a plugin's (an outage, a request Gemini refuses whatever the plugin): as
+    many as a plugin may try, of more than one plugin."""
+    requests, plugins = alike
     return requests >= attempts and plugins > 1
 
 

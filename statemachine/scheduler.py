@@ -140,8 +140,9 @@ class Scheduler:
         self._day = day_start(clock())
         self._not_before = 0.0
         self._backoff = 0
-        # requests in a row that got no answer (5xx, timeout, connection), and their plugins
-        self._failing: list[str] = []
+        # the run's last requests that failed alike, in a row: how (no answer: a 5xx, a timeout, a
+        # connection; or refused with one status and message), and their plugins
+        self._alike: tuple[str, list[str]] = ("", [])
         self._not_before_why = "the retry delay of a 429"
         self._rng = rng or random.Random()
         now = clock()
@@ -229,21 +230,33 @@ class Scheduler:
                 wait = max(wait, next_day_start(now) - now)
             self._not_before = max(self._not_before, now + wait)
             self._not_before_why = "the retry delay of a 429"
-            self._failing.clear()  # an answer: Gemini is there
+            self._alike = ("", [])  # an answer: Gemini is there
             return self._not_before
 
     def succeeded(self) -> None:
         """An answer came (usable or not): Gemini is there."""
         with self._lock:
             self._backoff = 0
-            self._failing.clear()
+            self._alike = ("", [])
 
     def unanswered(self, plugin_id: str) -> tuple[int, int]:
         """Record a request of `plugin_id` that got no answer (a 5xx, a timeout, a failed
         connection); returns how many requests in a row have had none, and of how many plugins."""
         with self._lock:
-            self._failing.append(plugin_id)
-            return len(self._failing), len(set(self._failing))
+            return self._in_a_row("unanswered", plugin_id)
+
+    def refused(self, plugin_id: str, why: str) -> tuple[int, int]:
+        """Record a request of `plugin_id` that Gemini refused (a 4xx), `why` its message (with
+        the status); returns how many requests in a row it refused so, and of how many plugins."""
+        with self._lock:
+            self._backoff = 0  # an answer: Gemini is there
+            return self._in_a_row(f"refused {why}", plugin_id)
+
+    def _in_a_row(self, how: str, plugin_id: str) -> tuple[int, int]:
+        if self._alike[0] != how:
+            self._alike = (how, [])
+        self._alike[1].append(plugin_id)
+        return len(self._alike[1]), len(set(self._alike[1]))
 
     def hold(self, seconds: float) -> float:
         """Hold every request back for `seconds` (Gemini is down); returns the not-before time."""

@@ -683,6 +683,26 @@ def test_a_request_gemini_refuses_fails_that_plugin_at_once_and_the_batch_goes_o
     assert "skill request refused: HTTP 400 INVALID_ARGUMENT: Bad skill request." in again.stdout, again.output
 
 
+def test_requests_gemini_refuses_alike_for_several_plugins_stop_the_run_not_fail_the_batch(market, emu):
+    """Every request answered with the same 400 (the model or the settings, not the plugins):
+    each plugin of the marketplace spent a request and failed, 2,176 of them in 36 s."""
+    emu.script("bad_request", times=10, message="Unsupported response schema.")
+    result = run(market, emu, "--concurrency", "1", "--max-attempts", "2", "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["outcome"] == "stopped"
+    assert summary["message"] == (
+        "Gemini refused the last 2 requests, of 2 plugins, the same way (HTTP 400 INVALID_ARGUMENT: Unsupported "
+        "response schema.); the run stops rather than fail every plugin: fix the cause, then `overnight run "
+        "--retry failed`")
+    assert sorted(states(market).values()) == ["analyzed", "analyzed", "failed", "failed"]
+    assert len(generate_requests(emu)) == 2
+    emu.clear()
+    assert run(market, emu, "--retry", "failed").exit_code == 0
+    assert run(market, emu).exit_code == 0
+    assert set(states(market).values()) == {"done"}
+
+
 def test_base_url_and_standards_reach_the_client(one, emu, tmp_path):
     standards = tmp_path / "house-rules.md"
     standards.write_text("# House rules\n\nAlways mention the WIDGET-7 checklist.\n")
