@@ -21,6 +21,7 @@ from skills_ref.parser import parse_frontmatter
 from skills_ref.validator import validate_metadata
 
 from statemachine.catalog import DraftFile
+from statemachine.skillmd import tidy
 
 BUNDLE_DIRS = ("scripts", "references", "assets")
 
@@ -228,11 +229,13 @@ def _control_chars(line: str) -> list[str]:
 
 
 def _bundled_content(files: list[DraftFile]) -> list[str]:
-    """Each bundled file is text a person can read, as the SKILL.md is, and of a bounded size."""
+    """Each bundled file, as it is written (skillmd.tidy), is text a person can read, as the
+    SKILL.md is, and of a bounded size."""
     problems = []
     for f in files:
-        size = len(f.content.encode("utf-8", "surrogatepass"))
-        bad = [char for line in f.content.splitlines() for char in _control_chars(line)]
+        text = tidy(f.content)
+        size = len(text.encode("utf-8", "surrogatepass"))
+        bad = [char for line in text.split("\n") for char in _control_chars(line)]
         if size > MAX_BUNDLED_BYTES:
             problems.append(f"bundled file {_show(f.path)} is {size:,} bytes, above the maximum of "
                             f"{MAX_BUNDLED_BYTES:,}")

@@ -483,11 +483,11 @@ def test_names_that_only_look_like_windows_devices_are_fine():
 
 
 def test_bundled_files_are_readable_text_of_a_bounded_size():
-    files = [GUIDE, DraftFile(path="references/big.md", content="x" * 100_001),
-             DraftFile(path="scripts/run.sh", content="#!/bin/sh\necho \x1b[2J\x00\n")]
-    assert run(files=files) == ["encoding: bundled file 'references/big.md' is 100,001 bytes, above the maximum of "
-                                "100,000; bundled file 'scripts/run.sh' holds 2 control or unpaired surrogate "
-                                "characters (first U+001B)"]
+    files = [GUIDE, DraftFile(path="references/big.md", content="x" * 100_001),  # and the newline it ends with
+             DraftFile(path="scripts/run.sh", content="#!/bin/sh\necho \x1b[2J\x00\x1e\n")]
+    assert run(files=files) == ["encoding: bundled file 'references/big.md' is 100,002 bytes, above the maximum of "
+                                "100,000; bundled file 'scripts/run.sh' holds 3 control or unpaired surrogate "
+                                "characters (first U+001B)"]  # U+001E too, a line break to str.splitlines
     assert run(files=[GUIDE, DraftFile(path="references/ok.md", content="x" * 99_997 + "\r\n\t")]) == []
 
 
