@@ -351,8 +351,7 @@ def apply(plugin_dir: Path | int, files: dict[str, bytes], moves: list[tuple[str
     for rel in pending:
         if (where := _not_writable(plugin_dir, rel)) is not None:
             raise WriteError(f"cannot write {one_line(rel)}: this user may not write in {one_line(where)} (its "
-                             "permissions, or a read-only disk); no file was written: make it writable, then "
-                             "`--retry failed`")
+                             "permissions); no file was written: make it writable, then `--retry failed`")
     for rel in pending:
         write_atomic(plugin_dir, rel, files[rel], expect=before.get(rel))
 
@@ -366,7 +365,8 @@ def _not_writable(plugin_dir: Path | int, rel: str) -> str | None:
         if fd < 0:
             continue
         try:
-            if os.access(".", os.W_OK | os.X_OK, dir_fd=fd):
+            # a read-only disk is no permission of this plugin's: the write meets it (EROFS), and the run stops
+            if os.access(".", os.W_OK | os.X_OK, dir_fd=fd) or os.statvfs(fd).f_flag & os.ST_RDONLY:
                 return None
             return "/".join(parts[:cut]) or "the plugin directory"
         finally:

@@ -630,8 +630,8 @@ def test_unreadable_files_refuse_a_plugin_and_a_read_only_skill_dir_fails_it_alo
                                           "writable, then `--retry failed`",
         "plugins/productivity/meeting-notes": "cannot write skills/meeting-notes/references/checklist.md: this "
                                               "user may not write in skills/meeting-notes/references (its "
-                                              "permissions, or a read-only disk); no file was written: make it "
-                                              "writable, then `--retry failed`"}
+                                              "permissions); no file was written: make it writable, then "
+                                              "`--retry failed`"}
     assert (skill_dir / "SKILL.md").read_bytes() == before
     assert len(generate_requests(emu)) == 4  # none for schema-linter
     assert_healthy(market)

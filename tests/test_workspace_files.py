@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -522,3 +523,28 @@ def test_restore_killed_at_any_point_leaves_old_or_new_tree(market: Path, tmp_pa
         assert listing(plugin) == new, point
         assert leftovers(market) == []
     assert outcomes[-3:] == [False, True, True]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a read-only bind mount needs root and unshare(1)")
+def test_a_write_onto_a_read_only_disk_meets_the_disk_not_a_permission(tmp_path):
+    """Checked before the first file, a read-only disk looked like a directory this user may not
+    write: the plugin failed, where a read-only disk stops the run (EROFS, for `resume`)."""
+    plugin_dir = tmp_path / "plugin"
+    (plugin_dir / "skills").mkdir(parents=True)
+    script = (
+        "import sys\n"
+        "from statemachine.writes import apply\n"
+        "from statemachine.pipeline import _machine_fault\n"
+        "try:\n"
+        "    apply(sys.argv[1], {'skills/x/SKILL.md': b'new'}, [], {'skills/x/SKILL.md': None})\n"
+        "except Exception as e:\n"
+        "    print('machine fault' if _machine_fault(e) else type(e).__name__, e)\n")
+    # the mount lives as long as this private mount namespace: it goes away by itself
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && exec "$2" -c "$3" "$1"', "sh",
+         str(plugin_dir), sys.executable, script], cwd=PROJECT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("machine fault "), (done.stdout, done.stderr)
+    assert done.stdout.endswith(": Read-only file system\n")
+    assert list((plugin_dir / "skills").iterdir()) == []
