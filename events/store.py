@@ -227,6 +227,9 @@ class EventStore:
         self._versions: dict[str, int] = {}
         # Writer-side cache of projection rows, same rules; bounded by clearing it when full.
         self._rows: dict[tuple[str, tuple], Row | None] = {}
+        # A reader's projections the log's stored tables are of another version of: rebuilt on
+        # its connection only, as TEMP tables (see _shadow_projections).
+        self.rebuilt_in_memory: list[str] = []
         self._seq, self._hash = self._load_head()
         st = os.stat(path)
         self._identity = (st.st_dev, st.st_ino)
@@ -290,11 +293,7 @@ class EventStore:
             if writer:
                 store._ensure_projections(views or {})
             else:
-                stale = sorted(p.name for p in store._stale_projections())
-                if stale:
-                    raise unready(
-                        f"{path}: the tables {', '.join(stale)} were built by another version of overnight; rebuild "
-                        "them from the log with `overnight audit replay --apply` (or any writing command)")
+                store._shadow_projections()
                 store._shadow_views(views or {})
             return store
         except apsw.Error as e:
@@ -353,12 +352,30 @@ class EventStore:
                     self.conn.execute(f"DROP VIEW IF EXISTS main.{name}")
                     self.conn.execute(f"CREATE VIEW {name} AS {select}")
 
+    def _shadow_projections(self) -> None:
+        """For a reader, which cannot rebuild the stored tables: the projections stored by another
+        version of overnight (the log of the version used before an upgrade; a writer rebuilds
+        them) are folded from the log into TEMP tables of this definition, on this connection
+        only (SQLite looks up a name in `temp` before `main`): reading works, the stored tables
+        stay as they are. It costs a replay of the log."""
+        stale = self._stale_projections()
+        if not stale:
+            return
+        with self.snapshot():
+            tables, _report = self._fold_projections(stale, None)
+            for p in stale:
+                self.conn.execute(p.create_sql("temp"))
+                self.conn.executemany(p.upsert_sql("temp"), (p.as_tuple(r) for r in tables[p.name].values()))
+        self.rebuilt_in_memory = [p.name for p in stale]
+
     def _shadow_views(self, views: Mapping[str, str]) -> None:
         """For a reader, which cannot rewrite the stored views: those stored with another
         definition (by another version of overnight; a writer recreates them) are shadowed, on
         this connection only, by TEMP views of this definition (SQLite looks up a name in
-        `temp` before `main`)."""
-        for name, select in self._changed_views(views).items():
+        `temp` before `main`). With projections rebuilt in memory, every view is: a stored view
+        reads the stored tables."""
+        changed = views if self.rebuilt_in_memory else self._changed_views(views)
+        for name, select in changed.items():
             self.conn.execute(f"CREATE TEMP VIEW {name} AS {select}")
 
     def _changed_views(self, views: Mapping[str, str]) -> dict[str, str]:
@@ -649,17 +666,18 @@ class EventStore:
         for p in targets:
             report.rows[p.name] = len(tables[p.name])
             cols = ", ".join(p.column_names)
+            live = "temp" if p.name in self.rebuilt_in_memory else "main"  # the live table this connection reads
             missing = self.conn.execute(
-                f"SELECT count(*) FROM (SELECT {cols} FROM replay.{p.name} EXCEPT SELECT {cols} FROM main.{p.name})"
+                f"SELECT count(*) FROM (SELECT {cols} FROM replay.{p.name} EXCEPT SELECT {cols} FROM {live}.{p.name})"
             ).fetchone()[0]
             extra = self.conn.execute(
-                f"SELECT count(*) FROM (SELECT {cols} FROM main.{p.name} EXCEPT SELECT {cols} FROM replay.{p.name})"
+                f"SELECT count(*) FROM (SELECT {cols} FROM {live}.{p.name} EXCEPT SELECT {cols} FROM replay.{p.name})"
             ).fetchone()[0]
             if missing or extra:
                 keys = ", ".join(p.column_names[: p.key_len])
                 sample = [
                     r[0] if len(r) == 1 else r
-                    for a, b in (("main", "replay"), ("replay", "main"))
+                    for a, b in ((live, "replay"), ("replay", live))
                     for r in self.conn.execute(
                         f"SELECT {keys} FROM (SELECT {cols} FROM {a}.{p.name} "
                         f"EXCEPT SELECT {cols} FROM {b}.{p.name}) LIMIT 3"

@@ -148,28 +148,42 @@ def test_a_copy_of_a_log_in_use_without_its_wal_file_is_refused_with_the_wal_nam
 
 
 def test_a_log_not_readable_while_a_writer_is_at_work_says_to_try_again_in_a_moment(one, tmp_path):
-    """A reader can open a log in the moment its writer is creating it (an empty file) or
-    upgrading it (tables of another version): then it says so."""
+    """A reader can open a log in the moment its writer is creating it (an empty file): then it
+    says so."""
     creating = tmp_path / "new.db"
     creating.touch()
+    later = "; an overnight process is writing it now: if it is creating or upgrading the log, try again in a moment"
+    reason = (f"{creating} is not an overnight event log (it is empty; a copy of a log in use needs its new.db-wal "
+              "file copied beside it)")
+    assert overnight("status", one, "--db", creating).stderr == f"error: {reason}\n"
+    lock = WriterLock(creating)  # as the overnight creating it holds it
+    lock.acquire()
+    try:
+        assert overnight("status", one, "--db", creating).stderr == f"error: {reason}{later}\n"
+    finally:
+        lock.release()
+
+
+def test_after_an_upgrade_the_read_only_commands_read_the_log_before_any_writer_rebuilt_it(one, tmp_path):
+    """The tables a previous version built (another projection version) made status, metrics,
+    audit verify and audit log refuse the log until a writing command had run: the first thing
+    done after an upgrade, and a cron job's `audit verify` exited 1 as if the log were damaged."""
     with open_log(one) as store:
         scan(store, one)
     log = one / ".overnight" / "overnight.db"
     conn = apsw.Connection(str(log))
+    # as an older version's table: another version, and rows this version's fold would not make
     conn.execute("UPDATE projection_versions SET version = version - 1 WHERE name = 'plugins'")
+    conn.execute("UPDATE plugins SET state = 'failed', reason = 'from another version'")
     conn.close()
-    later = "; an overnight process is writing it now: if it is creating or upgrading the log, try again in a moment"
-    for db, reason in ((creating, f"{creating} is not an overnight event log (it is empty; a copy of a log in use "
-                                  "needs its new.db-wal file copied beside it)"),
-                       (log, f"{log}: the tables plugins were built by another version of overnight; rebuild them "
-                             "from the log with `overnight audit replay --apply` (or any writing command)")):
-        assert overnight("status", one, "--db", db).stderr == f"error: {reason}\n"
-        lock = WriterLock(db)  # as the overnight creating or upgrading it holds it
-        lock.acquire()
-        try:
-            assert overnight("status", one, "--db", db).stderr == f"error: {reason}{later}\n"
-        finally:
-            lock.release()
+    status = overnight("status", one, "--json")
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["by_state"] == {"analyzed": 1}
+    for args in (("metrics",), ("audit", "verify"), ("audit", "log"), ("audit", "replay")):
+        assert overnight(*args, one).exit_code == 0, args
+    assert query(one, "SELECT state FROM plugins") == [("failed",)]  # read, never written
+    assert overnight("scan", one).exit_code == 0  # a writer rebuilds the stored table
+    assert query(one, "SELECT state FROM plugins") == [("analyzed",)]
 
 
 def test_a_missing_log_given_with_db_is_not_answered_with_pass_db(one, tmp_path):
