@@ -201,15 +201,17 @@ def _fold_ledger(row: dict | None, rec: Recorded) -> dict | None:
         new["outcome"] = "ok"
     elif isinstance(ev, c.RequestLost):
         new["outcome"] = "lost"
-    else:  # RequestFailed, or a last attempt's PluginFailed (one recorded without a kind: error)
-        kind = ev.kind or "error"
+    else:  # RequestFailed, or a last attempt's PluginFailed (one recorded without a kind, by an
+        # older overnight: a 4xx but a 429 was a refusal, anything else an error)
+        kind = ev.kind or ("refused" if ev.status_code and 400 <= ev.status_code < 500 and ev.status_code != 429
+                           else "error")
         new.update(outcome="rate_limited" if kind.startswith("rate_limited") else kind, status_code=ev.status_code)
     return new
 
 
 QUOTA_LEDGER = Projection(
     name="quota_ledger",
-    version=3,
+    version=4,
     columns=(
         ("run_id", "TEXT"), ("request_id", "TEXT"), ("plugin_id", "TEXT"), ("model", "TEXT"),
         ("phase", "TEXT"), ("attempt", "INTEGER"), ("sent_at", "REAL"), ("day", "TEXT"),

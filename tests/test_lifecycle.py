@@ -166,3 +166,21 @@ def test_a_run_finished_logged_before_by_other_runs_existed_reads_as_none_by_oth
     old = b'{"type":"RunFinished","run_id":"r1","outcome":"complete","counts":{"done":2}}'
     event = c.REGISTRY.decode("RunFinished", 1, old)
     assert (event.counts, event.by_other_runs) == ({"done": 2}, {})
+
+
+@pytest.mark.parametrize("status, outcome", [(400, "refused"), (404, "refused"), (500, "error"), (None, "error")])
+def test_a_last_failure_an_older_overnight_recorded_without_its_kind_settles_the_ledger_by_its_status(
+        tmp_path, status, outcome):
+    """An older overnight's PluginFailed had a status code but no kind: a refused request (a
+    400) counted in the ledger as an error, and `estimate` took it for a retry of Gemini's."""
+    with open_log(tmp_path, tmp_path / "log.db") as store:
+        lifecycle = Lifecycle(store)
+        cursor = lifecycle.cursor("plugins/x/p")
+        lifecycle.record(cursor, _discovered())
+        lifecycle.record(cursor, c.PluginAnalyzed(content_hash="h1", facts=c.PluginFacts()))
+        lifecycle.record(cursor, c.PlanRequested(run_id="r", request_id="q", model="m", attempt=1,
+                                                 est_input_tokens=10))
+        lifecycle.record(cursor, c.PluginFailed(run_id="r", step="plan", reason="refused", request_id="q",
+                                                status_code=status))
+        assert store.query("SELECT outcome FROM quota_ledger") == [(outcome,)]
+        assert store.verify() == []
