@@ -37,7 +37,7 @@ from events.errors import (
     UndecodableEvent,
 )
 from events.lock import WriterLock
-from events.migrations import LATEST, migrate
+from events.migrations import EVENT_TYPES_SINCE, LATEST, migrate
 from events.projection import Projection, Row
 from events.registry import Event, Registry
 
@@ -284,11 +284,13 @@ class EventStore:
             if writer:
                 conn.execute("PRAGMA journal_mode = WAL")
                 migrate(conn, fresh=lambda c: _create_derived(c, projections, views or {}))
-            elif version < LATEST:
-                raise unready(
-                    f"{path} has schema version {version}, this program expects {LATEST}; "
-                    "open it once with a writing command (scan or run) to upgrade it"
-                )
+            if writer or version >= EVENT_TYPES_SINCE:  # (a reader reads an older schema as it is)
+                unknown = sorted(t for (t,) in conn.execute("SELECT type FROM event_types") if t not in registry.types)
+                if unknown:
+                    raise EventStoreError(
+                        f"{path} was written by a newer version of overnight: it holds events of types this version "
+                        f"does not know ({', '.join(unknown)}); upgrade overnight (`pip install -U overnight`) to "
+                        "open it")
             store = cls(path, conn, registry, projections, clock, lock)
             if writer:
                 store._ensure_projections(views or {})

@@ -263,3 +263,39 @@ def test_two_plugins_reported_at_once_the_last_line_gives_no_eta(capsys):
     assert lines[0].endswith("  ETA 30s")
     assert lines[1] == "1/2  done      plugins/tools/p1  (4 requests  100 in / 200 out tokens  0 rate-limited  ETA 1s)"
     assert lines[2] == "2/2  done      plugins/tools/p2  (4 requests  100 in / 200 out tokens  0 rate-limited)"
+
+
+def test_a_log_of_schema_1_is_read_as_it_is_and_migrated_by_the_next_writer(one):
+    """The log of a version before `event_types`: readers read it, a writer migrates it (and an
+    overnight of schema 1 then refuses it, as written by a newer version)."""
+    with open_log(one) as store:
+        scan(store, one)
+    log = one / ".overnight" / "overnight.db"
+    conn = apsw.Connection(str(log))
+    conn.execute("DROP TRIGGER events_record_type; DROP TABLE event_types; PRAGMA user_version = 1")
+    conn.close()
+    assert json.loads(overnight("status", one, "--json").stdout)["plugins"] == 1
+    assert overnight("audit", "verify", one).exit_code == 0
+    assert query(one, "PRAGMA user_version") == [(1,)]  # a reader does not migrate
+    assert overnight("scan", one).exit_code == 0
+    assert query(one, "PRAGMA user_version") == [(2,)]
+    assert query(one, "SELECT type FROM event_types ORDER BY type") == query(
+        one, "SELECT DISTINCT type FROM events ORDER BY type")
+
+
+def test_a_log_holding_event_types_this_version_does_not_know_is_refused_not_read_or_written(one):
+    """A newer overnight's events (a downgrade): an older one read its tables wrong, skipped
+    what it did not know when it rebuilt them, and wrote into the log."""
+    with open_log(one) as store:
+        scan(store, one)
+    conn = apsw.Connection(str(one / ".overnight" / "overnight.db"))
+    conn.execute("INSERT INTO event_types (type) VALUES ('PluginTeleported')")  # as its trigger records it
+    conn.close()
+    events = query(one, "SELECT count(*) FROM events")
+    for args in (("status",), ("audit", "verify"), ("scan",), ("run", "--base-url", "http://127.0.0.1:9")):
+        refused = overnight(*args, one, key=KEY)
+        assert (refused.exit_code, refused.stderr) == (1, (
+            f"error: {one / '.overnight' / 'overnight.db'} was written by a newer version of overnight: it holds "
+            "events of types this version does not know (PluginTeleported); upgrade overnight (`pip install -U "
+            "overnight`) to open it\n")), args
+    assert query(one, "SELECT count(*) FROM events") == events
