@@ -598,15 +598,11 @@ def _in_a_row(alike: tuple[int, int], attempts: int) -> bool:
 def _unwritable(plugin_dir: Path, skill_name: str) -> str | None:
     """Why the skill could not be written (the directory it goes in, or the nearest one on the way
     that exists, is not writable by this user), or None: found before any request is spent."""
-    for rel in (f"skills/{skill_name}", "skills", "."):
-        directory = plugin_dir / rel
-        if directory.is_dir():
-            if os.access(directory, os.W_OK | os.X_OK):
-                return None
-            return (f"cannot write in {rel if rel != '.' else 'the plugin directory'}: this user may not (its "
-                    "permissions, or a read-only disk); nothing was asked of Gemini: make it writable, then "
-                    "`--retry failed`")
-    return None
+    refused = writes.not_writable(plugin_dir, f"skills/{skill_name}/SKILL.md")
+    if refused is None:
+        return None
+    return (f"cannot write in {refused[0]}: this user may not (its permissions, or a read-only disk); nothing "
+            "was asked of Gemini: make it writable, then `--retry failed`")
 
 
 def _iso_us(ts: float) -> str:

@@ -349,26 +349,27 @@ def apply(plugin_dir: Path | int, files: dict[str, bytes], moves: list[tuple[str
             raise ChangedMeanwhile(_edited(rel))
         pending.append(rel)
     for rel in pending:
-        if (where := _not_writable(plugin_dir, rel)) is not None:
-            raise WriteError(f"cannot write {one_line(rel)}: this user may not write in {one_line(where)} (its "
+        # a read-only disk is no permission of this plugin's: the write meets it (EROFS), and the run stops
+        if (refused := not_writable(plugin_dir, rel)) is not None and not refused[1]:
+            raise WriteError(f"cannot write {one_line(rel)}: this user may not write in {one_line(refused[0])} (its "
                              "permissions); no file was written: make it writable, then `--retry failed`")
     for rel in pending:
         write_atomic(plugin_dir, rel, files[rel], expect=before.get(rel))
 
 
-def _not_writable(plugin_dir: Path | int, rel: str) -> str | None:
+def not_writable(plugin_dir: Path | int, rel: str) -> tuple[str, bool] | None:
     """The directory on rel's way that a write would create it in (its parent, or the nearest
-    one there is), when this user may not: found before any file is written, not half way."""
+    one there is), when this user may not, and whether its disk is read-only; or None. Never
+    follows a symlink (WriteError when one is on the way)."""
     parts = _checked(rel)
     for cut in range(len(parts) - 1, -1, -1):
         fd = _open_parent(plugin_dir, parts[:cut + 1])  # the directory parts[:cut]
         if fd < 0:
             continue
         try:
-            # a read-only disk is no permission of this plugin's: the write meets it (EROFS), and the run stops
-            if os.access(".", os.W_OK | os.X_OK, dir_fd=fd) or os.statvfs(fd).f_flag & os.ST_RDONLY:
+            if os.access(".", os.W_OK | os.X_OK, dir_fd=fd):
                 return None
-            return "/".join(parts[:cut]) or "the plugin directory"
+            return "/".join(parts[:cut]) or "the plugin directory", bool(os.statvfs(fd).f_flag & os.ST_RDONLY)
         finally:
             os.close(fd)
     return None
@@ -420,10 +421,8 @@ def _found(dir_fd: int, name: str) -> str | None:
 def settled(plugin_dir: Path | int, files: dict[str, str], moves: list[tuple[str, str]]) -> bool:
     """True when every move is done (src absent, dst a directory) and every file's sha256 is
     the expected hex; a symlink or a non-file at a target is not settled."""
-    for src_rel, dst_rel in moves:
-        src, dst = _checked(src_rel), _checked(dst_rel)
-        if _kind(plugin_dir, src) is not None or _kind(plugin_dir, dst) != stat.S_IFDIR:
-            return False
+    if not all(_moved(plugin_dir, src, dst) for src, dst in moves):
+        return False
     for rel, expected in files.items():
         try:
             if found(plugin_dir, rel) != expected:
@@ -437,11 +436,15 @@ def begun(plugin_dir: Path | int, files: dict[str, str], moves: list[tuple[str, 
     """True when some of the write is in place: a move done (src absent, dst a directory) or a
     file holding its expected sha256; or when that cannot be told (something refused on the way)."""
     try:
-        return (any(_kind(plugin_dir, _checked(src)) is None and _kind(plugin_dir, _checked(dst)) == stat.S_IFDIR
-                    for src, dst in moves)
+        return (any(_moved(plugin_dir, src, dst) for src, dst in moves)
                 or any(found(plugin_dir, rel) == expected for rel, expected in files.items()))
     except (WriteError, OSError):
         return True
+
+
+def _moved(plugin_dir: Path | int, src: str, dst: str) -> bool:
+    """Whether the move of directory src to dst is done: src absent, dst a directory."""
+    return _kind(plugin_dir, _checked(src)) is None and _kind(plugin_dir, _checked(dst)) == stat.S_IFDIR
 
 
 def _parent_or_none(plugin_dir: Path | int, parts: list[str]) -> int | None:
