@@ -365,9 +365,7 @@ class EventStore:
             return
         with self.snapshot():
             tables, _report = self._fold_projections(stale, None)
-            for p in stale:
-                self.conn.execute(p.create_sql("temp"))
-                self.conn.executemany(p.upsert_sql("temp"), (p.as_tuple(r) for r in tables[p.name].values()))
+            self._fill(stale, tables, "temp")
         self.rebuilt_in_memory = [p.name for p in stale]
 
     def _shadow_views(self, views: Mapping[str, str]) -> None:
@@ -394,7 +392,7 @@ class EventStore:
         try:
             if self._seq:
                 tables, _report = self._fold_projections(stale, None)
-                self._fill_replay(stale, tables)
+                self._fill(stale, tables)
             with self._transaction():
                 for name in retired:
                     self.conn.execute(f"DROP TABLE IF EXISTS main.{name}")
@@ -603,7 +601,7 @@ class EventStore:
                     check = ChainCheck()
                     tables, report = self._fold_projections(targets, check)
                     report.problems[:0] = check.problems
-                self._fill_replay(targets, tables)
+                self._fill(targets, tables)
                 self._compare(targets, tables, report)
             if apply:
                 self._apply_replay(targets)
@@ -657,11 +655,12 @@ class EventStore:
                     rows[key] = new
         return tables, report
 
-    def _fill_replay(self, targets: Sequence[Projection], tables: dict[str, dict[tuple, Row]]) -> None:
-        """Write the folded rows into fresh tables of the attached `replay` database."""
+    def _fill(self, targets: Sequence[Projection], tables: dict[str, dict[tuple, Row]], schema: str = "replay") -> None:
+        """Write the folded rows into fresh tables of `schema` (the attached `replay` database, or
+        a reader's `temp`)."""
         for p in targets:
-            self.conn.execute(p.create_sql("replay"))
-            self.conn.executemany(p.upsert_sql("replay"), (p.as_tuple(r) for r in tables[p.name].values()))
+            self.conn.execute(p.create_sql(schema))
+            self.conn.executemany(p.upsert_sql(schema), (p.as_tuple(r) for r in tables[p.name].values()))
 
     def _compare(self, targets: Sequence[Projection], tables: dict[str, dict[tuple, Row]],
                  report: ReplayReport) -> None:
