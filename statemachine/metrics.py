@@ -34,7 +34,7 @@ from statemachine.prompts import (
 )
 from statemachine.scheduler import MINUTE, Limits, day_start, next_day_start, run_limits
 from events.lock import WriterLock
-from statemachine.status import runs
+from statemachine.status import run_selection, runs
 
 # Before any run has measured them: typical answer sizes in tokens (a plan; a 10 KB skill).
 DEFAULT_PLAN_OUTPUT = 900
@@ -125,9 +125,7 @@ def _last_run(store: EventStore, now: float, held: bool) -> dict[str, Any] | Non
         return None
     run_id, status, started_at = (every_run[0][k] for k in ("run_id", "status", "started_at"))
     config = store.query("SELECT config FROM runs WHERE run_id = ?", (run_id,))[0][0]
-    started = store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'", (f"run:{run_id}",))
-    event = msgspec.json.decode(started[0][0])
-    selection = event.get("selection", [])
+    selection = run_selection(store, run_id)
     ended = dict(store.query(
         "SELECT state, count(*) FROM plugins WHERE run_id = ? GROUP BY state", (run_id,)))
     finished = sum(n for s, n in ended.items() if s in FINAL)

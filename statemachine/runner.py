@@ -43,7 +43,7 @@ from statemachine.prompts import Standards, load_standards
 from statemachine.scan import analyze_again, scan
 from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso,
                                     run_limits)
-from statemachine.status import UNFINISHED, resumable_run
+from statemachine.status import UNFINISHED, resumable_run, run_selection
 from statemachine.workspace import followed_backup, not_plugin_files
 
 # The states a complete run leaves its plugins in: a plugin that turned invalid or left the
@@ -181,8 +181,7 @@ def _taken_up(store: EventStore, states: dict[str, str]) -> str:
     if found is None:
         return ""
     run_id, _, status, _ = found
-    (started,), = store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'", (f"run:{run_id}",))
-    left = [pid for pid in msgspec.json.decode(started)["selection"] if states.get(pid) not in FINAL]
+    left = [pid for pid in run_selection(store, run_id) if states.get(pid) not in FINAL]
     if not left:
         return ""
     return (f"; run {run_id} ({status}) took up {len(left)} plugin{'s' if len(left) != 1 else ''} and did "
@@ -336,9 +335,7 @@ class Runner:
             options = changed
         gateway = self.gateway_factory(options.gemini, self.backend)
         gateway.check_access()
-        started = self.store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'",
-                                   (f"run:{run_id}",))
-        selection = msgspec.json.decode(started[0][0])["selection"]
+        selection = run_selection(self.store, run_id)
         # a pause still holds when the run was stopped by a signal while it waited it out
         until = datetime.fromisoformat(paused_until).timestamp() if paused_until else 0.0
         lifted = 0.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
+import msgspec
+
 from events import EventStore
 from events.lock import WriterLock
 from statemachine.errors import UnknownPlugin
@@ -47,6 +49,13 @@ class StatusReport:
 # Runs `overnight resume` can continue (the newest of them first); `stopped` is a run recorded
 # as running that no process runs any more (it crashed, or stopped on an error).
 UNFINISHED = ("running", "paused", "interrupted", "budget_exhausted")
+
+
+def run_selection(store: EventStore, run_id: str) -> list[str]:
+    """The plugins run `run_id` selected as it started (its RunStarted; none in a log from before
+    runs recorded them)."""
+    (data,), = store.query("SELECT data FROM events WHERE stream = ? AND type = 'RunStarted'", (f"run:{run_id}",))
+    return msgspec.json.decode(data).get("selection", [])
 
 
 def resumable_run(store: EventStore) -> tuple[str, str, str, str | None] | None:
