@@ -177,7 +177,18 @@ def resume(path: Path, db: Path | None, backup_to: str | None, no_backup: bool, 
         return replace(changed, explicit_limits=tuple(sorted(stated)))
 
     reason = "resume with " + ", ".join(_flag(k, v) for k, v in given.items()) if given else ""
+    _something_to_resume(path, db)
     _execute(path, db, json_log, as_json, lambda runner: runner.resume(overrides, reason), create=False)
+
+
+def _something_to_resume(path: Path, db: Path | None) -> None:
+    """A resume with no run to continue says so at once: before the Gemini client is loaded (two
+    seconds) and before a missing API key is complained of."""
+    from statemachine.status import run_to_resume
+    from statemachine.workspace import marketplace_root, open_log
+
+    with open_log(marketplace_root(path), db, writer=False) as store:
+        run_to_resume(store)
 
 
 def _flag(name: str, value: object) -> str:
@@ -266,12 +277,14 @@ def _render(result, as_json: bool, place: str) -> None:
         return
     counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items(), key=lambda kv: -kv[1]))
     others = ", ".join(f"{s} {n}" for s, n in sorted(result.by_other_runs.items(), key=lambda kv: -kv[1]))
-    click.echo(f"run {result.run_id}: {result.outcome}; {plural(result.selected, 'plugin')} selected "
-               f"({counts or 'none'})" + (f"; finished by other runs: {others}" if others else ""))
-    if result.left_alone:
+    if result.run_id is None:  # no run was recorded
         finished = ", ".join(f"{s} {n}" for s, n in sorted(result.left_alone.items(), key=lambda kv: -kv[1]))
         click.echo(f"nothing to do: {plural(sum(result.left_alone.values()), 'plugin')} finished before ({finished}); "
-                   "--force processes them again, --retry failed or --retry rejected those that ended so")
+                   "--force processes them again, --retry failed or --retry rejected those that ended so"
+                   if result.left_alone else "nothing to do: no plugin to process")
+    else:
+        click.echo(f"run {result.run_id}: {result.outcome}; {plural(result.selected, 'plugin')} selected "
+                   f"({counts or 'none'})" + (f"; finished by other runs: {others}" if others else ""))
     if result.outcome == "budget_exhausted":
         click.echo(f"{result.message}: `{shown(resume)} --max-{result.budget} N` goes on with a larger budget")
     if result.paused_until:

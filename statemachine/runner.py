@@ -43,7 +43,7 @@ from statemachine.prompts import Standards, load_standards
 from statemachine.scan import analyze_again, scan
 from statemachine.scheduler import (DailyQuotaExhausted, Limits, Scheduler, day_start, effective_limits, iso,
                                     run_limits)
-from statemachine.status import UNFINISHED, resumable_run, run_selection
+from statemachine.status import UNFINISHED, resumable_run, run_selection, run_to_resume
 from statemachine.workspace import followed_backup, not_plugin_files
 
 # The states a complete run leaves its plugins in: a plugin that turned invalid or left the
@@ -216,7 +216,7 @@ class Progress:
 
 @dataclass
 class RunResult:
-    run_id: str
+    run_id: str | None  # None: nothing to do, and no run recorded
     outcome: str  # complete | incomplete | paused | interrupted | stopped
     counts: dict[str, int]  # states of the plugins this run finished or left unfinished
     selected: int
@@ -287,6 +287,8 @@ class Runner:
         if self.stopping.is_set():  # a signal after the scan's last plugin: still no run
             raise StoppedBySignal(self.signal or "SIGINT")
         selection = self._select(options)
+        if not selection:  # no run is recorded: `status` and `metrics` go on showing the last one that did something
+            return self._finish(None, selection, options, None)
         run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         config = options.config(standards, self.backend)
         limits = effective_limits(self.store, options.gemini.model, options.limits, options.explicit_limits,
@@ -302,10 +304,7 @@ class Runner:
 
     def resume(self, overrides: Callable[[RunOptions], RunOptions] | None = None,
                reason: str = "") -> RunResult:
-        found = resumable_run(self.store)
-        if found is None:
-            raise OvernightError("no unfinished run to resume; start one with `overnight run`")
-        run_id, config_json, status, paused_until = found
+        run_id, config_json, status, paused_until = run_to_resume(self.store)
         config = msgspec.json.decode(config_json)
         options = options_from_config(config)
         followed = followed_backup(self.store, self.root, options.backup_to)
@@ -610,15 +609,18 @@ class Runner:
                 problems.append((plugin_id, state, reason or ""))
         return counts, others, problems
 
-    def _finish(self, run_id: str, selection: list[str], options: RunOptions, outcome: str | None,
+    def _finish(self, run_id: str | None, selection: list[str], options: RunOptions, outcome: str | None,
                 message: str | None = None, paused_until: str | None = None,
                 budget: str | None = None) -> RunResult:
+        """The result of run `run_id`, recorded as finished when `outcome` is None (it is then worked
+        out); `run_id` None: a run of nothing, which is not recorded."""
         counts, others, problems = self._counts(run_id, selection)
         done_states = OK_END | ({State.PLANNED} if options.dry_run else set())
         if outcome is None:
             outcome = "complete" if all(s in done_states for s in [*counts, *others]) else "incomplete"
-            self.journal.append(f"run:{run_id}", c.RunFinished(run_id=run_id, outcome=outcome, counts=counts,
-                                                               by_other_runs=others))
+            if run_id is not None:
+                self.journal.append(f"run:{run_id}", c.RunFinished(run_id=run_id, outcome=outcome, counts=counts,
+                                                                   by_other_runs=others))
             self._finish_older_runs(run_id)
         if options.dry_run:
             problems = [p for p in problems if p[1] != State.PLANNED]
@@ -636,13 +638,14 @@ class Runner:
                          backup_errors=self._backup_errors, warnings=self._warnings(),
                          new_invalid=self._new_invalid, left_alone=left_alone)
 
-    def _finish_older_runs(self, run_id: str) -> None:
-        """An older unfinished run whose every plugin this run finished is finished too, so
-        `status` stops listing it and `resume` does not come back to it for nothing."""
+    def _finish_older_runs(self, run_id: str | None) -> None:
+        """An older unfinished run whose every plugin this run (or a run of nothing: None) found
+        finished is finished too, so `status` stops listing it and `resume` does not come back to
+        it for nothing."""
         for other, selection in self.journal.query(
                 "SELECT r.run_id, json_extract(e.data, '$.selection') FROM runs r JOIN events e "
                 "ON e.stream = 'run:' || r.run_id AND e.type = 'RunStarted' "
-                f"WHERE r.run_id != ? AND r.status IN ({', '.join('?' * len(UNFINISHED))})", (run_id, *UNFINISHED)):
+                f"WHERE r.run_id IS NOT ? AND r.status IN ({', '.join('?' * len(UNFINISHED))})", (run_id, *UNFINISHED)):
             counts, others, _ = self._counts(other, msgspec.json.decode(selection))
             states = [*counts, *others]
             if all(state in FINAL for state in states):

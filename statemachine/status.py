@@ -9,7 +9,7 @@ import msgspec
 
 from events import EventStore
 from events.lock import WriterLock
-from statemachine.errors import UnknownPlugin
+from statemachine.errors import OvernightError, UnknownPlugin
 from statemachine.lifecycle import FINAL, State
 from statemachine.catalog import KEPT_EDIT
 
@@ -64,6 +64,14 @@ def resumable_run(store: EventStore) -> tuple[str, str, str, str | None] | None:
     found = store.query("SELECT run_id, config, status, paused_until FROM runs WHERE status IN (?, ?, ?, ?) "
                         "ORDER BY started_at DESC LIMIT 1", UNFINISHED)
     return found[0] if found else None
+
+
+def run_to_resume(store: EventStore) -> tuple[str, str, str, str | None]:
+    """`resumable_run`, or the error `overnight resume` gives when there is none."""
+    found = resumable_run(store)
+    if found is None:
+        raise OvernightError("no unfinished run to resume; start one with `overnight run`")
+    return found
 
 
 _RUN = ("run_id", "command", "status", "started_at", "ended_at", "paused_until", "plugins", "requests",

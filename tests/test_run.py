@@ -131,14 +131,25 @@ def test_run_enhances_every_plugin_and_the_log_matches_the_emulator(market, emu)
     assert types(market, "plugins/devops/deploy-checker")[-5:] == [
         "SkillValidated", "PluginSnapshotted", "WriteIntended", "WriteCompleted", "PluginDone"]
     assert_healthy(market)
+    (last_run,) = query(market, "SELECT run_id FROM runs")[0]
     again = run(market, emu, "--json")  # nothing left: no request, exit 0
     assert again.exit_code == 0 and json.loads(again.stdout)["selected"] == 0
     assert json.loads(again.stdout)["left_alone"] == {"done": 4}
+    assert json.loads(again.stdout)["run_id"] is None
     told = run(market, emu)  # and it says why (it said "0 plugins selected (none)")
-    assert told.exit_code == 0 and without_scan(told.stdout).splitlines()[1] == (
+    assert told.exit_code == 0 and without_scan(told.stdout).splitlines()[0] == (
         "nothing to do: 4 plugins finished before (done 4); --force processes them again, --retry failed or "
         "--retry rejected those that ended so")
+    assert "0 plugins selected" not in told.output
     assert len(generate_requests(emu)) == 8
+    # no run of nothing is recorded: the last run shown is still the one that did the work
+    assert query(market, "SELECT run_id FROM runs") == [(last_run,)]
+    assert json.loads(overnight("metrics", market, "--json").stdout)["run"]["run_id"] == last_run
+    assert f"last run {last_run}: complete, 4 done" in overnight("status", market).stdout
+    # nothing to resume either, which is said first (before a missing API key would be)
+    no_key = overnight("resume", market, key=None)
+    assert (no_key.exit_code, no_key.stderr) == (1, "error: no unfinished run to resume; start one with "
+                                                    "`overnight run`\n")
     assert overnight("scan", market, "--json").stdout.count('"events": 0') == 1
 
 
