@@ -1398,6 +1398,18 @@ def test_a_summary_names_the_plugins_its_scan_found_invalid_and_counts_those_fou
         ("plugins/devops/deploy-checker", False), ("plugins/tools/gadget", False)}
 
 
+def test_a_run_whose_every_plugin_is_invalid_records_no_run_and_names_them(one, emu):
+    (one / "plugins" / "tools" / "widget" / ".claude-plugin" / "plugin.json").write_text("{not json")
+    result = run(one, emu)
+    assert result.exit_code == 0, result.output
+    assert without_scan(result.stdout).splitlines() == [
+        "nothing to do: no plugin to process",
+        "  invalid     plugins/tools/widget: .claude-plugin/plugin.json: invalid JSON at line 1 column 2: Expecting "
+        "property name enclosed in double quotes (not processed)"]
+    assert query(one, "SELECT count(*) FROM events WHERE stream LIKE 'run:%'") == [(0,)]
+    assert not generate_requests(emu)
+
+
 def test_a_plugin_renamed_in_the_manifest_has_its_skill_moved_not_doubled(one, emu):
     """The skill overnight wrote under the former name stayed beside the new one: two
     generated skills, with two names, for one plugin."""
