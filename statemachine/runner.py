@@ -631,7 +631,7 @@ class Runner:
             for plugin_id in select(self.store, dataclasses.replace(options, force=True, limit=None)):
                 left_alone[states[plugin_id]] = left_alone.get(states[plugin_id], 0) + 1
         if outcome != "paused":  # a pause was backed up when it began
-            self._backup(options, f"run {outcome}")
+            self._backup(options, "nothing to do" if run_id is None else f"run {outcome}")
         return RunResult(run_id=run_id, outcome=outcome, counts=counts, by_other_runs=others,
                          selected=len(selection), invalid=invalid, problems=problems, message=message,
                          budget=budget, paused_until=paused_until, backups=list(self._backups),

@@ -733,6 +733,11 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
     assert summary["backups"][0].startswith(f"backup to file://{offsite} (run complete): ")
     listed = json.loads(run("backup", "list", "--from", f"file:{offsite}", "--json").stdout)["snapshots"]
     assert len(listed) == 2
+    idle = run("run", root, "--base-url", emu.url, "--backup-to", f"file:{offsite}", "--json", env=env)
+    assert idle.exit_code == 0, idle.output  # no run to record, and still the backup the option asks for
+    assert json.loads(idle.stdout)["run_id"] is None
+    assert json.loads(idle.stdout)["backups"][0].startswith(f"backup to file://{offsite} (nothing to do): ")
+    assert len(json.loads(run("backup", "list", "--from", f"file:{offsite}", "--json").stdout)["snapshots"]) == 3
 
 
 def test_resume_backs_up_to_the_file_a_relative_url_named_and_keeps_tls_0(night, server, tmp_path, monkeypatch):
