@@ -661,6 +661,7 @@ class Runner:
         from statemachine.backup import backup
 
         self._backing_up = True
+        before = self.store.last_seq
         try:
             with self.journal.lock:
                 report = backup(self.store, self.root, options.backup_to, os.environ.get("TURSO_AUTH_TOKEN"))
@@ -675,6 +676,8 @@ class Runner:
             return
         finally:
             self._backing_up = False
+            if not self.journal.closed:
+                self.journal.echo(before)  # --json-log: what the backup recorded (BackupCompleted)
         self._backups.append(f"backup to {report.target} ({why}): snapshot {report.snapshot.id[:12]}, "
                              f"{report.events_sent} events, {report.blobs_sent} blobs, "
                              f"{report.bytes_sent:,} bytes sent")

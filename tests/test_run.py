@@ -184,6 +184,15 @@ def test_the_key_never_reaches_the_log_or_the_json_log(one, emu, tmp_path):
         assert KEY.encode() not in path.read_bytes(), path
 
 
+def test_the_json_log_has_what_the_runs_backup_recorded_too(one, emu, tmp_path):
+    """The README promises one line per recorded event: BackupCompleted was left out."""
+    events = tmp_path / "events.jsonl"
+    assert run(one, emu, "--json-log", events, "--backup-to", f"file:{tmp_path / 'offsite.db'}").exit_code == 0
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["seq"] for e in lines] == list(range(1, query(one, "SELECT max(seq) FROM events")[0][0] + 1))
+    assert lines[-1]["type"] == "BackupCompleted"
+
+
 def test_a_missing_key_stops_before_anything_happens(one, emu):
     result = run(one, emu, key=None)
     assert result.exit_code == 1
