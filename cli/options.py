@@ -15,6 +15,7 @@ from typing import Any, Callable, NoReturn
 
 import click
 
+from cli.render import shown
 from events import EventStoreError, StoreLocked
 from statemachine.errors import NotAMarketplace, OvernightError, StoppedBySignal
 from statemachine.lifecycle import RETRYABLE
@@ -63,9 +64,10 @@ retry_option = click.option(
 
 def where(root: Path | None, db: Path | None) -> str:
     """` PATH [--db LOG]`, shell-quoted: what a hint puts after `overnight COMMAND`, so the
-    command it names works from any directory (`MARKETPLACE` when the root is not known)."""
-    return " " + shlex.join([str(root) if root else "MARKETPLACE"]
-                            + (["--db", str(db.absolute())] if db is not None else []))
+    command it names works from any directory (`MARKETPLACE` when the root is not known).
+    Control characters in a path are shown escaped, as everywhere else."""
+    return shown(" " + shlex.join([str(root) if root else "MARKETPLACE"]
+                                  + (["--db", str(db.absolute())] if db is not None else [])))
 
 
 def retry_states(force: bool, retry: tuple[str, ...]) -> tuple[str, ...]:
@@ -236,7 +238,7 @@ class OvernightGroup(click.Group):
             # a bug: say so, and keep the traceback one flag away
             if _debug:
                 traceback.print_exc()
-            click.echo(f"error: internal error {type(e).__name__}: {e}"
+            click.echo(f"error: internal error {type(e).__name__}: {shown(str(e))}"
                        + ("" if _debug else " (rerun with --debug for the traceback)"), err=True)
             raise click.exceptions.Exit(EXIT_INTERNAL) from e
 
@@ -266,5 +268,5 @@ def _usage(e: click.UsageError) -> NoReturn:
 def _fail(e: Exception, code: int, message: str | None = None) -> NoReturn:
     if _debug:
         traceback.print_exc()
-    click.echo(f"error: {message or e}", err=True)
+    click.echo(f"error: {shown(message or str(e))}", err=True)  # one line: a path may hold a newline or an escape
     raise click.exceptions.Exit(code) from e

@@ -691,6 +691,21 @@ def test_nested_plugins_aliases_and_links_leaving_the_marketplace(tmp_path, emu)
     assert_healthy(root)
 
 
+def test_a_marketplace_path_with_control_characters_is_shown_escaped_in_errors_and_hints(one, emu, tmp_path):
+    """The path went raw into an error (two lines, an escape sequence sent to the terminal) and
+    into the hints that name a command (`overnight run PATH --retry failed`)."""
+    odd = tmp_path / "m\nx\x1b[31m"
+    one.rename(odd)
+    escaped = str(tmp_path / "m\\u000ax\\u001b[31m")
+    missing = overnight("scan", odd / "nonexistent")
+    assert (missing.exit_code, missing.stderr) == (2, f"error: {escaped}/nonexistent is not a directory\n")
+    emu.script("bad_request", phase="plan", message="Refused.")
+    assert run(odd, emu).exit_code == 1
+    shown = overnight("status", odd).stdout
+    assert "\x1b" not in shown and all(line.count("`") % 2 == 0 for line in shown.splitlines()), shown
+    assert f"`overnight run '{escaped}' --retry failed` tries the 1 failed plugin again" in shown, shown
+
+
 def test_a_request_gemini_refuses_fails_that_plugin_at_once_and_the_batch_goes_on(market, emu):
     emu.script("bad_request", phase="plan", message="Request payload size exceeds the limit: 20971520 bytes.")
     result = run(market, emu, "--concurrency", "1")
