@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import math
 import os
 import shlex
@@ -195,6 +196,10 @@ class OvernightGroup(click.Group):
         _debug = False
         if threading.current_thread() is not threading.main_thread():
             return super().main(*args, **kwargs)
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            # in a locale whose encoding lacks a character of a plugin's name, print it escaped; it
+            # was an internal error, and (after the lines before it) a half-written report
+            sys.stdout.reconfigure(errors="backslashreplace")
         caught = [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else [])
         previous = {signum: signal.signal(signum, _terminate) for signum in caught}
         try:

@@ -78,7 +78,8 @@ def report_check(as_json: bool, report: dict[str, Any], ok_line: str, problems: 
 
 
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, ensure_ascii=False))
+    """One JSON document, in ASCII (other characters escaped): valid in every locale's encoding."""
+    click.echo(json.dumps(value))
 
 
 def stderr_console() -> "Console":

@@ -799,3 +799,28 @@ def test_a_directory_that_is_no_marketplace_is_refused_and_left_alone(tmp_path):
             f"error: {plain} does not look like a marketplace (no plugins/ directory and no "
             ".claude-plugin/marketplace.json); give the marketplace's path\n"), (command, result.output)
     assert sorted(p.name for p in plain.iterdir()) == ["notes.md"]
+
+
+def test_a_locale_whose_encoding_lacks_a_plugins_characters_still_gets_whole_reports(tmp_path):
+    """Under an ISO-8859-1 locale, `status --json` was an internal error (exit 4) with nothing on
+    stdout, and `audit log --json` stopped half way."""
+    root = tmp_path / "market"
+    plugin(root, "plugins/x/arrow\u2192name", "arrow\u2192x", description="Arrows \u2192 everywhere.")
+    plugin(root, "plugins/x/plain", "plain", description="Nothing odd.")
+    assert run("scan", root).exit_code == 0
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli", *args, str(root)], cwd=REPO, env=env,
+                              capture_output=True, timeout=120)
+
+    status = cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert [i["plugin_id"] for i in report["items"]] == ["plugins/x/arrow\u2192name"]
+    log = cli("audit", "log", "--json")
+    assert log.returncode == 0, log.stderr
+    assert [json.loads(line)["seq"] for line in log.stdout.splitlines()] == list(range(1, report["events"] + 1))
+    text = cli("status")
+    assert text.returncode == 0, text.stderr
+    assert b"  invalid     plugins/x/arrow\\u2192name: " in text.stdout
