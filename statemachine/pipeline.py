@@ -201,14 +201,16 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
     cursor = ctx.journal.cursor(plugin_id)
     moved = False  # a plugin an earlier dry run left planned is not reported as finished by this one
     try:
-        while not ctx.should_stop():
+        while True:
             row = _row(ctx, plugin_id)
             state = row["state"]
-            ctx.stats.phase(plugin_id, _STEP_OF.get(state, state))
             if state in FINAL or (state == State.PLANNED and ctx.settings.dry_run):
-                if moved:
+                if moved:  # also when the run stops right after the step that ended it: the progress names it
                     ctx.stats.finish(plugin_id, state, row["reason"])
                 return None
+            if ctx.should_stop():
+                raise Interrupted()  # the run stops: this plugin is not finished
+            ctx.stats.phase(plugin_id, _STEP_OF.get(state, state))
             if state == State.RETRYING:
                 wait_until = _ts(row["not_before"])
                 if wait_until > ctx.clock() and wait_until > ctx.lifted_until:
@@ -225,7 +227,11 @@ def advance(ctx: Context, plugin_id: str) -> float | None:
                 if _machine_fault(e):
                     raise  # the disk, not this plugin: the run stops, and `resume` continues
                 _file_failure(ctx, cursor, row, e)
-        raise Interrupted()  # the run stops: this plugin is not finished
+            except RunStopped:
+                ended = _row(ctx, plugin_id)
+                if ended["state"] in FINAL:  # its own failure stopped the run (refused alike): named too
+                    ctx.stats.finish(plugin_id, ended["state"], ended["reason"])
+                raise
     finally:
         ctx.stats.phase(plugin_id, None)
         ctx.journal.release(cursor)

@@ -732,6 +732,10 @@ def test_requests_gemini_refuses_alike_for_several_plugins_stop_the_run_not_fail
         "--retry failed`")
     assert sorted(states(market).values()) == ["analyzed", "analyzed", "failed", "failed"]
     assert len(generate_requests(emu)) == 2
+    # the progress names both (one line per plugin finished): the one whose failure stopped the run was left out
+    failed = sorted(p for p, state in states(market).items() if state == "failed")
+    assert [re.sub(r"^\d/4  failed    (\S+): .*", r"\1", line) for line in result.stderr.splitlines()
+            if "  failed    " in line] == failed, result.stderr
     emu.clear()
     assert run(market, emu, "--retry", "failed").exit_code == 0
     assert run(market, emu).exit_code == 0
