@@ -34,11 +34,12 @@ def restore_plugin(name: str, path: Path, db: Path | None, snapshot_id: str | No
     with nullcontext() if list_only else marketplace_lock(root), \
             open_log(root, db, writer=not list_only, create=False) as store:
         if list_only:
-            shots = restore.snapshots_of(store, name)
+            plugin_id = restore.resolve_plugin(store, name)
+            shots = restore.snapshots_of(store, plugin_id)
             broken = {s.id: restore.blob_problem(store, s.id) for s in shots}
-            if as_json:
-                emit_json({"plugin": name, "snapshots": [s._asdict() | {"blob_problem": broken[s.id]}
-                                                         for s in shots]})
+            if as_json:  # the plugin's id, as restore-plugin's own --json (and status --json) name it
+                emit_json({"plugin_id": plugin_id, "snapshots": [s._asdict() | {"blob_problem": broken[s.id]}
+                                                                 for s in shots]})
             elif not shots:
                 click.echo(f"{shown(name)} has no snapshot: overnight never changed it")
             else:

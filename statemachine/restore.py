@@ -41,8 +41,8 @@ class Restored(NamedTuple):
     removed: list[str]  # what no snapshot holds, removed because the snapshot has another entry there
 
 
-def snapshots_of(store: EventStore, plugin: str) -> list[SnapshotInfo]:
-    plugin_id = resolve_plugin(store, plugin)
+def snapshots_of(store: EventStore, plugin_id: str) -> list[SnapshotInfo]:
+    """The snapshots of plugin `plugin_id` (see `resolve_plugin`), newest first."""
     rows = store.query(
         "SELECT seq, at, type, data FROM events WHERE stream = ? AND type IN ('PluginSnapshotted', 'PluginRestored') "
         "ORDER BY seq DESC", (plugin_stream(plugin_id),))

@@ -215,7 +215,7 @@ def test_restore_plugin_list_says_when_a_plugin_has_no_snapshot(one, emu):
     listed = overnight("restore-plugin", "widget", one, "--list")
     assert (listed.exit_code, listed.stdout) == (0, "widget has no snapshot: overnight never changed it\n")
     as_json = overnight("restore-plugin", "widget", one, "--list", "--json")
-    assert json.loads(as_json.stdout) == {"plugin": "widget", "snapshots": []}
+    assert json.loads(as_json.stdout) == {"plugin_id": "plugins/tools/widget", "snapshots": []}
 
 
 def test_metrics_of_a_log_without_plugins_says_so(tmp_path, emu):
