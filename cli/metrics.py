@@ -162,8 +162,9 @@ def estimate(path: Path, db: Path | None, plugins: tuple[str, ...], category: st
         unfinished = _unfinished_run(store)
     learned = [k for k in ("rpm", "rpd", "tpm") if getattr(limits, k) != getattr(given, k)]
     if as_json:
-        emit_json(result.as_json() | {"limits": limits.as_dict(), "learned_limits": learned,
-                                      "unfinished_run": unfinished})
+        emit_json(result.as_json() | {  # learned_limits: each as `metrics --json` lists it
+            "limits": limits.as_dict(), "unfinished_run": unfinished,
+            "learned_limits": [{"model": model, "metric": k, "value": getattr(limits, k)} for k in learned]})
         return
     if learned:
         click.echo("limits learned from Gemini's 429 answers: "

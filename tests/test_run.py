@@ -268,7 +268,9 @@ def test_a_learned_daily_limit_holds_until_the_user_states_one(market, emu):
     estimated = overnight("estimate", market)
     assert "limits learned from Gemini's 429 answers: rpd 3 (state a limit with its flag to override it)" \
         in estimated.output and "3/day" in estimated.output
-    assert json.loads(overnight("estimate", market, "--json").stdout)["learned_limits"] == ["rpd"]
+    learned = [{"model": "gemini-2.5-flash", "metric": "rpd", "value": 3}]  # as metrics --json lists them
+    assert json.loads(overnight("estimate", market, "--json").stdout)["learned_limits"] == learned
+    assert json.loads(overnight("metrics", market, "--json").stdout)["learned_limits"] == learned
     assert "limits learned" not in overnight("estimate", market, "--rpd", "500").output
     assert json.loads(overnight("estimate", market, "--rpd", "500", "--json").stdout)["learned_limits"] == []
     # Resuming at a higher daily limit (a paid tier, say) is the user's statement: it wins over
