@@ -105,14 +105,19 @@ class HttpUrl(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         from urllib.parse import urlsplit
 
+        text = str(value)
         try:
-            parts = urlsplit(str(value))
+            parts = urlsplit(text)
             port_ok = parts.port is None or parts.port > 0
         except ValueError:
             parts, port_ok = None, False
-        blank = any(ch.isspace() or not ch.isprintable() for ch in str(value))
+        blank = any(ch.isspace() or not ch.isprintable() for ch in text)
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or blank:
-            self.fail(f"{value!r} is not {self.what}", param, ctx)
+            if any(ch in text for ch in "@?#;"):  # what may be credentials is not repeated
+                text = text.split("?")[0].split("#")[0].split(";")[0]
+                scheme, at, rest = text.rpartition("://")
+                text = f"{scheme}{at}{rest.rpartition('@')[2]}" if at else text.rpartition("@")[2]
+            self.fail(f"{text!r} is not {self.what}", param, ctx)
         return str(value)
 
 

@@ -24,6 +24,7 @@ import urllib.parse
 from typing import Any, Protocol, Sequence
 
 from events.errors import EventStoreError
+from events.redact import forms, redact
 
 Params = Sequence[Any]
 Statement = tuple[str, Params]
@@ -92,7 +93,7 @@ class LibsqlRemote:
 
     def __init__(self, url: str, token: str | None, *, retries: int = 4, backoff: float = 0.25) -> None:
         self.url = display_url(url)
-        self._secrets = [token] if token else []
+        self._secrets = forms([token])
         self.retries = retries
         self.backoff = backoff
         self.statements_sent = 0
@@ -169,9 +170,7 @@ class LibsqlRemote:
         return _Failure(message, transient=False)
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self._secrets)
 
 
 def check_url(url: str) -> None:
@@ -191,12 +190,12 @@ def check_url(url: str) -> None:
     if port == 0:
         raise RemoteError(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}: its port is not a number from 1 "
                           "to 65535")
-    if not parts.hostname:
-        raise RemoteError(f"{parts.scheme}://{parts.path}: names no host ({parts.scheme}://HOST)")
-    if "@" in parts.netloc or any(k == "authToken" for k, _ in urllib.parse.parse_qsl(parts.query)):
+    if not parts.hostname:  # (what it holds instead may be credentials: not repeated)
+        raise RemoteError(f"the {parts.scheme}: backup URL names no host ({parts.scheme}://HOST)")
+    if "@" in parts.netloc or "authtoken" in url.lower():  # a query's, a `;` parameter's, a fragment's
         # libsql-client refuses user info with its own words about headers
-        raise RemoteError(f"{display_url(url)}: credentials in the URL are not used; give the token in "
-                          "TURSO_AUTH_TOKEN")
+        raise RemoteError(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}: credentials in the URL are not "
+                          "used; give the token in TURSO_AUTH_TOKEN")
 
 
 def open_remote(url: str, token: str | None = None, *, must_exist: bool = False, **options: Any) -> Remote:

@@ -9,9 +9,12 @@ The SDK's own retries are off; the runner retries, and records every attempt.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
+import urllib.parse
+import warnings
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +24,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from events.redact import forms, redact
 from events.remote import display_url
 from statemachine.catalog import Usage
 from statemachine.errors import OvernightError
@@ -114,11 +118,30 @@ def backend_from_env(env: dict[str, str] | os._Environ = os.environ) -> Backend:
             raise AccessDenied("GOOGLE_GENAI_USE_VERTEXAI is set but GOOGLE_CLOUD_PROJECT and "
                                "GOOGLE_CLOUD_LOCATION are not both set")
         return Backend(vertex=True, project=project, location=location)
-    key = env.get("GOOGLE_API_KEY") or env.get("GEMINI_API_KEY")
+    name = "GOOGLE_API_KEY" if env.get("GOOGLE_API_KEY") else "GEMINI_API_KEY"
+    key = (env.get(name) or "").strip()  # a key file's line break, a pasted space
     if not key:
         raise AccessDenied("no Gemini API key: set GOOGLE_API_KEY or GEMINI_API_KEY "
                            "(or GOOGLE_GENAI_USE_VERTEXAI with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION)")
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        # the HTTP client would refuse it with the key itself in its message
+        raise AccessDenied(f"{name} holds a space, a line break or another character no API key has; set it to "
+                           "the key alone")
     return Backend(vertex=False, api_key=key)
+
+
+def secret_forms(api_key: str | None, base_url: str | None) -> tuple[str, ...]:
+    """Every credential a request carries, in each form a message may quote it (`events.redact`):
+    the API key; a user, password or query value of the base URL, and the Basic authorization
+    header a URL's user and password become."""
+    secrets = [api_key]
+    if base_url:
+        parts = urllib.parse.urlsplit(base_url)
+        user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+        secrets += [user, password] + [value for _, value in urllib.parse.parse_qsl(parts.query)]
+        if user or password:
+            secrets.append(base64.b64encode(f"{user}:{password}".encode()).decode())
+    return forms(secrets)
 
 
 @dataclass(frozen=True)
@@ -137,6 +160,10 @@ class _BothKeysNotice(logging.Filter):
 
 
 logging.getLogger("google_genai._api_client").addFilter(_BothKeysNotice())
+# The SDK warns of an answer's values it does not know (`X is not a valid FinishReason`), quoting
+# them: a server's words on the run's stderr, where nothing unredacted goes. check_answer judges
+# the answer itself.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"google\.genai\.")
 
 
 class Gateway:
@@ -144,11 +171,14 @@ class Gateway:
 
     def __init__(self, settings: GeminiSettings, backend: Backend) -> None:
         self.settings = settings
+        self.secrets = secret_forms(backend.api_key, settings.base_url)
         http = types.HttpOptions(
             api_version=API_VERSION,
             timeout=int(settings.timeout_s * 1000),  # milliseconds
             retry_options=types.HttpRetryOptions(attempts=1),  # no SDK retries: ours are recorded
             base_url=settings.base_url,
+            # a redirect would take the key (its x-goog-api-key header) to whatever host it names
+            client_args={"follow_redirects": False},
         )
         if backend.vertex:
             self.client = genai.Client(vertexai=True, project=backend.project, location=backend.location,
@@ -161,13 +191,13 @@ class Gateway:
         try:
             self.client.models.get(model=self.settings.model)
         except genai_errors.APIError as e:
-            error = classify_api_error(e)
+            error = classify_api_error(e, self.secrets)
             if isinstance(error, (AccessDenied, Refused)):
                 raise AccessDenied(f"Gemini refused the model check for {self.settings.model!r}: "
                                    f"{error}") from None
             raise error from None
         except Exception as e:  # noqa: BLE001 - transport errors: translated in one place
-            raise classify_transport_error(e) from None
+            raise classify_transport_error(e, self.secrets) from None
 
     def generate(self, system: str, prompt: str, schema: type[T]) -> Answer:
         """Ask for JSON fitting `schema` (a msgspec Struct) and decode it; GatewayError otherwise."""
@@ -182,9 +212,9 @@ class Gateway:
             response = self.client.models.generate_content(model=self.settings.model, contents=prompt,
                                                            config=config)
         except genai_errors.APIError as e:
-            raise classify_api_error(e) from None
+            raise classify_api_error(e, self.secrets) from None
         except Exception as e:  # noqa: BLE001 - transport and decoding errors of the SDK
-            raise classify_transport_error(e) from None
+            raise classify_transport_error(e, self.secrets) from None
         return check_answer(response, schema)
 
 
@@ -264,12 +294,14 @@ def _quota_details(details: Any) -> tuple[str | None, int | None, float | None]:
     return quota_id, quota_value, retry
 
 
-def classify_api_error(e: genai_errors.APIError) -> GatewayError:
+def classify_api_error(e: genai_errors.APIError, secrets: tuple[str, ...] = ()) -> GatewayError:
+    """`secrets`: `secret_forms`, redacted from what the error says before it is cut or tidied."""
     code = e.code or 0
-    status = e.status or ""
-    message = f"HTTP {code} {status}: {' '.join((e.message or '').split())}"[:500]
+    status = redact(str(e.status or ""), secrets)
+    message = f"HTTP {code} {status}: {' '.join(redact(str(e.message or ''), secrets).split())}"[:500]
     if code == 429:
         quota_id, quota_value, retry = _quota_details(e.details)
+        quota_id = redact(quota_id, secrets) if quota_id else None
         scope = "unknown"
         if quota_id:
             if "Token" in quota_id:
@@ -297,11 +329,12 @@ def _host(e: Exception) -> str:
     return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
 
 
-def classify_transport_error(e: Exception) -> GatewayError:
+def classify_transport_error(e: Exception, secrets: tuple[str, ...] = ()) -> GatewayError:
+    said = redact(str(e), secrets)
     if isinstance(e, httpx2.TimeoutException):
         return Transient(f"no answer within the timeout ({type(e).__name__})", kind="timeout")
     if isinstance(e, (httpx2.TransportError, ConnectionError)):
-        return Transient(f"connection to {_host(e)} failed ({type(e).__name__}: {e})"[:300], kind="connection")
+        return Transient(f"connection to {_host(e)} failed ({type(e).__name__}: {said})"[:300], kind="connection")
     if isinstance(e, ValueError):  # the SDK could not parse the HTTP body
-        return Unusable(f"malformed answer ({type(e).__name__}: {e})"[:300], kind="invalid_answer")
-    return Transient(f"{type(e).__name__}: {e}"[:300], kind="connection")
+        return Unusable(f"malformed answer ({type(e).__name__}: {said})"[:300], kind="invalid_answer")
+    return Transient(f"{type(e).__name__}: {said}"[:300], kind="connection")

@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import msgspec
 
 from events import EventStoreError
+from events.redact import redact
 from events.store import format_at
 
 from statemachine import catalog as c
@@ -166,11 +167,9 @@ class Context:
         return self.stopping.is_set() or self.halt.is_set()
 
     def scrub(self, text: str) -> str:
-        """Never let a credential reach the log, even inside an error message."""
-        for secret in self.secrets:
-            if secret:
-                text = text.replace(secret, "[redacted]")
-        return text
+        """Never let a credential reach the log, even inside an error message (`secrets`: the
+        gateway's `secret_forms`)."""
+        return redact(text, self.secrets)
 
 
 _ROW = ("state", "step", "reason", "name", "skill_name", "path", "category", "content_hash", "done_hash",

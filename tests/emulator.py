@@ -271,6 +271,7 @@ class Emulator:
                  clock: Callable[[], float] = time.time,
                  on_request: Callable[[RequestRecord], None] | None = None) -> None:
         self.api_key = api_key
+        self.echo_key = False  # a wrong key's error quotes the key sent (a careless proxy's way)
         self.models = set(models) if models is not None else set(DEFAULT_MODELS)
         self.latency = latency
         self.rpm, self.rpd, self.tpm = rpm, rpd, tpm
@@ -347,7 +348,7 @@ class Emulator:
 
         Params: retry_delay ("7s"; None omits RetryInfo), quota_value, delay (timeout seconds),
         text (candidate text for invalid_json / schema_mismatch / max_tokens),
-        block_reason (blocked), message (error kinds)."""
+        block_reason (blocked), message (error kinds), quota_id (rate_limit_minute)."""
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; expected one of {FAULTS}")
         if phase not in (None, "plan", "skill"):
@@ -503,7 +504,7 @@ class Emulator:
         kind = fault.kind if fault else None
         p = fault.params if fault else {}
         if kind == "rate_limit_minute":
-            return 429, _quota_429(model, QUOTA_MINUTE, p.get("quota_value", 10),
+            return 429, _quota_429(model, p.get("quota_id", QUOTA_MINUTE), p.get("quota_value", 10),
                                    p.get("retry_delay", "7s"))
         if kind == "rate_limit_day":
             return 429, _quota_429(model, QUOTA_DAY, p.get("quota_value", 20),
@@ -642,8 +643,9 @@ def _make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                     "call this API."))
                 return False
             if key != emu.api_key:
+                quoted = f" (got {key})" if emu.echo_key else ""  # as a careless proxy might
                 self._send(record, 400, _error(
-                    400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.",
+                    400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key." + quoted,
                     [{"@type": _TYPE + "ErrorInfo", "reason": "API_KEY_INVALID",
                       "domain": "googleapis.com",
                       "metadata": {"service": "generativelanguage.googleapis.com"}}]))

@@ -702,7 +702,8 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
     assert typo.output == ("error: --backup-to bogus://x: unsupported scheme 'bogus' "
                            "(use one of file, http, https, ws, wss, libsql)\n")
     no_host = run("run", root, "--base-url", emu.url, "--backup-to", "http://", env=env)
-    assert (no_host.exit_code, no_host.output) == (2, "error: --backup-to http://: names no host (http://HOST)\n")
+    assert (no_host.exit_code, no_host.output) == (
+        2, "error: --backup-to the http: backup URL names no host (http://HOST)\n")
     for command in (["backup", root, "--to"], ["backup", "list", "--from"], ["backup", "verify", "--from"],
                     ["restore", "--to", tmp_path / "r", "--from"]):
         refused = run(*command, "bogus://x")
@@ -710,15 +711,18 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
                                                           "(use one of file, http, https, ws, wss, libsql)\n")
         # libsql-client refused these with "Cannot combine AUTHORIZATION header with AUTH argument..."
         refused = run(*command, "http://user:SECRET-PW-1@127.0.0.1:9/db")
-        assert (refused.exit_code, refused.output) == (2, "error: http://127.0.0.1:9/db: credentials in the URL "
+        assert (refused.exit_code, refused.output) == (2, "error: http://127.0.0.1:9: credentials in the URL "
                                                           "are not used; give the token in TURSO_AUTH_TOKEN\n")
-        refused = run(*command, "wss://127.0.0.1:9/db?authToken=SECRET-TOKEN-1")  # libsql-client's own way
-        assert (refused.exit_code, refused.output) == (2, "error: wss://127.0.0.1:9/db: credentials in the URL "
-                                                          "are not used; give the token in TURSO_AUTH_TOKEN\n")
+        for url in ("wss://127.0.0.1:9/db?authToken=SECRET-TOKEN-1",  # libsql-client's own way
+                    "wss://127.0.0.1:9/db;authToken=SECRET-TOKEN-1", "wss://127.0.0.1:9/db#authToken=SECRET-TOKEN-1"):
+            refused = run(*command, url)  # (a `;` parameter was recorded as part of the path)
+            assert (refused.exit_code, refused.output) == (2, "error: wss://127.0.0.1:9: credentials in the URL "
+                                                              "are not used; give the token in TURSO_AUTH_TOKEN\n")
         # an internal error (exit 4) at the first use of the port; or 5 tries to reach no host
         for url, told in (("http://127.0.0.1:notaport", "http://127.0.0.1:notaport: its port is not a number "
                                                          "from 1 to 65535"),
-                          ("libsql://", "libsql://: names no host (libsql://HOST)"),
+                          ("libsql://", "the libsql: backup URL names no host (libsql://HOST)"),
+                          ("libsql:u:SECRET-PW-2@127.0.0.1:9", "the libsql: backup URL names no host (libsql://HOST)"),
                           ("file:", "file: names no file (file:PATH)")):
             refused = run(*command, url)
             assert (refused.exit_code, refused.output) == (2, f"error: {told}\n"), url

@@ -3,7 +3,9 @@ client over HTTP to the emulator on 127.0.0.1, real SQLite files and a real mark
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.server
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -200,6 +203,51 @@ def test_a_missing_key_stops_before_anything_happens(one, emu):
     assert generate_requests(emu) == []
 
 
+def test_a_key_with_a_line_break_inside_is_refused_without_showing_it(one, emu):
+    """The HTTP client refused the header with the key itself in its message; a key file's
+    trailing line break or a pasted space around the key are dropped."""
+    broken = run(one, emu, key="AIzaQA-line-one\nAIzaQA-line-two")
+    assert (broken.exit_code, broken.stderr) == (1, "error: GOOGLE_API_KEY holds a space, a line break or another "
+                                                    "character no API key has; set it to the key alone\n")
+    assert generate_requests(emu) == [] and "AIzaQA" not in broken.output
+    assert run(one, emu, key=f" {KEY}\r\n").exit_code == 0
+
+
+def test_an_error_whose_message_is_no_text_fails_the_plugin_not_the_run(one, emu):
+    """A 400 whose `message` was a JSON object was an internal error (exit 4) that stopped the run."""
+    emu.script("bad_request", message={"detail": "not text"}, phase="plan")
+    result = run(one, emu)
+    assert result.exit_code == 1, result.output
+    assert "plan request refused: HTTP 400 INVALID_ARGUMENT: {'detail': 'not text'}" in result.stdout, result.output
+    assert states(one) == {"plugins/tools/widget": "failed"}
+
+
+def test_a_redirect_does_not_take_the_key_to_another_host(one, emu):
+    """google-genai follows redirects, and its x-goog-api-key header went along to whatever host
+    a redirect named."""
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(307)
+            self.send_header("Location", f"{emu.url}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = overnight("run", one, "--base-url", f"http://127.0.0.1:{server.server_port}", *FAST)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 1 and "Gemini refused the model check" in result.stderr and "HTTP 307" in result.stderr
+    assert emu.requests == []  # the host the redirect named got nothing, the key least of all
+
+
 def test_both_key_variables_set_add_nothing_to_stderr(one, emu):
     """google-genai warned on every run that both are set (overnight documents which wins)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
@@ -229,6 +277,39 @@ def test_a_rejected_key_or_unknown_model_stops_the_run_before_any_plugin_fails(o
     assert bad_model.exit_code == 1 and "gemini-0-nope" in bad_model.stderr
     assert generate_requests(emu) == []
     assert "failed" not in states(one).values()
+
+
+def test_no_form_of_a_credential_reaches_the_log_or_the_terminal(one, emu, tmp_path):
+    """A server that quotes the request's credentials back (a proxy, say): the key was redacted
+    only as it is and only after the message was cut to 500 characters (13 of its characters were
+    kept), a 429's quota id was recorded as it came, and the model check's error was printed as it
+    came; a base URL's password went out as a Basic authorization that could come back."""
+    secret = "AIzaQA-redact-" + "k9" * 8
+    base = emu.url.replace("http://", "http://proxyuser:PROXY-PASSWORD-9@")
+    basic = base64.b64encode(b"proxyuser:PROXY-PASSWORD-9").decode()
+
+    def run_with(*extra: str, **kwargs):
+        return overnight("run", one, "--base-url", base, *FAST, *extra, key=secret, **kwargs)
+
+    emu.api_key = secret
+    emu.script("rate_limit_minute", retry_delay="0s", quota_id=f"GenerateRequestsPerMinute-{secret}", quota_value="50", phase="plan")
+    emu.script("server_error", message="p" * 470 + secret, phase="plan")
+    emu.script("server_error", message=f"echo: {json.dumps(secret)} Basic {basic} PROXY-PASSWORD-9", phase="skill")
+    events = tmp_path / "events.jsonl"
+    result = run_with("--json-log", events)
+    assert result.exit_code == 0, result.output
+    messages = [m for (m,) in query(one, "SELECT json_extract(data, '$.message') FROM events WHERE type = "
+                                         "'RequestFailed'")]
+    assert len(messages) == 3 and ["[redacted]" in m for m in messages] == [False, True, True], messages
+    (quota_id,) = query(one, "SELECT json_extract(data, '$.quota_id') FROM events WHERE type = 'LimitLearned'")[0]
+    assert quota_id == "GenerateRequestsPerMinute-[redacted]"
+    emu.api_key, emu.echo_key = "another-key", True  # the model check fails, quoting the key it was sent
+    refused = run_with("--force")
+    assert refused.exit_code == 1 and "API key not valid" in refused.stderr
+    output = result.output + refused.output + events.read_text() + overnight("audit", "log", one, "--json").stdout
+    stored = b"".join(f.read_bytes() for f in (one / ".overnight").iterdir() if f.is_file())
+    for form in (secret, secret[:12], "PROXY-PASSWORD", basic[:12]):
+        assert form not in output and form.encode() not in stored, form
 
 
 def test_rate_limit_with_retry_info_waits_exactly_and_learns_the_limit(one, emu):
