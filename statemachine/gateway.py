@@ -215,7 +215,7 @@ class Gateway:
             raise classify_api_error(e, self.secrets) from None
         except Exception as e:  # noqa: BLE001 - transport and decoding errors of the SDK
             raise classify_transport_error(e, self.secrets) from None
-        return check_answer(response, schema)
+        return check_answer(response, schema, self.secrets)
 
 
 def _usage(response: Any) -> Usage:
@@ -228,9 +228,10 @@ def _usage(response: Any) -> Usage:
                  thoughts_tokens=meta.thoughts_token_count or 0)
 
 
-def check_answer(response: Any, schema: type[T]) -> Answer:
+def check_answer(response: Any, schema: type[T], secrets: tuple[str, ...] = ()) -> Answer:
     """A 200 answer is not yet a usable one: blocked prompts, truncated or filtered answers,
-    empty text and JSON that does not fit the schema all raise Unusable (with the usage)."""
+    empty text, text that quotes a credential of the request (`secret_forms`: it would be written
+    into the marketplace) and JSON that does not fit the schema all raise Unusable (with the usage)."""
     usage = _usage(response)
     feedback = getattr(response, "prompt_feedback", None)
     if feedback is not None and feedback.block_reason:
@@ -250,6 +251,9 @@ def check_answer(response: Any, schema: type[T]) -> Answer:
         if content is not None else ""
     if not text.strip():
         raise Unusable(f"answer is empty (finish reason {finish})", usage=usage, kind="empty")
+    if redact(text, secrets) != text:
+        raise Unusable("answer quotes a credential the request carried (a proxy echoing requests?); not used",
+                       usage=usage, kind="invalid_answer")
     try:
         value = msgspec.json.decode(text, type=schema)
     except msgspec.ValidationError as e:

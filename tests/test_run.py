@@ -295,12 +295,14 @@ def test_no_form_of_a_credential_reaches_the_log_or_the_terminal(one, emu, tmp_p
     emu.script("rate_limit_minute", retry_delay="0s", quota_id=f"GenerateRequestsPerMinute-{secret}", quota_value="50", phase="plan")
     emu.script("server_error", message="p" * 470 + secret, phase="plan")
     emu.script("server_error", message=f"echo: {json.dumps(secret)} Basic {basic} PROXY-PASSWORD-9", phase="skill")
+    emu.script("invalid_json", text=f'{{"overview": "{secret}"}}', phase="skill")  # it would go into SKILL.md
     events = tmp_path / "events.jsonl"
     result = run_with("--json-log", events)
     assert result.exit_code == 0, result.output
     messages = [m for (m,) in query(one, "SELECT json_extract(data, '$.message') FROM events WHERE type = "
                                          "'RequestFailed'")]
-    assert len(messages) == 3 and ["[redacted]" in m for m in messages] == [False, True, True], messages
+    assert len(messages) == 4 and ["[redacted]" in m for m in messages] == [False, True, True, False], messages
+    assert messages[3] == "answer quotes a credential the request carried (a proxy echoing requests?); not used"
     (quota_id,) = query(one, "SELECT json_extract(data, '$.quota_id') FROM events WHERE type = 'LimitLearned'")[0]
     assert quota_id == "GenerateRequestsPerMinute-[redacted]"
     emu.api_key, emu.echo_key = "another-key", True  # the model check fails, quoting the key it was sent
