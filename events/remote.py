@@ -175,7 +175,10 @@ class LibsqlRemote:
 
 def check_url(url: str) -> None:
     """RemoteError unless `url` has a scheme a backup can use (checked before a run starts)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # a host in brackets that is no IPv6 address (what it holds may be credentials)
+        raise RemoteError("the backup URL cannot be read as a URL (a host in [brackets] is an IPv6 address)") from None
     if parts.scheme not in SCHEMES:
         raise RemoteError(f"{display_url(url) or 'the backup URL'}: unsupported scheme "
                           f"{parts.scheme!r} (use one of {', '.join(SCHEMES)})")

@@ -723,6 +723,8 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
                                                          "from 1 to 65535"),
                           ("libsql://", "the libsql: backup URL names no host (libsql://HOST)"),
                           ("libsql:u:SECRET-PW-2@127.0.0.1:9", "the libsql: backup URL names no host (libsql://HOST)"),
+                          ("http://[u:SECRET-PW-3@127.0.0.1]:9", "the backup URL cannot be read as a URL (a host in "
+                                                                 "[brackets] is an IPv6 address)"),
                           ("file:", "file: names no file (file:PATH)")):
             refused = run(*command, url)
             assert (refused.exit_code, refused.output) == (2, f"error: {told}\n"), url
