@@ -130,15 +130,19 @@ def backend_from_env(env: dict[str, str] | os._Environ = os.environ) -> Backend:
     return Backend(vertex=False, api_key=key)
 
 
+_CREDENTIAL_PARAMETER = re.compile(r"key|token|auth|secret|pass|sig", re.IGNORECASE)
+
+
 def secret_forms(api_key: str | None, base_url: str | None) -> tuple[str, ...]:
     """Every credential a request carries, in each form a message may quote it (`events.redact`):
-    the API key; a user, password or query value of the base URL, and the Basic authorization
-    header a URL's user and password become."""
+    the API key; the base URL's password, the Basic authorization header its user and password
+    become, and the values of its query parameters named like a credential (`?key=`, `?token=`)."""
     secrets = [api_key]
     if base_url:
         parts = urllib.parse.urlsplit(base_url)
         user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
-        secrets += [user, password] + [value for _, value in urllib.parse.parse_qsl(parts.query)]
+        secrets += [password] + [value for name, value in urllib.parse.parse_qsl(parts.query)
+                                 if _CREDENTIAL_PARAMETER.search(name)]
         if user or password:
             secrets.append(base64.b64encode(f"{user}:{password}".encode()).decode())
     return forms(secrets)
@@ -172,6 +176,7 @@ class Gateway:
     def __init__(self, settings: GeminiSettings, backend: Backend) -> None:
         self.settings = settings
         self.secrets = secret_forms(backend.api_key, settings.base_url)
+        self._key_forms = forms([backend.api_key])  # long and random: no answer holds it by chance
         http = types.HttpOptions(
             api_version=API_VERSION,
             timeout=int(settings.timeout_s * 1000),  # milliseconds
@@ -215,7 +220,7 @@ class Gateway:
             raise classify_api_error(e, self.secrets) from None
         except Exception as e:  # noqa: BLE001 - transport and decoding errors of the SDK
             raise classify_transport_error(e, self.secrets) from None
-        return check_answer(response, schema, self.secrets)
+        return check_answer(response, schema, self._key_forms)
 
 
 def _usage(response: Any) -> Usage:
@@ -230,8 +235,8 @@ def _usage(response: Any) -> Usage:
 
 def check_answer(response: Any, schema: type[T], secrets: tuple[str, ...] = ()) -> Answer:
     """A 200 answer is not yet a usable one: blocked prompts, truncated or filtered answers,
-    empty text, text that quotes a credential of the request (`secret_forms`: it would be written
-    into the marketplace) and JSON that does not fit the schema all raise Unusable (with the usage)."""
+    empty text, text that quotes the API key (`secrets`: its forms; it would be written into the
+    marketplace) and JSON that does not fit the schema all raise Unusable (with the usage)."""
     usage = _usage(response)
     feedback = getattr(response, "prompt_feedback", None)
     if feedback is not None and feedback.block_reason:
@@ -252,7 +257,7 @@ def check_answer(response: Any, schema: type[T], secrets: tuple[str, ...] = ()) 
     if not text.strip():
         raise Unusable(f"answer is empty (finish reason {finish})", usage=usage, kind="empty")
     if redact(text, secrets) != text:
-        raise Unusable("answer quotes a credential the request carried (a proxy echoing requests?); not used",
+        raise Unusable("answer quotes the API key the request carried (a proxy echoing requests?); not used",
                        usage=usage, kind="invalid_answer")
     try:
         value = msgspec.json.decode(text, type=schema)

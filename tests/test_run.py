@@ -302,7 +302,7 @@ def test_no_form_of_a_credential_reaches_the_log_or_the_terminal(one, emu, tmp_p
     messages = [m for (m,) in query(one, "SELECT json_extract(data, '$.message') FROM events WHERE type = "
                                          "'RequestFailed'")]
     assert len(messages) == 4 and ["[redacted]" in m for m in messages] == [False, True, True, False], messages
-    assert messages[3] == "answer quotes a credential the request carried (a proxy echoing requests?); not used"
+    assert messages[3] == "answer quotes the API key the request carried (a proxy echoing requests?); not used"
     (quota_id,) = query(one, "SELECT json_extract(data, '$.quota_id') FROM events WHERE type = 'LimitLearned'")[0]
     assert quota_id == "GenerateRequestsPerMinute-[redacted]"
     emu.api_key, emu.echo_key = "another-key", True  # the model check fails, quoting the key it was sent
