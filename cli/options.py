@@ -18,6 +18,7 @@ import click
 
 from cli.render import shown
 from events import EventStoreError, StoreLocked
+from events.redact import url_shown
 from statemachine.errors import NotAMarketplace, OvernightError, StoppedBySignal
 from statemachine.lifecycle import RETRYABLE
 
@@ -113,11 +114,7 @@ class HttpUrl(click.ParamType):
             parts, port_ok = None, False
         blank = any(ch.isspace() or not ch.isprintable() for ch in text)
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or blank:
-            if any(ch in text for ch in "@?#;"):  # what may be credentials is not repeated
-                text = text.split("?")[0].split("#")[0].split(";")[0]
-                scheme, at, rest = text.rpartition("://")
-                text = f"{scheme}{at}{rest.rpartition('@')[2]}" if at else text.rpartition("@")[2]
-            self.fail(f"{text!r} is not {self.what}", param, ctx)
+            self.fail(f"{url_shown(text)!r} is not {self.what}", param, ctx)  # what may be credentials: not shown
         return str(value)
 
 

@@ -24,7 +24,7 @@ import urllib.parse
 from typing import Any, Protocol, Sequence
 
 from events.errors import EventStoreError
-from events.redact import forms, redact
+from events.redact import forms, redact, url_shown
 
 Params = Sequence[Any]
 Statement = tuple[str, Params]
@@ -180,7 +180,7 @@ def check_url(url: str) -> None:
     except ValueError:  # a host in brackets that is no IPv6 address (what it holds may be credentials)
         raise RemoteError("the backup URL cannot be read as a URL (a host in [brackets] is an IPv6 address)") from None
     if parts.scheme not in SCHEMES:
-        raise RemoteError(f"{display_url(url) or 'the backup URL'}: unsupported scheme "
+        raise RemoteError(f"{url_shown(url) or 'the backup URL'}: unsupported scheme "
                           f"{parts.scheme!r} (use one of {', '.join(SCHEMES)})")
     if parts.scheme == "file":
         if not parts.path:
@@ -191,14 +191,13 @@ def check_url(url: str) -> None:
     except ValueError:  # not a number, or out of range
         port = 0
     if port == 0:
-        raise RemoteError(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}: its port is not a number from 1 "
-                          "to 65535")
+        raise RemoteError(f"{url_shown(url)}: its port is not a number from 1 to 65535")
     if not parts.hostname:  # (what it holds instead may be credentials: not repeated)
         raise RemoteError(f"the {parts.scheme}: backup URL names no host ({parts.scheme}://HOST)")
     if "@" in parts.netloc or "authtoken" in url.lower():  # a query's, a `;` parameter's, a fragment's
         # libsql-client refuses user info with its own words about headers
-        raise RemoteError(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}: credentials in the URL are not "
-                          "used; give the token in TURSO_AUTH_TOKEN")
+        raise RemoteError(f"{url_shown(url)}: credentials in the URL are not used; give the token in "
+                          "TURSO_AUTH_TOKEN")
 
 
 def open_remote(url: str, token: str | None = None, *, must_exist: bool = False, **options: Any) -> Remote:

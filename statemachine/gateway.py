@@ -118,7 +118,7 @@ def backend_from_env(env: dict[str, str] | os._Environ = os.environ) -> Backend:
             raise AccessDenied("GOOGLE_GENAI_USE_VERTEXAI is set but GOOGLE_CLOUD_PROJECT and "
                                "GOOGLE_CLOUD_LOCATION are not both set")
         return Backend(vertex=True, project=project, location=location)
-    name = "GOOGLE_API_KEY" if env.get("GOOGLE_API_KEY") else "GEMINI_API_KEY"
+    name = "GOOGLE_API_KEY" if (env.get("GOOGLE_API_KEY") or "").strip() else "GEMINI_API_KEY"
     key = (env.get(name) or "").strip()  # a key file's line break, a pasted space
     if not key:
         raise AccessDenied("no Gemini API key: set GOOGLE_API_KEY or GEMINI_API_KEY "
@@ -131,21 +131,25 @@ def backend_from_env(env: dict[str, str] | os._Environ = os.environ) -> Backend:
 
 
 _CREDENTIAL_PARAMETER = re.compile(r"key|token|auth|secret|pass|sig", re.IGNORECASE)
+_ANSWER_CHECK_FROM = 12  # characters: an API key has 39
 
 
-def secret_forms(api_key: str | None, base_url: str | None) -> tuple[str, ...]:
-    """Every credential a request carries, in each form a message may quote it (`events.redact`):
-    the API key; the base URL's password, the Basic authorization header its user and password
-    become, and the values of its query parameters named like a credential (`?key=`, `?token=`)."""
-    secrets = [api_key]
+def credentials(api_key: str | None, base_url: str | None) -> list[str]:
+    """Every credential a request carries: the API key; the base URL's password, the Basic
+    authorization header its user and password become, and the values of its query parameters
+    named like a credential (`?key=`, `?token=`), each as written and as decoded."""
+    found = [api_key or ""]
     if base_url:
         parts = urllib.parse.urlsplit(base_url)
         user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
-        secrets += [password] + [value for name, value in urllib.parse.parse_qsl(parts.query)
-                                 if _CREDENTIAL_PARAMETER.search(name)]
+        found += [password, parts.netloc.rpartition("@")[0].partition(":")[2]]
+        for pair in parts.query.split("&"):
+            name, _, raw = pair.partition("=")
+            if _CREDENTIAL_PARAMETER.search(name):
+                found += [raw, urllib.parse.unquote(raw), urllib.parse.unquote_plus(raw)]
         if user or password:
-            secrets.append(base64.b64encode(f"{user}:{password}".encode()).decode())
-    return forms(secrets)
+            found.append(base64.b64encode(f"{user}:{password}".encode()).decode())
+    return [secret for secret in found if secret]
 
 
 @dataclass(frozen=True)
@@ -175,8 +179,10 @@ class Gateway:
 
     def __init__(self, settings: GeminiSettings, backend: Backend) -> None:
         self.settings = settings
-        self.secrets = secret_forms(backend.api_key, settings.base_url)
-        self._key_forms = forms([backend.api_key])  # long and random: no answer holds it by chance
+        carried = credentials(backend.api_key, settings.base_url)
+        self.secrets = forms(carried)  # redacted from whatever the endpoint says
+        # an answer quoting one is not used; a short one could be an ordinary word (a test key "test")
+        self._answer_forms = forms(secret for secret in carried if len(secret) >= _ANSWER_CHECK_FROM)
         http = types.HttpOptions(
             api_version=API_VERSION,
             timeout=int(settings.timeout_s * 1000),  # milliseconds
@@ -220,7 +226,7 @@ class Gateway:
             raise classify_api_error(e, self.secrets) from None
         except Exception as e:  # noqa: BLE001 - transport and decoding errors of the SDK
             raise classify_transport_error(e, self.secrets) from None
-        return check_answer(response, schema, self._key_forms)
+        return check_answer(response, schema, self._answer_forms)
 
 
 def _usage(response: Any) -> Usage:
@@ -235,8 +241,9 @@ def _usage(response: Any) -> Usage:
 
 def check_answer(response: Any, schema: type[T], secrets: tuple[str, ...] = ()) -> Answer:
     """A 200 answer is not yet a usable one: blocked prompts, truncated or filtered answers,
-    empty text, text that quotes the API key (`secrets`: its forms; it would be written into the
-    marketplace) and JSON that does not fit the schema all raise Unusable (with the usage)."""
+    empty text, text that quotes a credential of the request (`secrets`: their forms; it would be
+    written into the marketplace), also JSON-escaped, and JSON that does not fit the schema all
+    raise Unusable (with the usage)."""
     usage = _usage(response)
     feedback = getattr(response, "prompt_feedback", None)
     if feedback is not None and feedback.block_reason:
@@ -256,9 +263,14 @@ def check_answer(response: Any, schema: type[T], secrets: tuple[str, ...] = ()) 
         if content is not None else ""
     if not text.strip():
         raise Unusable(f"answer is empty (finish reason {finish})", usage=usage, kind="empty")
-    if redact(text, secrets) != text:
-        raise Unusable("answer quotes the API key the request carried (a proxy echoing requests?); not used",
-                       usage=usage, kind="invalid_answer")
+    if secrets:
+        try:  # as decoded too: `\u0041...` in the JSON is the credential all the same
+            decoded = msgspec.json.encode(msgspec.json.decode(text)).decode("utf-8")
+        except (msgspec.DecodeError, UnicodeEncodeError):
+            decoded = ""
+        if redact(text, secrets) != text or redact(decoded, secrets) != decoded:
+            raise Unusable("answer quotes a credential the request carried (a proxy echoing requests?); not used",
+                           usage=usage, kind="invalid_answer")
     try:
         value = msgspec.json.decode(text, type=schema)
     except msgspec.ValidationError as e:
@@ -304,7 +316,7 @@ def _quota_details(details: Any) -> tuple[str | None, int | None, float | None]:
 
 
 def classify_api_error(e: genai_errors.APIError, secrets: tuple[str, ...] = ()) -> GatewayError:
-    """`secrets`: `secret_forms`, redacted from what the error says before it is cut or tidied."""
+    """`secrets`: the forms of `credentials`, redacted from what the error says before it is cut or tidied."""
     code = e.code or 0
     status = redact(str(e.status or ""), secrets)
     message = f"HTTP {code} {status}: {' '.join(redact(str(e.message or ''), secrets).split())}"[:500]

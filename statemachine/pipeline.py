@@ -168,7 +168,7 @@ class Context:
 
     def scrub(self, text: str) -> str:
         """Never let a credential reach the log, even inside an error message (`secrets`: the
-        gateway's `secret_forms`)."""
+        gateway's `secrets`)."""
         return redact(text, self.secrets)
 
 

@@ -716,7 +716,7 @@ def test_resume_backs_up_where_the_run_did_and_a_bad_url_is_refused_before_the_r
         for url in ("wss://127.0.0.1:9/db?authToken=SECRET-TOKEN-1",  # libsql-client's own way
                     "wss://127.0.0.1:9/db;authToken=SECRET-TOKEN-1", "wss://127.0.0.1:9/db#authToken=SECRET-TOKEN-1"):
             refused = run(*command, url)  # (a `;` parameter was recorded as part of the path)
-            assert (refused.exit_code, refused.output) == (2, "error: wss://127.0.0.1:9: credentials in the URL "
+            assert (refused.exit_code, refused.output) == (2, "error: wss://127.0.0.1:9/db: credentials in the URL "
                                                               "are not used; give the token in TURSO_AUTH_TOKEN\n")
         # an internal error (exit 4) at the first use of the port; or 5 tries to reach no host
         for url, told in (("http://127.0.0.1:notaport", "http://127.0.0.1:notaport: its port is not a number "

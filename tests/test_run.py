@@ -211,6 +211,10 @@ def test_a_key_with_a_line_break_inside_is_refused_without_showing_it(one, emu):
                                                     "character no API key has; set it to the key alone\n")
     assert generate_requests(emu) == [] and "AIzaQA" not in broken.output
     assert run(one, emu, key=f" {KEY}\r\n").exit_code == 0
+    blank = CliRunner().invoke(main, ["run", str(one), "--base-url", emu.url, *FAST, "--force"], env={
+        "GOOGLE_API_KEY": " ", "GEMINI_API_KEY": KEY, "GOOGLE_GENAI_USE_VERTEXAI": None,
+        "GOOGLE_GEMINI_BASE_URL": None}, catch_exceptions=False)
+    assert blank.exit_code == 0, blank.output  # a blank GOOGLE_API_KEY hid the GEMINI_API_KEY beside it
 
 
 def test_an_error_whose_message_is_no_text_fails_the_plugin_not_the_run(one, emu):
@@ -269,6 +273,20 @@ def test_a_base_url_that_is_no_http_url_is_wrong_usage(one, url):
     assert not (one / ".overnight").exists()
 
 
+def test_a_wrong_base_url_is_named_without_the_credentials_it_holds(one, tmp_path):
+    """The password and the query went into the usage error as given, from the flag and from a
+    config file; a `#` in a password left its first part in."""
+    for url in ("ftp://u:PASSWORD-7@127.0.0.1:9/?key=QUERY-KEY-7", "http://u:PASS#WORD-7@127.0.0.1:99999"):
+        flag = overnight("run", one, "--base-url", url)
+        config = tmp_path / "overnight.toml"
+        config.write_text(f'base_url = "{url}"\n')
+        from_file = overnight("run", one, "--config", config)
+        for result in (flag, from_file):
+            assert result.exit_code == 2 and "an http:// or https:// URL with a host" in result.stderr
+            assert "PASS" not in result.stderr and "QUERY-KEY" not in result.stderr, result.stderr
+    assert "'http://127.0.0.1:99999' is not" in flag.stderr
+
+
 def test_a_rejected_key_or_unknown_model_stops_the_run_before_any_plugin_fails(one, emu):
     bad_key = run(one, emu, key="not-the-key")
     assert bad_key.exit_code == 1 and "API key not valid" in bad_key.stderr
@@ -285,7 +303,8 @@ def test_no_form_of_a_credential_reaches_the_log_or_the_terminal(one, emu, tmp_p
     kept), a 429's quota id was recorded as it came, and the model check's error was printed as it
     came; a base URL's password went out as a Basic authorization that could come back."""
     secret = "AIzaQA-redact-" + "k9" * 8
-    base = emu.url.replace("http://", "http://proxyuser:PROXY-PASSWORD-9@")
+    token = "B64TOKx9+abc/defQ=="  # a query credential as written: `+` and `/` stay so in an echo
+    base = emu.url.replace("http://", "http://proxyuser:PROXY-PASSWORD-9@") + f"/?key={token}"
     basic = base64.b64encode(b"proxyuser:PROXY-PASSWORD-9").decode()
 
     def run_with(*extra: str, **kwargs):
@@ -296,13 +315,17 @@ def test_no_form_of_a_credential_reaches_the_log_or_the_terminal(one, emu, tmp_p
     emu.script("server_error", message="p" * 470 + secret, phase="plan")
     emu.script("server_error", message=f"echo: {json.dumps(secret)} Basic {basic} PROXY-PASSWORD-9", phase="skill")
     emu.script("invalid_json", text=f'{{"overview": "{secret}"}}', phase="skill")  # it would go into SKILL.md
+    escaped = "".join(f"\\u{ord(c):04x}" for c in secret)  # the same, JSON-escaped
+    emu.script("invalid_json", text=f'{{"overview": "{escaped}"}}', phase="skill")
+    emu.script("server_error", message=f"cut short: {secret[:20]} url ?key={token}", phase="skill")
     events = tmp_path / "events.jsonl"
     result = run_with("--json-log", events)
     assert result.exit_code == 0, result.output
     messages = [m for (m,) in query(one, "SELECT json_extract(data, '$.message') FROM events WHERE type = "
                                          "'RequestFailed'")]
-    assert len(messages) == 4 and ["[redacted]" in m for m in messages] == [False, True, True, False], messages
-    assert messages[3] == "answer quotes the API key the request carried (a proxy echoing requests?); not used"
+    assert len(messages) == 6 and ["[redacted]" in m for m in messages] == [False, True, True, False, False, True]
+    assert messages[3] == messages[4] == ("answer quotes a credential the request carried (a proxy echoing "
+                                          "requests?); not used")
     (quota_id,) = query(one, "SELECT json_extract(data, '$.quota_id') FROM events WHERE type = 'LimitLearned'")[0]
     assert quota_id == "GenerateRequestsPerMinute-[redacted]"
     emu.api_key, emu.echo_key = "another-key", True  # the model check fails, quoting the key it was sent
@@ -310,8 +333,18 @@ def test_no_form_of_a_credential_reaches_the_log_or_the_terminal(one, emu, tmp_p
     assert refused.exit_code == 1 and "API key not valid" in refused.stderr
     output = result.output + refused.output + events.read_text() + overnight("audit", "log", one, "--json").stdout
     stored = b"".join(f.read_bytes() for f in (one / ".overnight").iterdir() if f.is_file())
-    for form in (secret, secret[:12], "PROXY-PASSWORD", basic[:12]):
+    for form in (secret, secret[:12], secret[8:20], "PROXY-PASSWORD", basic[:12], token):
         assert form not in output and form.encode() not in stored, form
+    assert secret not in "".join(f.read_text() for f in one.rglob("*.md"))
+
+
+def test_a_short_key_is_no_reason_to_refuse_an_answer_that_holds_the_same_word(one, emu):
+    """An answer quoting a credential is not used; a test key such as "widget", the plugin's own
+    name, made every answer about that plugin unusable."""
+    emu.api_key = "widget"
+    result = run(one, emu, key="widget")
+    assert result.exit_code == 0, result.output
+    assert "widget" in (one / "plugins/tools/widget/skills/widget/SKILL.md").read_text()
 
 
 def test_rate_limit_with_retry_info_waits_exactly_and_learns_the_limit(one, emu):
