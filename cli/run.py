@@ -142,12 +142,16 @@ def run(path: Path, db: Path | None, model: str, base_url: str | None, timeout: 
 @click.option("--backup-to", help="Back up to this libSQL/Turso URL from now on, instead of the one the run "
                                   "recorded (token from TURSO_AUTH_TOKEN).")
 @click.option("--no-backup", is_flag=True, help="No backup from now on.")
+@click.option("--base-url", type=HttpUrl(), envvar="GOOGLE_GEMINI_BASE_URL", show_envvar=True,
+              help="The run's Gemini endpoint with the credentials it was given (a proxy's user, password or "
+                   "?key=), which the log never records; another endpoint is refused.")
 @limit_options
 @config_option
 @common
-def resume(path: Path, db: Path | None, backup_to: str | None, no_backup: bool, rpm: int | None, rpd: int | None,
-           tpm: int | None, concurrency: int | None, no_wait: bool | None, json_log: IO[str] | None, as_json: bool,
-           max_requests: int | None, max_tokens: int | None, max_cost: float | None) -> None:
+def resume(path: Path, db: Path | None, backup_to: str | None, no_backup: bool, base_url: str | None,
+           rpm: int | None, rpd: int | None, tpm: int | None, concurrency: int | None, no_wait: bool | None,
+           json_log: IO[str] | None, as_json: bool, max_requests: int | None, max_tokens: int | None,
+           max_cost: float | None) -> None:
     """Continue the last unfinished run at PATH with its recorded configuration.
 
     Limits and budgets given here (--rpm, --rpd, --tpm, --concurrency, --max-requests,
@@ -155,6 +159,9 @@ def resume(path: Path, db: Path | None, backup_to: str | None, no_backup: bool, 
     change is recorded in the log.
     """
     from dataclasses import replace
+
+    from events.remote import display_url
+    from statemachine.errors import OvernightError
 
     if backup_to is not None and no_backup:
         raise click.UsageError("--backup-to and --no-backup contradict each other")
@@ -166,6 +173,13 @@ def resume(path: Path, db: Path | None, backup_to: str | None, no_backup: bool, 
                                ("max_cost", max_cost)) if v is not None}
 
     def overrides(options):
+        if base_url is not None and base_url != options.gemini.base_url:
+            if display_url(base_url) != options.gemini.base_url:
+                raise OvernightError(f"--base-url names another endpoint ({display_url(base_url)}) than the run's "
+                                     f"({options.gemini.base_url or 'Google'}): a run goes on where it began, with "
+                                     "only the credentials the log does not keep given again; start another run "
+                                     "for another endpoint")
+            options = replace(options, gemini=replace(options.gemini, base_url=base_url))
         changed = replace(options,
                           limits=_override(options.limits, rpm=rpm, rpd=rpd, tpm=tpm, concurrency=concurrency),
                           budgets=_override(options.budgets, max_requests=max_requests, max_tokens=max_tokens,

@@ -69,6 +69,7 @@ class RequestRecord:
     model: str | None
     phase: str | None
     api_key_present: bool
+    authorization: str | None = None  # the Authorization header's scheme (`Basic` for a URL's user:password)
     status: int | str | None = None   # HTTP status sent, "reset", or None while in progress
     fault: str | None = None          # the scripted fault or quota kind applied, if any
     prompt_tokens: int = 0
@@ -626,6 +627,10 @@ def _make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             except OSError:
                 pass
 
+        def _authorization(self) -> str | None:
+            header = self.headers.get("Authorization")
+            return header.split()[0] if header else None
+
         def _key(self) -> str | None:
             key = self.headers.get("x-goog-api-key")
             if key is None:
@@ -675,7 +680,8 @@ def _make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             version, model, method = self._route()
             key = self._key()
             record = RequestRecord(time=emu.clock(), method="GET", path=urlsplit(self.path).path,
-                                   model=model, phase=None, api_key_present=bool(key))
+                                   model=model, phase=None, api_key_present=bool(key),
+                                   authorization=self._authorization())
             emu._log(record)
             if emu._stopping.wait(emu._latency()):
                 return self._reset(record)
@@ -701,7 +707,8 @@ def _make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             text = _request_text(body or {})
             record = RequestRecord(time=emu.clock(), method="POST", path=urlsplit(self.path).path,
                                    model=model, phase=phase_of(schema),
-                                   api_key_present=bool(key), prompt_tokens=_tokens(text),
+                                   api_key_present=bool(key), authorization=self._authorization(),
+                                   prompt_tokens=_tokens(text),
                                    text=text)
             emu._log(record)
             if not self._check(record, key, version, model, method):

@@ -287,6 +287,23 @@ def test_a_wrong_base_url_is_named_without_the_credentials_it_holds(one, tmp_pat
     assert "'http://127.0.0.1:99999' is not" in flag.stderr
 
 
+def test_resume_takes_the_proxy_credentials_the_log_does_not_keep(market, emu):
+    """A run through a proxy that wants a user and password could not be resumed: the log keeps
+    the endpoint without them (rightly), and resume had no way to give them again."""
+    proxy = emu.url.replace("http://", "http://night:PROXY-PW-4@")
+    first = overnight("run", market, "--base-url", proxy, *FAST, "--max-requests", "1", "--json")
+    assert json.loads(first.stdout)["outcome"] == "budget_exhausted", first.output
+    assert {r.authorization for r in emu.requests} == {"Basic"}
+    emu.clear()
+    elsewhere = overnight("resume", market, "--base-url", "http://night:PROXY-PW-4@127.0.0.1:9", "--max-requests", "50")
+    assert elsewhere.exit_code == 1 and "--base-url names another endpoint (http://127.0.0.1:9)" in elsewhere.stderr
+    assert "PROXY-PW-4" not in elsewhere.output and emu.requests == []
+    resumed = overnight("resume", market, "--base-url", proxy, "--max-requests", "50", "--json")
+    assert json.loads(resumed.stdout)["outcome"] == "complete", resumed.output
+    assert emu.requests and {r.authorization for r in emu.requests} == {"Basic"}
+    assert not [f for f in (market / ".overnight").iterdir() if f.is_file() and b"PROXY-PW-4" in f.read_bytes()]
+
+
 def test_a_rejected_key_or_unknown_model_stops_the_run_before_any_plugin_fails(one, emu):
     bad_key = run(one, emu, key="not-the-key")
     assert bad_key.exit_code == 1 and "API key not valid" in bad_key.stderr
