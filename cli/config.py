@@ -24,8 +24,6 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from events.redact import url_shown
-
 # Keys a config file may set: run's, resume's, estimate's and metrics' options, but for those
 # that name one invocation's work or output (--force, --dry-run, --plugin, --json, --json-log).
 KNOWN = {
@@ -93,8 +91,8 @@ def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> Pa
             # checked here so that the message names the file and the key, not a flag never given
             option = options[name]
             accepted, expected = _expected(option.type)
-            shown = url_shown(setting) if name in ("base_url", "backup_to") and isinstance(setting, str) else setting
-            wrong = f"config file {value}: {name} must be {expected}, not {shown!r}"
+            shown = getattr(option.type, "shown", repr)(setting)  # a URL's, without its credentials
+            wrong = f"config file {value}: {name} must be {expected}, not {shown}"
             if type(setting) not in accepted:  # `type`: TOML's true is a bool, not a whole number
                 raise click.UsageError(wrong)
             settings[name] = setting = _from(value.parent, option, setting)

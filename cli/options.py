@@ -114,8 +114,13 @@ class HttpUrl(click.ParamType):
             parts, port_ok = None, False
         blank = any(ch.isspace() or not ch.isprintable() for ch in text)
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or blank:
-            self.fail(f"{url_shown(text)!r} is not {self.what}", param, ctx)  # what may be credentials: not shown
+            self.fail(f"{self.shown(text)} is not {self.what}", param, ctx)
         return str(value)
+
+    @staticmethod
+    def shown(value: Any) -> str:
+        """The value for a message (here, and a config file's): without what may be credentials."""
+        return repr(url_shown(value) if isinstance(value, str) else value)
 
 
 class TextFile(click.Path):

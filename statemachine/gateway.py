@@ -180,7 +180,7 @@ class Gateway:
     def __init__(self, settings: GeminiSettings, backend: Backend) -> None:
         self.settings = settings
         carried = credentials(backend.api_key, settings.base_url)
-        self.secrets = forms(carried)  # redacted from whatever the endpoint says
+        self._secrets = forms(carried)  # redacted from whatever the endpoint says
         # an answer quoting one is not used; a short one could be an ordinary word (a test key "test")
         self._answer_forms = forms(secret for secret in carried if len(secret) >= _ANSWER_CHECK_FROM)
         http = types.HttpOptions(
@@ -202,13 +202,13 @@ class Gateway:
         try:
             self.client.models.get(model=self.settings.model)
         except genai_errors.APIError as e:
-            error = classify_api_error(e, self.secrets)
+            error = classify_api_error(e, self._secrets)
             if isinstance(error, (AccessDenied, Refused)):
                 raise AccessDenied(f"Gemini refused the model check for {self.settings.model!r}: "
                                    f"{error}") from None
             raise error from None
         except Exception as e:  # noqa: BLE001 - transport errors: translated in one place
-            raise classify_transport_error(e, self.secrets) from None
+            raise classify_transport_error(e, self._secrets) from None
 
     def generate(self, system: str, prompt: str, schema: type[T]) -> Answer:
         """Ask for JSON fitting `schema` (a msgspec Struct) and decode it; GatewayError otherwise."""
@@ -223,9 +223,9 @@ class Gateway:
             response = self.client.models.generate_content(model=self.settings.model, contents=prompt,
                                                            config=config)
         except genai_errors.APIError as e:
-            raise classify_api_error(e, self.secrets) from None
+            raise classify_api_error(e, self._secrets) from None
         except Exception as e:  # noqa: BLE001 - transport and decoding errors of the SDK
-            raise classify_transport_error(e, self.secrets) from None
+            raise classify_transport_error(e, self._secrets) from None
         return check_answer(response, schema, self._answer_forms)
 
 

@@ -28,7 +28,6 @@ from typing import Callable, Iterable
 import msgspec
 
 from events import EventStoreError
-from events.redact import redact
 from events.store import format_at
 
 from statemachine import catalog as c
@@ -153,7 +152,6 @@ class Context:
     # plugins go on through the steps that need none (gates, snapshot, write).
     closed: threading.Event = field(default_factory=threading.Event)
     spending: Spending | None = None
-    secrets: tuple[str, ...] = ()
     rng: random.Random = field(default_factory=random.Random)
     sleep: Callable[[float], object] = field(default=lambda s: threading.Event().wait(s))
     # A quota pause the user lifted on resume by changing limits: a retry wait that ends by
@@ -165,11 +163,6 @@ class Context:
     def should_stop(self) -> bool:
         """A signal stops the run; a fatal error halts this batch."""
         return self.stopping.is_set() or self.halt.is_set()
-
-    def scrub(self, text: str) -> str:
-        """Never let a credential reach the log, even inside an error message (`secrets`: the
-        gateway's `secrets`)."""
-        return redact(text, self.secrets)
 
 
 _ROW = ("state", "step", "reason", "name", "skill_name", "path", "category", "content_hash", "done_hash",
@@ -265,7 +258,7 @@ def _file_failure(ctx: Context, cursor: PluginCursor, row: dict, e: BaseExceptio
             reason += (f"; the files written before it stay: `overnight restore-plugin {shlex.quote(row['name'])}` "
                        "puts the plugin back as it was before overnight")
     step = row["step"] if row["state"] == State.RETRYING else _STEP_OF.get(row["state"], row["state"])
-    ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step or "plan", reason=ctx.scrub(reason)))
+    ctx.journal.record(cursor, c.PluginFailed(run_id=ctx.run_id, step=step or "plan", reason=reason))
 
 
 def _ts(at: str | None) -> float:
@@ -526,7 +519,7 @@ class RequestsClosed(Exception):
 
 def _failed(ctx: Context, cursor: PluginCursor, row: dict, step: str, request_id: str,
             e: GatewayError) -> None:
-    message = ctx.scrub(str(e))
+    message = str(e)  # the gateway redacted every credential from it
     now = ctx.clock()
     if isinstance(e, RateLimited):
         ctx.stats.add(e.usage, limited=True)

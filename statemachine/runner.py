@@ -461,7 +461,7 @@ class Runner:
                                   # even when the SKILL.md it has (from before it failed) passes
                                   force=options.force or bool(options.retry)),
             standards=standards, clock=self.clock, stopping=self.stopping, stats=stats,
-            secrets=gateway.secrets, sleep=self.sleep,
+            sleep=self.sleep,
             spending=spending, lifted_until=lifted,
             leave_out=not_plugin_files(self.store, self.root, options.backup_to),
         )
